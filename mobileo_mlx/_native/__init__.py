@@ -1,0 +1,1 @@
+"""Compiled helpers (the Linux BLAS shim); loaded with ctypes, never imported."""

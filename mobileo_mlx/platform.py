@@ -1,0 +1,80 @@
+"""Backend detection and the facts `mobileo-mlx doctor` prints.
+
+Code picks its path by backend at run time (``backend()``); nothing assumes
+Metal. Import this module through the package so the BLAS routing in
+``mobileo_mlx/__init__.py`` runs before ``mlx.core`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import _blas
+
+CACHE_ENV = "MOBILEO_MLX_CACHE"
+
+
+def backend() -> str:
+    """``"metal"``, ``"cuda"`` or ``"cpu"``: where MLX's default device computes."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def compute_dtype() -> mx.Dtype:
+    """The activation dtype that is fastest *and* accurate on this backend.
+
+    On CPU, half-precision matmuls are naive loops (~40x slower than fp32
+    sgemm), so the CPU computes in float32; GPUs use float16.
+    """
+    return mx.float32 if backend() == "cpu" else mx.float16
+
+
+def device_name() -> str:
+    try:
+        info = mx.device_info()
+    except Exception:  # older MLX or backend without the call
+        return str(mx.default_device())
+    return str(info.get("device_name") or info.get("architecture") or mx.default_device())
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$MOBILEO_MLX_CACHE`` or ``~/.cache/mobileo-mlx``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mobileo-mlx"
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 ``n``x``n``x``n`` matmul throughput in GFLOP/s."""
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    b = mx.random.normal((n, n), key=mx.random.key(1))
+    mx.eval(a, b)
+    mx.eval(a @ b)  # warm-up: thread pools, allocator
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def memory_limit_bytes() -> int:
+    try:
+        return int(mx.get_memory_limit())
+    except Exception:
+        return 0
+
+
+def blas_provider() -> str:
+    if backend() != "cpu":
+        return f"not used for matmuls on {backend()}"
+    return _blas.status().provider

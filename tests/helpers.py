@@ -1,0 +1,50 @@
+"""Test helpers shared by the parity tests.
+
+``convert_state_dict`` sends a PyTorch reference model's state dict, under the
+*original checkpoint's* key names, through the converter's mapping for one
+component, exactly as ``python -m convert.from_torch`` does, and returns the
+runtime config and MLX weights.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from convert.mapping import load_component
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A torch tensor (any float dtype) or array as float32 numpy."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().float().cpu().numpy()
+    return np.asarray(tensor, dtype=np.float32)
+
+
+def convert_state_dict(
+    component: str,
+    state_dict: Mapping[str, object],
+    checkpoint_config: dict | None = None,
+    diffusers_config: dict | None = None,
+) -> tuple[dict, dict[str, mx.array]]:
+    """(runtime config, runtime weights) for ``component`` from original-named tensors."""
+    mapping = load_component(component)
+    owned = [k for k in state_dict if mapping.KEYS.match(k)]
+    if mapping.IGNORE is not None:
+        owned = [k for k in owned if not mapping.IGNORE.match(k)]
+    shapes = {k: tuple(state_dict[k].shape) for k in owned}
+    config = mapping.config_from_checkpoint(shapes, checkpoint_config or {}, diffusers_config)
+    arrays = {
+        name: mx.array(value)
+        for name, value in mapping.convert(owned, lambda k: to_numpy(state_dict[k]), config)
+    }
+    return config, arrays
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|, in float64."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
