@@ -1,0 +1,22 @@
+"""ReLU linear attention (SANA self-attention, DC-AE LiteMLA), plain MLX twin."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e-15) -> mx.array:
+    """q, k, v: [B, heads, N, d] (any float dtype; k/v may have another N than q).
+
+    out_i = sum_j v_j (relu(k_j) . relu(q_i)) / (sum_j relu(k_j) . relu(q_i) + eps),
+    accumulated in float32 with no 1/sqrt(d) scaling; returned in v's dtype.
+    """
+    dtype = v.dtype
+    q = mx.maximum(q.astype(mx.float32), 0)
+    k = mx.maximum(k.astype(mx.float32), 0)
+    v = v.astype(mx.float32)
+    kv = mx.swapaxes(k, -1, -2) @ v                    # [B, H, d, d_v]
+    k_sum = mx.sum(k, axis=-2, keepdims=True)           # [B, H, 1, d]
+    numerator = q @ kv                                  # [B, H, N, d_v]
+    denominator = mx.sum(q * k_sum, axis=-1, keepdims=True)  # [B, H, N, 1]
+    return (numerator / (denominator + eps)).astype(dtype)
