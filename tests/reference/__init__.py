@@ -1,0 +1,1 @@
+"""Compact PyTorch references written from SPEC.md (FastViTHD, MCP), used only by tests."""
