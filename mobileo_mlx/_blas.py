@@ -131,3 +131,29 @@ def route_blas() -> BlasStatus:
 
 def status() -> BlasStatus:
     return route_blas()
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def global_symbol_library(symbol: str = "cblas_sgemm") -> str | None:
+    """The file that answers ``symbol`` in the process's global scope, which is
+    searched before libmlx.so's own dependencies; None when no global library
+    exports it (then MLX binds to the reference BLAS it ships with)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    process = ctypes.CDLL(None)
+    try:
+        address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
+    except AttributeError:
+        return None
+    info = _DlInfo()
+    if not process.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return info.dli_fname.decode()

@@ -77,4 +77,8 @@ def memory_limit_bytes() -> int:
 def blas_provider() -> str:
     if backend() != "cpu":
         return f"not used for matmuls on {backend()}"
-    return _blas.status().provider
+    status = _blas.status()
+    answering = _blas.global_symbol_library("cblas_sgemm")
+    if answering is None:
+        return status.provider
+    return f"{status.provider}; cblas_sgemm -> {Path(answering).name}"

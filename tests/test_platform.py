@@ -1,0 +1,132 @@
+"""Foundation: BLAS routing on every entry point, backend facts, doctor, --version."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mobileo_mlx
+from mobileo_mlx import _blas, platform
+
+ROOT = Path(__file__).resolve().parents[1]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS routing is Linux-only")
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120
+    )
+
+
+@linux_only
+def test_mlx_sgemm_resolves_to_openblas_in_this_process():
+    # conftest imports mobileo_mlx before mlx, like every entry point must.
+    assert _blas.status().routed, _blas.status()
+    answering = _blas.global_symbol_library("cblas_sgemm")
+    assert answering is not None and ("blas_shim" in answering or "openblas" in answering), answering
+
+
+@linux_only
+@pytest.mark.parametrize(
+    "entry",
+    ["import mobileo_mlx", "import convert", "import kernels", "import convert.mapping"],
+)
+def test_every_entry_point_routes_blas_before_mlx(entry):
+    code = f"{entry}\nfrom mobileo_mlx import _blas\nimport mlx.core\nprint(_blas.global_symbol_library())"
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "blas_shim" in result.stdout or "openblas" in result.stdout, result.stdout
+
+
+@linux_only
+def test_importing_mlx_first_warns_once_with_the_fix():
+    result = run_python("import mlx.core\nimport mobileo_mlx\nimport convert\nprint('ok')")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("mlx.core was imported before mobileo_mlx") == 1, result.stderr
+    assert "Import mobileo_mlx" in result.stderr
+
+
+@linux_only
+def test_opt_out_keeps_reference_blas():
+    result = run_python(
+        "import mobileo_mlx\nfrom mobileo_mlx import _blas\nprint(_blas.status().routed, _blas.global_symbol_library())",
+        MOBILEO_MLX_BLAS="reference",
+    )
+    assert result.stdout.split() == ["False", "None"], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (64, 33, 129), (200, 96, 300)])
+def test_routed_matmul_is_correct(shape, transpose_a, transpose_b):
+    # The shim forwards every argument (order, transposes, leading dims, alpha/beta):
+    # a wrong one shows up as a wrong product on some of these layouts.
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)
+    ma, mb = mx.array(a), mx.array(b)
+    got = (ma.T if transpose_a else ma) @ (mb.T if transpose_b else mb)
+    expected = (a.T if transpose_a else a).astype(np.float64) @ (b.T if transpose_b else b).astype(np.float64)
+    np.testing.assert_allclose(np.array(got), expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_addmm_uses_alpha_and_beta():
+    rng = np.random.default_rng(1)
+    c, a, b = (rng.standard_normal(s).astype(np.float32) for s in [(9, 11), (9, 6), (6, 11)])
+    got = mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=0.5, beta=2.0)
+    np.testing.assert_allclose(np.array(got), 2.0 * c + 0.5 * (a @ b), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_facts():
+    assert platform.backend() in {"cpu", "metal", "cuda"}
+    assert platform.compute_dtype() in {mx.float32, mx.float16}
+    if platform.backend() == "cpu":
+        assert platform.compute_dtype() == mx.float32
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(platform.CACHE_ENV, str(tmp_path / "c"))
+    assert platform.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(platform.CACHE_ENV)
+    assert platform.cache_dir() == Path.home() / ".cache" / "mobileo-mlx"
+
+
+def cli(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mobileo_mlx", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+def test_version():
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"mobileo-mlx {mobileo_mlx.__version__}"
+
+
+def test_doctor_reports_backend_blas_and_cache(tmp_path):
+    (tmp_path / "some-model").mkdir()
+    (tmp_path / "some-model" / "config.json").write_text("{}")
+    result = cli("doctor", "--size", "256", MOBILEO_MLX_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) if "  " not in line else [p.strip() for p in line.split("  ", 1)]
+                 for line in result.stdout.strip().splitlines())
+    assert lines["backend"].startswith(platform.backend())
+    assert lines["cache folder"] == str(tmp_path)
+    assert lines["cached models"] == "some-model"
+    assert lines["mlx"] == mx.__version__
+    assert "GFLOP/s" in lines["fp32 matmul 256^3"]
+    if sys.platform.startswith("linux"):
+        assert "OpenBLAS" in lines["BLAS"]
