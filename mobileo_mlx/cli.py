@@ -3,12 +3,17 @@ is done by the package's Python API."""
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import __version__
+from . import DEFAULT_MODEL, __version__
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
 
 app = typer.Typer(
     name="mobileo-mlx",
@@ -70,6 +75,273 @@ def doctor(
     typer.echo(f"{'cached models':<{width}}  {', '.join(cached) if cached else 'none'}")
 
 
+
+# --- model commands ----------------------------------------------------------------------
+
+MODEL_ENV = "MOBILEO_MLX_MODEL"
+
+ModelOption = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Hub id, original checkpoint folder, converted folder, or 'demo' (a tiny random model, "
+    f"works offline). Default: ${MODEL_ENV} or {DEFAULT_MODEL}.",
+    show_default=False,
+)
+LowMemoryOption = typer.Option(
+    False, "--low-memory", help="Load each component only while it is needed (lower peak memory, slower)."
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors():
+    """Report user-facing errors as one line (set MOBILEO_MLX_DEBUG=1 for tracebacks)."""
+    if os.environ.get("MOBILEO_MLX_DEBUG"):
+        yield
+        return
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _fail(message)
+
+
+def _load_model(model: Optional[str], low_memory: bool):
+    from .pipeline import MobileO
+
+    spec = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    return MobileO.load(spec, low_memory=low_memory)
+
+
+def _free_path(path: Path, force: bool, taken: set) -> Path:
+    """``path`` itself, or ``stem-1.ext``, ``stem-2.ext``... so nothing is overwritten silently."""
+    if force and path not in taken:
+        return path
+    candidate, index = path, 0
+    while candidate.exists() or candidate in taken:
+        index += 1
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+    return candidate
+
+
+def _save_atomically(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+    os.replace(partial, path)
+
+
+def _peak_memory_line() -> str:
+    import resource
+
+    import mlx.core as mx
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+    if sys.platform == "darwin":
+        rss /= 1024  # bytes on macOS
+    return f"peak memory: MLX {mx.get_peak_memory() / 2**30:.2f} GiB, process RSS {rss:.2f} GiB"
+
+
+def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, size, scheduler,
+                preview_every, force, tile=None):
+    """Shared by generate and edit: condition once, denoise/decode ``count`` images."""
+    import time
+
+    from tqdm import tqdm
+
+    if count < 1:
+        _fail(f"-n must be at least 1, got {count}")
+    if preview_every is not None and preview_every < 1:
+        _fail(f"--preview-every must be at least 1, got {preview_every}")
+    size = model.check_size(size)
+    start = time.perf_counter()
+    conditioning = conditioning_fn()
+    condition_time = time.perf_counter() - start
+    typer.echo(f"prompt: {conditioning.prompt_tokens} tokens, LLM + MCP {condition_time:.2f} s", err=True)
+    taken: set = set()
+    for number in range(count):
+        image_seed = seed + number if seed is not None else int.from_bytes(os.urandom(4), "little")
+        target = _free_path(output if count == 1 else output.with_name(f"{output.stem}-{number}{output.suffix}"), force, taken)
+        taken.add(target)
+        start = time.perf_counter()
+        steps_iter = model.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
+                                            seed=image_seed, scheduler=scheduler)
+        last = None
+        with tqdm(total=steps, desc=f"image {number + 1}/{count}", unit="step", leave=False) as bar:
+            for last in steps_iter:
+                bar.update(1)
+                if preview_every and (last.index + 1) % preview_every == 0 and last.index + 1 < steps:
+                    _save_atomically(model.decode(last.latents)[0], target.with_name(f"{target.stem}.preview{target.suffix}"))
+        denoise_time = time.perf_counter() - start
+        start = time.perf_counter()
+        image = model.decode(last.latents, tile=tile)[0]
+        decode_time = time.perf_counter() - start
+        _save_atomically(image, target)
+        preview = target.with_name(f"{target.stem}.preview{target.suffix}")
+        if preview.exists():
+            preview.unlink()
+        typer.echo(
+            f"{target}  (seed {image_seed}; {steps} steps {denoise_time:.2f} s = "
+            f"{denoise_time / steps:.2f} s/step, decode {decode_time:.2f} s)"
+        )
+    typer.echo(_peak_memory_line(), err=True)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    output: Path = typer.Option(Path("mobileo.png"), "--output", "-o", help="Image file to write; numbered when -n > 1 or when it exists."),
+    count: int = typer.Option(1, "-n", "--count", help="How many images (seeds SEED, SEED+1, ...)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(1.5, "--guidance", help="Classifier-free guidance scale (1 = off)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels, a multiple of 32 (default: the model's native size, 512)."),
+    scheduler: str = typer.Option("dpm", "--scheduler", help="dpm (DPM-Solver++ 2M, the reference) or euler (flow-matching Euler)."),
+    preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Decode a preview every K steps next to the output."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    model: Optional[str] = ModelOption,
+    low_memory: bool = LowMemoryOption,
+) -> None:
+    """Generate images from a text prompt."""
+    from . import processing
+
+    with _user_errors():
+        if not prompt.strip():
+            _fail("the prompt is empty")
+        mobile_o = _load_model(model, low_memory)
+        _run_images(
+            mobile_o,
+            lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.generation_prompt, prompt)),
+            count, output, seed, steps, guidance, size, scheduler, preview_every, force,
+        )
+
+
+@app.command()
+def edit(
+    image: Path = typer.Argument(..., help="The picture to edit."),
+    instruction: str = typer.Argument(..., help="What to change."),
+    output: Path = typer.Option(Path("mobileo-edit.png"), "--output", "-o", help="Image file to write (numbered if it exists)."),
+    count: int = typer.Option(1, "-n", "--count", help="How many variants."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(1.5, "--guidance", help="Classifier-free guidance scale (1 = off)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Output side in pixels, a multiple of 32 (default 512)."),
+    scheduler: str = typer.Option("dpm", "--scheduler", help="dpm or euler."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    model: Optional[str] = ModelOption,
+    low_memory: bool = LowMemoryOption,
+) -> None:
+    """Edit a picture from an instruction."""
+    from . import processing
+
+    with _user_errors():
+        if not instruction.strip():
+            _fail("the instruction is empty")
+        source = processing.load_image(image)
+        mobile_o = _load_model(model, low_memory)
+        _run_images(
+            mobile_o,
+            lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.edit_prompt, instruction), source),
+            count, output, seed, steps, guidance, size, scheduler, None, force,
+        )
+
+
+def _stream_to_stdout(responses) -> str:
+    text = []
+    for response in responses:
+        typer.echo(response.text, nl=False)
+        text.append(response.text)
+    typer.echo()
+    return "".join(text)
+
+
+@app.command()
+def ask(
+    image: Path = typer.Argument(..., help="The picture to ask about."),
+    question: str = typer.Argument(..., help="The question."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Longest answer in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
+    system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """Answer a question about a picture, streaming the answer."""
+    from . import processing
+
+    with _user_errors():
+        source = processing.load_image(image)
+        mobile_o = _load_model(model, False)
+        _stream_to_stdout(mobile_o.ask(source, question, max_tokens=max_tokens, temperature=temperature,
+                                       top_p=top_p, top_k=top_k, system=system, stream=True))
+
+
+@app.command()
+def chat(
+    message: Optional[str] = typer.Argument(None, help="One message to answer; without it, an interactive chat starts."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Attach a picture to the (first) message."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
+    system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
+    model: Optional[str] = ModelOption,
+) -> None:
+    """Chat with the model. Interactive commands: /image PATH, /reset, /exit."""
+    from . import processing
+    from .processing import Message
+
+    with _user_errors():
+        attached = processing.load_image(image) if image is not None else None
+        mobile_o = _load_model(model, False)
+
+        def reply(history, picture):
+            return _stream_to_stdout(mobile_o.chat(history, max_tokens=max_tokens, temperature=temperature,
+                                                   system=system, image=picture, stream=True))
+
+        if message is not None:
+            if not message.strip():
+                _fail("the message is empty")
+            reply([Message("user", message)], attached)
+            return
+        typer.echo("Chat with Mobile-O. /image PATH attaches a picture, /reset clears the history, /exit quits.", err=True)
+        history: list = []
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                typer.echo()
+                return
+            if not line:
+                continue
+            if line in {"/exit", "/quit"}:
+                return
+            if line == "/reset":
+                history, attached = [], None
+                typer.echo("(history cleared)", err=True)
+                continue
+            if line.startswith("/image"):
+                try:
+                    attached = processing.load_image(Path(line[len("/image"):].strip()))
+                    typer.echo("(picture attached to your next message)", err=True)
+                except processing.InputError as error:
+                    typer.echo(f"error: {error}", err=True)
+                continue
+            # The picture stays in the conversation: the first message that carried it keeps <image>.
+            content = f"{processing.IMAGE_PLACEHOLDER}\n{line}" if attached is not None and not any(
+                processing.IMAGE_PLACEHOLDER in m.content for m in history) else line
+            history.append(Message("user", content))
+            answer = reply(history, attached)
+            history.append(Message("assistant", answer.strip()))
+
+
 def _cached_models(root) -> list[str]:
     if not root.is_dir():
         return []
@@ -80,7 +352,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
 
 

@@ -1,0 +1,351 @@
+"""The model object users hold: ``generate``, ``edit``, ``ask``, ``chat``.
+
+Data flow (SPEC §3):
+
+    understanding: image -> preprocess -> FastViTHD -> projector --+
+                   prompt -> template -> tokens -> embeddings --- splice -> Qwen2 -> text
+    generation:    prompt -> template -> tokens -> Qwen2 (all hidden states) -> MCP -> cond
+                                          zeros of the same shape ----------> MCP -> uncond
+                   noise -> [DiT(latent, t, [uncond; cond]) -> CFG -> sampler step] x N -> DC-AE -> image
+    editing:       generation, with the source image spliced into the prompt as in understanding
+
+As in mlx-examples' stable_diffusion, the denoising loop is a generator
+(:meth:`MobileO.generate_latents`) the caller drives step by step (previews,
+progress bars, cancellation); :meth:`MobileO.decode` turns latents into a picture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from . import platform, processing, samplers
+from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message
+
+MessagesInput = Union[str, Message, dict, Sequence[Union[Message, dict, tuple]]]
+
+
+@dataclass
+class DenoiseStep:
+    """One step of the denoising loop, as yielded by ``generate_latents``."""
+
+    index: int  # 0-based step just completed
+    total: int
+    timestep: float
+    latents: mx.array  # [B, h, w, C] NHWC, after this step
+
+
+@dataclass
+class Conditioning:
+    """What the DiT is conditioned on: MCP outputs for the prompt and for zeros."""
+
+    cond: mx.array  # [1, S, caption_channels]
+    uncond: mx.array  # [1, S, caption_channels]
+    prompt_tokens: int
+
+
+class MobileO:
+    """A converted Mobile-O model; components load lazily on first use."""
+
+    def __init__(self, folder: str | Path, *, low_memory: bool = False):
+        from . import weights
+
+        self.folder = Path(folder)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise InputError(f"not a converted mobileo-mlx folder (no config.json): {self.folder}")
+        self.config = json.loads(config_path.read_text())
+        self.low_memory = low_memory
+        self.dtype = platform.compute_dtype()
+        self._weights = weights
+        self._components: dict[str, object] = {}
+        self.tokenizer = processing.Tokenizer(self.folder, self.config["language"].get("eos_token_id"))
+
+    @classmethod
+    def load(cls, model: str | os.PathLike = "Amshaker/Mobile-O-0.5B", *, quantize: str | None = None,
+             low_memory: bool = False) -> "MobileO":
+        """``model``: a converted folder, an original checkpoint folder, a hub id or ``"demo"``."""
+        from .hub import resolve_model
+
+        kwargs = {} if quantize is None else {"quantize": quantize}
+        return cls(resolve_model(str(model), **kwargs), low_memory=low_memory)
+
+    # --- components -----------------------------------------------------------------
+
+    def component(self, name: str):
+        """The MLX module of ``name`` (vision, projector, language, mcp, dit, vae), loaded once."""
+        if name not in self._components:
+            self._components[name] = self._weights.load_component(self.folder, name, dtype=self.dtype)
+        return self._components[name]
+
+    def release(self, *names: str) -> None:
+        """Drop components (``--low-memory`` does this between stages) and MLX's buffer cache."""
+        for name in names:
+            self._components.pop(name, None)
+        mx.clear_cache()
+
+    @property
+    def vision_size(self) -> int:
+        return int(self.config["vision"]["image_size"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config["vae"]["latent_channels"])
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (32 for DC-AE f32c32)."""
+        return 2 ** (len(self.config["vae"]["decoder_block_out_channels"]) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The image size the DiT was trained for (512 for the released model)."""
+        return int(self.config["dit"]["sample_size"]) * int(self.config["dit"].get("patch_size", 1)) * self.vae_scale
+
+    # --- prompts and embeddings -----------------------------------------------------
+
+    def image_features(self, image: ImageInput) -> mx.array:
+        """FastViTHD -> projector: [1, N, hidden] features for one picture."""
+        pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
+        features = self.component("vision")(pixels)
+        return self.component("projector")(features)
+
+    def embed_prompt(self, text: str, image: ImageInput | None = None) -> mx.array:
+        """Token embeddings of ``text`` with the image features spliced in at ``<image>``: [1, L, D]."""
+        ids = self.tokenizer.encode_with_image_sentinel(text)
+        slots = ids.count(IMAGE_TOKEN_SENTINEL)
+        if slots != (0 if image is None else 1):
+            raise InputError(f"the prompt has {slots} <image> placeholders for {0 if image is None else 1} image(s)")
+        language = self.component("language")
+        pieces: list[mx.array] = []
+        chunk: list[int] = []
+        for token in ids + [None]:
+            if token is None or token == IMAGE_TOKEN_SENTINEL:
+                if chunk:
+                    pieces.append(language.embed(mx.array([chunk]))[0])
+                    chunk = []
+                if token == IMAGE_TOKEN_SENTINEL:
+                    pieces.append(self.image_features(image)[0].astype(pieces[0].dtype if pieces else self.dtype))
+            else:
+                chunk.append(token)
+        return mx.concatenate(pieces, axis=0)[None].astype(self.dtype)
+
+    def _caption_prompt(self, build, text: str) -> str:
+        """The generation/edit prompt, with the caption cut so it fits the 512-token limit."""
+        prompt = build(text)
+        ids = self.tokenizer.encode_with_image_sentinel(prompt)
+        if len(ids) <= processing.MAX_PROMPT_TOKENS:
+            return prompt
+        excess = len(ids) - processing.MAX_PROMPT_TOKENS
+        caption_ids = self.tokenizer.encode(text)
+        keep = max(len(caption_ids) - excess, 0)
+        while True:
+            shortened = self.tokenizer.hf.decode(caption_ids[:keep])
+            prompt = build(shortened)
+            if len(self.tokenizer.encode_with_image_sentinel(prompt)) <= processing.MAX_PROMPT_TOKENS or keep == 0:
+                break
+            keep -= 1
+        warnings.warn(
+            f"the prompt is over the {processing.MAX_PROMPT_TOKENS}-token limit; "
+            f"its text was cut to the first {keep} tokens",
+            stacklevel=3,
+        )
+        return prompt
+
+    # --- conditioning and denoising -------------------------------------------------
+
+    def conditioning(self, prompt_text: str, image: ImageInput | None = None) -> Conditioning:
+        """MCP(last hidden states) for the prompt, and MCP(zeros of the same shape) for CFG."""
+        embeddings = self.embed_prompt(prompt_text, image)
+        mcp = self.component("mcp")
+        layers = int(self.config["mcp"]["num_layers"])
+        states = self.component("language").hidden_states(embeddings)[-layers:]
+        cond = mcp(states)
+        uncond = mcp([mx.zeros_like(h) for h in states])
+        mx.eval(cond, uncond)
+        if self.low_memory:
+            self.release("language", "vision", "projector", "mcp")
+        return Conditioning(cond, uncond, embeddings.shape[1])
+
+    def initial_latents(self, size: int, seed: int | None = None, noise=None) -> mx.array:
+        """The starting latent, NHWC [1, size/32, size/32, C]; ``noise`` is NCHW like the reference."""
+        cells = size // self.vae_scale
+        shape = (1, self.latent_channels, cells, cells)
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != shape:
+                raise InputError(f"noise must have shape {shape} (NCHW) for size {size}, got {noise.shape}")
+            return mx.array(noise.transpose(0, 2, 3, 1))
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        return mx.random.normal((1, cells, cells, self.latent_channels), key=mx.random.key(seed))
+
+    def check_size(self, size: int | None) -> int:
+        size = self.native_size if size is None else int(size)
+        if size < self.vae_scale or size % self.vae_scale:
+            raise InputError(f"size must be a positive multiple of {self.vae_scale}, got {size}")
+        return size
+
+    def generate_latents(
+        self,
+        conditioning: Conditioning,
+        *,
+        steps: int = 20,
+        guidance: float = 1.5,
+        size: int | None = None,
+        seed: int | None = None,
+        noise=None,
+        scheduler: str = "dpm",
+    ) -> Iterator[DenoiseStep]:
+        """The denoising loop as a generator: one ``DenoiseStep`` per step."""
+        if steps < 1:
+            raise InputError(f"steps must be at least 1, got {steps}")
+        size = self.check_size(size)
+        latents = self.initial_latents(size, seed, noise)
+        dit = self.component("dit")
+        sampler = samplers.make_sampler(scheduler, self.config["scheduler"], steps)
+        use_cfg = guidance != 1.0  # v_u + 1·(v_c − v_u) = v_c: skip the unconditional half
+        context = (
+            mx.concatenate([conditioning.uncond, conditioning.cond]) if use_cfg else conditioning.cond
+        ).astype(self.dtype)
+        prepared = dit.prepare_condition(context) if hasattr(dit, "prepare_condition") else None
+        state = sampler.init_state(latents)
+        for index in range(steps):
+            timestep = sampler.timestep(index)
+            model_input = latents.astype(self.dtype)
+            if use_cfg:
+                model_input = mx.concatenate([model_input, model_input])
+            t = mx.full((model_input.shape[0],), timestep, dtype=mx.float32)
+            if prepared is not None:
+                velocity = dit(model_input, t, context, condition=prepared)
+            else:
+                velocity = dit(model_input, t, context)
+            velocity = velocity.astype(mx.float32)
+            if use_cfg:
+                v_uncond, v_cond = velocity[:1], velocity[1:]
+                velocity = v_uncond + guidance * (v_cond - v_uncond)
+            latents, state = sampler.step(index, latents, velocity, state)
+            mx.eval(latents)
+            yield DenoiseStep(index, steps, float(timestep), latents)
+        if self.low_memory:
+            self.release("dit")
+
+    def decode(self, latents: mx.array, tile: int | None = None) -> list[Image.Image]:
+        """DC-AE decode (latents / scaling factor), then [-1, 1] -> [0, 1] -> PIL images."""
+        vae = self.component("vae")
+        scaled = (latents / float(self.config["vae"]["scaling_factor"])).astype(self.dtype)
+        if tile is not None and hasattr(vae, "decode_tiled"):
+            images = vae.decode_tiled(scaled, tile=tile)
+        else:
+            images = vae(scaled)
+        images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        mx.eval(images)
+        if self.low_memory:
+            self.release("vae")
+        return [processing.to_pil(np.array(image)) for image in images]
+
+    # --- the four user-facing calls -------------------------------------------------
+
+    def generate(self, prompt: str, steps: int = 20, guidance: float = 1.5, seed: int | None = None,
+                 noise=None, size: int | None = None, scheduler: str = "dpm") -> Image.Image:
+        """Text to image. With ``noise`` (NCHW, the reference layout) the result is deterministic."""
+        if not prompt or not prompt.strip():
+            raise InputError("the prompt is empty")
+        conditioning = self.conditioning(self._caption_prompt(processing.generation_prompt, prompt))
+        last = None
+        for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
+                                          seed=seed, noise=noise, scheduler=scheduler):
+            pass
+        return self.decode(last.latents)[0]
+
+    def edit(self, image: ImageInput, instruction: str, steps: int = 20, guidance: float = 1.5,
+             seed: int | None = None, noise=None, size: int | None = None, scheduler: str = "dpm") -> Image.Image:
+        """Instruction-based editing: the source picture enters through the LLM context only."""
+        if not instruction or not instruction.strip():
+            raise InputError("the instruction is empty")
+        source = processing.load_image(image)
+        conditioning = self.conditioning(self._caption_prompt(processing.edit_prompt, instruction), source)
+        last = None
+        for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
+                                          seed=seed, noise=noise, scheduler=scheduler):
+            pass
+        return self.decode(last.latents)[0]
+
+    def ask(self, image: ImageInput, question: str, max_tokens: int = 256, temperature: float = 0.0,
+            top_p: float = 1.0, top_k: int = 0, repetition_penalty: float | None = None,
+            system: str | None = processing.DEFAULT_SYSTEM_PROMPT, stream: bool = False):
+        """Answer a question about a picture; ``stream=True`` yields responses with ``.text`` and ``.token``."""
+        if not question or not question.strip():
+            raise InputError("the question is empty")
+        source = processing.load_image(image)
+        embeddings = self.embed_prompt(processing.understanding_prompt(question, system), source)
+        responses = self._stream_text(embeddings, max_tokens, temperature, top_p, top_k, repetition_penalty)
+        return responses if stream else _join(responses)
+
+    def chat(self, message_or_messages: MessagesInput, max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float | None = None,
+             system: str | None = processing.DEFAULT_SYSTEM_PROMPT, image: ImageInput | None = None,
+             stream: bool = False):
+        """Text chat (multi-turn when given a list of messages). ``image`` attaches a picture
+        to the last user message (its text gets the ``<image>`` placeholder)."""
+        messages = _as_messages(message_or_messages)
+        if image is not None:
+            last = messages[-1]
+            if processing.IMAGE_PLACEHOLDER not in last.content:
+                messages[-1] = Message(last.role, f"{processing.IMAGE_PLACEHOLDER}\n{last.content}")
+            image = processing.load_image(image)
+        embeddings = self.embed_prompt(processing.chat_prompt(messages, system), image)
+        responses = self._stream_text(embeddings, max_tokens, temperature, top_p, top_k, repetition_penalty)
+        return responses if stream else _join(responses)
+
+    def _stream_text(self, embeddings: mx.array, max_tokens: int, temperature: float, top_p: float,
+                     top_k: int, repetition_penalty: float | None):
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        if max_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+        sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
+        processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
+        return stream_generate(
+            self.component("language"),
+            self.tokenizer.hf,
+            prompt=mx.array([], dtype=mx.uint32),
+            input_embeddings=embeddings[0],
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+        )
+
+
+def _join(responses) -> str:
+    return "".join(response.text for response in responses).strip()
+
+
+def _as_messages(value: MessagesInput) -> list[Message]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise InputError("the message is empty")
+        return [Message("user", value)]
+    if isinstance(value, (Message, dict)):
+        value = [value]
+    messages = []
+    for item in value:
+        if isinstance(item, Message):
+            messages.append(item)
+        elif isinstance(item, dict):
+            messages.append(Message(item["role"], item["content"]))
+        else:
+            role, content = item
+            messages.append(Message(role, content))
+    if not messages or messages[-1].role != "user":
+        raise InputError("the conversation must end with a user message")
+    return messages
