@@ -8,12 +8,27 @@ runtime config and MLX weights.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import mlx.core as mx
 import numpy as np
 
 from convert.mapping import load_component
+
+# Copies of shared/reference (keys_full.txt, checkpoint_config.json, the diffusers configs).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
+
+
+def reference_keys() -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of the released checkpoint: name -> (shape, dtype), from keys_full.txt."""
+    keys = {}
+    for line in (REFERENCE_DIR / "keys_full.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, shape, dtype = line.split("\t")
+        keys[name] = (tuple(int(d) for d in shape.strip("[]").split(",") if d.strip()), dtype)
+    return keys
 
 
 def to_numpy(tensor) -> np.ndarray:
