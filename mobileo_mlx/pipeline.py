@@ -211,15 +211,15 @@ class MobileO:
         size = self.check_size(size)
         latents = self.initial_latents(size, seed, noise)
         dit = self.component("dit")
-        sampler = samplers.make_sampler(scheduler, self.config["scheduler"], steps)
+        sampler = samplers.get_sampler(scheduler)
+        plan = sampler.plan(samplers.SchedulerConfig.from_dict(self.config["scheduler"]), steps)
         use_cfg = guidance != 1.0  # v_u + 1·(v_c − v_u) = v_c: skip the unconditional half
         context = (
             mx.concatenate([conditioning.uncond, conditioning.cond]) if use_cfg else conditioning.cond
         ).astype(self.dtype)
         prepared = dit.prepare_condition(context) if hasattr(dit, "prepare_condition") else None
-        state = sampler.init_state(latents)
-        for index in range(steps):
-            timestep = sampler.timestep(index)
+        state = sampler.initial_state(plan)
+        for index, timestep in enumerate(plan.timesteps):
             model_input = latents.astype(self.dtype)
             if use_cfg:
                 model_input = mx.concatenate([model_input, model_input])
@@ -232,7 +232,7 @@ class MobileO:
             if use_cfg:
                 v_uncond, v_cond = velocity[:1], velocity[1:]
                 velocity = v_uncond + guidance * (v_cond - v_uncond)
-            latents, state = sampler.step(index, latents, velocity, state)
+            latents, state = sampler.step(plan, state, index, latents, velocity)
             mx.eval(latents)
             yield DenoiseStep(index, steps, float(timestep), latents)
         if self.low_memory:
