@@ -3,8 +3,6 @@ through the converter's mapping, at a small and at the full size."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -13,11 +11,10 @@ from mlx.utils import tree_flatten
 
 from convert.mapping import mcp as mcp_mapping
 from mobileo_mlx.models import build
-from tests.helpers import convert_state_dict, relative_error
+from tests.helpers import convert_state_dict, reference_keys, relative_error
 from tests.reference.mcp_torch import TorchMobileConditioningProjector
 
 PREFIX = "model.diffusion_connector.fusion."
-KEYS_FULL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys_full.txt"
 TOLERANCE = 1e-4
 
 SMALL = dict(hidden_size=64, compress_dim=32, output_dim=48, num_layers=4, num_refiners=2, reduction=4)
@@ -68,15 +65,8 @@ def run_both(torch_model, model, hidden_states):
 
 
 def read_keys_full() -> dict[str, tuple[int, ...]]:
-    if not KEYS_FULL.exists():
-        pytest.skip(f"{KEYS_FULL} not available")
-    shapes = {}
-    for line in KEYS_FULL.read_text().splitlines():
-        if line.startswith("#") or not line.startswith(PREFIX):
-            continue
-        name, shape, _dtype = line.split("\t")
-        shapes[name] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
-    return shapes
+    """The MCP tensors of the released checkpoint: name -> shape."""
+    return {name: shape for name, (shape, _dtype) in reference_keys().items() if name.startswith(PREFIX)}
 
 
 def test_reference_names_and_shapes_equal_the_checkpoint():
