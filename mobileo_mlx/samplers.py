@@ -17,9 +17,6 @@ Usage (the pipeline owns the loop; nothing here keeps hidden state)::
         velocity = model(latents, t)
         latents, state = sampler.step(plan, state, i, latents, velocity)
 
-or, bound to its plan, ``make_sampler("dpm", config_dict, num_steps)`` (``timestep(i)``,
-``init_state()``, ``step(i, latents, velocity, state)``).
-
 The grid and the step coefficients are computed once in numpy (``plan``); the
 state math runs in float32 whatever the latent dtype, and each step returns
 latents in the dtype it was given.
@@ -330,44 +327,3 @@ def get_sampler(name: str) -> Sampler:
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
 
-
-@dataclass(frozen=True)
-class PlannedSampler:
-    """A sampler bound to its plan (what the pipeline's denoising loop holds); still pure:
-    the state travels through ``step``'s arguments and results."""
-
-    sampler: Sampler
-    plan: Plan
-
-    @property
-    def name(self) -> str:
-        return self.sampler.name
-
-    @property
-    def timesteps(self) -> tuple:
-        return self.plan.timesteps
-
-    def timestep(self, step_index: int):
-        """The model timestep of ``step_index`` (an int for "dpm", a float for "euler")."""
-        return self.plan.timesteps[step_index]
-
-    def init_state(self, latents: mx.array | None = None) -> State:
-        return self.sampler.initial_state(self.plan)
-
-    def step(
-        self, step_index: int, latents: mx.array, velocity: mx.array, state: State
-    ) -> tuple[mx.array, State]:
-        return self.sampler.step(self.plan, state, step_index, latents, velocity)
-
-
-def make_sampler(
-    name: str, config: SchedulerConfig | dict | None, num_steps: int
-) -> PlannedSampler:
-    """``name`` ("dpm" | "euler") planned for ``num_steps`` with ``config`` (a
-    :class:`SchedulerConfig`, a diffusers scheduler dict, or ``None`` for Sana's)."""
-    if config is None:
-        config = SchedulerConfig()
-    elif not isinstance(config, SchedulerConfig):
-        config = SchedulerConfig.from_dict(config)
-    sampler = get_sampler(name)
-    return PlannedSampler(sampler, sampler.plan(config, num_steps))

@@ -20,7 +20,6 @@ from mobileo_mlx.samplers import (
     dpm_solver_step,
     euler_plan,
     get_sampler,
-    make_sampler,
 )
 from tests.helpers import REFERENCE_DIR, relative_error
 
@@ -158,27 +157,6 @@ def test_steps_are_pure_and_keep_float32_state_for_half_latents():
         plan, state0, 0, mx.array(x0.astype(np.float32)), mx.array(v0.astype(np.float32))
     )
     np.testing.assert_array_equal(np.array(x1), np.array(x1_32.astype(mx.float16)))
-
-
-@pytest.mark.parametrize("name", ["dpm", "euler"])
-def test_planned_sampler_follows_the_reference_trajectory(name):
-    """The pipeline's interface: make_sampler(name, config dict, steps)."""
-    num_steps = 7
-    velocity = fake_velocity_field(seed=13)
-    if name == "dpm":
-        reference = DPMSolverMultistepScheduler.from_config(SANA_SCHEDULER_CONFIG)
-    else:
-        reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    expected_timesteps, expected = diffusers_trajectory(reference, num_steps, velocity)
-    sampler = make_sampler(name, SANA_SCHEDULER_CONFIG, num_steps)
-    x = mx.array(initial_noise())
-    state = sampler.init_state(x)
-    actual = []
-    for index in range(num_steps):
-        x, state = sampler.step(index, x, mx.array(velocity(np.array(x), sampler.timestep(index))), state)
-        actual.append(np.array(x))
-    assert [sampler.timestep(i) for i in range(num_steps)] == expected_timesteps
-    assert trajectory_error(actual, expected) <= TOLERANCE
 
 
 def test_samplers_by_name():
