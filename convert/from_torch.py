@@ -1,0 +1,540 @@
+"""Convert an original Mobile-O checkpoint into an MLX model folder.
+
+    python -m convert.from_torch CHECKPOINT --output DIR [--quantize mixed] [--group-size 64] [--force]
+
+CHECKPOINT is a local folder in the released layout (the repo root or its
+``final_merged_model_23620/`` subfolder; ``model.safetensors``, sharded
+safetensors with an index, or ``pytorch_model.bin``), or a hub id such as
+``Amshaker/Mobile-O-0.5B`` (only the needed files are downloaded).
+
+The output folder holds ``config.json`` (every component's config, the
+quantized layers, the source), ``<component>.safetensors`` for vision,
+projector, language, mcp, dit and vae (MLX layouts; the VAE encoder and the
+vision head are left out), ``tokenizer.json`` (built from vocab.json +
+merges.txt when the checkpoint has no fast tokenizer), the other tokenizer
+files and a model card. It is written to a temporary folder beside DIR and
+renamed at the end, so a failed or interrupted run leaves nothing behind.
+
+Conversion streams one tensor at a time: the full 3.3 GB checkpoint converts
+in well under 2.5 GB of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from mlx.utils import tree_flatten
+
+from mobileo_mlx import __version__
+from mobileo_mlx.models import build
+from mobileo_mlx.weights import COMPONENTS, FORMAT, FORMAT_VERSION
+
+from .checkpoint import (
+    TOKENIZER_FILES,
+    Checkpoint,
+    ConversionError,
+    MissingTensor,
+    PlannedTensor,
+    SafetensorsWriter,
+    build_fast_tokenizer,
+    looks_like_hub_id,
+    resolve_diffusion_configs,
+)
+from .mapping import load_component as load_mapping
+from .mapping import map_name
+from .quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE, GROUP_SIZES, RECIPES, plan_layers, quantize_weight
+
+# Component -> (what it is, where its tensors live in the checkpoint), for messages.
+COMPONENT_SOURCES = {
+    "vision": ("FastViTHD vision tower", "model.vision_tower.vision_tower.model.*"),
+    "projector": ("multimodal projector", "model.mm_projector.*"),
+    "language": ("Qwen2 language model", "model.embed_tokens / model.layers.* / model.norm"),
+    "mcp": ("Mobile Conditioning Projector", "model.diffusion_connector.fusion.*"),
+    "dit": ("SANA DiT", "model.dit.*"),
+    "vae": ("DC-AE decoder", "model.vae.decoder.*"),
+}
+STALE_PREFIX = "base_model."  # PEFT duplicates merge_lora leaves in the root file (SPEC §1.1)
+
+LICENCE_NOTE = (
+    "Converted weights of Mobile-O (Amshaker/Mobile-O-0.5B); they remain under the licence "
+    "terms of the original checkpoint and of the models it is built from (Qwen2, FastViT/MobileCLIP, "
+    "SANA, DC-AE). See the original model card."
+)
+
+
+# ---------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class ComponentPlan:
+    """Everything needed to write one component, decided before any tensor is read."""
+
+    name: str
+    source_names: list[str]
+    config: dict
+    expected: dict[str, tuple[int, ...]]  # runtime parameter -> shape (unquantized model)
+    layers: dict[str, dict]  # quantized module path -> {"bits", "group_size"}
+    storage_dtype: str  # "BF16" | "F16" | "F32"
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def scales_dtype(self) -> str:
+        return "F32" if self.storage_dtype == "F32" else "F16"
+
+    def quantized_as(self, runtime_name: str) -> dict | None:
+        module, _, leaf = runtime_name.rpartition(".")
+        return self.layers.get(module) if leaf == "weight" else None
+
+
+def _assign_tensors(checkpoint: Checkpoint) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Checkpoint names per component, plus counts of what is left out."""
+    owned: dict[str, list[str]] = {c: [] for c in COMPONENTS}
+    counts = {"stale base_model.* duplicates": 0, "unused (VAE encoder, vision head, ...)": 0, "unknown": 0}
+    mappings = {c: load_mapping(c) for c in COMPONENTS}
+    for name in checkpoint.tensors:
+        if name.startswith(STALE_PREFIX):
+            counts["stale base_model.* duplicates"] += 1
+            continue
+        claimed = False
+        for component, mapping in mappings.items():
+            if mapping.KEYS.match(name):
+                claimed = True
+                if mapping.IGNORE is not None and mapping.IGNORE.match(name):
+                    counts["unused (VAE encoder, vision head, ...)"] += 1
+                else:
+                    owned[component].append(name)
+                break
+        if not claimed:
+            counts["unknown"] += 1
+    return owned, counts
+
+
+def _missing_tensor_message(component: str, name: str) -> str:
+    return f"missing tensor {name} (needed by the {COMPONENT_SOURCES[component][0]})"
+
+
+def plan_component(
+    checkpoint: Checkpoint,
+    component: str,
+    names: list[str],
+    diffusers_configs: dict,
+    recipe: str,
+    group_size: int,
+) -> ComponentPlan:
+    mapping = load_mapping(component)
+    shapes = checkpoint.shapes(names)
+    try:
+        config = mapping.config_from_checkpoint(shapes, checkpoint.config, diffusers_configs)
+    except KeyError as error:
+        key = error.args[0] if error.args else ""
+        if isinstance(key, str) and "." in key:
+            raise ConversionError(_missing_tensor_message(component, key)) from None
+        raise ConversionError(f"{component}: cannot derive its config: missing {key!r}") from None
+    except ValueError as error:
+        raise ConversionError(f"{component}: {error}") from None
+    try:
+        model = build(component, config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConversionError(f"{component}: cannot build the MLX model from its config: {error}") from None
+    expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    layers = plan_layers(component, model, recipe, group_size)
+    del model
+    plan = ComponentPlan(component, names, config, expected, layers, checkpoint.float_dtype(names))
+    for name, shape in expected.items():
+        spec = plan.quantized_as(name)
+        if spec is None:
+            plan.tensors.append(PlannedTensor(name, plan.storage_dtype, shape))
+            continue
+        base = name[: -len("weight")]
+        bits, group = spec["bits"], spec["group_size"]
+        groups = shape[:-1] + (shape[-1] // group,)
+        plan.tensors.append(PlannedTensor(name, "U32", shape[:-1] + (shape[-1] * bits // 32,)))
+        plan.tensors.append(PlannedTensor(base + "scales", plan.scales_dtype, groups))
+        plan.tensors.append(PlannedTensor(base + "biases", plan.scales_dtype, groups))
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def _source_name_guess(plan: ComponentPlan, runtime_name: str, reverse: dict[str, str]) -> str:
+    """The checkpoint name a missing runtime tensor would come from: by analogy
+    with a present tensor whose runtime name differs only in its numbers."""
+    import re
+
+    digits = re.compile(r"\d+")
+    shape_of = digits.sub("#", runtime_name)
+    wanted = digits.findall(runtime_name)
+    for runtime, source in reverse.items():
+        if digits.sub("#", runtime) != shape_of:
+            continue
+        have, source_digits = digits.findall(runtime), digits.findall(source)
+        if have == source_digits:
+            parts = digits.split(source)
+            return "".join(p + (wanted[i] if i < len(wanted) else "") for i, p in enumerate(parts))
+    return f"{plan.name} {runtime_name}"
+
+
+def write_component(checkpoint: Checkpoint, plan: ComponentPlan, path: Path, progress: bool) -> None:
+    """Stream ``plan``'s tensors from the checkpoint into ``path``."""
+    from tqdm import tqdm
+
+    mapping = load_mapping(plan.name)
+    rules = getattr(mapping, "RULES", ())
+    reverse = {}
+    for name in plan.source_names:
+        mapped = map_name(rules, name)
+        if mapped is not None:
+            reverse[mapped[0]] = name
+
+    def get(name: str):
+        try:
+            return checkpoint.get(name)
+        except MissingTensor:
+            raise ConversionError(_missing_tensor_message(plan.name, name)) from None
+
+    writer = SafetensorsWriter(path, plan.tensors, {"format": "mlx", "component": plan.name})
+    bar = tqdm(
+        total=len(plan.expected), desc=f"{plan.name:>9}", unit="tensor", file=sys.stderr, disable=not progress,
+        leave=True, dynamic_ncols=True,
+    )
+    seen: set[str] = set()
+    try:
+        stream = iter(mapping.convert(plan.source_names, get, plan.config))
+        while True:
+            try:
+                item = next(stream)
+            except StopIteration:
+                break
+            except (ValueError, KeyError) as error:
+                if isinstance(error, KeyError) and isinstance(error.args[0] if error.args else None, str):
+                    key = error.args[0]
+                    if key in checkpoint.tensors or "." not in key:
+                        raise ConversionError(f"{plan.name}: {key}") from None
+                    raise ConversionError(_missing_tensor_message(plan.name, key)) from None
+                raise ConversionError(f"{plan.name}: {error}") from None
+            name, values = item
+            source = reverse.get(name, f"{plan.name} {name}")
+            if name not in plan.expected:
+                raise ConversionError(
+                    f"{plan.name}: the checkpoint tensor {source} maps to {name}, which the MLX model does not have"
+                )
+            if name in seen:
+                raise ConversionError(f"{plan.name}: {name} was produced twice (from {source})")
+            expected = plan.expected[name]
+            if tuple(values.shape) != expected:
+                raise ConversionError(
+                    f"shape mismatch for {source}: the model expects {list(expected)} (MLX layout), "
+                    f"the checkpoint gives {list(values.shape)}"
+                )
+            spec = plan.quantized_as(name)
+            if spec is None:
+                writer.write(name, values)
+            else:
+                packed, scales, biases = quantize_weight(values, spec["bits"], spec["group_size"])
+                base = name[: -len("weight")]
+                writer.write(name, packed)
+                writer.write(base + "scales", scales)
+                writer.write(base + "biases", biases)
+                del packed, scales, biases
+            del values
+            seen.add(name)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+    missing = sorted(set(plan.expected) - seen)
+    if missing:
+        guesses = [_source_name_guess(plan, name, reverse) for name in missing[:5]]
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConversionError(f"missing tensors for the {COMPONENT_SOURCES[plan.name][0]}: {', '.join(guesses)}{more}")
+
+
+def write_tokenizer(checkpoint: Checkpoint, folder: Path) -> list[str]:
+    """Copy the tokenizer files; build tokenizer.json when there is none."""
+    source = checkpoint.tokenizer_folder()
+    copied = []
+    for filename in TOKENIZER_FILES:
+        if (source / filename).is_file():
+            shutil.copyfile(source / filename, folder / filename)
+            copied.append(filename)
+    if "tokenizer.json" not in copied:
+        build_fast_tokenizer(source).save(str(folder / "tokenizer.json"))
+    return copied
+
+
+def _model_card(config: dict, sizes: dict[str, int]) -> str:
+    quantization = config["quantization"]
+    lines = [
+        "---",
+        "library_name: mlx",
+        "tags: [mlx, mobile-o, text-to-image, image-editing, vision-language]",
+        "---",
+        "",
+        "# Mobile-O for MLX",
+        "",
+        f"Converted from `{config['source']['checkpoint']}` with mobileo-mlx {__version__} "
+        f"(`python -m convert.from_torch`), quantization recipe `{quantization['recipe']}`"
+        + (f" (group size {quantization['group_size']})." if quantization["recipe"] != "none" else "."),
+        "",
+        "| component | file | size | quantized layers |",
+        "|---|---|---|---|",
+    ]
+    for component in COMPONENTS:
+        count = len(quantization["layers"].get(component, {}))
+        lines.append(f"| {component} | `{component}.safetensors` | {sizes[component] / 2**20:.1f} MiB | {count} |")
+    lines += [
+        "",
+        "Load it with `mobileo_mlx.load(\"<this folder>\")` or `mobileo-mlx generate --model <this folder> ...`.",
+        "",
+        "## Licence",
+        "",
+        LICENCE_NOTE,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# the whole conversion
+
+
+def _check_output(output: Path, checkpoint_path: Path | None, force: bool) -> None:
+    if output.exists() and not force:
+        raise ConversionError(f"output exists: {output} (pass --force to replace it)")
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"output exists and is not a folder: {output}")
+    if checkpoint_path is not None and checkpoint_path.exists():
+        source = checkpoint_path.resolve()
+        target = output.resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise ConversionError(f"the output {output} must lie outside the checkpoint {checkpoint_path}")
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    quantize: str = DEFAULT_RECIPE,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    force: bool = False,
+    diffusion_config: str | os.PathLike | None = None,
+    progress: bool = True,
+    source_label: str | None = None,
+) -> Path:
+    """Convert ``checkpoint`` (a local path) into the MLX folder ``output``; returns ``output``.
+
+    Raises :class:`ConversionError` (one line) for every problem with the input
+    or the output; never leaves a partial output folder.
+    """
+    if quantize not in RECIPES:
+        raise ConversionError(f"unknown --quantize {quantize!r}; choose from {', '.join(RECIPES)}")
+    if group_size not in GROUP_SIZES:
+        raise ConversionError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
+    checkpoint_path = Path(checkpoint).expanduser()
+    output = Path(output).expanduser()
+    _check_output(output, checkpoint_path, force)
+
+    source = Checkpoint(checkpoint_path)
+    from . import mapping as mapping_package  # noqa: F401  (component registry)
+    from .mapping import dcae, sana
+    from .checkpoint import DEFAULT_SCHEDULER_CONFIG
+
+    builtin = {
+        "transformer": sana.DEFAULT_TRANSFORMER_CONFIG,
+        "vae": dcae.SANA_600M_VAE_CONFIG,
+        "scheduler": DEFAULT_SCHEDULER_CONFIG,
+    }
+    diffusers_configs, config_sources = resolve_diffusion_configs(source, diffusion_config, builtin)
+
+    owned, left_out = _assign_tensors(source)
+    absent = [c for c in COMPONENTS if not owned[c]]
+    if absent:
+        what = "; ".join(f"{COMPONENT_SOURCES[c][0]} ({COMPONENT_SOURCES[c][1]})" for c in absent)
+        raise ConversionError(f"not a Mobile-O checkpoint: no tensors for the {what}")
+    plans = {
+        c: plan_component(source, c, owned[c], diffusers_configs, quantize, group_size) for c in COMPONENTS
+    }
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        sizes = {}
+        for component, plan in plans.items():
+            path = staging / f"{component}.safetensors"
+            write_component(source, plan, path, progress)
+            sizes[component] = path.stat().st_size
+        tokenizer_files = write_tokenizer(source, staging)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_type": "mobileo",
+            "converter": f"mobileo-mlx {__version__}",
+            **{c: plans[c].config for c in COMPONENTS},
+            "scheduler": diffusers_configs["scheduler"],
+            "quantization": {
+                "recipe": quantize,
+                "group_size": group_size if quantize != "none" else None,
+                "layers": {c: plans[c].layers for c in COMPONENTS if plans[c].layers},
+            },
+            "source": {
+                "checkpoint": source_label or str(checkpoint_path),
+                "weights": [str(p.relative_to(source.root)) for p in source.weight_files],
+                "dtype": {c: plans[c].storage_dtype for c in COMPONENTS},
+                "configs": config_sources,
+                "tokenizer_files": tokenizer_files,
+                "left_out": {k: v for k, v in left_out.items() if v},
+                "checkpoint_config": source.config,
+            },
+            "licence": LICENCE_NOTE,
+        }
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "README.md").write_text(_model_card(config, sizes))
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Move the finished folder into place (replacing ``output`` under --force)."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    retired = output.parent / f".{output.name}.old-{os.getpid()}"
+    os.replace(output, retired)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(retired, output)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def upload_folder(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Push a converted folder to the hub (create_repo + upload_folder); returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            commit_message=f"Upload Mobile-O converted with mobileo-mlx {__version__}",
+        )
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"upload to {repo_id} failed: {reason}") from None
+    return str(url)
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.from_torch",
+        description="Convert a Mobile-O checkpoint (PyTorch / safetensors) into an MLX model folder.",
+        epilog=(
+            "Quantization recipes: none keeps the source float dtype (bf16 stays bf16, fp32 stays fp32); "
+            "8 / 4 quantize every Linear and Embedding except the MCP; mixed (recommended, ~1.7 GB) "
+            "puts the LM's decoder linears at 4 bits, its embedding and head at 8 bits, the DiT blocks' "
+            "and the VAE's linears at 8 bits, and keeps the vision tower, projector, MCP, norms and small "
+            "projections at source precision. See convert/quantize.py."
+        ),
+    )
+    parser.add_argument(
+        "checkpoint",
+        help="A local Mobile-O checkpoint (the repo root, its final_merged_model_23620/ subfolder or a weights "
+        "file) or a hub id such as Amshaker/Mobile-O-0.5B (only the needed files are downloaded).",
+    )
+    parser.add_argument("--output", "-o", required=True, type=Path, help="The MLX folder to write (required).")
+    parser.add_argument(
+        "--quantize", choices=RECIPES, default=DEFAULT_RECIPE,
+        help=f"Quantization recipe: {', '.join(RECIPES)} (default: {DEFAULT_RECIPE}).",
+    )
+    parser.add_argument(
+        "--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+        help=f"Values per quantization group (default: {DEFAULT_GROUP_SIZE}).",
+    )
+    parser.add_argument("--force", action="store_true", help="Replace the output folder if it exists (default: refuse).")
+    parser.add_argument(
+        "--diffusion-config", type=Path, default=None, metavar="DIR",
+        help="A folder with the diffusers configs (transformer/config.json, vae/config.json, "
+        "scheduler/scheduler_config.json), used when the checkpoint folder lacks them (default: the repo named by "
+        "diffusion_name_or_path, then built-in Sana_600M_512px_diffusers values).",
+    )
+    parser.add_argument(
+        "--upload-repo", default=None, metavar="NAME",
+        help="After converting, push the output folder to this hub repo (default: no upload).",
+    )
+    parser.add_argument("--private", action="store_true", help="Create the --upload-repo repo as private (default: public).")
+    parser.add_argument("--quiet", "-q", action="store_true", help="No progress bars (default: one bar per component on stderr).")
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    debug = bool(os.environ.get("MOBILEO_MLX_DEBUG"))
+    started = time.perf_counter()
+    try:
+        checkpoint = Path(args.checkpoint).expanduser()
+        label = None
+        if not checkpoint.exists() and looks_like_hub_id(args.checkpoint):
+            from mobileo_mlx.hub import download_checkpoint
+
+            _check_output(args.output.expanduser(), None, args.force)
+            label = args.checkpoint
+            checkpoint = download_checkpoint(args.checkpoint, progress=not args.quiet)
+        output = convert_checkpoint(
+            checkpoint,
+            args.output,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            force=args.force,
+            diffusion_config=args.diffusion_config,
+            progress=not args.quiet,
+            source_label=label,
+        )
+        total = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+        print(f"wrote {output} ({total / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s")
+        if args.upload_repo:
+            url = upload_folder(output, args.upload_repo, private=args.private)
+            print(f"uploaded to {url}")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if debug:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(
+            f"error: unexpected {type(error).__name__}: {reason} (set MOBILEO_MLX_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
