@@ -101,16 +101,17 @@ def _fail(message: str, code: int = 2) -> None:
 @contextmanager
 def _user_errors():
     """Report user-facing errors as one line (set MOBILEO_MLX_DEBUG=1 for tracebacks)."""
-    if os.environ.get("MOBILEO_MLX_DEBUG"):
-        yield
-        return
     try:
         yield
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        raise
+        # Outputs are written atomically after the last step, so nothing is half-done.
+        typer.echo("interrupted: no partial file was written", err=True)
+        raise typer.Exit(130)
     except (ValueError, OSError, KeyError, RuntimeError) as error:
+        if os.environ.get("MOBILEO_MLX_DEBUG"):
+            raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         _fail(message)
 

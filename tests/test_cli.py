@@ -1,0 +1,130 @@
+"""The real `mobileo-mlx` commands on the demo model, in subprocesses as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # A private cache: the first command converts the demo checkpoint into it.
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "MOBILEO_MLX_CACHE": str(cache), "MOBILEO_MLX_MODEL": "demo", "PYTHONUNBUFFERED": "1"}
+
+
+def run(env, *args, input_text=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mobileo_mlx", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, input=input_text, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_generate_writes_numbered_images_and_reports(env, tmp_path):
+    out = tmp_path / "pic.png"
+    result = run(env, "generate", "a red bicycle", "-o", str(out), "-n", "2", "--seed", "3", "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    written = [tmp_path / "pic-0.png", tmp_path / "pic-1.png"]
+    for path in written:
+        assert str(path) in result.stdout
+        assert Image.open(path).size == (128, 128)  # the demo model's native size
+    assert "seed 3" in result.stdout and "seed 4" in result.stdout
+    assert "peak memory" in result.stderr and "LLM + MCP" in result.stderr
+    # Never overwrite silently: a second run picks new names.
+    again = run(env, "generate", "a red bicycle", "-o", str(written[0]), "--seed", "3", "--steps", "3")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "pic-0-1.png").exists()
+    # Same seed, same picture.
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0])), np.asarray(Image.open(tmp_path / "pic-0-1.png")))
+
+
+def test_generate_previews_and_size(env, tmp_path):
+    out = tmp_path / "big.png"
+    result = run(env, "generate", "boats", "-o", str(out), "--size", "64", "--steps", "4", "--preview-every", "2",
+                 "--scheduler", "euler", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (64, 64)
+    assert not (tmp_path / "big.preview.png").exists()  # previews are replaced by the final image
+
+
+def test_ask_streams_an_answer(env, tmp_path):
+    image = tmp_path / "in.png"
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(image)
+    result = run(env, "ask", str(image), "What is this?", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")
+
+
+def test_chat_one_shot_and_interactive(env, tmp_path):
+    result = run(env, "chat", "hello there", "--max-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    image = tmp_path / "c.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    session = f"hi\n/image {image}\nwhat is it?\n/image {tmp_path / 'missing.png'}\n/reset\nbye\n/exit\n"
+    result = run(env, "chat", "--max-tokens", "4", input_text=session)
+    assert result.returncode == 0, result.stderr
+    assert "picture attached" in result.stderr
+    assert "image not found" in result.stderr
+    assert "history cleared" in result.stderr
+
+
+def test_edit_writes_an_image(env, tmp_path):
+    image = tmp_path / "in.png"
+    Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(image)
+    out = tmp_path / "edited.png"
+    result = run(env, "edit", str(image), "make it blue", "-o", str(out), "--steps", "2", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["ask", "missing.png", "what?"], ["image not found"]),
+        (["ask", "NOT_IMAGE", "what?"], ["not an image"]),
+        (["generate", "  "], ["prompt is empty"]),
+        (["generate", "x", "--steps", "0"], ["steps must be at least 1"]),
+        (["generate", "x", "--size", "100"], ["multiple of 32"]),
+        (["generate", "x", "--scheduler", "heun"], ["unknown sampler"]),
+        (["generate", "x", "--model", "/no/such/folder"], []),
+        (["edit", "missing.png", "x"], ["image not found"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(env, tmp_path, args, fragments):
+    (tmp_path / "not_image.txt").write_text("plain text")
+    args = [str(tmp_path / "not_image.txt") if a == "NOT_IMAGE" else a for a in args]
+    result = run(env, *args, "-o", str(tmp_path / "o.png")) if args[0] == "generate" else run(env, *args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_writes_nothing(env, tmp_path):
+    out = tmp_path / "never.png"
+    run(env, "generate", "warm", "--steps", "1", "-o", str(tmp_path / "warm.png"))  # conversion done beforehand
+    process = subprocess.Popen([sys.executable, "-m", "mobileo_mlx", "generate", "a long run", "--steps", "100000",
+                                "-o", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(8)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob("*.partial"))

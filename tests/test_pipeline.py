@@ -1,0 +1,143 @@
+"""End to end: the runtime against the PyTorch reference pipelines (SPEC §3) with the same
+weights. The checkpoint is the demo writer's, in float32, in the released layout; the
+reference reads it as the original code would, the runtime goes through the real converter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mobileo_mlx
+from convert import from_torch
+from mobileo_mlx import demo
+from reference.fastvit_torch import ReferenceConfig
+from reference.pipeline_torch import ReferenceMobileO
+
+DIMS = demo.DEMO
+PROMPT = "a red bicycle leaning on a wall"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return demo.write_checkpoint(tmp_path_factory.mktemp("ckpt") / "Mobile-O", "demo", seed=3, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint, tmp_path_factory):
+    output = tmp_path_factory.mktemp("converted") / "mlx"
+    assert from_torch.main([str(checkpoint), "--output", str(output), "--quantize", "none"]) == 0
+    return mobileo_mlx.load(str(output))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    vision = ReferenceConfig(widths=list(DIMS.vision_widths), depths=list(DIMS.vision_layers),
+                             mlp_ratio=DIMS.vision_mlp_ratio, clip_dim=DIMS.vision_proj_dim)
+    return ReferenceMobileO(checkpoint, vision)
+
+
+def picture(seed: int, size=(90, 70)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    rgb = np.stack([np.sin(6 * x), np.cos(4 * y), np.sin(5 * x * y)], -1) * 90 + 128
+    return Image.fromarray(np.clip(rgb + rng.normal(0, 20, rgb.shape), 0, 255).astype(np.uint8))
+
+
+def noise_for(model, seed: int) -> np.ndarray:
+    cells = model.native_size // model.vae_scale
+    return np.random.default_rng(seed).standard_normal((1, model.latent_channels, cells, cells)).astype(np.float32)
+
+
+def assert_same_image(ours: Image.Image, expected: np.ndarray) -> int:
+    got = np.asarray(ours, dtype=np.int16)
+    assert got.shape == expected.shape
+    assert expected.std() > 5, "the reference image is flat: the comparison would prove nothing"
+    delta = int(np.abs(got - expected.astype(np.int16)).max())
+    assert delta <= 2, f"max |Δ| = {delta}/255"
+    return delta
+
+
+@pytest.mark.parametrize("steps, guidance", [(20, 1.5), (3, 3.0)])
+def test_generate_reproduces_the_reference_image(model, reference, steps, guidance):
+    noise = noise_for(model, seed=steps)
+    ours = model.generate(PROMPT, steps=steps, guidance=guidance, noise=noise)
+    from mobileo_mlx import processing
+
+    expected = reference.generate(processing.GENERATION_TEMPLATE.format(prompt=PROMPT), noise, steps, guidance)
+    assert ours.size == (model.native_size, model.native_size)
+    assert_same_image(ours, expected)
+
+
+def test_edit_reproduces_the_reference_image(model, reference):
+    source = picture(1)
+    noise = noise_for(model, seed=11)
+    instruction = "make the sky purple"
+    ours = model.edit(source, instruction, steps=8, guidance=1.5, noise=noise)
+    from mobileo_mlx import processing
+
+    expected = reference.generate(processing.EDIT_TEMPLATE.format(instruction=instruction), noise, 8, 1.5, source)
+    assert_same_image(ours, expected)
+
+
+def test_generation_with_noise_is_deterministic_and_seed_reproducible(model):
+    noise = noise_for(model, seed=5)
+    first = np.asarray(model.generate(PROMPT, steps=2, noise=noise))
+    np.testing.assert_array_equal(first, np.asarray(model.generate(PROMPT, steps=2, noise=noise)))
+    a = np.asarray(model.generate(PROMPT, steps=2, seed=7))
+    np.testing.assert_array_equal(a, np.asarray(model.generate(PROMPT, steps=2, seed=7)))
+    assert not np.array_equal(a, np.asarray(model.generate(PROMPT, steps=2, seed=8)))
+
+
+def test_ask_greedy_tokens_match_the_reference(model, reference):
+    source = picture(2)
+    question = "What is in this picture?"
+    ours = [r.token for r in model.ask(source, question, max_tokens=12, stream=True)]
+    expected = reference.answer_tokens(f"<image>\n{question}", 12, source)
+    eos = model.tokenizer.eos_token_id
+    ours = ours[: ours.index(eos)] if eos in ours else ours
+    assert len(expected) > 0
+    assert ours == expected
+
+
+def test_chat_greedy_tokens_match_the_reference(model, reference):
+    ours = [r.token for r in model.chat("Tell me about bicycles.", max_tokens=12, stream=True)]
+    expected = reference.answer_tokens("Tell me about bicycles.", 12)
+    eos = model.tokenizer.eos_token_id
+    ours = ours[: ours.index(eos)] if eos in ours else ours
+    assert ours == expected
+    text = model.chat("Tell me about bicycles.", max_tokens=12)
+    assert text == model.tokenizer.decode(expected).strip()
+
+
+def test_denoising_generator_yields_every_step(model):
+    conditioning = model.conditioning(mobileo_mlx.processing.generation_prompt(PROMPT))
+    steps = list(model.generate_latents(conditioning, steps=5, seed=0))
+    assert [s.index for s in steps] == list(range(5))
+    assert steps[0].timestep == 999
+    cells = model.native_size // model.vae_scale
+    assert steps[-1].latents.shape == (1, cells, cells, model.latent_channels)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m.generate(""), "prompt is empty"),
+        (lambda m: m.generate("x", steps=0), "steps must be at least 1"),
+        (lambda m: m.generate("x", size=100), "multiple of 32"),
+        (lambda m: m.generate("x", noise=np.zeros((1, 3, 2, 2), np.float32)), "noise must have shape"),
+        (lambda m: m.ask("/nonexistent.png", "what?"), "image not found"),
+        (lambda m: m.ask(np.zeros((4, 4, 3), np.uint8), "  "), "question is empty"),
+        (lambda m: m.chat([]), "must end with a user message"),
+    ],
+)
+def test_bad_input_raises_one_clear_error(model, call, message):
+    with pytest.raises(mobileo_mlx.processing.InputError, match=message):
+        call(model)
+
+
+def test_long_prompts_are_truncated_with_a_warning(model):
+    long_prompt = " ".join(["bicycle"] * 600)
+    with pytest.warns(UserWarning, match="512-token limit"):
+        conditioning = model.conditioning(model._caption_prompt(mobileo_mlx.processing.generation_prompt, long_prompt))
+    assert conditioning.prompt_tokens <= 512
