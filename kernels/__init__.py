@@ -1,3 +1,15 @@
-"""Custom kernels beside their plain-MLX twins, dispatched by backend at run time."""
+"""Custom kernels beside their plain-MLX twins, dispatched by backend at run time.
+
+* ``depthwise_conv2d``, ``depthwise_conv1d``, ``glu_depthwise_conv2d`` (kernels.depthwise)
+* ``relu_linear_attention`` (kernels.linear_attention)
+
+On Metal the custom ``mx.fast.metal_kernel`` bodies in ``kernels.metal`` run; on every
+other backend (CPU, CUDA) the plain-MLX twins do. ``MOBILEO_MLX_KERNELS=twin`` forces the
+twins on Metal too (``reference``: the plainest MLX ops everywhere). See kernels/README.md.
+"""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing side effect, before mlx.core loads)
+
+from ._dispatch import ENV, mode, use_metal  # noqa: E402,F401
+from .depthwise import depthwise_conv1d, depthwise_conv2d, glu_depthwise_conv2d  # noqa: E402,F401
+from .linear_attention import relu_linear_attention  # noqa: E402,F401

@@ -1,15 +1,108 @@
 """Depthwise (and channel-multiplier grouped) convolutions, NHWC / NLC.
 
-These plain-MLX functions are the reference twins of the custom kernels; model
-code calls them (never ``mx.conv2d(groups=C)`` directly) so a faster path can be
-dispatched by backend in one place.
+Model code calls these functions (never ``mx.conv2d(groups=C)`` directly) so the
+path is chosen by backend in one place:
+
+* Metal: the fused custom kernel (``kernels.metal``: conv + bias [+ a*SiLU(g)] in one pass);
+* CPU: the plain-MLX *twin*, a compiled shift-and-add (sum over kernel taps of shifted
+  slices times per-channel weights, one fused ``mx.compile`` graph), ~2-4x faster than
+  ``mx.conv2d`` with ``groups=C`` on MLX's CPU backend;
+* CUDA (or Metal with ``MOBILEO_MLX_KERNELS=twin``): ``mx.conv2d`` / ``mx.conv1d`` + the
+  epilogue as MLX ops.
+
+``*_reference`` are the plain ``mx.conv2d`` / ``mx.conv1d`` formulations the tests hold the
+twins and kernels to.
 """
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
+from ._dispatch import mode, on_cpu, use_metal
 
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+# ---------------------------------------------------------------------------
+# References (mx.conv2d / mx.conv1d)
+# ---------------------------------------------------------------------------
+def depthwise_conv2d_reference(x, weight, bias=None, stride=1, padding=None) -> mx.array:
+    pad = weight.shape[1] // 2 if padding is None else padding
+    y = mx.conv2d(x, weight, stride=stride, padding=pad, groups=x.shape[-1])
+    return y + bias if bias is not None else y
+
+
+def depthwise_conv1d_reference(x, weight, bias=None, padding=None) -> mx.array:
+    pad = weight.shape[1] // 2 if padding is None else padding
+    y = mx.conv1d(x, weight, padding=pad, groups=x.shape[-1])
+    return y + bias if bias is not None else y
+
+
+def glu(y: mx.array) -> mx.array:
+    """Split channels in half (a, g) -> a * SiLU(g)."""
+    a, g = mx.split(y, 2, axis=-1)
+    return a * (g * mx.sigmoid(g))
+
+
+def glu_depthwise_conv2d_reference(x, weight, bias, padding=None) -> mx.array:
+    return glu(depthwise_conv2d_reference(x, weight, bias, 1, padding))
+
+
+# ---------------------------------------------------------------------------
+# CPU twin: compiled shift-and-add
+# ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _shift_add(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, m: int, epilogue: str):
+    """A compiled fn(x [B,H,W,C], w [C*m,kh,kw,1], *bias) -> [B,HO,WO,C*m] (or half of it for GLU)."""
+
+    def fn(x, w, *bias):
+        dtype = x.dtype
+        if dtype in (mx.float16, mx.bfloat16):  # accumulate in fp32, as the Metal kernel does
+            x = x.astype(mx.float32)
+        w = w.astype(x.dtype)
+        if m > 1:
+            x = mx.repeat(x, m, axis=-1)  # output channel o reads input channel o // m
+        _, H, W, C = x.shape
+        if ph or pw:
+            x = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+        HO = (H + 2 * ph - kh) // sh + 1
+        WO = (W + 2 * pw - kw) // sw + 1
+        taps = w.reshape(C, kh * kw).T  # [kh*kw, C]
+        acc = None
+        for i in range(kh):
+            for j in range(kw):
+                sl = x[:, i : i + sh * (HO - 1) + 1 : sh, j : j + sw * (WO - 1) + 1 : sw, :]
+                term = sl * taps[i * kw + j]
+                acc = term if acc is None else acc + term
+        if epilogue != "plain":
+            acc = acc + bias[0].astype(acc.dtype)
+        if epilogue == "glu":
+            acc = glu(acc)
+        return acc.astype(dtype)
+
+    return mx.compile(fn)
+
+
+def _twin2d(x, weight, bias, stride, padding, epilogue) -> mx.array:
+    kh, kw = weight.shape[1], weight.shape[2]
+    (sh, sw), (ph, pw) = stride, padding
+    m = weight.shape[0] // x.shape[-1]
+    fn = _shift_add(kh, kw, sh, sw, ph, pw, m, epilogue)
+    return fn(x, weight) if bias is None else fn(x, weight, bias)
+
+
+def _fast_path_ok(x, weight) -> bool:
+    return (x.ndim == 4 and weight.ndim == 4 and weight.shape[-1] == 1 and weight.shape[0] % x.shape[-1] == 0
+            and mx.issubdtype(x.dtype, mx.floating))
+
+
+# ---------------------------------------------------------------------------
+# Public API (models call these)
+# ---------------------------------------------------------------------------
 def depthwise_conv2d(
     x: mx.array,
     weight: mx.array,
@@ -21,8 +114,30 @@ def depthwise_conv2d(
     (C_out a multiple of C_in; output channel o reads input channel o // (C_out/C_in)),
     bias [C_out] or None. ``padding`` defaults to ``kh // 2`` (same size at stride 1)."""
     pad = weight.shape[1] // 2 if padding is None else padding
-    y = mx.conv2d(x, weight, stride=stride, padding=pad, groups=x.shape[-1])
-    return y + bias if bias is not None else y
+    st, pd = _pair(stride), _pair(pad)
+    if use_metal():
+        from .metal import MetalKernels, kernels
+
+        if MetalKernels.depthwise_supported(x, weight, st, pd):
+            return kernels().depthwise(x, weight, bias, st, pd)
+    if mode() != "reference" and on_cpu() and _fast_path_ok(x, weight):
+        return _twin2d(x, weight, bias, st, pd, "plain" if bias is None else "bias")
+    return depthwise_conv2d_reference(x, weight, bias, stride, pad)
+
+
+def glu_depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array, padding: int | None = None) -> mx.array:
+    """GLUMBConv's middle: depthwise conv (stride 1) + bias over 2C channels, then split the
+    channels in half (a, g) -> a * SiLU(g). x [B,H,W,2C], weight [2C,k,k,1], bias [2C] -> [B,H,W,C]."""
+    pad = weight.shape[1] // 2 if padding is None else padding
+    pd = _pair(pad)
+    if use_metal():
+        from .metal import MetalKernels, kernels
+
+        if weight.shape[0] == x.shape[-1] and MetalKernels.depthwise_supported(x, weight, (1, 1), pd):
+            return kernels().depthwise(x, weight, bias, (1, 1), pd, glu=True)
+    if mode() != "reference" and on_cpu() and _fast_path_ok(x, weight):
+        return _twin2d(x, weight, bias, (1, 1), pd, "glu")
+    return glu_depthwise_conv2d_reference(x, weight, bias, pad)
 
 
 def depthwise_conv1d(
@@ -30,5 +145,20 @@ def depthwise_conv1d(
 ) -> mx.array:
     """Depthwise conv over a sequence: x [B,L,C], weight [C,k,1], bias [C] or None."""
     pad = weight.shape[1] // 2 if padding is None else padding
-    y = mx.conv1d(x, weight, padding=pad, groups=x.shape[-1])
-    return y + bias if bias is not None else y
+    if x.ndim == 3 and weight.ndim == 3 and weight.shape[-1] == 1:
+        x4 = x[:, None]                    # [B, 1, L, C]
+        w4 = weight[:, None]               # [C, 1, k, 1]
+        if use_metal():
+            from .metal import MetalKernels, kernels
+
+            if MetalKernels.depthwise_supported(x4, w4, (1, 1), (0, pad)):
+                return kernels().depthwise(x4, w4, bias, (1, 1), (0, pad))[:, 0]
+        if mode() != "reference" and on_cpu() and _fast_path_ok(x4, w4):
+            return _twin2d(x4, w4, bias, (1, 1), (0, pad), "plain" if bias is None else "bias")[:, 0]
+    return depthwise_conv1d_reference(x, weight, bias, pad)
+
+
+__all__ = [
+    "depthwise_conv2d", "depthwise_conv1d", "glu_depthwise_conv2d",
+    "depthwise_conv2d_reference", "depthwise_conv1d_reference", "glu_depthwise_conv2d_reference", "glu",
+]

@@ -1,16 +1,19 @@
-"""ReLU linear attention (SANA self-attention, DC-AE LiteMLA), plain MLX twin."""
+"""ReLU linear attention (SANA self-attention, DC-AE LiteMLA).
+
+On Metal a two-pass custom kernel runs (``kernels.metal``: fp32 kv / ksum per batch and
+head, then the normalised product with relu(q), reading q/k/v through their strides so
+the transposed views callers build are not copied); everywhere else the plain-MLX twin.
+"""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from ._dispatch import use_metal
 
-def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e-15) -> mx.array:
-    """q, k, v: [B, heads, N, d] (any float dtype; k/v may have another N than q).
 
-    out_i = sum_j v_j (relu(k_j) . relu(q_i)) / (sum_j relu(k_j) . relu(q_i) + eps),
-    accumulated in float32 with no 1/sqrt(d) scaling; returned in v's dtype.
-    """
+def relu_linear_attention_reference(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e-15) -> mx.array:
+    """The plain-MLX twin (also the reference). See ``relu_linear_attention``."""
     dtype = v.dtype
     q = mx.maximum(q.astype(mx.float32), 0)
     k = mx.maximum(k.astype(mx.float32), 0)
@@ -20,3 +23,20 @@ def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e
     numerator = q @ kv                                  # [B, H, N, d_v]
     denominator = mx.sum(q * k_sum, axis=-1, keepdims=True)  # [B, H, N, 1]
     return (numerator / (denominator + eps)).astype(dtype)
+
+
+def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e-15) -> mx.array:
+    """q, k, v: [B, heads, N, d] (any float dtype; k/v may have another N than q).
+
+    out_i = sum_j v_j (relu(k_j) . relu(q_i)) / (sum_j relu(k_j) . relu(q_i) + eps),
+    accumulated in float32 with no 1/sqrt(d) scaling; returned in v's dtype.
+    """
+    if use_metal():
+        from .metal import MetalKernels, kernels
+
+        if MetalKernels.linear_attention_supported(q, k, v):
+            return kernels().linear_attention(q, k, v, eps)
+    return relu_linear_attention_reference(q, k, v, eps)
+
+
+__all__ = ["relu_linear_attention", "relu_linear_attention_reference"]
