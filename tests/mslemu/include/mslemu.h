@@ -205,10 +205,13 @@ template <class A> auto as_vec(const A& a) {
   using Tr = vec_traits<std::remove_cv_t<A>>;
   return vec<typename Tr::elem, Tr::n>(a);
 }
-template <class A, class B> struct vec_of;  // the vector type of a binary operation
-template <class A, class B> using vec_of_t =
-    std::conditional_t<is_vec_v<A>, vec<typename vec_traits<A>::elem, vec_traits<A>::n>,
-                       vec<typename vec_traits<B>::elem, vec_traits<B>::n>>;
+// the vector type of an operation: that of its first vector-like operand
+template <class A> using vec_type_t = vec<typename vec_traits<A>::elem, vec_traits<A>::n>;
+template <class A, class B, bool = is_vec_v<A>> struct vec_of { using type = vec_type_t<A>; };
+template <class A, class B> struct vec_of<A, B, false> { using type = vec_type_t<B>; };
+template <class A, class B> using vec_of_t = typename vec_of<A, B>::type;
+template <class A, class B, class C, bool = is_vec_v<A> || is_vec_v<B>> struct vec_of3 { using type = vec_of_t<A, B>; };
+template <class A, class B, class C> struct vec_of3<A, B, C, false> { using type = vec_type_t<C>; };
 template <class A> inline auto elem_(const A& a, int i) {
   if constexpr (is_vec_v<A>) {
     return as_vec(a).v_[i];
@@ -898,7 +901,7 @@ template <class A, class B, class F> auto map2_(const A& a, const B& b, F f) {
 }
 template <class A, class B, class C, class F> auto map3_(const A& a, const B& b, const C& c, F f) {
   if constexpr (mslemu::is_vec_v<A> || mslemu::is_vec_v<B> || mslemu::is_vec_v<C>) {
-    using V = std::conditional_t<mslemu::is_vec_v<A>, mslemu::vec_of_t<A, B>, mslemu::vec_of_t<B, C>>;
+    using V = typename mslemu::vec_of3<A, B, C>::type;
     V r;
     for (int i = 0; i < mslemu::vec_traits<V>::n; ++i)
       r.v_[i] = f(mslemu::elem_(a, i), mslemu::elem_(b, i), mslemu::elem_(c, i));
