@@ -103,7 +103,7 @@ class MobileO:
     @property
     def vae_scale(self) -> int:
         """Pixels per latent cell (32 for DC-AE f32c32)."""
-        return 2 ** (len(self.config["vae"]["decoder_block_out_channels"]) - 1)
+        return 2 ** (len(self.config["vae"]["block_out_channels"]) - 1)
 
     @property
     def native_size(self) -> int:
@@ -217,17 +217,13 @@ class MobileO:
         context = (
             mx.concatenate([conditioning.uncond, conditioning.cond]) if use_cfg else conditioning.cond
         ).astype(self.dtype)
-        prepared = dit.prepare_condition(context) if hasattr(dit, "prepare_condition") else None
+        text = dit.encode_text(context)  # caption projection + every block's cross K/V, once
         state = sampler.initial_state(plan)
         for index, timestep in enumerate(plan.timesteps):
             model_input = latents.astype(self.dtype)
             if use_cfg:
                 model_input = mx.concatenate([model_input, model_input])
-            t = mx.full((model_input.shape[0],), timestep, dtype=mx.float32)
-            if prepared is not None:
-                velocity = dit(model_input, t, context, condition=prepared)
-            else:
-                velocity = dit(model_input, t, context)
+            velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
             velocity = velocity.astype(mx.float32)
             if use_cfg:
                 v_uncond, v_cond = velocity[:1], velocity[1:]
