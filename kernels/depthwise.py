@@ -7,8 +7,8 @@ path is chosen by backend in one place:
 * CPU: the plain-MLX *twin*, a compiled shift-and-add (sum over kernel taps of shifted
   slices times per-channel weights, one fused ``mx.compile`` graph), ~2-4x faster than
   ``mx.conv2d`` with ``groups=C`` on MLX's CPU backend;
-* CUDA (or Metal with ``MOBILEO_MLX_KERNELS=twin``): ``mx.conv2d`` / ``mx.conv1d`` + the
-  epilogue as MLX ops.
+* CUDA (or Metal with ``MOBILEO_MLX_KERNELS=twin``): ``mx.conv2d`` / ``mx.conv1d`` with the
+  epilogue (bias [+ a*SiLU(g)]) fused by ``mx.compile``.
 
 ``*_reference`` are the plain ``mx.conv2d`` / ``mx.conv1d`` formulations the tests hold the
 twins and kernels to.
@@ -95,6 +95,28 @@ def _twin2d(x, weight, bias, stride, padding, epilogue) -> mx.array:
     return fn(x, weight) if bias is None else fn(x, weight, bias)
 
 
+@functools.lru_cache(maxsize=None)
+def _conv_epilogue(ndim: int, stride, padding, epilogue: str):
+    """GPU twin (CUDA, or Metal with the kernels switched off): MLX's grouped conv, with the
+    epilogue (bias [+ a*SiLU(g)]) fused into one compiled elementwise pass."""
+
+    def fn(x, w, *bias):
+        if ndim == 1:
+            y = mx.conv1d(x, w, padding=padding, groups=x.shape[-1])
+        else:
+            y = mx.conv2d(x, w, stride=stride, padding=padding, groups=x.shape[-1])
+        if epilogue != "plain":
+            y = y + bias[0]
+        return glu(y) if epilogue == "glu" else y
+
+    return mx.compile(fn)
+
+
+def _gpu_twin(x, weight, bias, stride, padding, epilogue) -> mx.array:
+    fn = _conv_epilogue(x.ndim - 2, stride, padding, epilogue)
+    return fn(x, weight) if bias is None else fn(x, weight, bias)
+
+
 def _fast_path_ok(x, weight) -> bool:
     return (x.ndim == 4 and weight.ndim == 4 and weight.shape[-1] == 1 and weight.shape[0] % x.shape[-1] == 0
             and mx.issubdtype(x.dtype, mx.floating))
@@ -120,8 +142,11 @@ def depthwise_conv2d(
 
         if MetalKernels.depthwise_supported(x, weight, st, pd):
             return kernels().depthwise(x, weight, bias, st, pd)
-    if mode() != "reference" and on_cpu() and _fast_path_ok(x, weight):
-        return _twin2d(x, weight, bias, st, pd, "plain" if bias is None else "bias")
+    if mode() != "reference":
+        epilogue = "plain" if bias is None else "bias"
+        if on_cpu() and _fast_path_ok(x, weight):
+            return _twin2d(x, weight, bias, st, pd, epilogue)
+        return _gpu_twin(x, weight, bias, st, pd, epilogue)
     return depthwise_conv2d_reference(x, weight, bias, stride, pad)
 
 
@@ -135,8 +160,10 @@ def glu_depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array, padding:
 
         if weight.shape[0] == x.shape[-1] and MetalKernels.depthwise_supported(x, weight, (1, 1), pd):
             return kernels().depthwise(x, weight, bias, (1, 1), pd, glu=True)
-    if mode() != "reference" and on_cpu() and _fast_path_ok(x, weight):
-        return _twin2d(x, weight, bias, (1, 1), pd, "glu")
+    if mode() != "reference":
+        if on_cpu() and _fast_path_ok(x, weight):
+            return _twin2d(x, weight, bias, (1, 1), pd, "glu")
+        return _gpu_twin(x, weight, bias, (1, 1), pd, "glu")
     return glu_depthwise_conv2d_reference(x, weight, bias, pad)
 
 
@@ -153,8 +180,11 @@ def depthwise_conv1d(
 
             if MetalKernels.depthwise_supported(x4, w4, (1, 1), (0, pad)):
                 return kernels().depthwise(x4, w4, bias, (1, 1), (0, pad))[:, 0]
-        if mode() != "reference" and on_cpu() and _fast_path_ok(x4, w4):
-            return _twin2d(x4, w4, bias, (1, 1), (0, pad), "plain" if bias is None else "bias")[:, 0]
+        if mode() != "reference":
+            epilogue = "plain" if bias is None else "bias"
+            if on_cpu() and _fast_path_ok(x4, w4):
+                return _twin2d(x4, w4, bias, (1, 1), (0, pad), epilogue)[:, 0]
+            return _gpu_twin(x, weight, bias, 1, pad, epilogue)
     return depthwise_conv1d_reference(x, weight, bias, pad)
 
 

@@ -255,6 +255,21 @@ def test_shift_and_add_twin_matches_conv2d(shape, mult, k, stride, has_bias, dty
     assert _rel_err(twin, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "glu"])
+def test_gpu_twin_matches_the_reference(epilogue):
+    """The twin CUDA (and Metal with MOBILEO_MLX_KERNELS=twin) runs: mx.conv2d + compiled epilogue."""
+    x = _rand((2, 7, 9, 16), mx.float32, 90)
+    w = _rand((16, 3, 3, 1), mx.float32, 91)
+    b = None if epilogue == "plain" else _rand((16,), mx.float32, 92)
+    got = dw._gpu_twin(x, w, b, (1, 1), (1, 1), epilogue)
+    ref = dw.depthwise_conv2d_reference(x, w, b)
+    ref = dw.glu(ref) if epilogue == "glu" else ref
+    assert _rel_err(got, ref) < 2e-6
+    xs, ws = _rand((2, 30, 16), mx.float32, 93), _rand((16, 3, 1), mx.float32, 94)
+    got1 = dw._gpu_twin(xs, ws, None, 1, 1, "plain")
+    assert _rel_err(got1, dw.depthwise_conv1d_reference(xs, ws)) < 2e-6
+
+
 def test_cpu_public_functions_use_the_twin_and_agree_with_the_reference(monkeypatch):
     monkeypatch.setattr(_dispatch.platform, "backend", lambda: "cpu")
     x = _rand((2, 12, 10, 32), mx.float32, 80)
