@@ -101,6 +101,8 @@ def _fail(message: str, code: int = 2) -> None:
 @contextmanager
 def _user_errors():
     """Report user-facing errors as one line (set MOBILEO_MLX_DEBUG=1 for tracebacks)."""
+    from convert.checkpoint import ConversionError
+
     try:
         yield
     except typer.Exit:
@@ -109,7 +111,7 @@ def _user_errors():
         # Outputs are written atomically after the last step, so nothing is half-done.
         typer.echo("interrupted: no partial file was written", err=True)
         raise typer.Exit(130)
-    except (ValueError, OSError, KeyError, RuntimeError) as error:
+    except (ConversionError, ValueError, OSError, KeyError, RuntimeError) as error:
         if os.environ.get("MOBILEO_MLX_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -159,8 +161,13 @@ def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, si
 
     from tqdm import tqdm
 
+    from . import samplers
+
     if count < 1:
         _fail(f"-n must be at least 1, got {count}")
+    if steps < 1:
+        _fail(f"steps must be at least 1, got {steps}")
+    samplers.get_sampler(scheduler)  # an unknown name fails here, before any work
     if preview_every is not None and preview_every < 1:
         _fail(f"--preview-every must be at least 1, got {preview_every}")
     size = model.check_size(size)
