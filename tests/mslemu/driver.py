@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -268,14 +267,13 @@ def _translation_unit(gen: Generated, template: Sequence[tuple[str, Any]]) -> st
     if gen.header:
         parts.append('#line 1 "header"\n')
         parts.append(gen.header)
-    sig_start = gen.header.count("\n") + 1
+    # (a header that does not end its last line runs into the signature, as in MLX: no directive there)
     if not gen.header or gen.header.endswith("\n"):
         parts.append('#line 1 "signature"\n')
     parts.append(gen.signature)
     parts.append('#line 1 "source"\n')
     parts.append(_rewrite_threadgroup(gen.body))
     parts.append(gen.tail)
-    del sig_start
     # launcher
     lines = ["", "#line 1 \"mslemu_launcher\"",
              'extern "C" int mslemu_launch(void** b, const mslemu::LaunchCfg* cfg, char* msg, int cap) {']
@@ -586,21 +584,18 @@ class Kernel:
         keep: list[np.ndarray] = []
         ptrs: list[int] = []
         san_bufs: list[tuple[str, np.ndarray, int]] = []  # (kind, bytes array, offset)
-        bi = 0
         for kind, _ctype, name in gen.buffers:
             if kind in ("input", "scalar"):
                 arr, _ = arrays[self.input_names.index(name)]
                 keep.append(arr)
                 ptrs.append(arr.ctypes.data)
-                lo, hi = _span(arr)
-                base = np.lib.stride_tricks.as_strided(arr, shape=(hi - lo,), strides=(1,)) if arr.ndim else None
                 if arr.ndim == 0:
                     san_bufs.append(("in", np.frombuffer(arr.tobytes(), np.uint8), 0))
-                else:
-                    raw = np.frombuffer(
-                        ctypes.string_at(arr.ctypes.data + lo, hi - lo), np.uint8) if hi > lo else np.zeros(0, np.uint8)
+                else:  # the exact byte span the (possibly strided) view covers
+                    lo, hi = _span(arr)
+                    raw = np.frombuffer(ctypes.string_at(arr.ctypes.data + lo, hi - lo), np.uint8) \
+                        if hi > lo else np.zeros(0, np.uint8)
                     san_bufs.append(("in", raw, -lo))
-                del base
             elif kind in ("shape", "strides", "ndim"):
                 arr, _ = arrays[self.input_names.index(name)]
                 if kind == "shape":
@@ -612,7 +607,6 @@ class Kernel:
                 keep.append(v)
                 ptrs.append(v.ctypes.data)
                 san_bufs.append(("in", np.frombuffer(v.tobytes(), np.uint8), 0))
-            bi += 1
         outs: list[np.ndarray] = []
         for shape, dt in zip(output_shapes, output_dtypes):
             npdt = _TYPES[dt][1]
@@ -761,5 +755,3 @@ __all__ = ["ATTRIBUTES", "Generated", "InputMeta", "Kernel", "MslemuError", "SCH
            "cache_dir", "check_schedules", "compile_unit", "current_settings", "generate_source",
            "kernel_name", "lint", "metal_kernel", "record", "settings"]
 
-if sys.platform == "darwin":  # pragma: no cover - documentation only
-    pass
