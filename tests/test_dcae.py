@@ -20,7 +20,7 @@ from mobileo_mlx.models.dcae import decode_tiled, relu_quadratic_attention
 from kernels.linear_attention import relu_linear_attention
 from tests.helpers import convert_state_dict, relative_error, to_numpy
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference
 
 # Every decoder structure of the Sana DC-AE, shrunk: 3 ResBlock stages + 3
 # EfficientViT stages with a 5x5 multiscale branch, interpolate upsampling,
