@@ -99,9 +99,11 @@ _EPILOGUES = {
 #   in fp32, staging ROWS rows of relu(k) and v in threadgroup memory; it writes
 #   a partial [D*DV + D] block. (Partials of several chunks are summed by MLX.)
 # Pass 2 (out): each threadgroup loads kv/ksum of its (batch, head) into
-#   threadgroup memory; each SIMD-group takes query rows, lane l holds relu(q[l]),
-#   the denominator is a simd_sum and q[i] reaches every lane by simd_shuffle:
+#   threadgroup memory; each SIMD-group takes one query row at a time (its q[i]
+#   are uniform loads), lane l computes the output columns l, l+32, ...:
 #   out[n, j] = sum_i relu(q[n, i]) kv[i, j] / (sum_i relu(q[n, i]) ksum[i] + eps).
+#   (A simd_shuffle version moves no less data on the GPU and costs a fiber switch
+#   per shuffle in the emulator.)
 # q, k, v are read through their strides (ensure_row_contiguous=False), so the
 # transposed [B, heads, N, d] views SANA and LiteMLA build are not copied.
 _LA_KV_BODY = """
@@ -168,7 +170,6 @@ _LA_KV_BODY = """
 
 _LA_OUT_BODY = """
     constexpr int DD = D * DV;
-    constexpr int QV = (D + 31) / 32;
     constexpr int OV = (DV + 31) / 32;
     threadgroup float kvs[DD + D];
     const int tid = int(thread_index_in_threadgroup);
@@ -189,21 +190,17 @@ _LA_OUT_BODY = """
     const int64_t qb = b * q_strides[0] + h * q_strides[1];
     const int r0 = int(threadgroup_position_in_grid.y) * RB;
     const int r1 = min(N, r0 + RB);
-    for (int r = r0 + sg; r < r1; r += nsg) {  // uniform within a SIMD-group
-        float qv[QV];
-        float den = 0.0f;
-        for (int t = 0; t < QV; ++t) {
-            const int i = lane + 32 * t;
-            qv[t] = i < D ? max(float(q[qb + int64_t(r) * q_strides[2] + int64_t(i) * q_strides[3]]), 0.0f) : 0.0f;
-            den += i < D ? qv[t] * kvs[DD + i] : 0.0f;
-        }
-        den = simd_sum(den);
+    for (int r = r0 + sg; r < r1; r += nsg) {
+        const int64_t qrow = qb + int64_t(r) * q_strides[2];
         float num[OV];
         for (int t = 0; t < OV; ++t) {
             num[t] = 0.0f;
         }
+        float den = 0.0f;
         for (int i = 0; i < D; ++i) {
-            const float qi = simd_shuffle(qv[i / 32], ushort(i % 32));
+            // the same address in every lane of the SIMD-group: one broadcast load
+            const float qi = max(float(q[qrow + int64_t(i) * q_strides[3]]), 0.0f);
+            den += qi * kvs[DD + i];
             for (int t = 0; t < OV; ++t) {
                 const int j = lane + 32 * t;
                 if (j < DV) {
