@@ -9,7 +9,7 @@ Columns (milliseconds, best of the repeats, after a warm-up):
                (CPU: compiled shift-and-add; GPU: ``mx.conv2d`` + the epilogue as MLX ops);
 * ``shift``    the compiled shift-and-add on this backend;
 * ``unfused``  ``mx.conv2d`` / ``mx.conv1d`` + bias (+ split, SiLU, multiply) as separate ops;
-               for linear attention the plain-MLX graph (matmuls in fp32).
+               for linear attention the plain-MLX graph (matmuls in fp32), which is also its twin.
 
 ``err`` is the kernel's (or, without Metal, the twin's) max|err| / max|ref| against the unfused
 reference in float32. On a CPU-only machine the kernel column is empty: the speed-up of the
@@ -193,7 +193,8 @@ def _measure(name, inputs, unfused, shift, public, on_metal, args):
         speedup = t_unfused / t_kernel
     else:
         err = _rel_err(twin(*inputs), ref)
-        speedup = t_unfused / t_twin
+        # linear attention has no separate twin: off Metal it *is* the unfused graph
+        speedup = t_unfused / t_twin if shift is not None else None
     return dict(case=name, kernel_ms=t_kernel, twin_ms=t_twin, shift_ms=t_shift, unfused_ms=t_unfused,
                 speedup_vs_unfused=speedup, err=err)
 
@@ -203,7 +204,11 @@ def _print_row(r):
         return f"{v:9.2f}" if v is not None else f"{'-':>9s}"
 
     print(f"{r['case'][:40]:40s} {f(r['kernel_ms'])} {f(r['twin_ms'])} {f(r['shift_ms'])} {f(r['unfused_ms'])} "
-          f"{r['speedup_vs_unfused']:8.2f}x {r['err']:8.1e}", flush=True)
+          f"{_x(r['speedup_vs_unfused'])} {r['err']:8.1e}", flush=True)
+
+
+def _x(v):
+    return f"{v:8.2f}x" if v is not None else f"{'-':>9s}"
 
 
 if __name__ == "__main__":
