@@ -22,6 +22,7 @@ one-line message.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -214,26 +215,46 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+CHUNK_ELEMENTS = 1 << 22  # 4 Mi values: the unit of widening, narrowing and writing
+
+
 def read_safetensors_tensor(info: TensorInfo) -> np.ndarray:
-    """One tensor as float32 (integers are converted too), read through a
-    private memory map that is closed before returning."""
+    """One tensor as float32 (integers are converted too).
+
+    The tensor's bytes are memory-mapped on their own and widened chunk by
+    chunk into the result; each mapped chunk is released right after, so the
+    memory cost is the float32 result alone.
+    """
     storage, _ = _STORAGE[info.dtype]
     count = int(np.prod(info.shape, dtype=np.int64))
+    result = np.empty(count, np.float32)
     if count == 0:
-        return np.zeros(info.shape, np.float32)
+        return result.reshape(info.shape)
+    page = mmap.ALLOCATIONGRANULARITY
+    start = info.start - info.start % page
+    lead = info.start - start
     try:
-        mapped = np.memmap(info.path, dtype=storage, mode="r", offset=info.start, shape=(count,))
+        with open(info.path, "rb") as f, mmap.mmap(
+            f.fileno(), lead + info.end - info.start, offset=start, access=mmap.ACCESS_READ
+        ) as mapped:
+            itemsize = np.dtype(storage).itemsize
+            for first in range(0, count, CHUNK_ELEMENTS):
+                n = min(CHUNK_ELEMENTS, count - first)
+                chunk = np.frombuffer(mapped, dtype=storage, count=n, offset=lead + first * itemsize)
+                if info.dtype == "BF16":
+                    widened = result[first : first + n].view(np.uint32)
+                    widened[:] = chunk
+                    widened <<= 16
+                else:
+                    result[first : first + n] = chunk
+                del chunk
+                if hasattr(mapped, "madvise"):  # drop the pages just read from this process's RSS
+                    done = (lead + (first + n) * itemsize) // page * page
+                    if done:
+                        mapped.madvise(mmap.MADV_DONTNEED, 0, done)
     except (OSError, ValueError) as error:
         raise ConversionError(f"cannot read tensor {info.name!r} from {info.path}: {error}") from None
-    try:
-        if info.dtype == "BF16":
-            values = bf16_bits_to_float32(mapped)
-        else:
-            values = np.array(mapped, dtype=np.float32)
-    finally:
-        mapped._mmap.close()  # unmap now: keeps RSS at one tensor
-        del mapped
-    return values.reshape(info.shape)
+    return result.reshape(info.shape)
 
 
 class TorchFile:
@@ -602,15 +623,37 @@ class SafetensorsWriter:
         self.written: set[str] = set()
 
     def write(self, name: str, values: np.ndarray) -> None:
+        """Write a whole tensor (converted to its planned dtype chunk by chunk)."""
         planned = self.plan[name]
-        if planned.dtype == "BF16":
-            raw = float32_to_bf16_bits(values)
-        else:
-            raw = np.array(values, dtype=_OUTPUT_STORAGE[planned.dtype], order="C")
-        if tuple(raw.shape) != planned.shape or raw.nbytes != planned.nbytes:
-            raise ConversionError(f"internal: {name} has shape {raw.shape}, planned {planned.shape}")
-        os.pwrite(self._file.fileno(), memoryview(raw.reshape(-1)).cast("B"), self._data_start + self._offsets[name])
+        if tuple(values.shape) != planned.shape:
+            raise ConversionError(f"internal: {name} has shape {values.shape}, planned {planned.shape}")
+        self._write_at(name, 0, values)
         self.written.add(name)
+
+    def write_rows(self, name: str, first_row: int, rows: np.ndarray, last: bool) -> None:
+        """Write ``rows`` of a tensor starting at row ``first_row``; ``last``
+        marks the tensor complete."""
+        planned = self.plan[name]
+        if tuple(rows.shape[1:]) != planned.shape[1:] or first_row + rows.shape[0] > planned.shape[0]:
+            raise ConversionError(f"internal: rows {first_row}+{rows.shape} do not fit {name} {planned.shape}")
+        self._write_at(name, first_row * (planned.nbytes // planned.shape[0]), rows)
+        if last:
+            self.written.add(name)
+
+    def _write_at(self, name: str, byte_offset: int, values: np.ndarray) -> None:
+        planned = self.plan[name]
+        flat = values.reshape(-1)
+        position = self._data_start + self._offsets[name] + byte_offset
+        for first in range(0, flat.size, CHUNK_ELEMENTS):
+            chunk = flat[first : first + CHUNK_ELEMENTS]
+            if planned.dtype == "BF16":
+                raw = float32_to_bf16_bits(chunk)
+            else:
+                raw = np.array(chunk, dtype=_OUTPUT_STORAGE[planned.dtype], order="C")
+            view = memoryview(raw).cast("B")
+            while view:  # pwrite may write less than asked
+                written = os.pwrite(self._file.fileno(), view, position)
+                view, position = view[written:], position + written
 
     def missing(self) -> list[str]:
         return sorted(set(self.plan) - self.written)

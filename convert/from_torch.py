@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -50,7 +51,7 @@ from .checkpoint import (
 )
 from .mapping import load_component as load_mapping
 from .mapping import map_name
-from .quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE, GROUP_SIZES, RECIPES, plan_layers, quantize_weight
+from .quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE, GROUP_SIZES, RECIPES, plan_layers, quantize_rows
 
 # Component -> (what it is, where its tensors live in the checkpoint), for messages.
 COMPONENT_SOURCES = {
@@ -168,20 +169,23 @@ def plan_component(
 
 
 def _source_name_guess(plan: ComponentPlan, runtime_name: str, reverse: dict[str, str]) -> str:
-    """The checkpoint name a missing runtime tensor would come from: by analogy
-    with a present tensor whose runtime name differs only in its numbers."""
-    import re
-
+    """The checkpoint name a missing runtime tensor would come from, by analogy
+    with a present tensor whose runtime name differs only in its numbers (a
+    layer index): those numbers are substituted in the analogue's checkpoint
+    name where they occur exactly once."""
     digits = re.compile(r"\d+")
-    shape_of = digits.sub("#", runtime_name)
+    pattern = digits.sub("#", runtime_name)
     wanted = digits.findall(runtime_name)
     for runtime, source in reverse.items():
-        if digits.sub("#", runtime) != shape_of:
+        if digits.sub("#", runtime) != pattern:
             continue
-        have, source_digits = digits.findall(runtime), digits.findall(source)
-        if have == source_digits:
-            parts = digits.split(source)
-            return "".join(p + (wanted[i] if i < len(wanted) else "") for i, p in enumerate(parts))
+        tokens = digits.split(source)
+        numbers = digits.findall(source)
+        changes = {have: want for have, want in zip(digits.findall(runtime), wanted) if have != want}
+        if any(numbers.count(have) != 1 for have in changes):
+            continue
+        numbers = [changes.get(n, n) for n in numbers]
+        return "".join(t + (numbers[i] if i < len(numbers) else "") for i, t in enumerate(tokens))
     return f"{plan.name} {runtime_name}"
 
 
@@ -224,6 +228,7 @@ def write_component(checkpoint: Checkpoint, plan: ComponentPlan, path: Path, pro
                     raise ConversionError(_missing_tensor_message(plan.name, key)) from None
                 raise ConversionError(f"{plan.name}: {error}") from None
             name, values = item
+            del item  # keep one tensor alive at a time
             source = reverse.get(name, f"{plan.name} {name}")
             if name not in plan.expected:
                 raise ConversionError(
@@ -241,12 +246,12 @@ def write_component(checkpoint: Checkpoint, plan: ComponentPlan, path: Path, pro
             if spec is None:
                 writer.write(name, values)
             else:
-                packed, scales, biases = quantize_weight(values, spec["bits"], spec["group_size"])
                 base = name[: -len("weight")]
-                writer.write(name, packed)
-                writer.write(base + "scales", scales)
-                writer.write(base + "biases", biases)
-                del packed, scales, biases
+                for first, packed, scales, biases in quantize_rows(values, spec["bits"], spec["group_size"]):
+                    last = first + packed.shape[0] == values.shape[0]
+                    writer.write_rows(name, first, packed, last)
+                    writer.write_rows(base + "scales", first, scales, last)
+                    writer.write_rows(base + "biases", first, biases, last)
             del values
             seen.add(name)
             bar.update(1)

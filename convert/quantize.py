@@ -94,11 +94,17 @@ def plan_layers(component: str, model: nn.Module, recipe: str, group_size: int) 
     return layers
 
 
-def quantize_weight(values: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 [out, in] -> (packed uint32 weight, float32 scales, float32 biases)."""
-    packed, scales, biases = mx.quantize(mx.array(values, dtype=mx.float32), group_size=group_size, bits=bits)
-    mx.eval(packed, scales, biases)
-    result = np.array(packed), np.array(scales), np.array(biases)
-    del packed, scales, biases
+QUANTIZE_ROWS_ELEMENTS = 1 << 22  # values per quantization call (bounds MLX temporaries)
+
+
+def quantize_rows(values: np.ndarray, bits: int, group_size: int):
+    """Quantize float32 ``values`` [out, in] a block of rows at a time; yields
+    ``(first_row, packed uint32, scales, biases)`` (scales/biases float32)."""
+    rows_per_block = max(1, QUANTIZE_ROWS_ELEMENTS // max(1, values.shape[-1]))
+    for first in range(0, values.shape[0], rows_per_block):
+        block = mx.array(values[first : first + rows_per_block], dtype=mx.float32)
+        packed, scales, biases = mx.quantize(block, group_size=group_size, bits=bits)
+        mx.eval(packed, scales, biases)
+        yield first, np.array(packed), np.array(scales), np.array(biases)
+        del block, packed, scales, biases
     mx.clear_cache()
-    return result
