@@ -22,7 +22,7 @@ from kernels import _dispatch, depthwise as dw, linear_attention as la, metal
 
 ON_MAC = sys.platform == "darwin" and mx.metal.is_available()
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-TOL = {mx.float32: 2e-6, mx.float16: 2e-3, mx.bfloat16: 1e-2}  # max|err| / max|ref|
+TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}  # max|err| / max|ref| (emulator: ~1e-7 in f32)
 
 if not ON_MAC:
     import mslemu

@@ -302,37 +302,48 @@ def _translation_unit(gen: Generated, template: Sequence[tuple[str, Any]]) -> st
 
 
 _SANITIZE_MAIN = r"""
-#include <cstdio>
-#include <fstream>
-#include <sstream>
+// sanitizer executable: buffers from files into exact-size heap blocks, run, write outputs back
 int main(int argc, char** argv) {
-  std::ifstream spec(argv[1]);
-  std::vector<void*> bufs;
-  std::vector<std::pair<std::string, std::pair<char*, size_t>>> outs;
+  if (argc < 2) return 4;
+  std::FILE* spec = std::fopen(argv[1], "r");
+  if (!spec) return 4;
+  void* bufs[256];
+  char* out_ptr[256];
+  size_t out_size[256];
+  char out_path[256][1024];
+  int nbuf = 0, nout = 0;
   mslemu::LaunchCfg cfg{};
-  std::string kind;
-  while (spec >> kind) {
-    if (kind == "cfg") {
-      spec >> cfg.grid[0] >> cfg.grid[1] >> cfg.grid[2] >> cfg.tg[0] >> cfg.tg[1] >> cfg.tg[2] >> cfg.sched
-           >> cfg.workers >> cfg.seed >> cfg.fiber_mode >> cfg.stack_kb;
+  char kind[16];
+  while (std::fscanf(spec, "%15s", kind) == 1) {
+    if (std::strcmp(kind, "cfg") == 0) {
+      unsigned long long seed;
+      if (std::fscanf(spec, "%u %u %u %u %u %u %d %d %llu %d %d", &cfg.grid[0], &cfg.grid[1], &cfg.grid[2],
+                      &cfg.tg[0], &cfg.tg[1], &cfg.tg[2], &cfg.sched, &cfg.workers, &seed, &cfg.fiber_mode,
+                      &cfg.stack_kb) != 11) return 4;
+      cfg.seed = seed;
       continue;
     }
     size_t nbytes, offset;
-    std::string path;
-    spec >> nbytes >> offset >> path;
+    char path[1024];
+    if (std::fscanf(spec, "%zu %zu %1023s", &nbytes, &offset, path) != 3 || nbuf == 256) return 4;
     char* p = static_cast<char*>(std::malloc(nbytes ? nbytes : 1));  // exact size
-    std::FILE* f = std::fopen(path.c_str(), "rb");
-    if (nbytes && std::fread(p, 1, nbytes, f) != nbytes) { std::fprintf(stderr, "short read %s\n", path.c_str()); return 3; }
+    std::FILE* f = std::fopen(path, "rb");
+    if (!f || (nbytes && std::fread(p, 1, nbytes, f) != nbytes)) return 3;
     std::fclose(f);
-    bufs.push_back(p + offset);
-    if (kind == "out") outs.push_back({path, {p, nbytes}});
+    bufs[nbuf++] = p + offset;
+    if (std::strcmp(kind, "out") == 0) {
+      out_ptr[nout] = p;
+      out_size[nout] = nbytes;
+      std::strcpy(out_path[nout++], path);
+    }
   }
-  std::vector<char> msg(1 << 16);
-  int errors = mslemu_launch(bufs.data(), &cfg, msg.data(), int(msg.size()));
-  std::fputs(msg.data(), stdout);
-  for (auto& o : outs) {
-    std::FILE* f = std::fopen(o.first.c_str(), "wb");
-    std::fwrite(o.second.first, 1, o.second.second, f);
+  std::fclose(spec);
+  static char msg[1 << 16];
+  int errors = mslemu_launch(bufs, &cfg, msg, int(sizeof(msg)));
+  std::fputs(msg, stdout);
+  for (int i = 0; i < nout; ++i) {
+    std::FILE* f = std::fopen(out_path[i], "wb");
+    std::fwrite(out_ptr[i], 1, out_size[i], f);
     std::fclose(f);
   }
   return errors ? 2 : 0;
@@ -348,6 +359,40 @@ def _header_digest() -> str:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _rt_san_obj(cxx: str) -> Path:
+    """The runtime compiled with the sanitizer flags (an object file linked into each sanitizer build)."""
+    digest = _header_digest()
+    obj = cache_dir() / f"mslemu_rt_san-{digest}-{hashlib.sha256(' '.join(SAN_FLAGS).encode()).hexdigest()[:8]}.o"
+    if obj.exists():
+        return obj
+    tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
+    cmd = [cxx, *SAN_FLAGS, "-c", f"-I{INCLUDE_DIR}", str(INCLUDE_DIR / "mslemu_rt.cpp"), "-o", str(tmp)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MslemuError("building the emulator runtime (sanitizer) failed:\n" + res.stderr)
+    os.replace(tmp, obj)
+    return obj
+
+
+def _rt_lib(cxx: str) -> Path:
+    """The runtime (mslemu_rt.cpp) as a shared library, built once per header version."""
+    digest = _header_digest()
+    d = cache_dir() / f"rt-{digest}-{hashlib.sha256(' '.join(CXX_FLAGS).encode()).hexdigest()[:8]}"
+    name = f"libmslemu_rt_{digest}.so"
+    lib = d / name
+    if lib.exists():
+        return lib
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f"{name}.{os.getpid()}.tmp"
+    cmd = [cxx, *CXX_FLAGS, "-fPIC", "-shared", f"-Wl,-soname,{name}", f"-I{INCLUDE_DIR}",
+           str(INCLUDE_DIR / "mslemu_rt.cpp"), "-o", str(tmp), "-lpthread"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MslemuError("building the emulator runtime failed:\n" + res.stderr)
+    os.replace(tmp, lib)
+    return lib
 
 
 def _pch_dir(cxx: str) -> Path:
@@ -388,11 +433,14 @@ def compile_unit(tu: str, sanitize: bool = False) -> tuple[Path, float]:
             pch_include.mkdir(exist_ok=True)
             (pch_include / "mslemu_pch.h").write_text('#pragma once\n#include "mslemu.h"\n#include "mlx_prelude.h"\n')
             src.write_text(tu + _SANITIZE_MAIN)
-            cmd = [cxx, *flags, f"-I{pch_include}", f"-I{INCLUDE_DIR}", str(src), "-o", str(tmp), "-lpthread"]
+            cmd = [cxx, *flags, f"-I{pch_include}", f"-I{INCLUDE_DIR}", str(src), str(_rt_san_obj(cxx)),
+                   "-o", str(tmp), "-lpthread"]
         else:
             pch = _pch_dir(cxx)
+            rt = _rt_lib(cxx)
             src.write_text(tu)
-            cmd = [cxx, *flags, "-fPIC", "-shared", f"-I{pch}", f"-I{INCLUDE_DIR}", str(src), "-o", str(tmp)]
+            cmd = [cxx, *flags, "-fPIC", "-shared", f"-I{pch}", f"-I{INCLUDE_DIR}", str(src), "-o", str(tmp),
+                   str(rt), f"-Wl,-rpath,{rt.parent}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise MslemuError(f"kernel failed to compile (g++, {src}):\n{_trim_compiler(res.stderr)}")

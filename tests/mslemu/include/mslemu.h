@@ -1,15 +1,15 @@
-// mslemu.h - a small Metal Shading Language shim and CPU runtime for MLX
-// `mx.fast.metal_kernel` bodies (the project's test tooling; see ../README.md).
+// mslemu.h - a small Metal Shading Language shim for running MLX
+// `mx.fast.metal_kernel` bodies on the CPU (the project's test tooling; see
+// kernels/README.md).
 //
-// One translation unit = this header + the source MLX generates for one call
-// (header, signature, body) + a launcher written by ../driver.py. Every GPU
-// thread of a threadgroup runs on the CPU: as a plain call when the kernel has
-// no barriers or SIMD-group functions, otherwise as a cooperative fiber that
-// yields at each barrier / collective, under a chosen legal schedule.
+// One translation unit = this header + mlx_prelude.h + the source MLX generates
+// for one call (header, signature, body) + a launcher written by ../driver.py.
+// The runtime behind it (mslemu_rt.cpp) runs every GPU thread of a threadgroup
+// on the CPU: as a plain call when the kernel has no barriers or SIMD-group
+// functions, otherwise as a cooperative fiber that yields at each barrier /
+// collective, under a chosen legal schedule.
 #pragma once
 
-#include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -19,27 +19,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <random>
 #include <source_location>
-#include <stdexcept>
+#include <atomic>
 #include <string>
-#include <thread>
 #include <type_traits>
-#include <utility>
-#include <vector>
 
-#include <sys/mman.h>
-#include <sys/types.h>
-#include <unistd.h>
 
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/common_interface_defs.h>
-#define MSLEMU_ASAN 1
-#else
-#define MSLEMU_ASAN 0
-#endif
 
 // ---------------------------------------------------------------------------
 // Scalar types
@@ -297,48 +282,9 @@ static_assert(sizeof(float3) == 16 && alignof(float3) == 16, "MSL float3 is 16 b
 static_assert(sizeof(half4) == 8 && sizeof(uint3) == 16, "MSL vector sizes");
 
 // ---------------------------------------------------------------------------
-// Runtime: fibers, schedules, threadgroup memory, sync points, messages
+// Runtime interface (implemented once in mslemu_rt.cpp: fibers, schedules,
+// threadgroup memory, sync points, messages)
 // ---------------------------------------------------------------------------
-extern "C" void mslemu_swap(void** save_sp, void* to_sp);
-#if defined(__x86_64__) && !defined(MSLEMU_UCONTEXT)
-// Cooperative switch (SysV x86-64): save callee-saved registers, MXCSR and the
-// x87 control word on the old stack, store its sp, load the new sp, restore.
-asm(R"(
-  .text
-  .p2align 4
-  .globl mslemu_swap
-  .hidden mslemu_swap
-  .type mslemu_swap,@function
-mslemu_swap:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size mslemu_swap, .-mslemu_swap
-)");
-#define MSLEMU_ASM_SWITCH 1
-#else
-#include <ucontext.h>
-#define MSLEMU_ASM_SWITCH 0
-#endif
-
 namespace mslemu {
 
 enum class Sched : int { forward = 0, reverse = 1, random = 2, eager = 3 };
@@ -354,31 +300,15 @@ struct Site {
 };
 inline Site site_of(const std::source_location& l) { return Site{l.file_name(), l.line(), l.column()}; }
 
-constexpr int kSimd = 32;         // Apple GPUs: 32 threads per SIMD-group
-constexpr int kMaxValue = 32;     // bytes one lane may contribute to a collective
+constexpr int kSimd = 32;           // Apple GPUs: 32 threads per SIMD-group
+constexpr int kMaxValue = 32;       // bytes one lane may contribute to a collective
 constexpr size_t kTgLimit = 32768;  // threadgroup memory per threadgroup
 
+// The values the lanes of one active set contributed to a collective.
 struct Snapshot {
   uint32_t mask = 0;
   int nbytes = 0;
   unsigned char vals[kSimd][kMaxValue];
-};
-
-struct Fiber {
-  void* sp = nullptr;
-  char* base = nullptr;  // mapping (guard page first)
-  char* stack = nullptr;
-  size_t stack_size = 0;
-  St state = St::done;
-  Site site;
-  int tid = 0;
-  int nbytes = 0;
-  unsigned char val[kMaxValue];
-  Snapshot* snap = nullptr;
-  void* asan_fake = nullptr;
-#if !MSLEMU_ASM_SWITCH
-  ucontext_t uc;
-#endif
 };
 
 struct ThreadCtx {
@@ -404,411 +334,32 @@ struct LaunchCfg {
   int32_t stack_kb;
 };
 
-struct TgBlock {
-  const void* key;
-  void* ptr;
-  size_t size;
-  uint64_t gen;
-};
+using ThreadFn = void (*)(void* ctx, const ThreadCtx& c);
 
-struct Messages {
-  std::mutex mu;
-  std::vector<std::pair<std::string, long>> items;  // "kind|text" -> count
-  void add(const std::string& s) {
-    std::lock_guard<std::mutex> g(mu);
-    for (auto& it : items)
-      if (it.first == s) {
-        ++it.second;
-        return;
-      }
-    items.emplace_back(s, 1);
-  }
-};
+// Storage of one `threadgroup` declaration for the current threadgroup (poisoned with 0xFF bytes).
+void* tg_block(const void* key, size_t size);
+// Block the calling GPU thread at a threadgroup barrier until the scheduler releases it.
+void barrier_wait(const Site& site);
+// Contribute `nbytes` to a SIMD-group collective at `site`; returns once the active set is resolved.
+const Snapshot& collect_bytes(const void* value, int nbytes, const Site& site);
+// Lane of the calling GPU thread in its SIMD-group.
+int lane_id();
+void warn(const char* text, const Site& site);
+// Run the grid; returns the number of errors; messages ("kind|text|count" lines) go to msgbuf.
+int launch_raw(const LaunchCfg& cfg, ThreadFn fn, void* ctx, char* msgbuf, int msgcap);
 
-struct Runtime {
-  const LaunchCfg* cfg = nullptr;
-  Messages* msgs = nullptr;
-  // current threadgroup
-  uint32_t tg_pos[3] = {0, 0, 0};
-  uint32_t tg_act[3] = {1, 1, 1};  // actual size of this (maybe partial) threadgroup
-  int n_threads = 0;
-  uint64_t gen = 0;
-  size_t tg_bytes = 0;
-  std::vector<TgBlock> blocks;
-  // fibers
-  bool fiber_mode = false;
-  std::vector<std::unique_ptr<Fiber>> fibers;
-  Fiber* cur = nullptr;
-  void* main_sp = nullptr;
-  void* main_fake = nullptr;
-  const void* main_bottom = nullptr;
-  size_t main_size = 0;
-#if !MSLEMU_ASM_SWITCH
-  ucontext_t main_uc;
-#endif
-  int n_live = 0;
-  void (*body)(void*, int) = nullptr;
-  void* body_ctx = nullptr;
-  std::vector<std::vector<std::unique_ptr<Snapshot>>> snaps;  // per simdgroup, reused
-  std::vector<int> snap_used;
-  std::mt19937_64 rng;
-
-  ~Runtime() {
-    for (auto& f : fibers)
-      if (f->base) munmap(f->base, f->stack_size + size_t(getpagesize()));
-    for (auto& b : blocks) std::free(b.ptr);
-  }
-};
-
-inline thread_local Runtime* g_rt = nullptr;
-
-inline std::string where(const Site& s) {
-  return std::string(s.file) + ":" + std::to_string(s.line);
-}
-inline void message(const char* kind, const std::string& text) {
-  if (g_rt && g_rt->msgs) g_rt->msgs->add(std::string(kind) + "|" + text);
-}
-inline void warn(const std::string& text, const Site& s) { message("warning", text + " at " + where(s)); }
-
-// --- threadgroup memory: one heap block per declaration, poisoned (0xFF = NaN) per threadgroup
-template <class A> A* tg_array(const void* key) {
-  Runtime& rt = *g_rt;
-  TgBlock* blk = nullptr;
-  for (auto& b : rt.blocks)
-    if (b.key == key) blk = &b;
-  if (!blk) {
-    void* p = std::malloc(sizeof(A));  // exact size: ASan builds see overflows
-    rt.blocks.push_back(TgBlock{key, p, sizeof(A), 0});
-    blk = &rt.blocks.back();
-  }
-  if (blk->gen != rt.gen) {
-    std::memset(blk->ptr, 0xFF, blk->size);
-    blk->gen = rt.gen;
-    rt.tg_bytes += blk->size;
-    if (rt.tg_bytes > kTgLimit)
-      message("error", "threadgroup memory " + std::to_string(rt.tg_bytes) + " bytes exceeds the 32 KiB limit");
-  }
-  return static_cast<A*>(blk->ptr);
-}
-
-// --- fibers
-#if MSLEMU_ASM_SWITCH
-inline void raw_switch(void** save, void* to, Fiber*) { mslemu_swap(save, to); }
-#endif
-
-[[noreturn]] inline void fiber_entry_();
-
-inline void switch_to_fiber(Runtime& rt, Fiber& f) {
-  rt.cur = &f;
-#if MSLEMU_ASAN
-  __sanitizer_start_switch_fiber(&rt.main_fake, f.stack, f.stack_size);
-#endif
-#if MSLEMU_ASM_SWITCH
-  mslemu_swap(&rt.main_sp, f.sp);
-#else
-  swapcontext(&rt.main_uc, &f.uc);
-#endif
-#if MSLEMU_ASAN
-  __sanitizer_finish_switch_fiber(rt.main_fake, nullptr, nullptr);
-#endif
-  rt.cur = nullptr;
-}
-
-inline void yield_to_main(Runtime& rt, Fiber& f, bool dying) {
-#if MSLEMU_ASAN
-  __sanitizer_start_switch_fiber(dying ? nullptr : &f.asan_fake, rt.main_bottom, rt.main_size);
-#else
-  (void)dying;
-#endif
-#if MSLEMU_ASM_SWITCH
-  mslemu_swap(&f.sp, rt.main_sp);
-#else
-  swapcontext(&f.uc, &rt.main_uc);
-#endif
-#if MSLEMU_ASAN
-  __sanitizer_finish_switch_fiber(f.asan_fake, &rt.main_bottom, &rt.main_size);
-#endif
-}
-
-[[noreturn]] inline void fiber_entry_() {
-  Runtime& rt = *g_rt;
-  Fiber& f = *rt.cur;
-#if MSLEMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &rt.main_bottom, &rt.main_size);
-#endif
-  rt.body(rt.body_ctx, f.tid);
-  f.state = St::done;
-  rt.n_live--;
-  yield_to_main(rt, f, true);
-  __builtin_unreachable();
-}
-#if !MSLEMU_ASM_SWITCH
-extern "C" inline void mslemu_uc_entry_() { fiber_entry_(); }
-#endif
-
-inline void init_fiber(Runtime& rt, Fiber& f, int tid) {
-  if (!f.base) {
-    size_t page = size_t(getpagesize());
-    f.stack_size = size_t(rt.cfg->stack_kb) * 1024;
-    f.base = static_cast<char*>(mmap(nullptr, f.stack_size + page, PROT_READ | PROT_WRITE,
-                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-    if (f.base == MAP_FAILED) throw std::runtime_error("mslemu: cannot map a fiber stack");
-    mprotect(f.base, page, PROT_NONE);  // guard page: a stack overflow faults
-    f.stack = f.base + page;
-  }
-  f.tid = tid;
-  f.state = St::runnable;
-  f.snap = nullptr;
-  f.asan_fake = nullptr;
-#if MSLEMU_ASM_SWITCH
-  uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + f.stack_size) & ~uintptr_t(15);
-  uint64_t* sp = reinterpret_cast<uint64_t*>(top);
-  *--sp = 0;                                                   // fake return address of fiber_entry_
-  *--sp = reinterpret_cast<uint64_t>(&fiber_entry_);           // popped by `ret`
-  for (int i = 0; i < 6; ++i) *--sp = 0;                       // rbp rbx r12-r15
-  *--sp = 0x1F80ull | (uint64_t(0x037F) << 32);                // MXCSR, x87 control word
-  f.sp = sp;
-#else
-  getcontext(&f.uc);
-  f.uc.uc_stack.ss_sp = f.stack;
-  f.uc.uc_stack.ss_size = f.stack_size;
-  f.uc.uc_link = nullptr;
-  makecontext(&f.uc, reinterpret_cast<void (*)()>(&mslemu_uc_entry_), 0);
-#endif
-}
-
-struct PlainModeSync : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// Block the calling GPU thread at a sync point until the scheduler releases it.
-inline void block_(St st, const Site& site) {
-  Runtime& rt = *g_rt;
-  if (!rt.fiber_mode || !rt.cur)
-    throw PlainModeSync("barrier or SIMD-group function reached in plain (fiber-less) mode at " + where(site));
-  Fiber& f = *rt.cur;
-  f.state = st;
-  f.site = site;
-  yield_to_main(rt, f, false);
-}
-
-inline int cur_tid_() { return g_rt->cur->tid; }
+template <class A> A* tg_array(const void* key) { return static_cast<A*>(tg_block(key, sizeof(A))); }
 
 template <class T> const Snapshot& collect_(const T& v, const std::source_location& loc) {
   static_assert(sizeof(T) <= kMaxValue, "collective value too large for the emulator");
-  Runtime& rt = *g_rt;
-  if (!rt.fiber_mode || !rt.cur)
-    throw PlainModeSync("SIMD-group function reached in plain (fiber-less) mode at " + where(site_of(loc)));
-  Fiber& f = *rt.cur;
-  std::memcpy(f.val, &v, sizeof(T));
-  f.nbytes = int(sizeof(T));
-  block_(St::collective, site_of(loc));
-  return *f.snap;
+  return collect_bytes(&v, int(sizeof(T)), site_of(loc));
 }
+inline int my_lane_() { return lane_id(); }
 
-// Resolve the collectives of SIMD-group `sg` whose live lanes are all blocked.
-// Lanes waiting at the same call site form one active set.
-inline bool resolve_sg_(Runtime& rt, int sg) {
-  int lo = sg * kSimd, hi = std::min(rt.n_threads, lo + kSimd);
-  for (int t = lo; t < hi; ++t)
-    if (rt.fibers[t]->state == St::runnable) return false;
-  bool any = false;
-  uint32_t done_mask = 0;
-  for (int t = lo; t < hi; ++t) {
-    Fiber& f = *rt.fibers[t];
-    if (f.state != St::collective || (done_mask >> (t - lo) & 1)) continue;
-    if (rt.snap_used[sg] == int(rt.snaps[sg].size())) rt.snaps[sg].push_back(std::make_unique<Snapshot>());
-    Snapshot& s = *rt.snaps[sg][rt.snap_used[sg]++];
-    s.mask = 0;
-    s.nbytes = f.nbytes;
-    for (int u = t; u < hi; ++u) {
-      Fiber& g = *rt.fibers[u];
-      if (g.state == St::collective && g.site == f.site) {
-        if (g.nbytes != s.nbytes) warn("collective called with different value types", g.site);
-        s.mask |= 1u << (u - lo);
-        std::memcpy(s.vals[u - lo], g.val, kMaxValue);
-        g.snap = &s;
-        g.state = St::runnable;
-      }
-    }
-    done_mask |= s.mask;
-    any = true;
-  }
-  return any;
-}
-
-inline void run_fiber_(Runtime& rt, int t) {
-  Fiber& f = *rt.fibers[t];
-  if (f.state == St::runnable) switch_to_fiber(rt, f);
-}
-
-inline void run_threadgroup_fibers_(Runtime& rt) {
-  const int n = rt.n_threads;
-  const int nsg = (n + kSimd - 1) / kSimd;
-  while (int(rt.fibers.size()) < n) rt.fibers.push_back(std::make_unique<Fiber>());
-  for (int t = 0; t < n; ++t) init_fiber(rt, *rt.fibers[t], t);
-  rt.snaps.resize(std::max<size_t>(rt.snaps.size(), size_t(nsg)));
-  rt.snap_used.assign(size_t(nsg), 0);
-  rt.n_live = n;
-  const Sched sched = Sched(rt.cfg->sched);
-  std::vector<int> order(static_cast<size_t>(n));
-  while (rt.n_live > 0) {
-    if (sched == Sched::eager) {
-      // Each SIMD-group runs ahead to its next threadgroup barrier before the next one starts.
-      for (int sg = 0; sg < nsg; ++sg) {
-        for (;;) {
-          rt.snap_used[sg] = 0;
-          for (int t = sg * kSimd; t < std::min(n, (sg + 1) * kSimd); ++t) run_fiber_(rt, t);
-          if (!resolve_sg_(rt, sg)) break;
-        }
-      }
-    } else {
-      for (int t = 0; t < n; ++t) order[t] = t;
-      if (sched == Sched::reverse) std::reverse(order.begin(), order.end());
-      if (sched == Sched::random) std::shuffle(order.begin(), order.end(), rt.rng);
-      for (int t : order) run_fiber_(rt, t);
-      bool any = false;
-      for (int sg = 0; sg < nsg; ++sg) {
-        rt.snap_used[sg] = 0;
-        any |= resolve_sg_(rt, sg);
-      }
-      if (any) continue;
-    }
-    if (rt.n_live == 0) break;
-    // Everyone alive is blocked at a threadgroup barrier.
-    int waiting = 0;
-    const Site* first = nullptr;
-    bool same = true;
-    for (int t = 0; t < n; ++t) {
-      Fiber& f = *rt.fibers[t];
-      if (f.state == St::collective) {
-        throw std::runtime_error("mslemu scheduler: unresolved collective at " + where(f.site));
-      }
-      if (f.state != St::barrier) continue;
-      ++waiting;
-      if (!first) first = &f.site;
-      else if (!(f.site == *first)) same = false;
-    }
-    if (waiting == 0) throw std::runtime_error("mslemu scheduler: no progress");
-    if (!same) warn("threads of one threadgroup wait at different threadgroup_barrier call sites", *first);
-    if (waiting < n)
-      warn("threadgroup_barrier reached by " + std::to_string(waiting) + " of " + std::to_string(n) +
-               " threads (the others returned)",
-           *first);
-    for (int t = 0; t < n; ++t)
-      if (rt.fibers[t]->state == St::barrier) rt.fibers[t]->state = St::runnable;
-  }
-}
-
-template <class F> void call_body_(void* ctx, int tid) { (*static_cast<F*>(ctx))(tid); }
-
-inline ThreadCtx make_ctx_(const Runtime& rt, int tid) {
-  const LaunchCfg& c = *rt.cfg;
-  ThreadCtx x;
-  const uint a0 = rt.tg_act[0], a1 = rt.tg_act[1];
-  const uint n = uint(rt.n_threads);
-  const uint req = c.tg[0] * c.tg[1] * c.tg[2];
-  uint tp[3] = {uint(tid) % a0, (uint(tid) / a0) % a1, uint(tid) / (a0 * a1)};
-  x.thread_position_in_threadgroup = uint3(tp[0], tp[1], tp[2]);
-  x.threadgroup_position_in_grid = uint3(rt.tg_pos[0], rt.tg_pos[1], rt.tg_pos[2]);
-  x.thread_position_in_grid = uint3(rt.tg_pos[0] * c.tg[0] + tp[0], rt.tg_pos[1] * c.tg[1] + tp[1],
-                                    rt.tg_pos[2] * c.tg[2] + tp[2]);
-  x.threads_per_threadgroup = uint3(rt.tg_act[0], rt.tg_act[1], rt.tg_act[2]);
-  x.dispatch_threads_per_threadgroup = uint3(c.tg[0], c.tg[1], c.tg[2]);
-  x.threads_per_grid = uint3(c.grid[0], c.grid[1], c.grid[2]);
-  x.grid_size = x.threads_per_grid;
-  x.grid_origin = uint3(0u);
-  x.threadgroups_per_grid = uint3((c.grid[0] + c.tg[0] - 1) / c.tg[0], (c.grid[1] + c.tg[1] - 1) / c.tg[1],
-                                  (c.grid[2] + c.tg[2] - 1) / c.tg[2]);
-  x.thread_index_in_threadgroup = uint(tid);
-  x.thread_execution_width = kSimd;
-  x.threads_per_simdgroup = kSimd;
-  x.simdgroup_index_in_threadgroup = uint(tid) / kSimd;
-  x.thread_index_in_simdgroup = uint(tid) % kSimd;
-  x.simdgroups_per_threadgroup = (n + kSimd - 1) / kSimd;
-  x.dispatch_simdgroups_per_threadgroup = (req + kSimd - 1) / kSimd;
-  x.quadgroup_index_in_threadgroup = uint(tid) / 4;
-  x.thread_index_in_quadgroup = uint(tid) % 4;
-  x.quadgroups_per_threadgroup = (n + 3) / 4;
-  x.dispatch_quadgroups_per_threadgroup = (req + 3) / 4;
-  return x;
-}
-
-// Run the whole grid. `fn(const ThreadCtx&)` runs one GPU thread.
 template <class F> int launch(const LaunchCfg& cfg, F&& fn, char* msgbuf, int msgcap) {
-  Messages msgs;
-  uint32_t ntg[3];
-  for (int d = 0; d < 3; ++d) ntg[d] = cfg.grid[d] == 0 ? 0 : (cfg.grid[d] + cfg.tg[d] - 1) / cfg.tg[d];
-  const uint64_t total = uint64_t(ntg[0]) * ntg[1] * ntg[2];
-  std::vector<uint64_t> order(total);
-  for (uint64_t i = 0; i < total; ++i) order[i] = i;
-  const Sched sched = Sched(cfg.sched);
-  if (sched == Sched::reverse) std::reverse(order.begin(), order.end());
-  if (sched == Sched::random) {
-    std::mt19937_64 r(cfg.seed);
-    std::shuffle(order.begin(), order.end(), r);
-  }
-  std::atomic<uint64_t> next{0};
-  auto worker = [&](int wid) {
-    Runtime rt;
-    rt.cfg = &cfg;
-    rt.msgs = &msgs;
-    rt.fiber_mode = cfg.fiber_mode != 0;
-    rt.rng.seed(cfg.seed * 7919 + uint64_t(wid));
-    g_rt = &rt;
-    std::vector<int> plain_order;
-    try {
-      for (;;) {
-        uint64_t k = next.fetch_add(1);
-        if (k >= total) break;
-        uint64_t lin = order[k];
-        rt.tg_pos[0] = uint32_t(lin % ntg[0]);
-        rt.tg_pos[1] = uint32_t((lin / ntg[0]) % ntg[1]);
-        rt.tg_pos[2] = uint32_t(lin / (uint64_t(ntg[0]) * ntg[1]));
-        for (int d = 0; d < 3; ++d) rt.tg_act[d] = std::min(cfg.tg[d], cfg.grid[d] - rt.tg_pos[d] * cfg.tg[d]);
-        rt.n_threads = int(rt.tg_act[0] * rt.tg_act[1] * rt.tg_act[2]);
-        rt.gen++;
-        rt.tg_bytes = 0;
-        auto body = [&](int tid) { fn(make_ctx_(rt, tid)); };
-        if (rt.fiber_mode) {
-          rt.body = &call_body_<decltype(body)>;
-          rt.body_ctx = &body;
-          run_threadgroup_fibers_(rt);
-        } else {
-          plain_order.resize(size_t(rt.n_threads));
-          for (int t = 0; t < rt.n_threads; ++t) plain_order[t] = t;
-          if (sched == Sched::reverse) std::reverse(plain_order.begin(), plain_order.end());
-          if (sched == Sched::random) std::shuffle(plain_order.begin(), plain_order.end(), rt.rng);
-          for (int t : plain_order) body(t);
-        }
-      }
-    } catch (const std::exception& e) {
-      msgs.add(std::string("error|") + e.what());
-      next.store(total);
-    }
-    g_rt = nullptr;
-  };
-  int workers = std::max(1, cfg.workers);
-  if (workers == 1 || total <= 1) {
-    worker(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int w = 1; w < workers; ++w) pool.emplace_back(worker, w);
-    worker(0);
-    for (auto& t : pool) t.join();
-  }
-  std::string out;
-  int errors = 0;
-  for (auto& it : msgs.items) {
-    out += it.first + "|" + std::to_string(it.second) + "\n";
-    if (it.first.rfind("error|", 0) == 0) ++errors;
-  }
-  if (msgbuf && msgcap > 0) {
-    size_t n = std::min(out.size(), size_t(msgcap - 1));
-    std::memcpy(msgbuf, out.data(), n);
-    msgbuf[n] = 0;
-  }
-  return errors;
+  using FF = std::remove_reference_t<F>;
+  return launch_raw(cfg, [](void* c, const ThreadCtx& t) { (*static_cast<FF*>(c))(t); },
+                    const_cast<void*>(static_cast<const void*>(&fn)), msgbuf, msgcap);
 }
 
 template <class T> T poison_() {
@@ -821,7 +372,6 @@ template <class T> T lane_(const Snapshot& s, int lane) {
   std::memcpy(static_cast<void*>(&r), s.vals[lane], sizeof(T));
   return r;
 }
-inline int my_lane_() { return cur_tid_() % kSimd; }
 
 }  // namespace mslemu
 
@@ -1069,7 +619,7 @@ namespace precise { using namespace metal::fast; }
 
 // --- synchronisation
 inline void threadgroup_barrier(mem_flags, std::source_location loc = std::source_location::current()) {
-  mslemu::block_(mslemu::St::barrier, mslemu::site_of(loc));
+  mslemu::barrier_wait(mslemu::site_of(loc));
 }
 inline void simdgroup_barrier(mem_flags, std::source_location loc = std::source_location::current()) {
   (void)mslemu::collect_(char(0), loc);
@@ -1116,7 +666,7 @@ MSLEMU_SIMD_SCAN(simd_prefix_exclusive_product, false, r * v, 1)
 template <class T> T shuffle_from_(const mslemu::Snapshot& s, int src, const T& own, const char* fn,
                                    const std::source_location& loc) {
   if (src < 0 || src >= mslemu::kSimd || !(s.mask >> src & 1)) {
-    mslemu::warn(std::string(fn) + " reads a lane that is missing or not active (result undefined)",
+    mslemu::warn((std::string(fn) + " reads a lane that is missing or not active (result undefined)").c_str(),
                  mslemu::site_of(loc));
     (void)own;
     return mslemu::poison_<T>();
