@@ -85,9 +85,9 @@ _DW_BODY = """
 """
 _EPILOGUES = {
     "plain": "",
-    "bias": "        v += float(bias[c]);",
-    "glu": ("        v += float(bias[c]);\n"
-            "        const float gate = acc[NG - 1][t] + float(bias[c + COUT]);\n"
+    "bias": "        v += float(bvec[c]);",
+    "glu": ("        v += float(bvec[c]);\n"
+            "        const float gate = acc[NG - 1][t] + float(bvec[c + COUT]);\n"
             "        v *= gate / (1.0f + metal::exp(-gate));"),
 }
 
@@ -245,7 +245,8 @@ class MetalKernels:
         self.dw = {
             kind: factory(
                 name=f"mobileo_dwconv_{kind}",
-                input_names=["x", "w"] + ([] if kind == "plain" else ["bias"]),
+                # (not "bias": with `using namespace metal` that is also a sampling-option type)
+                input_names=["x", "w"] + ([] if kind == "plain" else ["bvec"]),
                 output_names=["out"],
                 source=_DW_BODY.replace("@EPILOGUE@", _EPILOGUES[kind]),
             )
