@@ -96,8 +96,9 @@ def test_depthwise_conv2d_kernel(metal_dispatch, shape, mult, k, stride, has_bia
     b = _rand((C * mult,), dtype, 2) if has_bias else None
     out = kernels.depthwise_conv2d(x, w, b, stride=stride)
     ref = dw.depthwise_conv2d_reference(_f32(x), _f32(w), None if b is None else _f32(b), stride, k // 2)
+    twin = dw._twin2d(x, w, b, (stride, stride), (k // 2, k // 2), "plain" if b is None else "bias")
     assert out.dtype == dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert _rel_err(out, ref) < TOL[dtype] and _rel_err(out, twin) < TOL[dtype]
     if not ON_MAC:
         assert _kernel_names(metal_dispatch) and all("mobileo_dwconv" in n for n in _kernel_names(metal_dispatch))
 
@@ -110,8 +111,9 @@ def test_glu_depthwise_conv2d_kernel(metal_dispatch, dtype):
     b = _rand((40,), dtype, 5)
     out = kernels.glu_depthwise_conv2d(x, w, b)
     ref = dw.glu_depthwise_conv2d_reference(_f32(x), _f32(w), _f32(b))
+    twin = dw._twin2d(x, w, b, (1, 1), (1, 1), "glu")
     assert out.shape == (2, 9, 13, 20) and out.dtype == dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert _rel_err(out, ref) < TOL[dtype] and _rel_err(out, twin) < TOL[dtype]
     if not ON_MAC:
         assert _kernel_names(metal_dispatch) == [n for n in _kernel_names(metal_dispatch) if "dwconv_glu" in n]
 
@@ -124,8 +126,9 @@ def test_depthwise_conv1d_kernel(metal_dispatch, L, C, dtype):
     w = _rand((C, 3, 1), dtype, 7, 0.5)
     out = kernels.depthwise_conv1d(x, w)
     ref = dw.depthwise_conv1d_reference(_f32(x), _f32(w))
+    twin = dw._twin2d(x[:, None], w[:, None], None, (1, 1), (0, 1), "plain")[:, 0]
     assert out.shape == (2, L, C) and out.dtype == dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert _rel_err(out, ref) < TOL[dtype] and _rel_err(out, twin) < TOL[dtype]
 
 
 @pytest.mark.skipif(ON_MAC, reason="schedules and the sanitizer are emulator checks (Linux)")
@@ -167,8 +170,9 @@ def test_relu_linear_attention_kernel(metal_dispatch, B, H, NQ, NK, D, DV, dtype
     v = _rand((B, H, NK, DV), dtype, 22)
     out = kernels.relu_linear_attention(q, k, v)
     ref = la.relu_linear_attention_reference(_f32(q), _f32(k), _f32(v))
+    twin = la.relu_linear_attention_reference(q, k, v)  # the twin, in the input dtype
     assert out.shape == (B, H, NQ, DV) and out.dtype == dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert _rel_err(out, ref) < TOL[dtype] and _rel_err(out, twin) < TOL[dtype]
     if not ON_MAC:
         assert [n.split("__")[0] for n in _kernel_names(metal_dispatch)] == [
             "custom_kernel_mobileo_linattn_kv", "custom_kernel_mobileo_linattn_out"]
