@@ -24,7 +24,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-import mlx.core as mx
+try:  # the project's rule: mobileo_mlx (BLAS routing) before mlx.core
+    import mobileo_mlx  # noqa: F401
+except ImportError:  # pragma: no cover - the emulator also works outside the project
+    pass
+import mlx.core as mx  # noqa: E402
 
 INCLUDE_DIR = Path(__file__).resolve().parent / "include"
 SCHEDULES = ("forward", "reverse", "random", "eager")
