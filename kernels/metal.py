@@ -224,7 +224,8 @@ LA_ROWS = 32         # rows of k/v staged per step
 LA_CHUNK = 256       # rows per pass-1 threadgroup
 LA_SIMDGROUPS = 8    # pass 2: SIMD-groups per threadgroup
 LA_ROWS_OUT = 64     # pass 2: query rows per threadgroup
-LA_MAX_DD = 64 * 64  # kv must fit threadgroup memory with room to spare
+LA_MAX_DD = 64 * 64  # kv must fit threadgroup memory (pass 2) with room to spare
+TG_MEMORY = 32768    # bytes of threadgroup memory Metal guarantees
 SUPPORTED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -307,6 +308,7 @@ class MetalKernels:
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]
             and q.shape[3] == k.shape[3] and k.shape[2] > 0 and q.shape[2] > 0
             and q.shape[3] * v.shape[3] <= LA_MAX_DD
+            and 4 * LA_ROWS * (q.shape[3] + v.shape[3]) <= TG_MEMORY // 2  # pass 1 staging
             and all(a.dtype in SUPPORTED_DTYPES for a in (q, k, v))
         )
 

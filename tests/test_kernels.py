@@ -201,6 +201,15 @@ def test_linear_attention_all_negative_keys_give_zero(metal_dispatch):
     assert np.array_equal(np.asarray(out), np.zeros((1, 2, 40, 32), np.float32))
 
 
+def test_linear_attention_shapes_beyond_the_kernel_fall_back_to_the_twin(metal_dispatch):
+    q = _rand((1, 1, 20, 200), mx.float32, 45)  # d + d_v too large to stage 32 rows in threadgroup memory
+    v = _rand((1, 1, 20, 20), mx.float32, 46)
+    assert not metal.MetalKernels.linear_attention_supported(q, q, v)
+    out = kernels.relu_linear_attention(q, q, v)
+    assert _rel_err(out, la.relu_linear_attention_reference(q, q, v)) == 0.0
+    assert _kernel_names(metal_dispatch) == []
+
+
 @pytest.mark.skipif(ON_MAC, reason="schedules and the sanitizer are emulator checks (Linux)")
 def test_linear_attention_kernels_race_free_and_in_bounds(metal_dispatch):
     B, N, heads, d = 1, 300, 2, 32
