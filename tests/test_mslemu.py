@@ -138,7 +138,6 @@ _ATTR_SRC = "\n".join(
 def _attr_model(grid, tg_req):
     tg = [min(t, g) for t, g in zip(tg_req, grid)]
     ntg = [-(-g // t) for g, t in zip(grid, tg)]
-    req = tg_req[0] * tg_req[1] * tg_req[2]
     rows = {}
     for z in range(grid[2]):
         for y in range(grid[1]):
@@ -167,7 +166,6 @@ def _attr_model(grid, tg_req):
                     val = v[a]
                     row += list(val) if t == "uint3" else [val, 0, 0]
                 rows[(z * grid[1] + y) * grid[0] + x] = row
-    del req
     return np.array([rows[i] for i in range(len(rows))], dtype=np.uint32)
 
 
