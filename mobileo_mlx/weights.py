@@ -23,6 +23,7 @@ once, when it is loaded.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -56,9 +57,16 @@ QUANTIZED_MATMUL_MAX_ROWS = 8
 
 def _unpack_affine(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """``mx.dequantize`` for affine quantization, written with element-wise ops
-    so that ``mx.compile`` fuses them: 2-3x faster on CPU, bit-identical."""
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    so that ``mx.compile`` fuses them: 2-3x faster on CPU, bit-identical.
+    MLX packs values from the lowest bits up, so on little-endian machines
+    8-bit values are the packed bytes and 4-bit ones their low then high nibbles."""
+    if bits in (4, 8) and sys.byteorder == "little":
+        values = mx.view(packed, mx.uint8)
+        if bits == 4:
+            values = mx.stack([values & 0xF, values >> 4], axis=-1)
+    else:
+        shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+        values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
     values = values.reshape(*packed.shape[:-1], -1, group_size).astype(scales.dtype)
     return (values * scales[..., None] + biases[..., None]).reshape(*packed.shape[:-1], -1)
 
@@ -68,6 +76,8 @@ _UNPACKERS: dict[tuple[int, int], object] = {}
 
 def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """Affine dequantization (compiled once per bits / group size)."""
+    if 32 % bits:  # 3, 5, 6 bits straddle words: MLX's own kernel
+        return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
     unpack = _UNPACKERS.get((bits, group_size))
     if unpack is None:
         unpack = _UNPACKERS[(bits, group_size)] = mx.compile(

@@ -438,6 +438,21 @@ def test_quantization_recipes(recipe, converted):
     assert 0 < error < {"8": 0.05, "mixed": 0.6, "4": 0.6}[recipe], error
 
 
+@pytest.mark.parametrize("recipe", ["none", "mixed"])
+def test_missing_lm_head_ties_to_the_embedding(recipe, demo_checkpoint, tmp_path):
+    checkpoint = copy_checkpoint(demo_checkpoint, tmp_path / "ckpt")
+    edit_tensors(checkpoint, _drop("lm_head.weight"))
+    assert convert(checkpoint, "--output", tmp_path / "out", "--quantize", recipe) == 0
+    assert weights.read_config(tmp_path / "out")["language"]["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in mx.load(str(tmp_path / "out" / "language.safetensors"))
+    model = load_component(tmp_path / "out", "language")
+    ids = mx.array([[3, 17, 250, 511, 42, 7, 8, 9, 10]])
+    hidden = model.model(ids)
+    assert relative_error(model(ids), model.model.embed_tokens.as_linear(hidden)) < 1e-6
+    embedding = np.array(model.model.embed_tokens(mx.arange(model.config.vocab_size)))
+    assert relative_error(model(ids), np.array(hidden) @ embedding.T) < 1e-4
+
+
 def test_group_size_is_recorded(demo_checkpoint, tmp_path):
     assert convert(demo_checkpoint, "--output", tmp_path / "out", "--quantize", "4", "--group-size", "32") == 0
     layers = weights.read_config(tmp_path / "out")["quantization"]["layers"]
@@ -454,6 +469,14 @@ def test_gpu_path_uses_mlx_quantized_layers(converted, monkeypatch):
     ids = mx.array([[3, 17, 250, 511, 42, 7, 8, 9, 10, 11]])  # > 8 rows: the dequantize + matmul path on CPU
     assert relative_error(cpu(ids), gpu(ids)) < 1e-5
     assert relative_error(cpu(ids[:, :2]), gpu(ids[:, :2])) < 1e-5  # few rows: quantized_matmul
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_dequantize_is_mlx_dequantize(bits):
+    w = mx.random.normal((3, 5, 128), key=mx.random.key(bits))
+    packed, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    assert mx.array_equal(weights.dequantize(packed, scales, biases, bits, 32),
+                          mx.dequantize(packed, scales, biases, group_size=32, bits=bits))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
