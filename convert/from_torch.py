@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -372,6 +373,7 @@ def convert_checkpoint(
     }
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -413,6 +415,25 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Remove what runs killed outright (SIGKILL, power loss) left beside ``output``."""
+    for kind in ("partial", "old"):
+        for stale in output.parent.glob(f".{output.name}.{kind}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _replace(staging: Path, output: Path) -> None:
@@ -459,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Mobile-O checkpoint (PyTorch / safetensors) into an MLX model folder.",
         epilog=(
             "Quantization recipes: none keeps the source float dtype (bf16 stays bf16, fp32 stays fp32); "
-            "8 / 4 quantize every Linear and Embedding except the MCP; mixed (recommended, ~1.7 GB) "
+            "8 / 4 quantize every Linear and Embedding except the MCP; mixed (recommended, 1.5 GiB) "
             "puts the LM's decoder linears at 4 bits, its embedding and head at 8 bits, the DiT blocks' "
             "and the VAE's linears at 8 bits, and keeps the vision tower, projector, MCP, norms and small "
             "projections at source precision. See convert/quantize.py."
@@ -499,6 +520,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
     debug = bool(os.environ.get("MOBILEO_MLX_DEBUG"))
     started = time.perf_counter()
+    previous_handler = _stop_on_sigterm()
     try:
         checkpoint = Path(args.checkpoint).expanduser()
         label = None
@@ -539,6 +561,22 @@ def main(argv: Iterable[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM unwind like Ctrl-C (so the temporary folder is removed);
+    returns the previous handler, or None off the main thread."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Recipes
 ``8`` / ``4``
     Every eligible Linear / Embedding of every component at 8 / 4 bits, except
     the MCP (see below).
-``mixed`` (default; ~1.7 GB for Mobile-O-0.5B, under the 2 GB target)
+``mixed`` (default; 1.49 GiB for Mobile-O-0.5B, under the 2 GB target: LM 0.49 GB,
+    DiT 0.64 GB, VAE decoder 0.21 GB, vision 0.25 GB, projector + MCP 0.01 GB)
     * language: decoder linears 4-bit (358 M params, the bulk; the iOS app ships
       the LM at 4 bits too), token embedding and ``lm_head`` 8-bit: errors in
       the embedding enter every layer and the head picks the tokens, so they
@@ -31,6 +32,11 @@ Recipes
     * vision (FastViT: mostly convolutions) and projector (3.6 M params) keep
       the source precision: every image feature passes through them.
     * mcp: never quantized (2.4 M params that condition every DiT step).
+
+Quantization is about memory and download size. At run time on CPU, every
+layer computes in float32 (``mobileo_mlx.weights``): a quantized layer pays for
+dequantizing its weight at each call, so ``none`` is the fastest recipe there
+when memory allows (it needs ~6 GB once cast to float32).
 
 Layers whose input width is not a multiple of ``group_size`` are left
 unquantized. Unquantized tensors always keep the source float dtype; scales

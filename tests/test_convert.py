@@ -363,6 +363,32 @@ def test_interrupted_run_leaves_nothing(demo_checkpoint, tmp_path, monkeypatch, 
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"] and leftovers(tmp_path) == []
 
 
+def test_sigterm_unwinds_like_an_interrupt(demo_checkpoint, tmp_path, monkeypatch):
+    import signal
+
+    real_write = from_torch.write_component
+
+    def terminated(checkpoint, plan, path, progress):
+        real_write(checkpoint, plan, path, progress)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(from_torch, "write_component", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert convert(demo_checkpoint, "--output", tmp_path / "out") == 130
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_leftovers_of_killed_runs_are_removed(demo_checkpoint, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    (tmp_path / f".out.partial-{dead_pid}").mkdir()
+    (tmp_path / f".out.partial-{dead_pid}" / "vision.safetensors").write_bytes(b"half")
+    (tmp_path / f".other.partial-{dead_pid}").mkdir()  # another output's: not ours to remove
+    assert convert(demo_checkpoint, "--output", tmp_path / "out") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.partial-{dead_pid}", "out"]
+
+
 def test_command_line_help_and_errors_in_a_subprocess(demo_checkpoint, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "convert.from_torch"]
