@@ -40,6 +40,7 @@ from mobileo_mlx.models import build
 from mobileo_mlx.weights import COMPONENTS, FORMAT, FORMAT_VERSION
 
 from .checkpoint import (
+    DEFAULT_SCHEDULER_CONFIG,
     TOKENIZER_FILES,
     Checkpoint,
     ConversionError,
@@ -352,9 +353,7 @@ def convert_checkpoint(
     _check_output(output, checkpoint_path, force)
 
     source = Checkpoint(checkpoint_path)
-    from . import mapping as mapping_package  # noqa: F401  (component registry)
     from .mapping import dcae, sana
-    from .checkpoint import DEFAULT_SCHEDULER_CONFIG
 
     builtin = {
         "transformer": sana.DEFAULT_TRANSFORMER_CONFIG,

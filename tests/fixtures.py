@@ -19,7 +19,6 @@ import shutil
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 
 from mobileo_mlx import demo
 
