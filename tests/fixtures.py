@@ -19,7 +19,6 @@ import shutil
 import unicodedata
 from pathlib import Path
 
-
 from mobileo_mlx import demo
 
 
