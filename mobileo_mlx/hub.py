@@ -109,6 +109,7 @@ def _has_weights(folder: Path) -> bool:
 def download_checkpoint(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
     """Download what conversion needs from ``repo_id``; returns the local snapshot folder."""
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if hub_reachable():
         try:
@@ -116,8 +117,6 @@ def download_checkpoint(repo_id: str, revision: str | None = None, progress: boo
         except Exception as error:
             raise HubError(f"cannot list {repo_id} on the hub: {_first_line(error)}") from None
         patterns = download_patterns(repo_files)
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
         silence = not progress and not are_progress_bars_disabled()
         if silence:
             disable_progress_bars()
