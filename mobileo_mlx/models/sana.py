@@ -33,6 +33,8 @@ import numpy as np
 from kernels.depthwise import depthwise_conv2d
 from kernels.linear_attention import relu_linear_attention
 
+from . import activations
+
 TIMESTEP_CHANNELS = 256  # sinusoid width of the AdaLN-single timestep embedding
 LINEAR_ATTENTION_EPS = 1e-15  # diffusers' SanaLinearAttnProcessor2_0
 CAPTION_NORM_EPS = 1e-5
@@ -149,6 +151,8 @@ class TimestepEmbedder(nn.Module):
         self.modulation = nn.Linear(dim, 6 * dim)
 
     def __call__(self, timestep: mx.array, dtype: mx.Dtype) -> TimeConditioning:
+        # Tiny ([B, D]); MLX's built-in SiLU keeps the half-precision rounding of the
+        # conditioning that test_sana's float16 check was tuned on.
         embedding = self.linear_2(nn.silu(self.linear_1(timestep_sinusoid(timestep).astype(dtype))))
         modulation = self.modulation(nn.silu(embedding))
         return TimeConditioning(modulation.reshape(modulation.shape[0], 6, -1), embedding)
@@ -161,7 +165,7 @@ class CaptionProjection(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, caption: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu_approx(self.linear_1(caption)))  # GELU, tanh form
+        return self.linear_2(nn.gelu_approx(self.linear_1(caption)))  # GELU, tanh form (once per prompt)
 
 
 def _split_heads(x: mx.array, heads: int) -> mx.array:
@@ -229,7 +233,11 @@ class DepthwiseConv(nn.Module):
 
 class GLUMBConv(nn.Module):
     """Mix-FFN: 1x1 expand to 2H (+b) -> SiLU -> depthwise 3x3 (+b) -> a*SiLU(g) -> 1x1 to D (no bias).
-    The 1x1 convs are Linears over the channel axis (quantizable)."""
+    The 1x1 convs are Linears over the channel axis (quantizable).
+
+    On the CPU the depthwise conv runs on the two halves separately (its weights sliced),
+    so that the values and the gate come out contiguous for the fused ``glu_silu``; the
+    GPU path (its plain twin) convolves all channels and splits after."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -239,9 +247,17 @@ class GLUMBConv(nn.Module):
 
     def __call__(self, x: mx.array, height: int, width: int) -> mx.array:
         batch, tokens, _ = x.shape
-        h = nn.silu(self.conv_inverted(x)).reshape(batch, height, width, -1)
-        values, gate = mx.split(self.conv_depth(h), 2, axis=-1)
-        return self.conv_point(_glu(values, gate).reshape(batch, tokens, -1))
+        h = activations.silu(self.conv_inverted(x)).reshape(batch, height, width, -1)
+        if activations.use_fast():
+            hidden = h.shape[-1] // 2
+            weight, bias = self.conv_depth.weight, self.conv_depth.bias
+            values = depthwise_conv2d(h[..., :hidden], weight[:hidden], bias[:hidden])
+            gate = depthwise_conv2d(h[..., hidden:], weight[hidden:], bias[hidden:])
+            gated = activations.glu_silu(values, gate)
+        else:
+            values, gate = mx.split(self.conv_depth(h), 2, axis=-1)
+            gated = _glu(values, gate)
+        return self.conv_point(gated.reshape(batch, tokens, -1))
 
 
 class SanaBlock(nn.Module):

@@ -1,0 +1,214 @@
+"""Activations: the CPU forms (``*_fast``) against float64 references over wide ranges,
+against their built-in twins (``*_builtin``, used on GPUs), special values, half
+precision, and the backend dispatch."""
+
+import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from mobileo_mlx.models import activations as act
+
+FLT_MIN = 2.0**-126
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def _sigmoid64(x):
+    return torch.sigmoid(torch.as_tensor(x, dtype=torch.float64)).numpy()
+
+
+def _gelu64(x):  # erfc form: no cancellation in the tail (torch's own gelu has it)
+    t = torch.as_tensor(x, dtype=torch.float64)
+    return (t * 0.5 * torch.special.erfc(-t / math.sqrt(2))).numpy()
+
+
+def _gelu_tanh64(x):
+    t = torch.as_tensor(x, dtype=torch.float64)
+    return (t * torch.sigmoid(2 * SQRT_2_OVER_PI * (t + 0.044715 * t**3))).numpy()
+
+
+# name -> (fast, builtin, float64 reference, the argument of the underflowing factor)
+CASES = {
+    "sigmoid": (act.sigmoid_fast, act.sigmoid_builtin, _sigmoid64, lambda x: x),
+    "silu": (act.silu_fast, act.silu_builtin, lambda x: x * _sigmoid64(x), lambda x: x),
+    "gelu": (act.gelu_fast, act.gelu_builtin, _gelu64, lambda x: x),
+    "gelu_tanh": (
+        act.gelu_tanh_fast, act.gelu_tanh_builtin, _gelu_tanh64,
+        lambda x: 2 * SQRT_2_OVER_PI * (x + 0.044715 * x**3),
+    ),
+}
+# Where the underflowing factor (sigmoid(w), Phi(x)) is still a normal float32.
+NORMAL_FROM = {"sigmoid": -87.3, "silu": -87.3, "gelu": -13.0, "gelu_tanh": -87.3}
+# Relative error bounds; gelu_tanh's argument 2u (a cubic in x) is itself rounded to
+# float32, which costs ~|2u| ulp in exp(2u) (the float64 reference evaluates it exactly).
+RELATIVE = {
+    "sigmoid": lambda w: 5e-7, "silu": lambda w: 5e-7, "gelu": lambda w: 1e-6,
+    "gelu_tanh": lambda w: 1e-6 + 2e-7 * np.abs(w),
+}
+
+
+def _inputs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    tiny = np.geomspace(1e-38, 1.0, 20_001)
+    return np.concatenate([
+        np.linspace(-100, 100, 400_001), rng.standard_normal(200_000) * 4,
+        tiny, -tiny, np.geomspace(1.0, 3e38, 2_001), -np.geomspace(1.0, 3e38, 2_001),
+    ]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fast_form_is_accurate_in_float32(name):
+    fast, _, reference, argument = CASES[name]
+    x = _inputs()
+    x64 = x.astype(np.float64)
+    expected = reference(x64)
+    actual = np.array(fast(mx.array(x)), dtype=np.float64)
+    normal = (argument(x64) >= NORMAL_FROM[name]) & (np.abs(expected) >= FLT_MIN)
+    rel = np.abs(actual - expected)[normal] / np.abs(expected)[normal]
+    excess = rel / RELATIVE[name](argument(x64)[normal])
+    assert excess.max() < 1, (name, rel.max(), x[normal][excess.argmax()])
+    # Below that the factor underflows: flushed to zero, never larger than FLT_MIN * |x|.
+    rest = ~normal
+    assert np.all(np.abs(actual - expected)[rest] <= FLT_MIN * np.maximum(np.abs(x64[rest]), 1))
+
+
+def test_glu_silu_is_a_times_silu_g():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(100_000).astype(np.float32) * 3
+    g = np.concatenate([np.linspace(-87, 90, 50_000), rng.standard_normal(50_000) * 5]).astype(np.float32)
+    expected = a.astype(np.float64) * g * _sigmoid64(g.astype(np.float64))
+    actual = np.array(act.glu_silu_fast(mx.array(a), mx.array(g)), dtype=np.float64)
+    keep = np.abs(expected) >= FLT_MIN
+    assert (np.abs(actual - expected)[keep] / np.abs(expected)[keep]).max() < 5e-7
+    twin = np.array(act.glu_silu_builtin(mx.array(a), mx.array(g)), dtype=np.float64)
+    np.testing.assert_allclose(actual, twin, rtol=1e-5, atol=1e-30)
+
+
+SPECIAL = [-np.inf, -3e38, -1e30, -1e4, -100.0, -88.5, -88.0, -87.5, -20.0, -13.5, -13.0,
+           -1.0, -1e-30, -1e-45, -0.0, 0.0, 1e-45, 1e-30, 1.0, 13.0, 20.0, 88.0, 100.0,
+           1e4, 1e30, 3e38, np.inf, np.nan]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_special_values(name):
+    fast, builtin, reference, _ = CASES[name]
+    x = mx.array(np.array(SPECIAL, dtype=np.float32))
+    x64 = np.array(SPECIAL, dtype=np.float32).astype(np.float64)
+    actual = np.array(fast(x), dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = reference(x64)
+    # NaN exactly where MLX's built-in and the IEEE float64 formula give NaN
+    # (silu(-inf) = gelu(-inf) = nan, as in PyTorch), inf where the function is inf ...
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(np.array(builtin(x))))
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(actual), np.isinf(expected))
+    # ... and the finite values right to the top of the range (the built-in gelu overflows
+    # at 3e38), with the signs of the limits; tails below FLT_MIN * |x| flush to zero.
+    finite = np.isfinite(expected)
+    err = np.abs(actual[finite] - expected[finite])
+    assert np.all(err <= 1e-6 * np.abs(expected[finite]) + FLT_MIN * np.maximum(np.abs(x64[finite]), 1))
+    assert np.all(np.signbit(actual[finite]) == np.signbit(expected[finite]))
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_half_precision_inputs(name, dtype):
+    fast, builtin, reference, _ = CASES[name]
+    values = np.concatenate([np.linspace(-20, 20, 4001), SPECIAL[1:-1]]).astype(np.float32)
+    x = mx.array(values).astype(dtype)
+    actual = fast(x)
+    assert actual.dtype == dtype
+    x64 = np.array(x.astype(mx.float32), dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = reference(x64)
+        got = np.array(actual.astype(mx.float32), dtype=np.float64)
+    # One rounding to the half type: within half an ulp of it (2^-11 fp16, 2^-8 bf16) plus
+    # what the half type cannot represent (overflow to inf, subnormal flushes).
+    ulp = 2.0**-10 if dtype == mx.float16 else 2.0**-7
+    tiny = 2.0**-24 if dtype == mx.float16 else 0.0
+    finite = np.isfinite(expected) & np.isfinite(got)
+    err = np.abs(got[finite] - expected[finite])
+    flush = FLT_MIN * np.maximum(np.abs(x64[finite]), 1)  # as in float32
+    assert np.all(err <= ulp * np.abs(expected)[finite] + tiny + flush), name
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(np.array(builtin(x).astype(mx.float32))))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fast_and_builtin_twins_agree_on_typical_activations(name):
+    fast, builtin, _, _ = CASES[name]
+    x = mx.random.normal((4, 64, 96), key=mx.random.key(3)) * 4
+    np.testing.assert_allclose(np.array(fast(x)), np.array(builtin(x)), rtol=2e-5, atol=1e-6)
+
+
+def test_shapes_layouts_and_tracing():
+    x = mx.random.normal((6, 10), key=mx.random.key(4))
+    for fast, builtin in [(act.silu_fast, nn.silu), (act.gelu_fast, nn.gelu)]:
+        assert fast(mx.array(0.5)).shape == ()
+        assert fast(mx.zeros((0, 3))).shape == (0, 3)
+        np.testing.assert_allclose(np.array(fast(x.T)), np.array(builtin(x.T)), rtol=1e-5, atol=1e-7)
+        traced = mx.compile(lambda y: fast(y) * 2)
+        np.testing.assert_allclose(np.array(traced(x)), 2 * np.array(fast(x)), rtol=1e-6, atol=1e-7)
+    gate = x[:1]  # broadcast gate
+    np.testing.assert_allclose(
+        np.array(act.glu_silu_fast(x, gate)), np.array(x * nn.silu(gate)), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_dispatch_by_backend(monkeypatch):
+    x = mx.random.normal((8, 8), key=mx.random.key(5)) * 3
+    pairs = [(act.silu, act.silu_fast, nn.silu), (act.sigmoid, act.sigmoid_fast, mx.sigmoid),
+             (act.gelu, act.gelu_fast, nn.gelu), (act.gelu_tanh, act.gelu_tanh_fast, nn.gelu_approx)]
+    assert act.use_fast()  # the test suite runs on the CPU
+    for dispatch, fast, _ in pairs:
+        np.testing.assert_array_equal(np.array(dispatch(x)), np.array(fast(x)))
+    np.testing.assert_array_equal(np.array(act.glu_silu(x, x)), np.array(act.glu_silu_fast(x, x)))
+    for backend in ("metal", "cuda"):
+        monkeypatch.setattr(act.platform, "backend", lambda backend=backend: backend)
+        assert not act.use_fast()
+        for dispatch, _, builtin in pairs:
+            np.testing.assert_array_equal(np.array(dispatch(x)), np.array(builtin(x)))
+        np.testing.assert_array_equal(np.array(act.glu_silu(x, x)), np.array(x * nn.silu(x)))
+
+
+@pytest.mark.parametrize("name", ["hardswish", "hardsigmoid"])
+def test_piecewise_linear_match_torch(name):
+    x = np.concatenate([np.linspace(-10, 10, 100_001), [-np.inf, np.inf, np.nan]]).astype(np.float32)
+    expected = getattr(torch.nn.functional, name)(torch.from_numpy(x)).numpy()
+    actual = np.array(getattr(act, name)(mx.array(x)))
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    ok = ~np.isnan(expected)
+    np.testing.assert_allclose(actual[ok], expected[ok], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# The models' CPU paths (taken when activations.use_fast()) against their GPU twins
+# ---------------------------------------------------------------------------
+def _randomized(module, seed: int = 0, scale: float = 0.3):
+    from mlx.utils import tree_flatten
+
+    params = [(k, mx.random.normal(v.shape, key=mx.random.key(seed + i)) * scale)
+              for i, (k, v) in enumerate(tree_flatten(module.parameters()))]
+    module.load_weights(params)
+    return module
+
+
+def _with_twin(monkeypatch, run):
+    fast = run()
+    monkeypatch.setattr(act, "use_fast", lambda: False)
+    twin = run()
+    monkeypatch.undo()
+    return np.array(fast), np.array(twin)
+
+
+def test_sana_glumbconv_cpu_path_matches_its_twin(monkeypatch):
+    from mobileo_mlx.models.sana import GLUMBConv
+
+    ff = _randomized(GLUMBConv(16, 40))
+    x = mx.random.normal((2, 6 * 5, 16), key=mx.random.key(9))
+    fast, twin = _with_twin(monkeypatch, lambda: ff(x, 6, 5))
+    np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-6)
