@@ -293,6 +293,13 @@ def _instrument(profiler: OpProfiler) -> None:
     ):
         if hasattr(owner, name):
             profiler.wrap_function(owner, name, label)
+    try:
+        from mobileo_mlx.models import activations
+    except ImportError:
+        return
+    for name in ("silu", "glu_silu", "sigmoid", "gelu", "gelu_tanh"):
+        if hasattr(activations, name):
+            profiler.wrap_function(activations, name, f"activations.{name}")
 
 
 def profile_worker(args) -> dict:
