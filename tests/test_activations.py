@@ -212,3 +212,13 @@ def test_sana_glumbconv_cpu_path_matches_its_twin(monkeypatch):
     x = mx.random.normal((2, 6 * 5, 16), key=mx.random.key(9))
     fast, twin = _with_twin(monkeypatch, lambda: ff(x, 6, 5))
     np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-6)
+
+
+def test_dcae_cpu_paths_match_their_twins(monkeypatch):
+    from mobileo_mlx.models.dcae import EfficientViTBlock, ResBlock
+
+    x = mx.random.normal((2, 6, 5, 64), key=mx.random.key(11))
+    for block in (ResBlock(64, "silu"), ResBlock(64, "gelu"), EfficientViTBlock(64, 16, (5,), "rms_norm")):
+        _randomized(block, seed=3, scale=0.2)
+        fast, twin = _with_twin(monkeypatch, lambda: block(x))
+        np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
