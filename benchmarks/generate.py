@@ -215,14 +215,22 @@ def torch_worker(args) -> dict:
 
 
 class OpProfiler:
-    """Evaluates the inputs of every wrapped call outside the clock and its output inside it,
-    so each wrapped op is charged its own work; the rest (glue between ops) is "other"."""
+    """Exclusive time per module call and per function of the model code.
+
+    Every module class in the model tree and every function of the model's Python modules
+    (``mobileo_mlx.models.sana`` / ``dcae`` / ``activations``, ``kernels.*``) is wrapped: a wrapped
+    call evaluates its inputs first (work charged to its caller), then runs and evaluates its
+    output under the clock. Each entry is charged its time minus the time of the wrapped calls
+    inside it, so a block's own row is the glue it computes inline (norms, residuals, reshapes).
+    Evaluating every call separately disables MLX's lazy fusion: the profiled total is shown
+    beside the plain one."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.paths: dict[int, str] = {}
-        self.depth = 0
+        self._children: list[float] = []
+        self._modules: list[str] = []  # enclosing module paths, innermost last
         self._restore: list = []
 
     def name_modules(self, model, prefix: str) -> None:
@@ -231,75 +239,84 @@ class OpProfiler:
         for path, module in model.named_modules():
             name = f"{prefix}.{path}" if path else prefix
             name = re.sub(r"(?<!up_)blocks\.\d+\.", "blocks.*.", name)  # DiT blocks: one row per layer kind
-            self.paths[id(module)] = re.sub(r"up_blocks\.(\d+)\.\d+\.", r"up_blocks.\1.*.", name)  # VAE: per stage
+            name = re.sub(r"(?<!up_)blocks\.\d+$", "blocks.*", name)
+            name = re.sub(r"up_blocks\.(\d+)\.\d+", r"up_blocks.\1.*", name)  # VAE: one row per stage
+            self.paths[id(module)] = f"{name} [{type(module).__name__}]"
 
-    def _wrap(self, fn, label_of):
+    def _wrap(self, fn, label_of, is_module: bool):
         profiler = self
 
         def wrapper(*args, **kwargs):
-            if profiler.depth:
-                return fn(*args, **kwargs)
             pending = [a for a in list(args) + list(kwargs.values()) if isinstance(a, (mx.array, tuple, list))]
             mx.eval(pending)
             label = label_of(args)
-            profiler.depth += 1
+            if not is_module and profiler._modules:  # a function: named after the module calling it
+                label = f"{profiler._modules[-1].split(' [')[0]}: {label}"
+            profiler._children.append(0.0)
+            if is_module:
+                profiler._modules.append(label)
+            start = time.perf_counter()
             try:
-                start = time.perf_counter()
                 out = fn(*args, **kwargs)
                 mx.eval(out)
-                profiler.seconds[label] += time.perf_counter() - start
-                profiler.calls[label] += 1
             finally:
-                profiler.depth -= 1
+                total = time.perf_counter() - start
+                inner = profiler._children.pop()
+                if is_module:
+                    profiler._modules.pop()
+                profiler.seconds[label] += total - inner
+                profiler.calls[label] += 1
+                if profiler._children:
+                    profiler._children[-1] += total
             return out
 
         return wrapper
 
-    def wrap_class(self, cls, kind: str) -> None:
-        original = cls.__call__
-        self._restore.append((cls, "__call__", original))
-        cls.__call__ = self._wrap(original, lambda args: f"{self.paths.get(id(args[0]), '?')} [{kind}]")
+    def wrap_classes_of(self, model) -> None:
+        classes = list(dict.fromkeys(type(module) for _, module in model.named_modules()))
+        originals = {cls: cls.__call__ for cls in classes}  # resolved before any class is patched
+        for cls in classes:
+            self._restore.append((cls, "__call__", cls.__dict__.get("__call__")))
+            cls.__call__ = self._wrap(originals[cls],
+                                      lambda args: self.paths.get(id(args[0]), f"? [{type(args[0]).__name__}]"), True)
+
+    def wrap_functions_of(self, module) -> None:
+        import inspect
+
+        for name, value in list(vars(module).items()):
+            if name.startswith("__") or inspect.isclass(value) or inspect.ismodule(value) or not callable(value):
+                continue
+            if inspect.isfunction(value) and value.__module__ != module.__name__:
+                continue  # imported helpers (dataclass, ...) stay as they are
+            if not inspect.isfunction(value) and type(value).__name__ not in ("nb_func", "function", "builtin_function_or_method"):
+                continue
+            self.wrap_function(module, name, f"{module.__name__.split('.')[-1]}.{name}()")
 
     def wrap_function(self, owner, name: str, label: str) -> None:
         original = getattr(owner, name)
         self._restore.append((owner, name, original))
-        setattr(owner, name, self._wrap(original, lambda args: label))
+        setattr(owner, name, self._wrap(original, lambda args: label, False))
 
     def restore(self) -> None:
         for owner, name, original in reversed(self._restore):
-            setattr(owner, name, original)
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
         self._restore.clear()
 
 
-def _instrument(profiler: OpProfiler) -> None:
-    import mlx.nn as nn
+def _instrument(profiler: OpProfiler, model) -> None:
+    import importlib
 
-    from mobileo_mlx import weights
-    from mobileo_mlx.models import dcae, sana
-
-    for cls, kind in ((nn.Linear, "linear"), (nn.QuantizedLinear, "qlinear"), (weights.DequantizedLinear, "dq-linear"),
-                      (nn.Conv2d, "conv"), (nn.LayerNorm, "norm"), (nn.RMSNorm, "norm"), (dcae.RMSNorm, "norm"),
-                      (sana.DepthwiseConv, "depthwise"), (dcae.DepthwiseConv2d, "depthwise"),
-                      (dcae.GroupedPointwise, "grouped 1x1")):
-        profiler.wrap_class(cls, kind)
-    for owner, name, label in (
-        (sana, "relu_linear_attention", "dit linear attention"), (sana, "_layer_norm", "dit layer norm"),
-        (sana, "_modulate", "dit modulate"), (sana, "_gated_residual", "dit gated residual"),
-        (sana, "_glu", "dit glu"), (mx.fast, "scaled_dot_product_attention", "dit cross-attention sdpa"),
-        (dcae, "relu_linear_attention", "vae linear attention"),
-        (dcae, "relu_quadratic_attention", "vae quadratic attention"), (dcae, "_silu", "vae silu"),
-        (dcae, "_gated_silu", "vae gated silu"), (dcae, "upsample_nearest", "vae upsample nearest"),
-        (dcae, "pixel_shuffle", "vae pixel shuffle"), (dcae, "repeat_channels", "vae repeat channels"),
-    ):
-        if hasattr(owner, name):
-            profiler.wrap_function(owner, name, label)
-    try:
-        from mobileo_mlx.models import activations
-    except ImportError:
-        return
-    for name in ("silu", "glu_silu", "sigmoid", "gelu", "gelu_tanh"):
-        if hasattr(activations, name):
-            profiler.wrap_function(activations, name, f"activations.{name}")
+    profiler.wrap_classes_of(model)
+    for name in ("mobileo_mlx.models.sana", "mobileo_mlx.models.dcae", "mobileo_mlx.models.activations",
+                 "kernels.depthwise", "kernels.linear_attention"):
+        try:
+            profiler.wrap_functions_of(importlib.import_module(name))
+        except ImportError:
+            continue
+    profiler.wrap_function(mx.fast, "scaled_dot_product_attention", "mx.fast.scaled_dot_product_attention()")
 
 
 def profile_worker(args) -> dict:
@@ -309,6 +326,7 @@ def profile_worker(args) -> dict:
     model = MobileO(args.folder)
     dit, vae = model.component("dit"), model.component("vae")
     conditioning = model.conditioning(model._caption_prompt(processing.generation_prompt, args.prompt))
+    model.release("language", "mcp")
     noise = common.noise(model.config, args.size)
     latents = model.initial_latents(args.size, noise=noise).astype(model.dtype)
     context = mx.concatenate([conditioning.uncond, conditioning.cond]).astype(model.dtype)
@@ -320,43 +338,49 @@ def profile_worker(args) -> dict:
         return dit(batch, time=dit.embed_timestep(499.0), text=text)
 
     scaled = latents / float(model.config["vae"]["scaling_factor"])
-    result = {"side": "mlx-profile", "load": common.load_average()}
-    for name, fn, module, prefix in (("dit", dit_step, dit, "dit"), ("vae", lambda: vae(scaled), vae, "vae")):
+    result = {"side": "mlx-profile", "load": common.load_average(), "size": args.size}
+    for name, fn, module in (("dit", dit_step, dit), ("vae", lambda: vae(scaled), vae)):
         mx.eval(fn())  # warm-up
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        plain = time.perf_counter() - t0
+        plain = []
+        for _ in range(args.profile_repeats):
+            t0 = time.perf_counter()
+            mx.eval(fn())
+            plain.append(time.perf_counter() - t0)
         profiler = OpProfiler()
-        profiler.name_modules(module, prefix)
-        _instrument(profiler)
+        profiler.name_modules(module, name)
+        _instrument(profiler, module)
         try:
             t0 = time.perf_counter()
             mx.eval(fn())
             profiled = time.perf_counter() - t0
         finally:
             profiler.restore()
-        result[name] = {"plain_s": plain, "profiled_s": profiled, "ops": dict(profiler.seconds),
-                        "calls": dict(profiler.calls)}
+        result[name] = {"plain_s": min(plain), "plain_all_s": plain, "profiled_s": profiled,
+                        "ops": dict(profiler.seconds), "calls": dict(profiler.calls)}
+    result["load_after"] = common.load_average()
     return result
 
 
-def print_profile(data: dict, config: dict) -> str:
+def print_profile(data: dict, config: dict | None = None, top: int = 16) -> str:
     lines = []
     for name in ("dit", "vae"):
         part = data[name]
-        ops = defaultdict(float)
-        for op, seconds in part["ops"].items():
-            ops[op] += seconds
-        accounted = sum(ops.values())
-        other = max(part["profiled_s"] - accounted, 0.0)
-        rows = sorted(ops.items(), key=lambda kv: -kv[1])[:14]
-        rows = [[op, common.fmt(s * 1e3, 0), common.fmt(100 * s / part["profiled_s"], 1)] for op, s in rows]
-        rows.append(["(everything else: glue, copies, reshapes)", common.fmt(other * 1e3, 0),
-                     common.fmt(100 * other / part["profiled_s"], 1)])
-        title = "one CFG DiT step (batch 2)" if name == "dit" else "VAE decode"
-        lines.append(f"{title}: {part['plain_s']:.2f} s as run, {part['profiled_s']:.2f} s with every op "
-                     f"evaluated separately ({data['load']})")
-        lines.append(common.table(["op (module path, kind)", "ms", "% of profiled"], rows))
+        rows = sorted(part["ops"].items(), key=lambda kv: -kv[1])
+        shown = rows[:top]
+        rest = sum(s for _, s in rows[top:])
+        unaccounted = part["profiled_s"] - sum(s for _, s in rows)
+        table_rows = [[op, part["calls"].get(op, ""), common.fmt(s * 1e3, 0), common.fmt(100 * s / part["profiled_s"], 1)]
+                      for op, s in shown]
+        table_rows.append([f"({len(rows) - len(shown)} more rows)", "", common.fmt(rest * 1e3, 0),
+                           common.fmt(100 * rest / part["profiled_s"], 1)])
+        table_rows.append(["(outside any wrapped call)", "", common.fmt(unaccounted * 1e3, 0),
+                           common.fmt(100 * unaccounted / part["profiled_s"], 1)])
+        title = "one CFG DiT step (batch 2, t=499)" if name == "dit" else f"VAE decode (one {data.get('size', 512)}x{data.get('size', 512)} image)"
+        plain_all = ", ".join(f"{s:.2f}" for s in part.get("plain_all_s", [part["plain_s"]]))
+        lines.append(f"{title}: best {part['plain_s']:.2f} s as run ({plain_all}), {part['profiled_s']:.2f} s with "
+                     f"every call evaluated separately (exclusive times; {data['load']})")
+        lines.append(common.table(["call (module path [class] or function)", "calls", "ms", "% of profiled"],
+                                  table_rows))
         lines.append("")
     return "\n".join(lines)
 
@@ -370,7 +394,7 @@ def _stage_times(result: dict, target_steps: int) -> dict:
     median = statistics.median(steps)
     all_steps = sum(steps) + (target_steps - len(steps)) * median if len(steps) < target_steps else sum(steps)
     return {
-        "llm_mcp": result["llm_mcp_s"], "step": median, "steps": all_steps, "vae": result["decode_s"],
+        "llm_mcp": result["llm_mcp_s"], "step": median, "best_step": min(steps), "steps": all_steps, "vae": result["decode_s"],
         "total": result["llm_mcp_s"] + all_steps + result["decode_s"], "load": result["load_s"],
     }
 
@@ -444,7 +468,7 @@ def parent(args) -> int:
             raise SystemExit(f"unknown side {side!r}; choose from {', '.join(SIDES)}")
     shared = ["--folder", str(folder), "--checkpoint", str(checkpoint), "--steps", str(args.steps),
               "--guidance", str(args.guidance), "--size", str(args.size), "--prompt", args.prompt,
-              "--out", str(out), "--warmup", args.warmup]
+              "--out", str(out), "--warmup", args.warmup, "--profile-repeats", str(args.profile_repeats)]
     print(f"machine: {json.dumps(common.machine())}")
     print(f"command: python -m benchmarks.generate {' '.join(sys.argv[1:])}"
           + (f"  (threads pinned to {args.threads})" if args.threads else ""))
@@ -475,11 +499,12 @@ def parent(args) -> int:
     steps_label = f"all {target} steps" + (f" (extrapolated from {args.steps})" if extrapolated else "")
     rows = []
     for key, label, peak in (("llm_mcp", "LLM + MCP", "llm_mcp"), ("step", "one DiT step (median)", None),
+                             ("best_step", "one DiT step (best)", None),
                              ("steps", steps_label, "dit"), ("vae", "VAE decode", "vae"),
                              ("total", "total" + (" (extrapolated)" if extrapolated else ""), None)):
         row = [label]
         for side in sides:
-            row.append(common.fmt(times[side][key], 3 if key == "step" else 2))
+            row.append(common.fmt(times[side][key], 3 if key in ("step", "best_step") else 2))
             if side != "mlx" and "mlx" in times:
                 row.append("x" + common.fmt(times[side][key] / times["mlx"][key], 2))
         if "mlx" in results:
@@ -494,12 +519,13 @@ def parent(args) -> int:
     print()
     rows = []
     for side, r in results.items():
-        dit_gflops = step_flops / times[side]["step"] / 1e9
+        median_gflops = step_flops / times[side]["step"] / 1e9
+        best_gflops = step_flops / times[side]["best_step"] / 1e9
         rows.append([side, common.fmt(r["peak_rss_gb"], 2), common.fmt(r["rss_loaded_gb"], 2),
-                     common.fmt(r.get("cuda_peak_gb"), 2), common.fmt(dit_gflops, 1),
-                     common.fmt(r["matmul_gflops"], 1), common.fmt(100 * dit_gflops / r["matmul_gflops"], 0)])
-    print(common.table(["side", "peak RSS GB", "RSS after load GB", "CUDA peak GB", "DiT GFLOP/s",
-                        "matmul 1024^3 GFLOP/s", "DiT % of matmul"], rows))
+                     common.fmt(r.get("cuda_peak_gb"), 2), common.fmt(median_gflops, 1), common.fmt(best_gflops, 1),
+                     common.fmt(r["matmul_gflops"], 1), common.fmt(100 * best_gflops / r["matmul_gflops"], 0)])
+    print(common.table(["side", "peak RSS GB", "RSS after load GB", "CUDA peak GB", "DiT GFLOP/s (median step)",
+                        "DiT GFLOP/s (best step)", "matmul 1024^3 GFLOP/s", "best DiT % of matmul"], rows))
     print(f"DiT work per CFG step: {step_flops / 1e9:.1f} GFLOP (diffusers' forward at batch 2, {cells * cells} "
           f"image tokens, {prompt_tokens} caption tokens; MLX hoists the caption projection and cross K/V, "
           f"{common.dit_forward_flops(config['dit'], 2, cells * cells, prompt_tokens, True) / 1e9:.1f} GFLOP per step)")
@@ -566,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
                         help="Run a 2-step generation + decode before timing (auto: on GPUs only).")
     parser.add_argument("--profile", action="store_true", help="Also profile one DiT step and the VAE decode (MLX).")
+    parser.add_argument("--profile-repeats", type=int, default=3,
+                        help="Plain (unprofiled) runs of each profiled stage; the best is shown (default 3).")
     parser.add_argument("--compute-efficiency", type=float, default=common.COMPUTE_EFFICIENCY)
     parser.add_argument("--bandwidth-efficiency", type=float, default=common.BANDWIDTH_EFFICIENCY)
     parser.add_argument("--threads", type=int, default=None,
