@@ -162,7 +162,8 @@ def test_shapes_layouts_and_tracing():
 def test_dispatch_by_backend(monkeypatch):
     x = mx.random.normal((8, 8), key=mx.random.key(5)) * 3
     pairs = [(act.silu, act.silu_fast, nn.silu), (act.sigmoid, act.sigmoid_fast, mx.sigmoid),
-             (act.gelu, act.gelu_fast, nn.gelu), (act.gelu_tanh, act.gelu_tanh_fast, nn.gelu_approx)]
+             (act.gelu, act.gelu_fast, nn.gelu), (act.gelu_tanh, act.gelu_tanh_fast, nn.gelu_approx),
+             (act.softmax, act.softmax_fast, act.softmax_builtin)]
     assert act.use_fast()  # the test suite runs on the CPU
     for dispatch, fast, _ in pairs:
         np.testing.assert_array_equal(np.array(dispatch(x)), np.array(fast(x)))
@@ -173,6 +174,9 @@ def test_dispatch_by_backend(monkeypatch):
         for dispatch, _, builtin in pairs:
             np.testing.assert_array_equal(np.array(dispatch(x)), np.array(builtin(x)))
         np.testing.assert_array_equal(np.array(act.glu_silu(x, x)), np.array(x * nn.silu(x)))
+        q = x.reshape(1, 2, 4, 8)
+        np.testing.assert_array_equal(np.array(act.scaled_dot_product_attention(q, q, q, 0.3)),
+                                      np.array(mx.fast.scaled_dot_product_attention(q, q, q, scale=0.3)))
 
 
 @pytest.mark.parametrize("name", ["hardswish", "hardsigmoid"])
@@ -183,6 +187,63 @@ def test_piecewise_linear_match_torch(name):
     np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
     ok = ~np.isnan(expected)
     np.testing.assert_allclose(actual[ok], expected[ok], rtol=1e-6, atol=1e-7)
+
+
+def test_large_inputs_run_in_chunks_with_identical_results(monkeypatch):
+    x = mx.random.normal((3, 700, 1001), key=mx.random.key(6)) * 6  # > 2 chunks, ragged tail
+    g = mx.random.normal((3, 700, 1001), key=mx.random.key(7))
+    monkeypatch.setattr(act, "_cache_limit", lambda: 0)  # force chunking
+    chunked = [act.silu_fast(x), act.sigmoid_fast(x), act.gelu_fast(x), act.glu_silu_fast(x, g)]
+    monkeypatch.setattr(act, "_cache_limit", lambda: 1 << 62)  # force one piece
+    whole = [act.silu_fast(x), act.sigmoid_fast(x), act.gelu_fast(x), act.glu_silu_fast(x, g)]
+    for a, b in zip(chunked, whole):
+        assert a.shape == x.shape
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert act._cache_limit() == act._cache_limit()  # reading the limit leaves it unchanged
+
+
+def test_softmax_and_exp_neg():
+    x = mx.random.normal((4, 7, 300), key=mx.random.key(8)) * 20
+    x = mx.concatenate([x, mx.full((4, 7, 1), -np.inf)], axis=-1)  # a masked column
+    x64 = np.array(x, dtype=np.float64)
+    expected = torch.softmax(torch.from_numpy(x64), dim=-1).numpy()
+    actual = np.array(act.softmax_fast(x), dtype=np.float64)
+    # float32 rounding of max - x costs up to half an ulp of it in the exponent
+    spread = np.nan_to_num(x64.max(axis=-1, keepdims=True) - x64, posinf=0.0)
+    assert np.all(np.abs(actual - expected) <= expected * (1e-6 + 2.0**-24 * spread) + 1e-37)
+    # Over axis 1 the masked column is all -inf: NaN, as MLX's softmax gives.
+    other = np.array(act.softmax_fast(x, axis=1), dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(other), np.isnan(np.array(mx.softmax(x, axis=1))))
+    expected = torch.softmax(torch.from_numpy(x64[..., :-1]), dim=1).numpy()
+    spread = x64[..., :-1].max(axis=1, keepdims=True) - x64[..., :-1]
+    assert np.all(np.abs(other[..., :-1] - expected) <= expected * (1e-6 + 2.0**-24 * spread) + 1e-37)
+    a = mx.array(np.array([0.0, 1e-30, 0.5, 1.0, 20.0, 87.0, 88.0, 100.0, np.inf, np.nan], dtype=np.float32))
+    got = np.array(act.exp_neg_fast(a), dtype=np.float64)
+    ref = np.exp(-np.array(a, dtype=np.float64))
+    ok = ref > FLT_MIN
+    assert np.all(np.abs(got - ref)[ok] <= 3e-7 * ref[ok])
+    assert np.all(got[~ok & ~np.isnan(ref)] <= FLT_MIN) and np.isnan(got[-1])
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 256, 40, 72), (1, 24, 300, 300, 32), (2, 3, 5, 9, 8)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_matches_sdpa(shape, masked):
+    batch, heads, tokens, keys, depth = shape
+    q = mx.random.normal((batch, heads, tokens, depth), key=mx.random.key(1)) * 2
+    k = mx.random.normal((batch, heads, keys, depth), key=mx.random.key(2)) * 2
+    v = mx.random.normal((batch, heads, keys, depth), key=mx.random.key(3))
+    mask = None
+    if masked:  # diffusers-style additive key mask [B, 1, 1, L]
+        keep = np.ones((batch, keys), dtype=np.float32)
+        keep[0, keys // 2 :] = 0
+        mask = mx.array((1 - keep) * -10000.0)[:, None, None, :]
+    scale = depth**-0.5
+    expected = act.attention_builtin(q, k, v, scale, mask)
+    np.testing.assert_allclose(np.array(act.attention_fast(q, k, v, scale, mask)), np.array(expected),
+                               rtol=1e-5, atol=2e-6)
+    half = act.attention_fast(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale, mask)
+    assert half.dtype == mx.float16
+    np.testing.assert_allclose(np.array(half.astype(mx.float32)), np.array(expected), rtol=2e-2, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------

@@ -55,6 +55,8 @@ __all__ = [
     "silu", "sigmoid", "gelu", "gelu_tanh", "glu_silu", "hardswish", "hardsigmoid",
     "silu_fast", "sigmoid_fast", "gelu_fast", "gelu_tanh_fast", "glu_silu_fast",
     "silu_builtin", "sigmoid_builtin", "gelu_builtin", "gelu_tanh_builtin", "glu_silu_builtin",
+    "softmax", "softmax_fast", "softmax_builtin", "exp_neg_fast",
+    "scaled_dot_product_attention", "attention_fast", "attention_builtin",
     "use_fast",
 ]
 
@@ -155,20 +157,61 @@ def _logistic_parts(x32: mx.array):
     return bits, r, scale_bits.view(mx.float32)
 
 
-def sigmoid_fast(x: mx.array) -> mx.array:
+# --- chunking ------------------------------------------------------------------
+# Each CPU activation writes 3-5 full-size temporaries. MLX's CPU buffer cache is 32 MB
+# by default: past that every temporary is fresh memory, page-faulted at ~0.3 ms/MB
+# (more than the arithmetic). Large inputs therefore run in 64K-element chunks (their
+# temporaries are recycled and stay in cache) unless the cache limit holds them anyway.
+_CHUNK = 1 << 16
+_TEMPORARIES = 6  # full-size float32 arrays alive in the longest kernel chain
+
+
+def _cache_limit() -> int:
+    """MLX's current buffer-cache limit (set_cache_limit returns the previous one; a huge
+    limit in between frees nothing)."""
+    previous = mx.set_cache_limit(1 << 62)
+    mx.set_cache_limit(previous)
+    return previous
+
+
+def _chunked(fn, *arrays: mx.array) -> mx.array:
+    """fn over flat 64K-element chunks of same-shape arrays, concatenated, when the whole
+    call's temporaries would not fit MLX's buffer cache; fn(*arrays) otherwise."""
+    shape, size = arrays[0].shape, arrays[0].size
+    if (size <= 2 * _CHUNK or any(a.shape != shape for a in arrays)
+            or size * 4 * _TEMPORARIES <= _cache_limit()):
+        return fn(*arrays)
+    flats = [a.reshape(-1) for a in arrays]
+    parts = [fn(*(f[i : i + _CHUNK] for f in flats)) for i in range(0, size, _CHUNK)]
+    return mx.concatenate(parts).reshape(shape)
+
+
+def _sigmoid_whole(x: mx.array) -> mx.array:
     x32 = _f32(x)
     return _back(_sigmoid_out(*_logistic_parts(x32)), x.dtype)
 
 
-def silu_fast(x: mx.array) -> mx.array:
+def _silu_whole(x: mx.array) -> mx.array:
     x32 = _f32(x)
     return _back(_silu_out(x32, *_logistic_parts(x32)), x.dtype)
 
 
-def glu_silu_fast(a: mx.array, g: mx.array) -> mx.array:
-    """a * silu(g) (GLUMBConv's gate); a and g of one shape."""
+def _glu_silu_whole(a: mx.array, g: mx.array) -> mx.array:
     g32 = _f32(g)
     return _back(_glu_out(_f32(a), g32, *_logistic_parts(g32)), a.dtype)
+
+
+def sigmoid_fast(x: mx.array) -> mx.array:
+    return _chunked(_sigmoid_whole, x)
+
+
+def silu_fast(x: mx.array) -> mx.array:
+    return _chunked(_silu_whole, x)
+
+
+def glu_silu_fast(a: mx.array, g: mx.array) -> mx.array:
+    """a * silu(g) (GLUMBConv's gate); g broadcastable to a."""
+    return _chunked(_glu_silu_whole, a, g)
 
 
 # --- GELU, exact (erf) form -------------------------------------------------
@@ -232,6 +275,10 @@ def _gelu_out(x, bits, half_erfcx, r, scale):
 
 
 def gelu_fast(x: mx.array) -> mx.array:
+    return _chunked(_gelu_whole, x)
+
+
+def _gelu_whole(x: mx.array) -> mx.array:
     x32 = _f32(x)
     bits = x32.view(mx.int32)
     a_bits, hi_bits = _clamped_abs_split(_GELU_BOUND)(bits)
@@ -255,6 +302,64 @@ def gelu_tanh_fast(x: mx.array) -> mx.array:
     x32 = _f32(x)
     w = _gelu_tanh_arg(x32)
     return _back(_silu_out(x32, *_logistic_parts(w)), x.dtype)
+
+
+# --- exp(-a), softmax and softmax attention ------------------------------------
+@mx.compile
+def _exp_neg_out(r, scale):
+    num, den = _pade(r)
+    return scale * num / den
+
+
+def exp_neg_fast(a: mx.array) -> mx.array:
+    """exp(-a) for a >= 0 (float32; +inf -> 0, NaN -> NaN), relative error < 2e-7."""
+    bits = _clamped_abs(_SIGMOID_BOUND)(_f32(a).view(mx.int32))
+    scale_bits, r = _exp_neg_parts(bits.view(mx.float32))
+    return _exp_neg_out(r, scale_bits.view(mx.float32))
+
+
+def softmax_fast(x: mx.array, axis: int = -1) -> mx.array:
+    x32 = _f32(x)
+    e = exp_neg_fast(mx.max(x32, axis=axis, keepdims=True) - x32)
+    return _back(e / mx.sum(e, axis=axis, keepdims=True), x.dtype)
+
+
+_ATTENTION_CHUNK = 1 << 20  # score elements per chunk of heads (4 MB: cache-resident)
+
+
+def _attention_core(q, k, v, scale, mask):
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = scores + mask
+    weights = exp_neg_fast(mx.max(scores, axis=-1, keepdims=True) - scores)
+    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+
+
+def attention_fast(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T * scale + mask) v for q [..., N, d], k/v [..., L, d] (the same leading
+    axes; heads in them): scores by GEMM, the exponentials by ``exp_neg_fast``, the
+    normalisation applied to the [N, d] output instead of the [N, L] weights. Float32
+    inside; additive ``mask`` broadcastable to the scores. Long score matrices run a few
+    heads at a time, so their temporaries stay in cache (and out of fresh pages)."""
+    dtype = v.dtype
+    *lead, tokens, depth = q.shape
+    keys = k.shape[-2]
+    q32, k32, v32 = _f32(q), _f32(k), _f32(v)
+    mask32 = None if mask is None else mask.astype(mx.float32)
+    heads = math.prod(lead)
+    step = max(1, _ATTENTION_CHUNK // max(1, tokens * keys))
+    if heads <= step:
+        return _back(_attention_core(q32, k32, v32, scale, mask32), dtype)
+    q3 = q32.reshape(heads, tokens, depth)
+    k3, v3 = k32.reshape(heads, keys, -1), v32.reshape(heads, keys, -1)
+    if mask32 is not None:
+        mask32 = mx.broadcast_to(mask32, (*lead, tokens, keys)).reshape(heads, tokens, keys)
+    parts = [
+        _attention_core(q3[i : i + step], k3[i : i + step], v3[i : i + step], scale,
+                        None if mask32 is None else mask32[i : i + step])
+        for i in range(0, heads, step)
+    ]
+    return _back(mx.concatenate(parts, axis=0).reshape(*lead, tokens, v.shape[-1]), dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -281,6 +386,14 @@ def glu_silu_builtin(a: mx.array, g: mx.array) -> mx.array:
     return a * nn.silu(g)
 
 
+def softmax_builtin(x: mx.array, axis: int = -1) -> mx.array:
+    return mx.softmax(x, axis=axis, precise=True)
+
+
+def attention_builtin(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
 # ---------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------
@@ -305,6 +418,17 @@ def gelu_tanh(x: mx.array) -> mx.array:
 def glu_silu(a: mx.array, g: mx.array) -> mx.array:
     """a * silu(g)."""
     return glu_silu_fast(a, g) if use_fast() else glu_silu_builtin(a, g)
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    return softmax_fast(x, axis) if use_fast() else softmax_builtin(x, axis)
+
+
+def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                                 mask: mx.array | None = None) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention`` (additive mask) with a fast CPU form: MLX's
+    CPU fallback evaluates the softmax with its scalar ``exp``."""
+    return attention_fast(q, k, v, scale, mask) if use_fast() else attention_builtin(q, k, v, scale, mask)
 
 
 # Piecewise-linear activations: plain arithmetic, the same on every backend (torch's

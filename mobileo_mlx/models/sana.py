@@ -215,7 +215,7 @@ class CrossAttention(nn.Module):
 
     def __call__(self, x: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
         q = _split_heads(self.q_proj(x), self.heads)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=key_bias)
+        out = activations.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=key_bias)
         return self.out_proj(_merge_heads(out))
 
 
