@@ -283,3 +283,28 @@ def test_dcae_cpu_paths_match_their_twins(monkeypatch):
         _randomized(block, seed=3, scale=0.2)
         fast, twin = _with_twin(monkeypatch, lambda: block(x))
         np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
+
+
+def test_dcae_cpu_convolutions_match_their_twins(monkeypatch):
+    from mobileo_mlx.models.dcae import DCAEDecoder, DCAEDecoderConfig, UpsampleBlock, conv3x3_cpu
+
+    x = mx.random.normal((2, 7, 6, 24), key=mx.random.key(12))
+    weight = mx.random.normal((16, 3, 3, 24), key=mx.random.key(13)) * 0.2
+    bias = mx.random.normal((16,), key=mx.random.key(14))
+    np.testing.assert_allclose(np.array(conv3x3_cpu(x, weight, bias)),
+                               np.array(mx.conv2d(x, weight, padding=1) + bias), rtol=1e-5, atol=1e-5)
+    for cin, cout in [(24, 12), (24, 24), (24, 48), (24, 96)]:  # shortcut repeats 2, 4, 8, 16
+        block = _randomized(UpsampleBlock(cin, cout, True), seed=cout, scale=0.2)
+        fast, twin = _with_twin(monkeypatch, lambda: block(x))
+        assert fast.shape == (2, 14, 12, cout)
+        np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
+    block.conv.weight = block.conv.weight * 2  # new weights: the combined taps follow
+    fast, twin = _with_twin(monkeypatch, lambda: block(x))
+    np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
+    config = DCAEDecoderConfig(block_out_channels=(8, 16, 32), block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                               layers_per_block=(1, 1, 1), qkv_multiscales=((), (), (5,)), latent_channels=4,
+                               attention_head_dim=8)
+    decoder = _randomized(DCAEDecoder(config), seed=5, scale=0.2)
+    latents = mx.random.normal((1, 3, 2, 4), key=mx.random.key(15))
+    fast, twin = _with_twin(monkeypatch, lambda: decoder(latents))
+    np.testing.assert_allclose(fast, twin, rtol=1e-4, atol=1e-5)

@@ -143,6 +143,70 @@ def upsample_nearest(x: mx.array, factor: int = 2) -> mx.array:
     return x.reshape(b, h * factor, w * factor, c)
 
 
+# ---------------------------------------------------------------- CPU convolutions
+# MLX's CPU conv2d lowers a 3x3 conv to one GEMM over a 9x im2col buffer (1.2 GB at
+# 512^2 x 128). The CPU path instead shifts horizontally only (a 3x buffer: the three
+# column taps side by side on the channel axis) and takes the vertical taps as three
+# row-offset views of it: three GEMMs (K = 3C) accumulated with addmm, bias included.
+# Same products, summed in another order (float rounding only).
+
+
+def _hshift(xp: mx.array, offsets: Sequence[int], width: int) -> mx.array:
+    """Column windows ``xp[:, :, o:o+width]`` of a padded NHWC map, side by side on channels."""
+    return mx.concatenate([xp[:, :, o : o + width] for o in offsets], axis=-1)
+
+
+def _row_taps_gemm(rows: mx.array, weights: Sequence[mx.array], offset: int, height: int,
+                   width: int, init: mx.array | None) -> mx.array:
+    """sum_t rows[:, (offset+t)*width : ... + height*width] @ weights[t] (+ init), rows [B, R*width, K]."""
+    y = init
+    for t, weight in enumerate(weights):
+        start = (offset + t) * width
+        window = rows[:, start : start + height * width]
+        y = window @ weight if y is None else mx.addmm(y, window, weight)
+    return y
+
+
+def conv3x3_cpu(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """3x3 conv, stride 1, padding 1: x [B,H,W,C], weight [O,3,3,C] (MLX layout), bias [O]."""
+    batch, height, width, channels = x.shape
+    out = weight.shape[0]
+    padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    rows = _hshift(padded, (0, 1, 2), width).reshape(batch, (height + 2) * width, 3 * channels)
+    # [dy, O, (dx, c)], each tap row-contiguous so that the GEMMs read it transposed in place.
+    taps = mx.contiguous(weight.transpose(1, 0, 2, 3)).reshape(3, out, 3 * channels)
+    y = _row_taps_gemm(rows, [taps[dy].T for dy in range(3)], 0, height, width, bias)
+    return y.reshape(batch, height, width, out)
+
+
+def _conv3x3(conv: nn.Conv2d, x: mx.array) -> mx.array:
+    """A 3x3 / stride 1 / padding 1 ``nn.Conv2d``: the GEMM form on the CPU, MLX's conv elsewhere."""
+    if activations.use_fast():
+        return conv3x3_cpu(x, conv.weight, conv.get("bias"))
+    return conv(x)
+
+
+def _subpixel_weights(weight: mx.array) -> dict:
+    """Nearest x2 then a 3x3 conv equals, at each output parity (a, b), a 2x2 conv of the
+    low-resolution input whose taps sum the 3x3 taps that read the same input pixel:
+    parity 0 reads rows/cols (-1, 0) with taps (w0, w1 + w2), parity 1 reads (0, +1) with
+    (w0 + w1, w2). Returns {(a, b): [2 (dy), O, 2C (dx, c)]}, contiguous (sums in float32)."""
+    w = weight.astype(mx.float32)
+
+    def pairs(t, axis):  # the two combined taps of parity 0 and 1 along ``axis``
+        take = lambda i: mx.take(t, mx.array([i]), axis=axis)  # noqa: E731
+        return {0: (take(0), take(1) + take(2)), 1: (take(0) + take(1), take(2))}
+
+    out = {}
+    for a, (r0, r1) in pairs(w, 1).items():
+        rows = mx.concatenate([r0, r1], axis=1)  # [O, 2, 3, C]
+        for b, (c0, c1) in pairs(rows, 2).items():
+            wab = mx.concatenate([c0, c1], axis=2)  # [O, 2, 2, C]
+            wab = mx.contiguous(wab.transpose(1, 0, 2, 3).astype(weight.dtype))  # [2, O, 2, C]
+            out[a, b] = wab.reshape(2, wab.shape[1], -1)  # [dy, O, (dx, c)]
+    return out
+
+
 # ---------------------------------------------------------------- layers
 
 
@@ -205,7 +269,7 @@ class ResBlock(nn.Module):
         self.act = _activation(act_fn)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.norm.residual(self.conv2(self.act(self.conv1(x))), x)
+        return self.norm.residual(_conv3x3(self.conv2, self.act(_conv3x3(self.conv1, x))), x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -314,11 +378,45 @@ class UpsampleBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, conv_out, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.interpolate and activations.use_fast():
+            return self._subpixel(x)
         if self.interpolate:
             y = self.conv(upsample_nearest(x))
         else:
             y = pixel_shuffle(self.conv(x))
         return y + pixel_shuffle(repeat_channels(x, self.repeats))
+
+    def _shortcut_channels(self, a: int, b: int, out: int) -> mx.array:
+        """Input channels the shortcut reads at output parity (a, b):
+        pixel_shuffle(repeat_interleave(x, r)) puts x[..., (4c + 2a + b) // r] at (a, b, c)."""
+        return (4 * mx.arange(out) + 2 * a + b) // self.repeats
+
+    def _subpixel(self, x: mx.array) -> mx.array:
+        """CPU form of nearest x2 -> 3x3 conv (+ bias + shortcut): four 2x2 convs of the
+        low-resolution input (2.25x fewer products), each as two row-offset GEMMs over a
+        2-column shifted copy, then one interleaving copy."""
+        weight = self.conv.weight
+        cached = getattr(self, "_subpixel_cache", None)
+        if cached is None or cached[0] is not weight:
+            cached = (weight, _subpixel_weights(weight))
+            self._subpixel_cache = cached
+        taps = cached[1]
+        batch, height, width, channels = x.shape
+        out = weight.shape[0]
+        padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+        # Parity b = 0 reads columns (-1, 0), b = 1 columns (0, +1): padded offsets (0, 1), (1, 2).
+        rows = {b: _hshift(padded, (b, b + 1), width).reshape(batch, (height + 2) * width, 2 * channels)
+                for b in (0, 1)}
+        parts = []
+        for a in (0, 1):
+            for b in (0, 1):
+                init = mx.take(x, self._shortcut_channels(a, b, out), axis=-1) + self.conv.bias
+                init = init.reshape(batch, height * width, out)
+                # Parity a = 0 reads rows (-1, 0): padded row offset 0; a = 1 reads (0, +1): 1.
+                y = _row_taps_gemm(rows[b], [taps[a, b][0].T, taps[a, b][1].T], a, height, width, init)
+                parts.append(y.reshape(batch, height, width, out))
+        y = mx.stack(parts, axis=1).reshape(batch, 2, 2, height, width, out)
+        return y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, 2 * height, 2 * width, out)
 
 
 # ---------------------------------------------------------------- decoder
@@ -371,13 +469,13 @@ class DCAEDecoder(nn.Module):
         raise ValueError(f"unsupported decoder block type {block_type!r}")
 
     def __call__(self, latents: mx.array) -> mx.array:
-        x = self.conv_in(latents)
+        x = _conv3x3(self.conv_in, latents)
         if self.config.in_shortcut:
             x = x + repeat_channels(latents, x.shape[-1] // latents.shape[-1])
         for stage in reversed(self.up_blocks):
             for layer in stage:
                 x = layer(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return _conv3x3(self.conv_out, self.conv_act(self.norm_out(x)))
 
     def decode_tiled(self, latents: mx.array, tile: int = 16, overlap: int = 4) -> mx.array:
         """Decode overlapping ``tile`` x ``tile`` latent tiles (``overlap`` latents shared by
