@@ -145,38 +145,49 @@ def upsample_nearest(x: mx.array, factor: int = 2) -> mx.array:
 
 # ---------------------------------------------------------------- CPU convolutions
 # MLX's CPU conv2d lowers a 3x3 conv to one GEMM over a 9x im2col buffer (1.2 GB at
-# 512^2 x 128). The CPU path instead shifts horizontally only (a 3x buffer: the three
-# column taps side by side on the channel axis) and takes the vertical taps as three
-# row-offset views of it: three GEMMs (K = 3C) accumulated with addmm, bias included.
-# Same products, summed in another order (float rounding only).
+# 512^2 x 128, page-faulted every call). The CPU path builds no im2col at all: in the
+# zero-padded map flattened to rows of width W+2, the input of tap (dy, dx) for every
+# output pixel is one contiguous window of the flat map, offset by dy*(W+2) + dx. So a
+# 3x3 conv is nine GEMMs (K = C) on views, accumulated in place by addmm (bias first),
+# computed on the padded width: the two extra columns per row are wrap-around garbage
+# that the caller crops (for free, inside its next copy). Same products, summed in another
+# order (float rounding only).
 
 
-def _hshift(xp: mx.array, offsets: Sequence[int], width: int) -> mx.array:
-    """Column windows ``xp[:, :, o:o+width]`` of a padded NHWC map, side by side on channels."""
-    return mx.concatenate([xp[:, :, o : o + width] for o in offsets], axis=-1)
+def _padded_rows(x: mx.array) -> mx.array:
+    """[B,H,W,C] -> zero-padded [B, (H+3)*(W+2), C]: one pixel around, and a spare row at
+    the bottom for the last windows' wrap-around."""
+    batch, height, width, channels = x.shape
+    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)])
+    return padded.reshape(batch, (height + 3) * (width + 2), channels)
 
 
-def _row_taps_gemm(rows: mx.array, weights: Sequence[mx.array], offset: int, height: int,
-                   width: int, init: mx.array | None) -> mx.array:
-    """sum_t rows[:, (offset+t)*width : ... + height*width] @ weights[t] (+ init), rows [B, R*width, K]."""
+def _taps_gemm(rows: mx.array, taps: Sequence[tuple[int, mx.array]], height: int, width: int,
+               init: mx.array | None) -> mx.array:
+    """init + sum over (offset, weight [O, C]) of rows[:, offset : offset + H*(W+2)] @ weight.T:
+    [B, H*(W+2), O] on the padded width."""
+    span = height * (width + 2)
     y = init
-    for t, weight in enumerate(weights):
-        start = (offset + t) * width
-        window = rows[:, start : start + height * width]
-        y = window @ weight if y is None else mx.addmm(y, window, weight)
+    for offset, weight in taps:
+        window = rows[:, offset : offset + span]
+        y = window @ weight.T if y is None else mx.addmm(y, window, weight.T)
     return y
 
 
-def conv3x3_cpu(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-    """3x3 conv, stride 1, padding 1: x [B,H,W,C], weight [O,3,3,C] (MLX layout), bias [O]."""
+def conv3x3_wide(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """3x3 conv, stride 1, padding 1, on the padded width: x [B,H,W,C], weight [O,3,3,C]
+    (MLX layout), bias [O] -> [B, H, W+2, O] (contiguous); columns W, W+1 are garbage."""
     batch, height, width, channels = x.shape
     out = weight.shape[0]
-    padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    rows = _hshift(padded, (0, 1, 2), width).reshape(batch, (height + 2) * width, 3 * channels)
-    # [dy, O, (dx, c)], each tap row-contiguous so that the GEMMs read it transposed in place.
-    taps = mx.contiguous(weight.transpose(1, 0, 2, 3)).reshape(3, out, 3 * channels)
-    y = _row_taps_gemm(rows, [taps[dy].T for dy in range(3)], 0, height, width, bias)
-    return y.reshape(batch, height, width, out)
+    taps = mx.contiguous(weight.transpose(1, 2, 0, 3))  # [dy, dx, O, C], each tap row-contiguous
+    offsets = [(dy * (width + 2) + dx, taps[dy, dx]) for dy in range(3) for dx in range(3)]
+    y = _taps_gemm(_padded_rows(x), offsets, height, width, bias)
+    return y.reshape(batch, height, width + 2, out)
+
+
+def conv3x3_cpu(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """3x3 conv, stride 1, padding 1 (a cropped view of ``conv3x3_wide``)."""
+    return conv3x3_wide(x, weight, bias)[:, :, : x.shape[2]]
 
 
 def _conv3x3(conv: nn.Conv2d, x: mx.array) -> mx.array:
@@ -190,7 +201,7 @@ def _subpixel_weights(weight: mx.array) -> dict:
     """Nearest x2 then a 3x3 conv equals, at each output parity (a, b), a 2x2 conv of the
     low-resolution input whose taps sum the 3x3 taps that read the same input pixel:
     parity 0 reads rows/cols (-1, 0) with taps (w0, w1 + w2), parity 1 reads (0, +1) with
-    (w0 + w1, w2). Returns {(a, b): [2 (dy), O, 2C (dx, c)]}, contiguous (sums in float32)."""
+    (w0 + w1, w2). Returns {(a, b): [2 (dy), 2 (dx), O, C]}, contiguous (sums in float32)."""
     w = weight.astype(mx.float32)
 
     def pairs(t, axis):  # the two combined taps of parity 0 and 1 along ``axis``
@@ -202,8 +213,7 @@ def _subpixel_weights(weight: mx.array) -> dict:
         rows = mx.concatenate([r0, r1], axis=1)  # [O, 2, 3, C]
         for b, (c0, c1) in pairs(rows, 2).items():
             wab = mx.concatenate([c0, c1], axis=2)  # [O, 2, 2, C]
-            wab = mx.contiguous(wab.transpose(1, 0, 2, 3).astype(weight.dtype))  # [2, O, 2, C]
-            out[a, b] = wab.reshape(2, wab.shape[1], -1)  # [dy, O, (dx, c)]
+            out[a, b] = mx.contiguous(wab.transpose(1, 2, 0, 3).astype(weight.dtype))  # [dy, dx, O, C]
     return out
 
 
@@ -269,7 +279,11 @@ class ResBlock(nn.Module):
         self.act = _activation(act_fn)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.norm.residual(_conv3x3(self.conv2, self.act(_conv3x3(self.conv1, x))), x)
+        if activations.use_fast():
+            width = x.shape[2]
+            h = self.act(conv3x3_wide(x, self.conv1.weight, self.conv1.bias))[:, :, :width]
+            return self.norm.residual(conv3x3_cpu(h, self.conv2.weight, None), x)
+        return self.norm.residual(self.conv2(self.act(self.conv1(x))), x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -393,8 +407,9 @@ class UpsampleBlock(nn.Module):
 
     def _subpixel(self, x: mx.array) -> mx.array:
         """CPU form of nearest x2 -> 3x3 conv (+ bias + shortcut): four 2x2 convs of the
-        low-resolution input (2.25x fewer products), each as two row-offset GEMMs over a
-        2-column shifted copy, then one interleaving copy."""
+        low-resolution input (2.25x fewer products than convolving the upsampled map), each
+        four window GEMMs of the padded flat input (see ``conv3x3_wide``) starting from the
+        bias + shortcut, then one copy that interleaves the parities and crops."""
         weight = self.conv.weight
         cached = getattr(self, "_subpixel_cache", None)
         if cached is None or cached[0] is not weight:
@@ -403,19 +418,17 @@ class UpsampleBlock(nn.Module):
         taps = cached[1]
         batch, height, width, channels = x.shape
         out = weight.shape[0]
-        padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-        # Parity b = 0 reads columns (-1, 0), b = 1 columns (0, +1): padded offsets (0, 1), (1, 2).
-        rows = {b: _hshift(padded, (b, b + 1), width).reshape(batch, (height + 2) * width, 2 * channels)
-                for b in (0, 1)}
+        rows = _padded_rows(x)
+        pitch = width + 2
         parts = []
         for a in (0, 1):
             for b in (0, 1):
                 init = mx.take(x, self._shortcut_channels(a, b, out), axis=-1) + self.conv.bias
-                init = init.reshape(batch, height * width, out)
-                # Parity a = 0 reads rows (-1, 0): padded row offset 0; a = 1 reads (0, +1): 1.
-                y = _row_taps_gemm(rows[b], [taps[a, b][0].T, taps[a, b][1].T], a, height, width, init)
-                parts.append(y.reshape(batch, height, width, out))
-        y = mx.stack(parts, axis=1).reshape(batch, 2, 2, height, width, out)
+                init = mx.pad(init, [(0, 0), (0, 0), (0, 2), (0, 0)]).reshape(batch, height * pitch, out)
+                # Parity 0 reads rows / columns (-1, 0) = padded offsets (0, 1); parity 1 (1, 2).
+                offsets = [((a + dy) * pitch + (b + dx), taps[a, b][dy, dx]) for dy in (0, 1) for dx in (0, 1)]
+                parts.append(_taps_gemm(rows, offsets, height, width, init).reshape(batch, height, pitch, out))
+        y = mx.stack(parts, axis=1).reshape(batch, 2, 2, height, pitch, out)[:, :, :, :, :width]
         return y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, 2 * height, 2 * width, out)
 
 
