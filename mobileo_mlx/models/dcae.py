@@ -432,6 +432,36 @@ class UpsampleBlock(nn.Module):
         return y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, 2 * height, 2 * width, out)
 
 
+# ---------------------------------------------------------------- row bands
+# The 512^2 ResBlocks' temporaries (padded map, conv outputs, activations: ~1 GB in
+# float32) dominate the decoder's peak memory. Their output rows depend only on input
+# rows within a small halo (two 3x3 convs: 2 rows; an upsampler or the output head: 1),
+# so they can run band by band: each band reads its rows plus the halo, the halo's
+# outputs are cropped, and the result is exact (the zero padding a band sees at its
+# cut is only ever used by cropped rows). Bands are evaluated one at a time.
+
+BAND_PIXELS = 1 << 15  # output pixels per band (64 rows of a 512-wide map)
+
+
+def in_row_bands(fn: Callable[[mx.array], mx.array], x: mx.array, halo: int, scale: int = 1,
+                 band_pixels: int | None = None) -> mx.array:
+    """``fn(x)`` for a row-local ``fn`` (output row r reads input rows within ``halo`` of
+    r // ``scale``), computed in bands of about ``band_pixels`` output pixels."""
+    batch, height, width = x.shape[:3]
+    band_pixels = BAND_PIXELS if band_pixels is None else band_pixels
+    rows = max(1, band_pixels // (batch * width * scale * scale))
+    if rows >= height:
+        return fn(x)
+    bands = []
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        lo, hi = max(0, start - halo), min(height, stop + halo)
+        y = fn(x[:, lo:hi])[:, (start - lo) * scale : (stop - lo) * scale]
+        mx.eval(y)
+        bands.append(y)
+    return mx.concatenate(bands, axis=1)
+
+
 # ---------------------------------------------------------------- decoder
 
 
@@ -487,7 +517,17 @@ class DCAEDecoder(nn.Module):
             x = x + repeat_channels(latents, x.shape[-1] // latents.shape[-1])
         for stage in reversed(self.up_blocks):
             for layer in stage:
-                x = layer(x)
+                # ResBlocks and upsamplers only look at neighbouring pixels: at high
+                # resolution they run in row bands (exact), which bounds their temporaries.
+                if isinstance(layer, ResBlock):
+                    x = in_row_bands(layer, x, halo=2)
+                elif isinstance(layer, UpsampleBlock):
+                    x = in_row_bands(layer, x, halo=1, scale=2)
+                else:
+                    x = layer(x)
+        return in_row_bands(self._head, x, halo=1)
+
+    def _head(self, x: mx.array) -> mx.array:
         return _conv3x3(self.conv_out, self.conv_act(self.norm_out(x)))
 
     def decode_tiled(self, latents: mx.array, tile: int = 16, overlap: int = 4) -> mx.array:
