@@ -76,6 +76,8 @@ def mlx_worker(args) -> dict:
     conditioning = model.conditioning(prompt)
     llm_s = time.perf_counter() - t0
     peaks["llm_mcp"] = common.mlx_peak_gb()
+    if not args.keep_loaded:  # what the CLI does (outside the timed stages)
+        model.release("language", "vision", "projector", "mcp")
 
     common.mlx_reset_peak()
     step_s = []
@@ -86,6 +88,8 @@ def mlx_worker(args) -> dict:
         step_s.append(now - last)
         last = now
     peaks["dit"] = common.mlx_peak_gb()
+    if not args.keep_loaded:
+        model.release("dit")
 
     common.mlx_reset_peak()
     t0 = time.perf_counter()
@@ -468,7 +472,8 @@ def parent(args) -> int:
             raise SystemExit(f"unknown side {side!r}; choose from {', '.join(SIDES)}")
     shared = ["--folder", str(folder), "--checkpoint", str(checkpoint), "--steps", str(args.steps),
               "--guidance", str(args.guidance), "--size", str(args.size), "--prompt", args.prompt,
-              "--out", str(out), "--warmup", args.warmup, "--profile-repeats", str(args.profile_repeats)]
+              "--out", str(out), "--warmup", args.warmup, "--profile-repeats", str(args.profile_repeats)] + (
+        ["--keep-loaded"] if args.keep_loaded else [])
     print(f"machine: {json.dumps(common.machine())}")
     print(f"command: python -m benchmarks.generate {' '.join(sys.argv[1:])}"
           + (f"  (threads pinned to {args.threads})" if args.threads else ""))
@@ -598,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth-efficiency", type=float, default=common.BANDWIDTH_EFFICIENCY)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of both sides (OpenBLAS / OpenMP / torch); default: the libraries' own.")
+    parser.add_argument("--keep-loaded", action="store_true",
+                        help="Keep every MLX component loaded throughout (default: release them as "
+                             "`mobileo-mlx generate` does: the LLM and MCP after conditioning, the DiT before "
+                             "decoding).")
     parser.add_argument("--rebuild", action="store_true", help="Rewrite the cached checkpoint and conversion.")
     parser.add_argument("--json", default=None, help="Also write every measurement to this file.")
     # worker-side arguments

@@ -175,6 +175,9 @@ def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, si
     conditioning = conditioning_fn()
     condition_time = time.perf_counter() - start
     typer.echo(f"prompt: {conditioning.prompt_tokens} tokens, LLM + MCP {condition_time:.2f} s", err=True)
+    # This process never needs the understanding side again: free it before the DiT runs
+    # (with the DiT released before the last decode, this keeps a generation under 2 GB).
+    model.release("language", "vision", "projector", "mcp")
     taken: set = set()
     for number in range(count):
         image_seed = seed + number if seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -190,6 +193,8 @@ def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, si
                 if preview_every and (last.index + 1) % preview_every == 0 and last.index + 1 < steps:
                     _save_atomically(model.decode(last.latents)[0], target.with_name(f"{target.stem}.preview{target.suffix}"))
         denoise_time = time.perf_counter() - start
+        if number == count - 1:
+            model.release("dit")
         start = time.perf_counter()
         image = model.decode(last.latents, tile=tile)[0]
         decode_time = time.perf_counter() - start
