@@ -62,6 +62,8 @@ def mlx_worker(args) -> dict:
     mx.eval(features)
     t_vision = time.perf_counter()
     peaks["vision"] = common.mlx_peak_gb()
+    if not args.keep_loaded:  # what `mobileo-mlx ask` does (outside the timed stages)
+        model.release("vision", "projector")
     model.image_features = lambda image: features  # embed_prompt reuses the features just timed
     embeddings = model.embed_prompt(prompt, picture)
     mx.eval(embeddings)
@@ -187,7 +189,8 @@ def parent(args) -> int:
         if side not in SIDES:
             raise SystemExit(f"unknown side {side!r}; choose from {', '.join(SIDES)}")
     shared = ["--folder", str(folder), "--checkpoint", str(checkpoint), "--tokens", str(args.tokens),
-              "--size", str(args.size), "--question", args.question, "--warmup", args.warmup]
+              "--size", str(args.size), "--question", args.question, "--warmup", args.warmup] + (
+        ["--keep-loaded"] if args.keep_loaded else [])
     print(f"machine: {json.dumps(common.machine())}")
     print(f"command: python -m benchmarks.ask {' '.join(sys.argv[1:])}"
           + (f"  (threads pinned to {args.threads})" if args.threads else ""))
@@ -289,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads of both sides (OpenBLAS / OpenMP / torch); default: the libraries' own.")
     parser.add_argument("--compute-efficiency", type=float, default=common.COMPUTE_EFFICIENCY)
     parser.add_argument("--bandwidth-efficiency", type=float, default=common.BANDWIDTH_EFFICIENCY)
+    parser.add_argument("--keep-loaded", action="store_true",
+                        help="Keep the vision tower loaded while the LM answers (default: free it once the "
+                             "picture's features exist, as `mobileo-mlx ask` does).")
     parser.add_argument("--rebuild", action="store_true", help="Rewrite the cached checkpoint and conversion.")
     parser.add_argument("--json", default=None, help="Also write every measurement to this file.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -293,7 +293,8 @@ def ask(
 
     with _user_errors():
         source = processing.load_image(image)
-        mobile_o = _load_model(model, False)
+        # One picture per process: the vision tower is freed once its features exist.
+        mobile_o = _load_model(model, True)
         _stream_to_stdout(mobile_o.ask(source, question, max_tokens=max_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, system=system, stream=True))
 

@@ -115,8 +115,11 @@ class MobileO:
     def image_features(self, image: ImageInput) -> mx.array:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
-        features = self.component("vision")(pixels)
-        return self.component("projector")(features)
+        features = self.component("projector")(self.component("vision")(pixels))
+        if self.low_memory:
+            mx.eval(features)
+            self.release("vision", "projector")
+        return features
 
     def embed_prompt(self, text: str, image: ImageInput | None = None) -> mx.array:
         """Token embeddings of ``text`` with the image features spliced in at ``<image>``: [1, L, D]."""
@@ -124,6 +127,8 @@ class MobileO:
         slots = ids.count(IMAGE_TOKEN_SENTINEL)
         if slots != (0 if image is None else 1):
             raise InputError(f"the prompt has {slots} <image> placeholders for {0 if image is None else 1} image(s)")
+        # The picture first: with low_memory the vision tower is gone before the LM loads.
+        features = self.image_features(image)[0] if image is not None else None
         language = self.component("language")
         pieces: list[mx.array] = []
         chunk: list[int] = []
@@ -133,7 +138,7 @@ class MobileO:
                     pieces.append(language.embed(mx.array([chunk]))[0])
                     chunk = []
                 if token == IMAGE_TOKEN_SENTINEL:
-                    pieces.append(self.image_features(image)[0].astype(pieces[0].dtype if pieces else self.dtype))
+                    pieces.append(features.astype(pieces[0].dtype if pieces else self.dtype))
             else:
                 chunk.append(token)
         return mx.concatenate(pieces, axis=0)[None].astype(self.dtype)
