@@ -55,10 +55,18 @@ def mlx_worker(args) -> dict:
     from mobileo_mlx.pipeline import MobileO
 
     model = MobileO(args.folder)
-    started = time.perf_counter()
-    for name in ("language", "mcp", "dit", "vae"):
-        model.component(name)
-    load_s = time.perf_counter() - started
+    load_s = 0.0
+
+    def load(*names: str) -> None:  # loading is timed apart from the stages
+        nonlocal load_s
+        started = time.perf_counter()
+        for name in names:
+            model.component(name)
+        load_s += time.perf_counter() - started
+
+    # As `mobileo-mlx generate`: each component loaded when its stage comes (the LLM and MCP
+    # freed after conditioning, the DiT before decoding); --keep-loaded loads all up front.
+    load(*(("language", "mcp", "dit", "vae") if args.keep_loaded else ("language", "mcp")))
     rss_loaded = common.rss_gb()
     matmul = common.mlx_matmul_gflops()
     copy = common.mlx_copy_gbps()
@@ -76,8 +84,9 @@ def mlx_worker(args) -> dict:
     conditioning = model.conditioning(prompt)
     llm_s = time.perf_counter() - t0
     peaks["llm_mcp"] = common.mlx_peak_gb()
-    if not args.keep_loaded:  # what the CLI does (outside the timed stages)
+    if not args.keep_loaded:
         model.release("language", "vision", "projector", "mcp")
+    load("dit")
 
     common.mlx_reset_peak()
     step_s = []
@@ -90,6 +99,7 @@ def mlx_worker(args) -> dict:
     peaks["dit"] = common.mlx_peak_gb()
     if not args.keep_loaded:
         model.release("dit")
+    load("vae")
 
     common.mlx_reset_peak()
     t0 = time.perf_counter()
