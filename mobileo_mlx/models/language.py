@@ -24,8 +24,11 @@ from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.qwen2 import MLP as Qwen2MLP
 from mlx_lm.models.qwen2 import Model as Qwen2ForCausalLM
 from mlx_lm.models.qwen2 import ModelArgs as Qwen2Args
+
+from . import activations
 
 
 @dataclass
@@ -50,12 +53,23 @@ class LanguageConfig(Qwen2Args):
     eos_token_id: Optional[Union[int, List[int]]] = 151645
 
 
+class GatedMLP(Qwen2MLP):
+    """mlx-lm's Qwen2 MLP (same parameters) with the gate from ``models.activations``:
+    on CPU MLX's sigmoid is slow (SiLU gate of a 308-token prefill: 29 ms per layer with
+    mlx-lm's ``swiglu``, 3.4 ms with ``glu_silu``); on GPUs it is the same built-in."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(activations.glu_silu(self.up_proj(x), self.gate_proj(x)))
+
+
 class LanguageModel(Qwen2ForCausalLM):
     """Qwen2 causal LM with ``embed`` and ``hidden_states`` entry points."""
 
     def __init__(self, config: LanguageConfig):
         super().__init__(config)
         self.config = config
+        for layer in self.model.layers:
+            layer.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def embed(self, ids: mx.array) -> mx.array:
         """Token embeddings ``[..., hidden_size]`` of integer ``ids``."""
