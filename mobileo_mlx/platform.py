@@ -82,3 +82,16 @@ def blas_provider() -> str:
     if answering is None:
         return status.provider
     return f"{status.provider}; cblas_sgemm -> {Path(answering).name}"
+
+
+_helper_streams: dict = {}
+
+
+def cpu_helper_stream() -> mx.Stream:
+    """A second CPU stream. MLX runs each CPU stream on its own thread, and everything but
+    BLAS on that one thread: independent halves of a large single-threaded op (a
+    quantized_matmul, a depthwise conv) put on this stream run in parallel with the other."""
+    if "cpu" not in _helper_streams:
+        _helper_streams["cpu"] = mx.new_stream(mx.cpu)
+    return _helper_streams["cpu"]
+

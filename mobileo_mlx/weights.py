@@ -91,13 +91,6 @@ def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, 
 # own thread): measured 1.9x faster on 2 cores (LM head 151649x896 8-bit, one row:
 # 117 -> 60 ms; 4864x896 and 896x4864 4-bit: 3.8 -> 2.0 ms). Same products, same result.
 SPLIT_MIN_WEIGHTS = 1 << 19
-_helper_streams: dict = {}
-
-
-def _helper_stream() -> mx.Stream:
-    if "cpu" not in _helper_streams:
-        _helper_streams["cpu"] = mx.new_stream(mx.cpu)
-    return _helper_streams["cpu"]
 
 
 def _quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, layer) -> mx.array:
@@ -115,7 +108,7 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
         if weights < SPLIT_MIN_WEIGHTS or outputs < 2 or mx.default_device() != mx.cpu:
             return _quantized_matmul(x, packed, scales, biases, layer)
         half = outputs // 2
-        with mx.stream(_helper_stream()):
+        with mx.stream(platform.cpu_helper_stream()):
             second = _quantized_matmul(x, packed[half:], scales[half:], biases[half:], layer)
         first = _quantized_matmul(x, packed[:half], scales[:half], biases[:half], layer)
         return mx.concatenate([first, second], axis=-1)
