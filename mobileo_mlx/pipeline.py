@@ -169,13 +169,14 @@ class MobileO:
 
     def conditioning(self, prompt_text: str, image: ImageInput | None = None) -> Conditioning:
         """MCP(last hidden states) for the prompt, and MCP(zeros of the same shape) for CFG."""
-        embeddings = self.embed_prompt(prompt_text, image)
-        mcp = self.component("mcp")
-        layers = int(self.config["mcp"]["num_layers"])
-        states = self.component("language").hidden_states(embeddings)[-layers:]
-        cond = mcp(states)
-        uncond = mcp([mx.zeros_like(h) for h in states])
-        mx.eval(cond, uncond)
+        with platform.stage_buffer_cache():
+            embeddings = self.embed_prompt(prompt_text, image)
+            mcp = self.component("mcp")
+            layers = int(self.config["mcp"]["num_layers"])
+            states = self.component("language").hidden_states(embeddings)[-layers:]
+            cond = mcp(states)
+            uncond = mcp([mx.zeros_like(h) for h in states])
+            mx.eval(cond, uncond)
         if self.low_memory:
             self.release("language", "vision", "projector", "mcp")
         return Conditioning(cond, uncond, embeddings.shape[1])
@@ -224,18 +225,19 @@ class MobileO:
         ).astype(self.dtype)
         text = dit.encode_text(context)  # caption projection + every block's cross K/V, once
         state = sampler.initial_state(plan)
-        for index, timestep in enumerate(plan.timesteps):
-            model_input = latents.astype(self.dtype)
-            if use_cfg:
-                model_input = mx.concatenate([model_input, model_input])
-            velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
-            velocity = velocity.astype(mx.float32)
-            if use_cfg:
-                v_uncond, v_cond = velocity[:1], velocity[1:]
-                velocity = v_uncond + guidance * (v_cond - v_uncond)
-            latents, state = sampler.step(plan, state, index, latents, velocity)
-            mx.eval(latents)
-            yield DenoiseStep(index, steps, float(timestep), latents)
+        with platform.stage_buffer_cache():  # the same temporaries every step: keep them cached
+            for index, timestep in enumerate(plan.timesteps):
+                model_input = latents.astype(self.dtype)
+                if use_cfg:
+                    model_input = mx.concatenate([model_input, model_input])
+                velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
+                velocity = velocity.astype(mx.float32)
+                if use_cfg:
+                    v_uncond, v_cond = velocity[:1], velocity[1:]
+                    velocity = v_uncond + guidance * (v_cond - v_uncond)
+                latents, state = sampler.step(plan, state, index, latents, velocity)
+                mx.eval(latents)
+                yield DenoiseStep(index, steps, float(timestep), latents)
         if self.low_memory:
             self.release("dit")
 

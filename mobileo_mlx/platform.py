@@ -7,6 +7,7 @@ Metal. Import this module through the package so the BLAS routing in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -94,4 +95,28 @@ def cpu_helper_stream() -> mx.Stream:
     if "cpu" not in _helper_streams:
         _helper_streams["cpu"] = mx.new_stream(mx.cpu)
     return _helper_streams["cpu"]
+
+
+# MLX's CPU buffer cache keeps 32 MB of freed buffers; past that every temporary is fresh
+# memory, page-faulted (zeroed by the kernel) on first touch. The LLM prefill and the
+# denoising loop reuse the same few temporaries over and over: with 256 MB cached a CFG DiT
+# step takes 4.2 s instead of 4.5 s and the LLM + MCP 0.9 s instead of 1.5 s, for +0.25 GB RSS.
+STAGE_CACHE_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def stage_buffer_cache(limit: int = STAGE_CACHE_BYTES):
+    """Raise MLX's buffer-cache limit to ``limit`` on the CPU for one stage, then restore it
+    and free what the stage cached. A no-op on GPUs (their cache is already large)."""
+    if backend() != "cpu":
+        yield
+        return
+    previous = mx.set_cache_limit(max(limit, 0))
+    if previous >= limit:
+        mx.set_cache_limit(previous)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
 

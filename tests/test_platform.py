@@ -130,3 +130,17 @@ def test_doctor_reports_backend_blas_and_cache(tmp_path):
     assert "GFLOP/s" in lines["fp32 matmul 256^3"]
     if sys.platform.startswith("linux"):
         assert "OpenBLAS" in lines["BLAS"]
+
+
+def test_stage_buffer_cache_raises_the_limit_for_one_stage_and_restores_it():
+    previous = mx.set_cache_limit(32 << 20)
+    try:
+        with platform.stage_buffer_cache(64 << 20):
+            inside = mx.set_cache_limit(64 << 20)
+        after = mx.set_cache_limit(32 << 20)
+        assert inside == ((64 << 20) if platform.backend() == "cpu" else (32 << 20))
+        assert after == 32 << 20 and mx.get_cache_memory() == 0 or platform.backend() != "cpu"
+        with platform.stage_buffer_cache(16 << 20):  # never lowers it
+            assert mx.set_cache_limit(32 << 20) == 32 << 20
+    finally:
+        mx.set_cache_limit(previous)
