@@ -71,14 +71,15 @@ def mlx_worker(args) -> dict:
 
     common.mlx_reset_peak()
     tokens, stamps = [], []
-    for response in stream_generate(model.component("language"), model.tokenizer.hf,
-                                    prompt=mx.array([], dtype=mx.uint32), input_embeddings=embeddings[0],
-                                    max_tokens=args.tokens, sampler=make_sampler(temp=0.0)):
-        if response.finish_reason == "stop":  # the stop token: not part of the answer
-            break
-        stamps.append(time.perf_counter())
-        tokens.append(int(response.token))
-        last = response
+    with platform.stage_buffer_cache():  # as MobileO.ask
+        for response in stream_generate(model.component("language"), model.tokenizer.hf,
+                                        prompt=mx.array([], dtype=mx.uint32), input_embeddings=embeddings[0],
+                                        max_tokens=args.tokens, sampler=make_sampler(temp=0.0)):
+            if response.finish_reason == "stop":  # the stop token: not part of the answer
+                break
+            stamps.append(time.perf_counter())
+            tokens.append(int(response.token))
+            last = response
     peaks["language"] = common.mlx_peak_gb()
     return {
         "side": "mlx", "dtype": str(model.dtype).split(".")[-1], "device": platform.device_name(),

@@ -318,7 +318,7 @@ class MobileO:
             raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
         sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
         processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
-        return stream_generate(
+        responses = stream_generate(
             self.component("language"),
             self.tokenizer.hf,
             prompt=mx.array([], dtype=mx.uint32),
@@ -327,6 +327,13 @@ class MobileO:
             sampler=sampler,
             logits_processors=processors,
         )
+        return _with_stage_cache(responses)
+
+
+def _with_stage_cache(responses):
+    """The prefill and every decoding step reuse the same temporaries (platform.stage_buffer_cache)."""
+    with platform.stage_buffer_cache():
+        yield from responses
 
 
 def _join(responses) -> str:
