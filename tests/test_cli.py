@@ -118,9 +118,11 @@ def test_bad_input_is_one_clear_line(env, tmp_path, args, fragments):
 def test_ctrl_c_stops_cleanly_and_writes_nothing(env, tmp_path):
     out = tmp_path / "never.png"
     run(env, "generate", "warm", "--steps", "1", "-o", str(tmp_path / "warm.png"))  # conversion done beforehand
+    # A terminal's Ctrl-C reaches a process whose SIGINT is not ignored. A test run started in the
+    # background (`nohup ... &`) inherits SIGINT ignored, and so would the command: reset it, as a shell does.
     process = subprocess.Popen([sys.executable, "-m", "mobileo_mlx", "generate", "a long run", "--steps", "100000",
                                 "-o", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
