@@ -357,9 +357,13 @@ def chat(
 
 
 def _cached_models(root) -> list[str]:
+    """Folders under the cache holding a model's config.json, not their sub-configs
+    (a checkpoint's ``transformer/`` and ``vae/`` folders belong to it)."""
     if not root.is_dir():
         return []
-    return sorted(str(p.parent.relative_to(root)) for p in root.rglob("config.json") if p.parent != root)
+    folders = sorted({p.parent for p in root.rglob("config.json") if p.parent != root})
+    models = [f for f in folders if not any(parent in folders for parent in f.parents)]
+    return [str(f.relative_to(root)) for f in models]
 
 
 def main() -> None:

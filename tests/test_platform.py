@@ -119,13 +119,16 @@ def test_version():
 def test_doctor_reports_backend_blas_and_cache(tmp_path):
     (tmp_path / "some-model").mkdir()
     (tmp_path / "some-model" / "config.json").write_text("{}")
+    (tmp_path / "converted" / "other" / "vae").mkdir(parents=True)  # a checkpoint's sub-config is not a model
+    (tmp_path / "converted" / "other" / "config.json").write_text("{}")
+    (tmp_path / "converted" / "other" / "vae" / "config.json").write_text("{}")
     result = cli("doctor", "--size", "256", MOBILEO_MLX_CACHE=str(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(None, 1) if "  " not in line else [p.strip() for p in line.split("  ", 1)]
                  for line in result.stdout.strip().splitlines())
     assert lines["backend"].startswith(platform.backend())
     assert lines["cache folder"] == str(tmp_path)
-    assert lines["cached models"] == "some-model"
+    assert lines["cached models"] == "converted/other, some-model"
     assert lines["mlx"] == mx.__version__
     assert "GFLOP/s" in lines["fp32 matmul 256^3"]
     if sys.platform.startswith("linux"):
