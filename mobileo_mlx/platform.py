@@ -8,6 +8,7 @@ Metal. Import this module through the package so the BLAS routing in
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from pathlib import Path
@@ -85,16 +86,12 @@ def blas_provider() -> str:
     return f"{status.provider}; cblas_sgemm -> {Path(answering).name}"
 
 
-_helper_streams: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def cpu_helper_stream() -> mx.Stream:
-    """A second CPU stream. MLX runs each CPU stream on its own thread, and everything but
-    BLAS on that one thread: independent halves of a large single-threaded op (a
-    quantized_matmul, a depthwise conv) put on this stream run in parallel with the other."""
-    if "cpu" not in _helper_streams:
-        _helper_streams["cpu"] = mx.new_stream(mx.cpu)
-    return _helper_streams["cpu"]
+    """A second CPU stream (created once). MLX runs each CPU stream on its own thread, and
+    everything but BLAS on that one thread: independent halves of a large single-threaded op
+    (a quantized_matmul, an element-wise activation) put on this stream run in parallel."""
+    return mx.new_stream(mx.cpu)
 
 
 # MLX's CPU buffer cache keeps 32 MB of freed buffers; past that every temporary is fresh
@@ -111,7 +108,7 @@ def stage_buffer_cache(limit: int = STAGE_CACHE_BYTES):
     if backend() != "cpu":
         yield
         return
-    previous = mx.set_cache_limit(max(limit, 0))
+    previous = mx.set_cache_limit(limit)  # returns the limit it replaces
     if previous >= limit:
         mx.set_cache_limit(previous)
     try:

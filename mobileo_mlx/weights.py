@@ -104,8 +104,8 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     if rows <= QUANTIZED_MATMUL_MAX_ROWS:
         packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
         outputs = packed.shape[0]
-        weights = outputs * packed.shape[1] * 32 // layer.bits
-        if weights < SPLIT_MIN_WEIGHTS or outputs < 2 or mx.default_device() != mx.cpu:
+        elements = outputs * packed.shape[1] * 32 // layer.bits
+        if elements < SPLIT_MIN_WEIGHTS or outputs < 2 or mx.default_device() != mx.cpu:
             return _quantized_matmul(x, packed, scales, biases, layer)
         half = outputs // 2
         with mx.stream(platform.cpu_helper_stream()):

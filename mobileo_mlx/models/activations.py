@@ -175,8 +175,9 @@ def _cache_limit() -> int:
 
 
 def _chunked(fn, *arrays: mx.array) -> mx.array:
-    """fn over flat 64K-element chunks of same-shape arrays, concatenated, when the whole
-    call's temporaries would not fit MLX's buffer cache; fn(*arrays) otherwise."""
+    """fn over same-shape arrays of more than two chunks, split flat: in 64K-element chunks
+    when the whole call's temporaries would not fit MLX's buffer cache, else in two halves;
+    the pieces alternate between two CPU streams and are concatenated. fn(*arrays) otherwise."""
     shape, size = arrays[0].shape, arrays[0].size
     if size <= 2 * _CHUNK or any(a.shape != shape for a in arrays):
         return fn(*arrays)

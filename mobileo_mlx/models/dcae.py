@@ -443,13 +443,11 @@ class UpsampleBlock(nn.Module):
 BAND_PIXELS = 1 << 15  # output pixels per band (64 rows of a 512-wide map)
 
 
-def in_row_bands(fn: Callable[[mx.array], mx.array], x: mx.array, halo: int, scale: int = 1,
-                 band_pixels: int | None = None) -> mx.array:
+def in_row_bands(fn: Callable[[mx.array], mx.array], x: mx.array, halo: int, scale: int = 1) -> mx.array:
     """``fn(x)`` for a row-local ``fn`` (output row r reads input rows within ``halo`` of
-    r // ``scale``), computed in bands of about ``band_pixels`` output pixels."""
+    r // ``scale``), computed in bands of about ``BAND_PIXELS`` output pixels."""
     batch, height, width = x.shape[:3]
-    band_pixels = BAND_PIXELS if band_pixels is None else band_pixels
-    rows = max(1, band_pixels // (batch * width * scale * scale))
+    rows = max(1, BAND_PIXELS // (batch * width * scale * scale))
     if rows >= height:
         return fn(x)
     bands = []
