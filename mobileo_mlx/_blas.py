@@ -18,6 +18,7 @@ every entry point is covered. Set ``MOBILEO_MLX_BLAS=reference`` to opt out.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import glob
@@ -91,6 +92,32 @@ def _try_system_openblas() -> BlasStatus | None:
     return BlasStatus(True, f"OpenBLAS (system {name})", name)
 
 
+# OpenBLAS's worker threads spin (sched_yield) for 2**28 cycles, ~0.1 s, after every threaded
+# call before they sleep, holding the second core right after each matmul. MLX runs its
+# element-wise work on one thread per CPU stream, and we put independent halves of it on a
+# second stream (platform.cpu_pieces); with spinning BLAS threads that stream gets no core
+# (a CFG DiT step: 8.2 s of CPU for 4.1 s of wall time). 2**4 cycles makes them sleep at once:
+# measured the same GEMM speed, and the second stream's work really runs in parallel.
+# OpenBLAS reads the variable once, when it loads; the user's own setting wins.
+THREAD_TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
+THREAD_TIMEOUT = "4"
+
+
+@contextlib.contextmanager
+def _idle_threads_sleep():
+    """OPENBLAS_THREAD_TIMEOUT set (unless the user set it) while OpenBLAS loads, and
+    restored afterwards, so that child processes (a PyTorch reference, say) see the
+    environment unchanged."""
+    if THREAD_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[THREAD_TIMEOUT_ENV] = THREAD_TIMEOUT
+    try:
+        yield
+    finally:
+        os.environ.pop(THREAD_TIMEOUT_ENV, None)
+
+
 def route_blas() -> BlasStatus:
     """Make MLX's BLAS calls resolve to OpenBLAS; idempotent, never raises."""
     global _status
@@ -111,7 +138,8 @@ def route_blas() -> BlasStatus:
         )
         return _status
     try:
-        _status = _try_scipy_openblas() or _try_system_openblas()
+        with _idle_threads_sleep():
+            _status = _try_scipy_openblas() or _try_system_openblas()
     except OSError as error:  # a broken library file; fall through to the warning
         _status = None
         detail = str(error)

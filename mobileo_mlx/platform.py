@@ -8,6 +8,7 @@ Metal. Import this module through the package so the BLAS routing in
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import time
@@ -92,6 +93,44 @@ def cpu_helper_stream() -> mx.Stream:
     everything but BLAS on that one thread: independent halves of a large single-threaded op
     (a quantized_matmul, an element-wise activation) put on this stream run in parallel."""
     return mx.new_stream(mx.cpu)
+
+
+# True inside a piece of work that cpu_pieces placed on one stream: the element-wise helpers
+# must not split it again across the streams (the other stream is busy with the other piece).
+_PINNED = contextvars.ContextVar("mobileo_mlx_pinned_stream", default=False)
+
+
+def may_split_over_streams() -> bool:
+    """Whether a large single-threaded CPU op may split itself over the two CPU streams."""
+    return mx.default_device() == mx.cpu and not _PINNED.get()
+
+
+def cpu_pieces(count: int, build) -> list:
+    """``[build(0), ..., build(count - 1)]``, piece i built on CPU stream i % 2 (the default
+    stream, then :func:`cpu_helper_stream`): MLX runs each CPU stream on its own thread, and
+    all of its work outside BLAS on that thread, so independent pieces of element-wise work
+    (the two images of a CFG batch, two channel halves) run on both cores. ``build`` must
+    create *everything* of its piece, the slicing of its inputs included: an op created
+    outside would run on the default stream and make the helper wait for it. The caller
+    joins the pieces (one join, at the end: a consumer of the helper's output placed earlier
+    makes the default stream wait there and serialises the two).
+
+    Needs OpenBLAS's idle threads to sleep rather than spin (``_blas`` sets
+    ``OPENBLAS_THREAD_TIMEOUT``): a spinning BLAS thread holds the second core after every
+    matmul. Elsewhere than the CPU, or nested, the pieces are built in order on the
+    current stream."""
+    if not may_split_over_streams():
+        return [build(i) for i in range(count)]
+    streams = (mx.default_stream(mx.cpu), cpu_helper_stream())
+    pieces = []
+    for i in range(count):
+        token = _PINNED.set(True)
+        try:
+            with mx.stream(streams[i % 2]):
+                pieces.append(build(i))
+        finally:
+            _PINNED.reset(token)
+    return pieces
 
 
 # MLX's CPU buffer cache keeps 32 MB of freed buffers; past that every temporary is fresh

@@ -105,7 +105,7 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
         packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
         outputs = packed.shape[0]
         elements = outputs * packed.shape[1] * 32 // layer.bits
-        if elements < SPLIT_MIN_WEIGHTS or outputs < 2 or mx.default_device() != mx.cpu:
+        if elements < SPLIT_MIN_WEIGHTS or outputs < 2 or not platform.may_split_over_streams():
             return _quantized_matmul(x, packed, scales, biases, layer)
         half = outputs // 2
         with mx.stream(platform.cpu_helper_stream()):

@@ -19,7 +19,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BL
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env}
+    full_env = {key: value for key, value in {**os.environ, **env}.items() if value is not None}  # None: unset
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120
     )
@@ -60,6 +60,51 @@ def test_opt_out_keeps_reference_blas():
         MOBILEO_MLX_BLAS="reference",
     )
     assert result.stdout.split() == ["False", "None"], result.stdout + result.stderr
+
+
+IDLE_CPU_AFTER_MATMUL = """
+import os, resource, time
+import mobileo_mlx, mlx.core as mx
+a = mx.random.normal((1024, 1024)); mx.eval(a)
+def idle_cpu():  # CPU seconds the process burns in the 0.3 s after a threaded matmul
+    mx.eval(a @ a)
+    start = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    time.sleep(0.3)
+    return sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - start
+print(max(idle_cpu() for _ in range(3)), os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+"""
+
+
+@linux_only
+def test_openblas_threads_sleep_after_a_matmul_and_the_environment_is_left_alone():
+    # OpenBLAS's idle threads spin for ~0.1 s after each call unless told otherwise; the
+    # second CPU stream (platform.cpu_pieces) needs that core. The user's setting wins.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("OpenBLAS runs no worker thread on one core")
+    spinning = run_python(IDLE_CPU_AFTER_MATMUL, OPENBLAS_THREAD_TIMEOUT="28")
+    assert spinning.returncode == 0, spinning.stderr
+    burnt, setting = spinning.stdout.split()
+    assert float(burnt) > 0.05 and setting == "28", spinning.stdout  # the measurement sees spinning
+    ours = run_python(IDLE_CPU_AFTER_MATMUL, OPENBLAS_THREAD_TIMEOUT=None)
+    assert ours.returncode == 0, ours.stderr
+    burnt, setting = ours.stdout.split()
+    assert float(burnt) < 0.03, ours.stdout
+    assert setting == "None"  # set only while OpenBLAS loaded: child processes see no change
+
+
+def test_cpu_pieces_compute_each_piece_once_and_do_not_nest():
+    x = mx.arange(12, dtype=mx.float32).reshape(4, 3)
+    seen = []
+
+    def piece(i):
+        seen.append(platform.may_split_over_streams())
+        inner = platform.cpu_pieces(2, lambda j: x[2 * i + j] * 2)  # nested: built in order
+        return mx.stack(inner)
+
+    pieces = platform.cpu_pieces(2, piece)
+    assert np.array_equal(np.array(mx.concatenate(pieces)), np.array(x) * 2)
+    assert seen == [False, False]
+    assert platform.may_split_over_streams() == (mx.default_device() == mx.cpu)
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])

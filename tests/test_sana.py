@@ -117,6 +117,20 @@ def test_velocity_matches_diffusers(models, size, caption_length, with_mask):
         assert relative_error(unmasked, expected) > 1e-3
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_odd_batches_match_diffusers(models, batch):
+    # An odd batch cannot split into two equal image halves: on the CPU the Mix-FFN's
+    # middle splits its channels over the two streams instead (a different code path).
+    reference, model = models
+    latents, caption, _ = make_inputs(6, 10, 5, with_mask=False)
+    latents, caption = np.concatenate([latents] * 2)[:batch], np.concatenate([caption] * 2)[:batch]
+    timesteps = (TIMESTEPS * 2)[:batch]
+    expected = reference_velocity(reference, latents, caption, None, timesteps)
+    actual = mlx_velocity(model, latents, caption, None, timesteps)
+    assert actual.shape == expected.shape == (batch, 6, 10, model.config.out_channels)
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
 def test_float_and_integer_timesteps_agree(models):
     _, model = models
     latents, caption, _ = make_inputs(8, 8, 5, False)

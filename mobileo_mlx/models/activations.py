@@ -177,9 +177,10 @@ def _cache_limit() -> int:
 def _chunked(fn, *arrays: mx.array) -> mx.array:
     """fn over same-shape arrays of more than two chunks, split flat: in 64K-element chunks
     when the whole call's temporaries would not fit MLX's buffer cache, else in two halves;
-    the pieces alternate between two CPU streams and are concatenated. fn(*arrays) otherwise."""
+    the pieces alternate between two CPU streams and are concatenated. fn(*arrays) otherwise,
+    and inside a piece of ``platform.cpu_pieces`` (already on one of the two streams)."""
     shape, size = arrays[0].shape, arrays[0].size
-    if size <= 2 * _CHUNK or any(a.shape != shape for a in arrays):
+    if size <= 2 * _CHUNK or any(a.shape != shape for a in arrays) or not platform.may_split_over_streams():
         return fn(*arrays)
     # When the whole call's temporaries fit the cache: two halves, else 64K chunks; either
     # way alternately on a second CPU stream, which MLX runs on its own thread (the
