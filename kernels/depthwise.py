@@ -20,6 +20,8 @@ import functools
 
 import mlx.core as mx
 
+from mobileo_mlx import platform
+
 from ._dispatch import mode, on_cpu, use_metal
 
 
@@ -87,12 +89,35 @@ def _shift_add(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, m: int, epi
     return mx.compile(fn)
 
 
-def _twin2d(x, weight, bias, stride, padding, epilogue) -> mx.array:
+def _twin2d_whole(x, weight, bias, stride, padding, epilogue) -> mx.array:
     kh, kw = weight.shape[1], weight.shape[2]
     (sh, sw), (ph, pw) = stride, padding
     m = weight.shape[0] // x.shape[-1]
     fn = _shift_add(kh, kw, sh, sw, ph, pw, m, epilogue)
     return fn(x, weight) if bias is None else fn(x, weight, bias)
+
+
+# MLX runs element-wise work on one thread per CPU stream: a large conv runs as two channel
+# halves, one per stream (platform.cpu_pieces), joined by one copy. Below this many
+# multiply-adds the split costs more than it saves.
+SPLIT_MIN_MACS = 1 << 22
+
+
+def _twin2d(x, weight, bias, stride, padding, epilogue) -> mx.array:
+    channels = x.shape[-1]
+    m = weight.shape[0] // channels
+    macs = x.size * m * weight.shape[1] * weight.shape[2] // (stride[0] * stride[1])
+    if (epilogue == "glu" or channels < 2 or macs < SPLIT_MIN_MACS
+            or not platform.may_split_over_streams()):
+        return _twin2d_whole(x, weight, bias, stride, padding, epilogue)
+    half = channels // 2
+
+    def piece(i: int) -> mx.array:
+        lo, hi = (0, half) if i == 0 else (half, channels)
+        return _twin2d_whole(x[..., lo:hi], weight[lo * m : hi * m], None if bias is None else bias[lo * m : hi * m],
+                             stride, padding, epilogue)
+
+    return mx.concatenate(platform.cpu_pieces(2, piece), axis=-1)
 
 
 @functools.lru_cache(maxsize=None)

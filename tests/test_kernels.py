@@ -268,6 +268,22 @@ def test_shift_and_add_twin_matches_conv2d(shape, mult, k, stride, has_bias, dty
     assert _rel_err(twin, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("shape,mult,k,stride,has_bias", [((1, 12, 10, 7), 2, 7, 2, True), ((2, 9, 9, 16), 1, 3, 1, False)])
+def test_twin_split_over_two_cpu_streams_is_exact(monkeypatch, shape, mult, k, stride, has_bias):
+    # Large convs run as two channel halves, one per CPU stream: the same products per
+    # channel, so the result is bit-identical to the unsplit twin (odd channel counts and
+    # channel multipliers included).
+    monkeypatch.setattr(dw, "SPLIT_MIN_MACS", 1)
+    C = shape[-1]
+    x = _rand(shape, mx.float32, 73)
+    w = _rand((C * mult, k, k, 1), mx.float32, 74, 0.3)
+    b = _rand((C * mult,), mx.float32, 75) if has_bias else None
+    args = (x, w, b, (stride, stride), (k // 2, k // 2), "plain" if b is None else "bias")
+    split = dw._twin2d(*args)
+    assert np.array_equal(np.array(split), np.array(dw._twin2d_whole(*args)))
+    assert _rel_err(split, dw.depthwise_conv2d_reference(x, w, b, stride, k // 2)) < 2e-6
+
+
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "glu"])
 def test_gpu_twin_matches_the_reference(epilogue):
     """The twin CUDA (and Metal with MOBILEO_MLX_KERNELS=twin) runs: mx.conv2d + compiled epilogue."""

@@ -34,6 +34,7 @@ from kernels.depthwise import depthwise_conv2d
 from kernels.linear_attention import relu_linear_attention
 
 from . import activations
+from .gated_conv import gated_depthwise_cpu
 
 # Total upsampling factor of the f32 decoder (five x2 upsample stages).
 SPATIAL_SCALE = 32
@@ -357,17 +358,13 @@ class GLUMBConv(nn.Module):
         self.norm = RMSNorm(channels)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = _silu(self.conv_inverted(x))
-        if activations.use_fast():
-            # Depthwise conv per half (weights sliced): contiguous values and gate for the
-            # fused CPU glu (split views would run MLX's scalar strided kernels).
-            hidden = h.shape[-1] // 2
-            weight, bias = self.conv_depth.weight, self.conv_depth.bias
-            y = depthwise_conv2d(h[..., :hidden], weight[:hidden], bias[:hidden])
-            gate = depthwise_conv2d(h[..., hidden:], weight[hidden:], bias[hidden:])
+        h = self.conv_inverted(x)
+        if activations.use_fast():  # two pieces, one per CPU stream (see gated_conv)
+            gated = gated_depthwise_cpu(h, self.conv_depth.weight, self.conv_depth.bias)
         else:
-            y, gate = mx.split(self.conv_depth(h), 2, axis=-1)
-        return self.norm.residual(self.conv_point(_gated_silu(y, gate)), x)
+            y, gate = mx.split(self.conv_depth(_silu(h)), 2, axis=-1)
+            gated = _gated_silu(y, gate)
+        return self.norm.residual(self.conv_point(gated), x)
 
 
 class EfficientViTBlock(nn.Module):

@@ -33,8 +33,8 @@ import numpy as np
 from kernels.depthwise import depthwise_conv2d
 from kernels.linear_attention import relu_linear_attention
 
-from .. import platform
 from . import activations
+from .gated_conv import gated_depthwise_cpu
 
 TIMESTEP_CHANNELS = 256  # sinusoid width of the AdaLN-single timestep embedding
 LINEAR_ATTENTION_EPS = 1e-15  # diffusers' SanaLinearAttnProcessor2_0
@@ -236,12 +236,9 @@ class GLUMBConv(nn.Module):
     """Mix-FFN: 1x1 expand to 2H (+b) -> SiLU -> depthwise 3x3 (+b) -> a*SiLU(g) -> 1x1 to D (no bias).
     The 1x1 convs are Linears over the channel axis (quantizable).
 
-    On the CPU the element-wise middle (SiLU, depthwise, gate) runs in two independent pieces,
-    one per CPU stream (``platform.cpu_pieces``): the two images of a CFG batch, or for an odd
-    batch two channel halves (each with its matching value and gate channels). The depthwise
-    conv runs on the value and gate halves separately (its weights sliced), so that both come
-    out contiguous for the fused ``glu_silu``. The GPU path (the plain twin) convolves all
-    channels and splits after."""
+    On the CPU the element-wise middle runs as ``gated_conv.gated_depthwise_cpu`` (two
+    pieces, one per CPU stream); the GPU path (the plain twin) convolves all channels and
+    splits after."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -253,34 +250,11 @@ class GLUMBConv(nn.Module):
         batch, tokens, _ = x.shape
         h = self.conv_inverted(x).reshape(batch, height, width, -1)
         if activations.use_fast():
-            gated = self._gated_cpu(h)
+            gated = gated_depthwise_cpu(h, self.conv_depth.weight, self.conv_depth.bias)
         else:
             values, gate = mx.split(self.conv_depth(activations.silu(h)), 2, axis=-1)
             gated = _glu(values, gate)
         return self.conv_point(gated.reshape(batch, tokens, -1))
-
-    def _gated_cpu(self, h: mx.array) -> mx.array:
-        batch, hidden = h.shape[0], h.shape[-1] // 2
-        weight, bias = self.conv_depth.weight, self.conv_depth.bias
-        by_batch = batch % 2 == 0
-        half = batch // 2 if by_batch else hidden // 2
-
-        def piece(i: int) -> mx.array:
-            # Measured: SiLU over a contiguous batch half, then the channel slices, is fastest
-            # for a batch split; for a channel split, SiLU on the strided slices themselves.
-            if by_batch:
-                h_i = activations.silu(h[i * half : (i + 1) * half])
-                values, gate = h_i[..., :hidden], h_i[..., hidden:]
-                value_channels, gate_channels = slice(0, hidden), slice(hidden, None)
-            else:
-                lo, hi = i * half, (hidden if i else half)
-                value_channels, gate_channels = slice(lo, hi), slice(hidden + lo, hidden + hi)
-                values, gate = activations.silu(h[..., value_channels]), activations.silu(h[..., gate_channels])
-            values = depthwise_conv2d(values, weight[value_channels], bias[value_channels])
-            gate = depthwise_conv2d(gate, weight[gate_channels], bias[gate_channels])
-            return activations.glu_silu(values, gate)
-
-        return mx.concatenate(platform.cpu_pieces(2, piece), axis=0 if by_batch else -1)
 
 
 class SanaBlock(nn.Module):
