@@ -104,6 +104,16 @@ def test_decoder_matches_diffusers(small, size):
     assert error <= 1e-4, error  # reached ~1e-7
 
 
+def test_single_image_matches_diffusers(small):
+    # One image (what the pipeline decodes): on the CPU the GLUMBConv middle then splits its
+    # channels over the two streams instead of the batch.
+    reference, _, model = small
+    actual, expected = _decode_both(reference, model, _latents(1, 3, 4, SMALL_VAE["latent_channels"]))
+    assert actual.shape == (1, 96, 128, 3)
+    error = relative_error(actual, expected)
+    assert error <= 1e-4, error
+
+
 @pytest.mark.parametrize("band_pixels", [1, 40, 300])
 def test_row_bands_match_diffusers(small, band_pixels, monkeypatch):
     """Banded high-resolution blocks (the decoder's memory bound) are exact: with tiny
