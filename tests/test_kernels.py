@@ -284,6 +284,21 @@ def test_twin_split_over_two_cpu_streams_is_exact(monkeypatch, shape, mult, k, s
     assert _rel_err(split, dw.depthwise_conv2d_reference(x, w, b, stride, k // 2)) < 2e-6
 
 
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_linear_attention_split_over_two_cpu_streams_is_exact(monkeypatch, batch):
+    # On the CPU an even batch runs as two halves, one per stream: the same operations per
+    # batch element, so bit-identical to the unsplit twin; an odd batch runs whole.
+    monkeypatch.setattr(la, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_dispatch.platform, "backend", lambda: "cpu")
+    pieces = []
+    real = _dispatch.platform.cpu_pieces
+    monkeypatch.setattr(_dispatch.platform, "cpu_pieces", lambda n, build: pieces.append(n) or real(n, build))
+    q, k, v = (_rand((batch, 3, n, 8), mx.float32, seed) for n, seed in ((10, 30), (7, 31), (7, 32)))
+    out = kernels.relu_linear_attention(q, k, v)
+    assert np.array_equal(np.array(out), np.array(la.relu_linear_attention_reference(q, k, v)))
+    assert pieces == ([] if batch % 2 else [2])
+
+
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "glu"])
 def test_gpu_twin_matches_the_reference(epilogue):
     """The twin CUDA (and Metal with MOBILEO_MLX_KERNELS=twin) runs: mx.conv2d + compiled epilogue."""
