@@ -249,6 +249,19 @@ def test_attention_matches_sdpa(shape, masked):
     np.testing.assert_allclose(np.array(half.astype(mx.float32)), np.array(expected), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_in_blocks_of_query_rows_matches_sdpa(monkeypatch, masked):
+    # A head whose scores exceed the chunk runs in blocks of query rows (10 rows: 3+3+3+1).
+    monkeypatch.setattr(act, "_ATTENTION_CHUNK", 64)
+    monkeypatch.setattr(act, "_ATTENTION_ROWS_CHUNK", 27)
+    q, k, v = (mx.random.normal(shape, key=mx.random.key(i)) for i, shape in
+               enumerate([(2, 3, 10, 8), (2, 3, 9, 8), (2, 3, 9, 8)]))
+    mask = mx.array(np.where(np.arange(9) < 5, 0.0, -10000.0).astype(np.float32))[None, None, None] if masked else None
+    expected = act.attention_builtin(q, k, v, 8**-0.5, mask)
+    np.testing.assert_allclose(np.array(act.attention_fast(q, k, v, 8**-0.5, mask)), np.array(expected),
+                               rtol=1e-5, atol=2e-6)
+
+
 # ---------------------------------------------------------------------------
 # The models' CPU paths (taken when activations.use_fast()) against their GPU twins
 # ---------------------------------------------------------------------------
