@@ -549,6 +549,28 @@ def test_wide_layers_split_over_two_cpu_streams_give_the_same_result(outputs, mo
         assert len(streams) == 4 and len(set(streams)) == 2
 
 
+@pytest.mark.parametrize("outputs", [weights.SPLIT_MIN_WEIGHTS // 128, 2 * weights.SPLIT_MIN_WEIGHTS // 128 + 3])
+def test_prefill_rows_dequantize_in_two_halves_on_two_cpu_streams(outputs, monkeypatch):
+    """A few dozen rows (a prompt's prefill) through a wide quantized layer: the weight is
+    dequantized in two halves on two streams, then multiplied: the same products as one
+    dequantize + matmul."""
+    linear = nn.Linear(128, outputs)
+    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+    layer = DequantizedLinear(128, outputs, True, 64, 4)
+    layer.update(dict(reference.parameters()))
+    streams = []
+    real = weights.dequantize
+    monkeypatch.setattr(weights, "dequantize",
+                        lambda *args: streams.append(str(mx.default_stream(mx.default_device()))) or real(*args))
+    for rows, halves in ((9, True), (weights.SPLIT_DEQUANTIZE_MAX_ROWS, True), (weights.SPLIT_DEQUANTIZE_MAX_ROWS + 1, False)):
+        streams.clear()
+        x = mx.random.normal((1, rows, 128), key=mx.random.key(rows))
+        whole = real(reference.weight, reference.scales, reference.biases, 4, 64)
+        assert mx.allclose(layer(x), x @ whole.T + reference.bias, rtol=1e-6, atol=1e-6).item()
+        if mx.default_device() == mx.cpu:
+            assert len(streams) == (2 if halves else 1) and len(set(streams)) == len(streams), (rows, streams)
+
+
 def test_loading_checks_names_and_shapes(converted, tmp_path):
     out = copy_checkpoint(converted("none"), tmp_path / "out")
     tensors = mx.load(str(out / "mcp.safetensors"))
