@@ -108,14 +108,20 @@ def _idle_threads_sleep():
     """OPENBLAS_THREAD_TIMEOUT set (unless the user set it) while OpenBLAS loads, and
     restored afterwards, so that child processes (a PyTorch reference, say) see the
     environment unchanged."""
+    global thread_timeout_at_load
     if THREAD_TIMEOUT_ENV in os.environ:
+        thread_timeout_at_load = f"{os.environ[THREAD_TIMEOUT_ENV]} (set by the user)"
         yield
         return
     os.environ[THREAD_TIMEOUT_ENV] = THREAD_TIMEOUT
+    thread_timeout_at_load = f"{THREAD_TIMEOUT} (idle threads sleep at once)"
     try:
         yield
     finally:
         os.environ.pop(THREAD_TIMEOUT_ENV, None)
+
+
+thread_timeout_at_load: str | None = None  # what OpenBLAS read, for `mobileo-mlx doctor`
 
 
 def route_blas() -> BlasStatus:

@@ -46,7 +46,7 @@ def doctor(
     """Print the backend, BLAS, a measured matmul speed, memory and cache facts."""
     import mlx.core as mx
 
-    from . import platform
+    from . import _blas, platform
 
     try:
         import mlx_lm
@@ -64,6 +64,7 @@ def doctor(
         ("mlx", mx.__version__),
         ("mlx-lm", mlx_lm_version),
         ("BLAS", platform.blas_provider()),
+        *([("OPENBLAS_THREAD_TIMEOUT", _blas.thread_timeout_at_load)] if _blas.thread_timeout_at_load else []),
         (f"fp32 matmul {size}^3", f"{platform.matmul_gflops(size):.1f} GFLOP/s"),
         ("memory limit", f"{limit / 2**30:.1f} GiB" if limit else "unknown"),
         ("cache folder", str(platform.cache_dir())),

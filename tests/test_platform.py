@@ -178,6 +178,8 @@ def test_doctor_reports_backend_blas_and_cache(tmp_path):
     assert "GFLOP/s" in lines["fp32 matmul 256^3"]
     if sys.platform.startswith("linux"):
         assert "OpenBLAS" in lines["BLAS"]
+        expected = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")
+        assert lines["OPENBLAS_THREAD_TIMEOUT"].startswith(expected + " ("), lines
 
 
 def test_stage_buffer_cache_raises_the_limit_for_one_stage_and_restores_it():
