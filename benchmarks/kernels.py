@@ -6,8 +6,8 @@ Columns (milliseconds, best of the repeats, after a warm-up):
 
 * ``kernel``   the Metal kernel (kernels/metal.py) - Metal only;
 * ``twin``     what runs when the kernel does not: ``MOBILEO_MLX_KERNELS=twin``
-               (CPU: compiled shift-and-add; GPU: ``mx.conv2d`` + the epilogue as MLX ops);
-* ``shift``    the compiled shift-and-add on this backend;
+               (CPU: shift-and-add in four-tap kernels; GPU: ``mx.conv2d`` + the epilogue as MLX ops);
+* ``shift``    the shift-and-add on this backend;
 * ``unfused``  ``mx.conv2d`` / ``mx.conv1d`` + bias (+ split, SiLU, multiply) as separate ops;
                for linear attention the plain-MLX graph (matmuls in fp32), which is also its twin.
 

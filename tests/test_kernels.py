@@ -5,7 +5,7 @@
   kernels built with ``mslemu.metal_kernel``), over shapes that stress the edges and
   in f32/f16/bf16; a subset also runs under every schedule (races) and the sanitizer.
 * On macOS with Metal the same tests run the real kernels on the GPU.
-* The CPU twins (compiled shift-and-add) are checked against ``mx.conv2d``/``mx.conv1d``.
+* The CPU twins (shift-and-add) are checked against ``mx.conv2d``/``mx.conv1d``.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def test_cpu_and_cuda_never_reach_the_metal_kernels(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# CPU twins: compiled shift-and-add against mx.conv2d / mx.conv1d
+# CPU twins: shift-and-add against mx.conv2d / mx.conv1d
 # ---------------------------------------------------------------------------
 TWIN_CASES = [(c[1], c[2], c[3], c[4], c[5]) for c in CONV2D_CASES] + [
     ((2, 16, 16, 64), 1, 3, 1, True), ((1, 8, 8, 8), 1, 7, 2, False)]
