@@ -22,6 +22,7 @@ once, when it is loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -86,6 +87,52 @@ def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, 
     return unpack(packed, scales, biases)
 
 
+# ---------------------------------------------------------------------------
+# K-major storage of 8-bit weights (CPU, components that always multiply many rows)
+#
+# MLX's layout keeps each output row's bytes together, [out, K], with one scale per 64
+# of them: dequantizing broadcasts every scale along the innermost axis, which MLX's CPU
+# kernels do slowly. Stored K-major, [K, out] bytes and [K / 64, out] scales, the scales
+# broadcast along an outer axis instead: 0.67 -> 0.37 ns a weight (a SANA-600M step's
+# 576 M weights: 0.39 -> 0.23 s), bit-identical, and the GEMM x @ W runs as fast. Only for
+# components whose layers never see a handful of rows (no quantized_matmul, which needs
+# MLX's layout): the DiT and the VAE decoder. Transposed once, at load.
+K_MAJOR_COMPONENTS = ("dit", "vae")
+
+
+@functools.lru_cache(maxsize=None)
+def _k_major_unpacker(group_size: int):
+    def unpack(values: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        groups, outputs = scales.shape
+        grouped = values.reshape(groups, group_size, outputs).astype(scales.dtype)
+        return (grouped * scales[:, None, :] + biases[:, None, :]).reshape(groups * group_size, outputs)
+
+    return mx.compile(unpack)
+
+
+def _dequantize_k_major(values: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    """W.T [K, out] from K-major 8-bit values [K, out] (uint8), scales and biases [K / group_size, out]."""
+    return _k_major_unpacker(group_size)(values, scales, biases)
+
+
+def use_k_major(model: nn.Module) -> int:
+    """Store the model's 8-bit :class:`DequantizedLinear` layers K-major (see above), one
+    layer at a time (the transient copy is one layer). Returns how many were converted."""
+    if sys.byteorder != "little":
+        return 0
+    converted = 0
+    for _, layer in model.named_modules():
+        if not isinstance(layer, DequantizedLinear) or layer.bits != 8 or layer.k_major:
+            continue
+        values = mx.contiguous(mx.view(layer["weight"], mx.uint8).T)
+        scales, biases = mx.contiguous(layer["scales"].T), mx.contiguous(layer["biases"].T)
+        mx.eval(values, scales, biases)
+        layer.update({"weight": values, "scales": scales, "biases": biases})
+        layer.k_major = True
+        converted += 1
+    return converted
+
+
 # quantized_matmul runs on one CPU thread. For a large layer its output columns are split
 # in two halves, the second computed on a helper stream (MLX runs each CPU stream on its
 # own thread): measured 1.9x faster on 2 cores (LM head 151649x896 8-bit, one row:
@@ -107,6 +154,8 @@ def _quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: m
 
 def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     """``x @ W.T`` for a quantized ``W`` held by ``layer``."""
+    if getattr(layer, "k_major", False):
+        return x @ _dequantize_k_major(layer["weight"], layer["scales"], layer["biases"], layer.group_size).astype(x.dtype)
     rows = x.size // max(1, x.shape[-1])
     if rows <= QUANTIZED_MATMUL_MAX_ROWS:
         packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
@@ -152,6 +201,7 @@ class DequantizedLinear(nn.Module):
     def __init__(self, input_dims: int, output_dims: int, bias: bool, group_size: int, bits: int):
         super().__init__()
         self.group_size, self.bits = group_size, bits
+        self.k_major = False  # MLX's layout; use_k_major() transposes 8-bit storage
         self.weight = mx.zeros((output_dims, input_dims * bits // 32), dtype=mx.uint32)
         self.scales = mx.zeros((output_dims, input_dims // group_size))
         self.biases = mx.zeros((output_dims, input_dims // group_size))
@@ -164,8 +214,13 @@ class DequantizedLinear(nn.Module):
         return y + self["bias"] if "bias" in self else y
 
     def _extra_repr(self) -> str:
-        out_dims, packed = self.weight.shape
-        return f"input_dims={packed * 32 // self.bits}, output_dims={out_dims}, bits={self.bits}, group_size={self.group_size}"
+        if self.k_major:
+            in_dims, out_dims = self.weight.shape
+        else:
+            out_dims, packed = self.weight.shape
+            in_dims = packed * 32 // self.bits
+        layout = ", k_major" if self.k_major else ""
+        return f"input_dims={in_dims}, output_dims={out_dims}, bits={self.bits}, group_size={self.group_size}{layout}"
 
 
 class DequantizedEmbedding(nn.Module):
@@ -311,9 +366,12 @@ def load_component(
         for name, value in weights.items()
     ]
     model.load_weights(cast, strict=True)
+    del cast, weights  # the file's arrays: the K-major copies below must not coexist with them
     model.eval()
     if materialize:
         mx.eval(model.parameters())
+        if component in K_MAJOR_COMPONENTS and platform.backend() == "cpu":
+            use_k_major(model)
     return model
 
 

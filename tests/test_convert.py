@@ -446,6 +446,10 @@ def test_quantization_recipes(recipe, converted):
         for path, spec in layers.get(component, {}).items():
             assert header[path + ".weight"].dtype == "U32" and header[path + ".scales"].dtype == "F16"
             assert quantized[path].bits == spec["bits"]
+            # On CPU the DiT's and VAE's 8-bit layers are stored K-major once loaded.
+            k_major = (mx.default_device() == mx.cpu and component in weights.K_MAJOR_COMPONENTS
+                       and spec["bits"] == 8 and isinstance(quantized[path], DequantizedLinear))
+            assert getattr(quantized[path], "k_major", False) == k_major, path
 
     # Every quantized weight is within one quantization step of the source (MLX
     # keeps the group's largest-magnitude value exact, so the far end may be off
@@ -569,6 +573,31 @@ def test_prefill_rows_dequantize_in_two_halves_on_two_cpu_streams(outputs, monke
         assert mx.allclose(layer(x), x @ whole.T + reference.bias, rtol=1e-6, atol=1e-6).item()
         if mx.default_device() == mx.cpu:
             assert len(streams) == (2 if halves else 1) and len(set(streams)) == len(streams), (rows, streams)
+
+
+def test_k_major_storage_gives_the_same_products():
+    """8-bit layers stored K-major (the DiT and VAE on CPU): the same weights, dequantized in
+    another layout, so the same result for any number of rows; other widths stay as they were."""
+    linear = nn.Linear(192, 80)
+    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=8)
+    layer = DequantizedLinear(192, 80, True, 64, 8)
+    layer.update(dict(reference.parameters()))
+    xs = [mx.random.normal((rows, 192), key=mx.random.key(rows)) for rows in (1, 8, 9, 300, 600)]
+    before = [layer(x) for x in xs]
+    four_bit = DequantizedLinear(192, 80, False, 64, 4)
+    four_bit.update(dict(nn.QuantizedLinear.from_linear(nn.Linear(192, 80, bias=False), group_size=64, bits=4).parameters()))
+    holder = nn.Module()
+    holder.layers = [layer, four_bit]
+    assert weights.use_k_major(holder) == 1
+    assert layer.k_major and layer.weight.shape == (192, 80) and layer.weight.dtype == mx.uint8
+    assert not four_bit.k_major
+    assert "input_dims=192, output_dims=80" in repr(layer) and "k_major" in repr(layer)
+    for x, expected in zip(xs, before):
+        assert mx.allclose(layer(x), expected, rtol=1e-6, atol=1e-6).item()
+    dense = weights.dequantize(reference.weight, reference.scales, reference.biases, 8, 64)
+    k_major = weights._dequantize_k_major(layer.weight, layer.scales, layer.biases, 64)
+    assert mx.array_equal(k_major, dense.T).item()
+    assert weights.use_k_major(holder) == 0  # idempotent
 
 
 def test_loading_checks_names_and_shapes(converted, tmp_path):
