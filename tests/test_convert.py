@@ -532,18 +532,28 @@ def test_dequantizing_layers_match_mlx_quantized_layers(bits):
     assert relative_error(quantized_embedding.as_linear(x), embedding.as_linear(x)) < 1e-5
 
 
+def _wide_4bit_layer(outputs: int):
+    """A 4-bit DequantizedLinear 128 -> outputs and the MLX QuantizedLinear it copies."""
+    reference = nn.QuantizedLinear.from_linear(nn.Linear(128, outputs), group_size=64, bits=4)
+    layer = DequantizedLinear(128, outputs, True, 64, 4)
+    layer.update(dict(reference.parameters()))
+    return reference, layer
+
+
+def _record_streams(monkeypatch, name: str) -> list:
+    """Replace weights.<name> by a wrapper that records the stream each call runs on."""
+    streams, real = [], getattr(weights, name)
+    monkeypatch.setattr(weights, name,
+                        lambda *args: streams.append(str(mx.default_stream(mx.default_device()))) or real(*args))
+    return streams
+
+
 @pytest.mark.parametrize("outputs", [weights.SPLIT_MIN_WEIGHTS // 128, 2 * weights.SPLIT_MIN_WEIGHTS // 128 + 3])
 def test_wide_layers_split_over_two_cpu_streams_give_the_same_result(outputs, monkeypatch):
     """Few rows through a wide quantized layer (token-by-token decoding): the output columns
     are computed in two halves on two streams, equal to one quantized_matmul."""
-    linear = nn.Linear(128, outputs)
-    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
-    layer = DequantizedLinear(128, outputs, True, 64, 4)
-    layer.update(dict(reference.parameters()))
-    streams = []
-    real = weights._quantized_matmul
-    monkeypatch.setattr(weights, "_quantized_matmul",
-                        lambda *args: streams.append(str(mx.default_stream(mx.default_device()))) or real(*args))
+    reference, layer = _wide_4bit_layer(outputs)
+    streams = _record_streams(monkeypatch, "_quantized_matmul")
     for rows in (1, 3):
         x = mx.random.normal((1, rows, 128), key=mx.random.key(rows))
         expected = mx.quantized_matmul(x, reference.weight, reference.scales, reference.biases,
@@ -558,14 +568,9 @@ def test_prefill_rows_dequantize_in_two_halves_on_two_cpu_streams(outputs, monke
     """A few dozen rows (a prompt's prefill) through a wide quantized layer: the weight is
     dequantized in two halves on two streams, then multiplied: the same products as one
     dequantize + matmul."""
-    linear = nn.Linear(128, outputs)
-    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
-    layer = DequantizedLinear(128, outputs, True, 64, 4)
-    layer.update(dict(reference.parameters()))
-    streams = []
+    reference, layer = _wide_4bit_layer(outputs)
     real = weights.dequantize
-    monkeypatch.setattr(weights, "dequantize",
-                        lambda *args: streams.append(str(mx.default_stream(mx.default_device()))) or real(*args))
+    streams = _record_streams(monkeypatch, "dequantize")
     for rows, halves in ((9, True), (weights.SPLIT_DEQUANTIZE_MAX_ROWS, True), (weights.SPLIT_DEQUANTIZE_MAX_ROWS + 1, False)):
         streams.clear()
         x = mx.random.normal((1, rows, 128), key=mx.random.key(rows))
