@@ -334,9 +334,10 @@ def softmax_fast(x: mx.array, axis: int = -1) -> mx.array:
 
 
 # Score elements per chunk of heads (4 MB temporaries: they come from MLX's buffer cache
-# instead of fresh, page-faulted memory), and per block of query rows when one head's
-# scores reach the chunk: FastViTHD's 12 x 1024 x 1024 attention takes 80-111 ms in
-# whole-head chunks, 61 ms in 512-row blocks (the vision tower at 1024²: ~0.35 s faster).
+# instead of fresh, page-faulted memory); when a chunk would hold a single head, its query
+# rows run in blocks of _ATTENTION_ROWS_CHUNK scores instead: FastViTHD's 12 x 1024 x 1024
+# attention takes 80-111 ms in whole heads, 61 ms in 512-row blocks (its vision tower at
+# 1024²: ~0.35 s faster).
 _ATTENTION_CHUNK = 1 << 20
 _ATTENTION_ROWS_CHUNK = 1 << 19
 
