@@ -63,7 +63,7 @@ def mlx_worker(args) -> dict:
     t_vision = time.perf_counter()
     peaks["vision"] = common.mlx_peak_gb()
     if not args.keep_loaded:  # what `mobileo-mlx ask` does (outside the timed stages)
-        model.release("vision", "projector")
+        model.release(*model.PICTURE_COMPONENTS)
     model.image_features = lambda image: features  # embed_prompt reuses the features just timed
     embeddings = model.embed_prompt(prompt, picture)
     mx.eval(embeddings)

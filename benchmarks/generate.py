@@ -85,7 +85,7 @@ def mlx_worker(args) -> dict:
     llm_s = time.perf_counter() - t0
     peaks["llm_mcp"] = common.mlx_peak_gb()
     if not args.keep_loaded:
-        model.release("language", "vision", "projector", "mcp")
+        model.release(*model.CONDITIONING_COMPONENTS)
     load("dit")
 
     common.mlx_reset_peak()

@@ -66,7 +66,7 @@ def worker(args) -> dict:
     out["vision"] = _np(features)
     model.image_features = lambda image: features
     timings["vision"] = time.perf_counter() - t0
-    model.release("vision", "projector")
+    model.release(*model.PICTURE_COMPONENTS)
 
     # LM: last-position logits, 64 greedy tokens, teacher-forced argmaxes on the baseline's tokens
     t = time.perf_counter()

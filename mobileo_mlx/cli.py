@@ -178,7 +178,7 @@ def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, si
     typer.echo(f"prompt: {conditioning.prompt_tokens} tokens, LLM + MCP {condition_time:.2f} s", err=True)
     # This process never needs the understanding side again: free it before the DiT runs
     # (with the DiT released before the last decode, this keeps a generation under 2 GB).
-    model.release("language", "vision", "projector", "mcp")
+    model.release(*model.CONDITIONING_COMPONENTS)
     taken: set = set()
     for number in range(count):
         image_seed = seed + number if seed is not None else int.from_bytes(os.urandom(4), "little")

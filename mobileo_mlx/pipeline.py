@@ -55,6 +55,9 @@ class Conditioning:
 class MobileO:
     """A converted Mobile-O model; components load lazily on first use."""
 
+    PICTURE_COMPONENTS = ("vision", "projector")  # a picture -> its features
+    CONDITIONING_COMPONENTS = ("language", *PICTURE_COMPONENTS, "mcp")  # a prompt -> the DiT's conditioning
+
     def __init__(self, folder: str | Path, *, low_memory: bool = False):
         from . import weights
 
@@ -118,7 +121,7 @@ class MobileO:
         features = self.component("projector")(self.component("vision")(pixels))
         if self.low_memory:
             mx.eval(features)
-            self.release("vision", "projector")
+            self.release(*self.PICTURE_COMPONENTS)
         return features
 
     def embed_prompt(self, text: str, image: ImageInput | None = None) -> mx.array:
@@ -178,7 +181,7 @@ class MobileO:
             uncond = mcp([mx.zeros_like(h) for h in states])
             mx.eval(cond, uncond)
         if self.low_memory:
-            self.release("language", "vision", "projector", "mcp")
+            self.release(*self.CONDITIONING_COMPONENTS)
         return Conditioning(cond, uncond, embeddings.shape[1])
 
     def initial_latents(self, size: int, seed: int | None = None, noise=None) -> mx.array:

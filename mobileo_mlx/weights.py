@@ -134,8 +134,8 @@ def use_k_major(model: nn.Module) -> int:
 
 
 # quantized_matmul runs on one CPU thread. For a large layer its output columns are split
-# in two halves, the second computed on a helper stream (MLX runs each CPU stream on its
-# own thread): measured 1.9x faster on 2 cores (LM head 151649x896 8-bit, one row:
+# in two halves, one per CPU stream (platform.cpu_pieces; MLX runs each stream on its own
+# thread): measured 1.9x faster on 2 cores (LM head 151649x896 8-bit, one row:
 # 117 -> 60 ms; 4864x896 and 896x4864 4-bit: 3.8 -> 2.0 ms). Same products, same result.
 SPLIT_MIN_WEIGHTS = 1 << 19
 
@@ -156,35 +156,26 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     """``x @ W.T`` for a quantized ``W`` held by ``layer``."""
     if getattr(layer, "k_major", False):
         return x @ _dequantize_k_major(layer["weight"], layer["scales"], layer["biases"], layer.group_size).astype(x.dtype)
-    rows = x.size // max(1, x.shape[-1])
-    if rows <= QUANTIZED_MATMUL_MAX_ROWS:
-        packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
-        outputs = packed.shape[0]
-        elements = outputs * packed.shape[1] * 32 // layer.bits
-        if elements < SPLIT_MIN_WEIGHTS or outputs < 2 or not platform.may_split_over_streams():
-            return _quantized_matmul(x, packed, scales, biases, layer)
-        half = outputs // 2
-        with mx.stream(platform.cpu_helper_stream()):
-            second = _quantized_matmul(x, packed[half:], scales[half:], biases[half:], layer)
-        first = _quantized_matmul(x, packed[:half], scales[:half], biases[:half], layer)
-        return mx.concatenate([first, second], axis=-1)
     packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    rows = x.size // max(1, x.shape[-1])
     outputs = packed.shape[0]
-    elements = outputs * packed.shape[1] * 32 // layer.bits
-    if (rows > SPLIT_DEQUANTIZE_MAX_ROWS or elements < SPLIT_MIN_WEIGHTS or outputs < 2
-            or not platform.may_split_over_streams()):
+    split = (outputs * packed.shape[1] * 32 // layer.bits >= SPLIT_MIN_WEIGHTS and outputs >= 2
+             and platform.may_split_over_streams())
+    half = outputs // 2
+    halves = (slice(0, half), slice(half, outputs))
+    if rows <= QUANTIZED_MATMUL_MAX_ROWS:
+        if not split:
+            return _quantized_matmul(x, packed, scales, biases, layer)
+        return mx.concatenate(platform.cpu_pieces(2, lambda i: _quantized_matmul(
+            x, packed[halves[i]], scales[halves[i]], biases[halves[i]], layer)), axis=-1)
+    if not split or rows > SPLIT_DEQUANTIZE_MAX_ROWS:
         weight = dequantize(packed, scales, biases, layer.bits, layer.group_size)
         return x @ weight.astype(x.dtype).T
     # Not before the input is ready: a helper stream free to run ahead would dequantize
     # every layer of the model at once (all of it in float32 in memory).
     packed, scales, biases = mx.depends([packed, scales, biases], [x])
-    half = outputs // 2
-
-    def dequantized_half(i: int) -> mx.array:
-        part = slice(i * half, (i + 1) * half if i == 0 else outputs)
-        return dequantize(packed[part], scales[part], biases[part], layer.bits, layer.group_size).astype(x.dtype)
-
-    first, second = platform.cpu_pieces(2, dequantized_half)
+    first, second = platform.cpu_pieces(2, lambda i: dequantize(
+        packed[halves[i]], scales[halves[i]], biases[halves[i]], layer.bits, layer.group_size).astype(x.dtype))
     # Both halves before the first GEMM: OpenBLAS splits a GEMM statically between its
     # threads, so a core still busy dequantizing would stall the whole product.
     first = mx.depends(first, second)

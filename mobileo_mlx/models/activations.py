@@ -187,11 +187,7 @@ def _chunked(fn, *arrays: mx.array) -> mx.array:
     # element-wise work gets two cores instead of one).
     chunk = -(-size // 2) if size * 4 * _TEMPORARIES <= _cache_limit() else _CHUNK
     flats = [a.reshape(-1) for a in arrays]
-    streams = (mx.default_stream(mx.default_device()), platform.cpu_helper_stream())
-    parts = []
-    for number, i in enumerate(range(0, size, chunk)):
-        with mx.stream(streams[number % 2]):
-            parts.append(fn(*(f[i : i + chunk] for f in flats)))
+    parts = platform.cpu_pieces(-(-size // chunk), lambda n: fn(*(f[n * chunk : (n + 1) * chunk] for f in flats)))
     return mx.concatenate(parts).reshape(shape)
 
 
