@@ -32,6 +32,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from kernels import quantized_gemv as native_gemv
+
 from . import platform
 from .models import MODELS, build
 
@@ -48,11 +50,13 @@ class WeightsError(ValueError):
 # ---------------------------------------------------------------------------
 # quantized layers that compute in floating point
 
-# Up to this many input rows (tokens), a quantized layer uses quantized_matmul;
-# above it, dequantize + ordinary matmul. Measured on CPU (MLX 0.32, OpenBLAS):
-# for a 151649x896 head, one row takes 0.10 s with quantized_matmul and 1.2 s
-# dequantize + sgemm, 16 rows 1.65 s vs 1.25 s, 256 rows 27 s vs 1.9 s; the
-# crossover is near 10 rows for every layer shape tried.
+# Up to this many input rows (tokens), a quantized layer multiplies the packed weight
+# directly: the native CPU kernel (kernels.quantized_gemv; LM head 151936x896 8-bit, one
+# row: 7 ms), or without it quantized_matmul (0.10 s); above it, dequantize + ordinary
+# matmul. Measured on CPU (MLX 0.32, OpenBLAS), quantized_matmul against dequantize +
+# sgemm for that head: 1 row 0.10 s vs 1.2 s, 16 rows 1.65 s vs 1.25 s, 256 rows 27 s vs
+# 1.9 s; the crossover is near 10 rows for every layer shape tried. The native kernel
+# keeps one accumulator per row in registers, hence its limit of 8 rows too.
 QUANTIZED_MATMUL_MAX_ROWS = 8
 
 
@@ -164,6 +168,9 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     half = outputs // 2
     halves = (slice(0, half), slice(half, outputs))
     if rows <= QUANTIZED_MATMUL_MAX_ROWS:
+        if native_gemv.supported(x, packed, scales, biases, layer.bits, layer.group_size):
+            # The CPU kernel (kernels/native/quantized_gemv.c): all cores, ~20x MLX's loop.
+            return native_gemv.quantized_gemv(x, packed, scales, biases, layer.bits, layer.group_size)
         if not split:
             return _quantized_matmul(x, packed, scales, biases, layer)
         return mx.concatenate(platform.cpu_pieces(2, lambda i: _quantized_matmul(
@@ -186,8 +193,9 @@ class DequantizedLinear(nn.Module):
     """A Linear layer with affine-quantized storage that multiplies in floating
     point: the weight is dequantized on the fly and the product is an ordinary
     (sgemm) matmul, far faster on CPU than ``quantized_matmul`` except for a
-    handful of rows (token-by-token decoding), where ``quantized_matmul`` wins
-    and is used (see ``QUANTIZED_MATMUL_MAX_ROWS``)."""
+    handful of rows (token-by-token decoding), where the native CPU kernel
+    ``kernels.quantized_gemv`` (or, without it, ``quantized_matmul``) is used
+    (see ``QUANTIZED_MATMUL_MAX_ROWS``)."""
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool, group_size: int, bits: int):
         super().__init__()

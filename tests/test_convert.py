@@ -550,8 +550,10 @@ def _record_streams(monkeypatch, name: str) -> list:
 
 @pytest.mark.parametrize("outputs", [weights.SPLIT_MIN_WEIGHTS // 128, 2 * weights.SPLIT_MIN_WEIGHTS // 128 + 3])
 def test_wide_layers_split_over_two_cpu_streams_give_the_same_result(outputs, monkeypatch):
-    """Few rows through a wide quantized layer (token-by-token decoding): the output columns
-    are computed in two halves on two streams, equal to one quantized_matmul."""
+    """Few rows through a wide quantized layer (token-by-token decoding) without the native
+    kernel: the output columns are computed in two halves on two streams, equal to one
+    quantized_matmul."""
+    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")  # the MLX path, not kernels.quantized_gemv
     reference, layer = _wide_4bit_layer(outputs)
     streams = _record_streams(monkeypatch, "_quantized_matmul")
     for rows in (1, 3):
