@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py mobileo_mlx/_native/blas_shim.c kernels/native/quantized_gemv.c
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py mobileo_mlx/_native/blas_shim.c $(wildcard kernels/native/*.c kernels/native/*.h)
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 

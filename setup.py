@@ -1,4 +1,4 @@
-"""Build steps that pyproject.toml cannot express: the Linux BLAS shim and the CPU kernel.
+"""Build steps that pyproject.toml cannot express: the Linux BLAS shim and the CPU kernels.
 
 On Linux the package carries a tiny shared library that forwards MLX's
 ``cblas_sgemm``/``dgemm``/``cgemm`` to OpenBLAS from ``scipy-openblas32``
@@ -20,13 +20,14 @@ if sys.platform.startswith("linux"):
         )
     )
 
-# The CPU kernel for quantized matrix-vector products (token-by-token decoding), loaded
-# with ctypes by kernels/quantized_gemv.py. Optional: without a C compiler the package
-# installs and MLX's quantized_matmul does the work.
+# The CPU kernels (kernels/native: quantized matrix-vector products for decoding, the
+# bfloat16 GEMM), loaded with ctypes by kernels/_native.py. Optional: without a C compiler
+# the package still installs and MLX's own operations do the work.
 ext_modules.append(
     Extension(
-        "kernels.native.quantized_gemv",
-        sources=["kernels/native/quantized_gemv.c"],
+        "kernels.native.cpu_kernels",
+        sources=["kernels/native/quantized_gemv.c", "kernels/native/bf16_gemm.c", "kernels/native/pool.c"],
+        depends=["kernels/native/pool.h"],
         extra_compile_args=["-O3", "-Wno-psabi"],
         optional=True,
     )

@@ -15,52 +15,27 @@ the shapes the kernel does not take (see :func:`supported`).
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import threading
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from . import _native
 from ._dispatch import mode, on_cpu
 
 MAX_ROWS = 8  # the kernel keeps one accumulator per row in registers
-_NATIVE_DIR = Path(__file__).resolve().parent / "native"
-_library: ctypes.CDLL | None = None
-_load_error: str | None = None
-_lock = threading.Lock()  # the kernel's thread pool serves one call at a time
+_lock = threading.Lock()  # the kernels' thread pool serves one call at a time
 
 
-def _load() -> ctypes.CDLL | None:
-    global _library, _load_error
-    if _library is not None or _load_error is not None:
-        return _library
-    candidates = sorted(glob.glob(str(_NATIVE_DIR / "quantized_gemv*.so")))
-    if not candidates:
-        _load_error = "not built (no C compiler when the package was installed?)"
-        return None
-    try:
-        library = ctypes.CDLL(candidates[0])
-    except OSError as error:
-        _load_error = str(error)
-        return None
-    pointer = ctypes.c_void_p
-    library.mobileo_quantized_gemv.argtypes = [
-        pointer, ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, pointer]
-    library.mobileo_quantized_gemv.restype = ctypes.c_int
-    library.mobileo_quantized_gemv_threads.argtypes = [ctypes.c_int]
-    library.mobileo_quantized_gemv_threads.restype = ctypes.c_int
-    _library = library
-    return library
+def _load():
+    return _native.library()
 
 
 def status() -> str:
     """One line for ``mobileo-mlx doctor``."""
     library = _load()
     if library is None:
-        return f"MLX quantized_matmul (native kernel {_load_error})"
+        return f"MLX quantized_matmul (native kernel {_native.error()})"
     return f"native kernel, {library.mobileo_quantized_gemv_threads(0)} threads"
 
 

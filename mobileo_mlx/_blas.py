@@ -41,6 +41,7 @@ class BlasStatus:
 _status: BlasStatus | None = None
 _warned = False
 _keep_alive: list[ctypes.CDLL] = []  # dlopen handles must outlive the process
+_shim: ctypes.CDLL | None = None  # our shim, when it answers MLX's cblas_sgemm
 
 
 def _warn_once(message: str) -> None:
@@ -76,6 +77,9 @@ def _try_scipy_openblas() -> BlasStatus | None:
     _load_global(str(candidates[0]))
     shim_lib = _load_global(shim)
     shim_lib.mobileo_blas_shim_target.restype = ctypes.c_char_p
+    shim_lib.mobileo_blas_set_sgemm_hook.argtypes = [ctypes.c_void_p]
+    global _shim
+    _shim = shim_lib
     version = getattr(scipy_openblas32, "__version__", "")
     return BlasStatus(True, f"OpenBLAS (scipy-openblas32 {version})".replace(" )", ")"), shim)
 
@@ -165,6 +169,17 @@ def route_blas() -> BlasStatus:
 
 def status() -> BlasStatus:
     return route_blas()
+
+
+def set_sgemm_hook(address: int | None) -> bool:
+    """Install (an address) or remove (None) the C function MLX's ``cblas_sgemm`` tries before
+    OpenBLAS (see blas_shim.c). False when our shim does not answer MLX's sgemm (macOS, a
+    system OpenBLAS, the reference BLAS): nothing can be hooked then."""
+    route_blas()
+    if _shim is None:
+        return False
+    _shim.mobileo_blas_set_sgemm_hook(address)
+    return True
 
 
 class _DlInfo(ctypes.Structure):

@@ -57,8 +57,14 @@ class MobileO:
 
     PICTURE_COMPONENTS = ("vision", "projector")  # a picture -> its features
     CONDITIONING_COMPONENTS = ("language", *PICTURE_COMPONENTS, "mcp")  # a prompt -> the DiT's conditioning
+    # With bf16 CPU matmuls, the stages whose products take bfloat16 inputs (float32 sums): the
+    # picture stages, heavy in FLOPs, whose outputs are pixels or features. The language model
+    # (and the MCP) stay float32: a token choice may flip on a rounding.
+    BF16_STAGES = ("vision", "dit", "vae")
 
-    def __init__(self, folder: str | Path, *, low_memory: bool = False):
+    def __init__(self, folder: str | Path, *, low_memory: bool = False, cpu_matmul: str | None = None):
+        from kernels import bf16_matmul
+
         from . import weights
 
         self.folder = Path(folder)
@@ -68,18 +74,29 @@ class MobileO:
         self.config = json.loads(config_path.read_text())
         self.low_memory = low_memory
         self.dtype = platform.compute_dtype()
+        # "fp32" or "bf16": how MLX's CPU backend multiplies in BF16_STAGES (GPUs: self.dtype).
+        try:
+            self.cpu_matmul = bf16_matmul.resolve(cpu_matmul) if platform.backend() == "cpu" else "fp32"
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        self._bf16_products = bf16_matmul.bf16_products
         self._weights = weights
         self._components: dict[str, object] = {}
         self.tokenizer = processing.Tokenizer(self.folder, self.config["language"].get("eos_token_id"))
 
     @classmethod
     def load(cls, model: str | os.PathLike = "Amshaker/Mobile-O-0.5B", *, quantize: str | None = None,
-             low_memory: bool = False) -> "MobileO":
-        """``model``: a converted folder, an original checkpoint folder, a hub id or ``"demo"``."""
+             low_memory: bool = False, cpu_matmul: str | None = None) -> "MobileO":
+        """``model``: a converted folder, an original checkpoint folder, a hub id or ``"demo"``.
+        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``BF16_STAGES``."""
         from .hub import resolve_model
 
         kwargs = {} if quantize is None else {"quantize": quantize}
-        return cls(resolve_model(str(model), **kwargs), low_memory=low_memory)
+        return cls(resolve_model(str(model), **kwargs), low_memory=low_memory, cpu_matmul=cpu_matmul)
+
+    def products(self, stage: str):
+        """Context for evaluating ``stage``: bf16 CPU matmuls inside when chosen (a no-op otherwise)."""
+        return self._bf16_products(self.cpu_matmul == "bf16" and stage in self.BF16_STAGES)
 
     # --- components -----------------------------------------------------------------
 
@@ -119,8 +136,9 @@ class MobileO:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
         features = self.component("projector")(self.component("vision")(pixels))
-        if self.low_memory:
+        with self.products("vision"):
             mx.eval(features)
+        if self.low_memory:
             self.release(*self.PICTURE_COMPONENTS)
         return features
 
@@ -239,7 +257,8 @@ class MobileO:
                     v_uncond, v_cond = velocity[:1], velocity[1:]
                     velocity = v_uncond + guidance * (v_cond - v_uncond)
                 latents, state = sampler.step(plan, state, index, latents, velocity)
-                mx.eval(latents)
+                with self.products("dit"):
+                    mx.eval(latents)
                 yield DenoiseStep(index, steps, float(timestep), latents)
         if self.low_memory:
             self.release("dit")
@@ -248,12 +267,13 @@ class MobileO:
         """DC-AE decode (latents / scaling factor), then [-1, 1] -> [0, 1] -> PIL images."""
         vae = self.component("vae")
         scaled = (latents / float(self.config["vae"]["scaling_factor"])).astype(self.dtype)
-        if tile is not None and hasattr(vae, "decode_tiled"):
-            images = vae.decode_tiled(scaled, tile=tile)
-        else:
-            images = vae(scaled)
-        images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        mx.eval(images)
+        with self.products("vae"):  # the decoder evaluates band by band inside
+            if tile is not None and hasattr(vae, "decode_tiled"):
+                images = vae.decode_tiled(scaled, tile=tile)
+            else:
+                images = vae(scaled)
+            images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+            mx.eval(images)
         if self.low_memory:
             self.release("vae")
         return [processing.to_pil(np.array(image)) for image in images]

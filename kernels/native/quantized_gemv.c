@@ -14,24 +14,21 @@
  * Eight consecutive words are one vector: lane i holds values per_word * i + j (slot j).
  * The input is permuted once per call so that slot j of a chunk is one contiguous vector,
  * so the inner loop is shift, mask, convert, multiply-add. Rows of the output are split
- * between a small pool of threads (created on first use, asleep between calls).
+ * between the threads of pool.c.
  *
  * Written for GCC / Clang vector extensions; on x86-64 the hot function is compiled twice
  * (AVX2 + FMA and baseline) and picked at load time.
  */
-#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
-#include <pthread.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
+
+#include "pool.h"
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 #define MAX_ROWS 8
-#define MAX_THREADS 64
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -120,93 +117,14 @@ MULTIVERSION static void run_slice(const struct job *job, int n0, int n1) {
   }
 }
 
-/* ------------------------------------------------------------------ thread pool */
-
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
-static int pool_threads = 0;      /* threads taking part, the caller included (0: not set) */
-static int pool_started = 0;      /* worker threads running */
-static unsigned long pool_generation = 0;
-static int pool_pending = 0;
-static int pool_active = 1;       /* slices in the current job */
-static const struct job *pool_job = NULL;
-static unsigned long worker_seen[MAX_THREADS]; /* the generation each worker last ran */
-
-static void slice_bounds(int n, int parts, int index, int *n0, int *n1) {
-  *n0 = (int)((long)n * index / parts);
-  *n1 = (int)((long)n * (index + 1) / parts);
-}
-
-static void *worker(void *arg) {
-  const int index = (int)(intptr_t)arg;
-  pthread_mutex_lock(&pool_lock);
-  unsigned long seen = worker_seen[index]; /* set by its creator, under the lock */
-  for (;;) {
-    while (pool_generation == seen) pthread_cond_wait(&pool_start, &pool_lock);
-    seen = pool_generation;
-    const struct job *job = pool_job;
-    const int parts = pool_active;
-    pthread_mutex_unlock(&pool_lock);
-    if (index < parts) {
-      int n0, n1;
-      slice_bounds(job->n, parts, index, &n0, &n1);
-      run_slice(job, n0, n1);
-    }
-    pthread_mutex_lock(&pool_lock);
-    if (--pool_pending == 0) pthread_cond_signal(&pool_done);
-  }
-  return NULL;
-}
-
-static int default_threads(void) {
-  int count = 0;
-#ifdef CPU_COUNT
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) count = CPU_COUNT(&set);
-#endif
-  if (count <= 0) count = (int)sysconf(_SC_NPROCESSORS_ONLN);
-  if (count <= 0) count = 1;
-  return count > MAX_THREADS ? MAX_THREADS : count;
-}
-
-/* A forked child has none of the parent's workers: start again from nothing. */
-static void reset_after_fork(void) {
-  pthread_mutex_init(&pool_lock, NULL);
-  pthread_cond_init(&pool_start, NULL);
-  pthread_cond_init(&pool_done, NULL);
-  pool_started = 0;
-  pool_pending = 0;
-}
-
-static void ensure_workers(int threads) {
-  static int atfork_registered = 0;
-  if (!atfork_registered) {
-    pthread_atfork(NULL, NULL, reset_after_fork);
-    atfork_registered = 1;
-  }
-  while (pool_started < threads - 1) {
-    pthread_t thread;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    worker_seen[pool_started + 1] = pool_generation;
-    if (pthread_create(&thread, &attr, worker, (void *)(intptr_t)(pool_started + 1)) != 0) {
-      pthread_attr_destroy(&attr);
-      break;
-    }
-    pthread_attr_destroy(&attr);
-    pool_started++;
-  }
+static void run_part(void *arg, int part, int parts) {
+  const struct job *job = arg;
+  run_slice(job, (int)((long)job->n * part / parts), (int)((long)job->n * (part + 1) / parts));
 }
 
 /* ------------------------------------------------------------------ entry points */
 
-int mobileo_quantized_gemv_threads(int threads) {
-  if (threads > 0) pool_threads = threads > MAX_THREADS ? MAX_THREADS : threads;
-  if (pool_threads == 0) pool_threads = default_threads();
-  return pool_threads;
-}
+int mobileo_quantized_gemv_threads(int threads) { return mobileo_pool_threads(threads); }
 
 /* Below this many weights a product runs on the calling thread (waking a worker costs
  * more than it saves). */
@@ -239,29 +157,9 @@ int mobileo_quantized_gemv(const float *x, int rows, int k, const uint32_t *pack
   }
 
   struct job job = {xt, xsum, packed, scales, biases, out, rows, n, k, bits, group};
-  int parts = mobileo_quantized_gemv_threads(0);
+  int parts = mobileo_pool_threads(0);
   if ((long)n * k < PARALLEL_MIN_WEIGHTS || n < 2 * parts) parts = 1;
-  if (parts > 1) {
-    pthread_mutex_lock(&pool_lock);
-    ensure_workers(parts);
-    if (parts > pool_started + 1) parts = pool_started + 1;
-    if (parts > 1) {
-      pool_job = &job;
-      pool_active = parts;
-      pool_pending = pool_started;
-      pool_generation++;
-      pthread_cond_broadcast(&pool_start);
-    }
-    pthread_mutex_unlock(&pool_lock);
-  }
-  int n0, n1;
-  slice_bounds(n, parts, 0, &n0, &n1);
-  run_slice(&job, n0, n1);
-  if (parts > 1) {
-    pthread_mutex_lock(&pool_lock);
-    while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_lock);
-    pthread_mutex_unlock(&pool_lock);
-  }
+  mobileo_pool_run(run_part, &job, parts, 1);
   free(xt);
   return 0;
 }

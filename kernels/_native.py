@@ -1,0 +1,47 @@
+"""The compiled CPU kernels (kernels/native/*.c, built by setup.py into one shared library),
+loaded once with ctypes. ``library()`` is None when they were not built."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+from pathlib import Path
+
+_DIR = Path(__file__).resolve().parent / "native"
+_library: ctypes.CDLL | None = None
+_error: str | None = None
+
+_pointer, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "mobileo_quantized_gemv": ([_pointer, _int, _int, _pointer, _pointer, _pointer, _int, _int, _int, _pointer], _int),
+    "mobileo_quantized_gemv_threads": ([_int], _int),
+    "mobileo_bf16_gemm_supported": ([], _int),
+    "mobileo_bf16_sgemm": ([_int, _int, _int, _int, _int, _int, _float, _pointer, _int, _pointer, _int, _float,
+                            _pointer, _int], _int),
+}
+
+
+def library() -> ctypes.CDLL | None:
+    global _library, _error
+    if _library is not None or _error is not None:
+        return _library
+    candidates = sorted(glob.glob(str(_DIR / "cpu_kernels*.so")))
+    if not candidates:
+        _error = "not built (no C compiler when the package was installed?)"
+        return None
+    try:
+        loaded = ctypes.CDLL(candidates[0])
+        for name, (arguments, result) in _SIGNATURES.items():
+            function = getattr(loaded, name)
+            function.argtypes, function.restype = arguments, result
+    except (OSError, AttributeError) as error:
+        _error = str(error)
+        return None
+    _library = loaded
+    return loaded
+
+
+def error() -> str | None:
+    """Why :func:`library` is None."""
+    library()
+    return _error

@@ -1,0 +1,295 @@
+/* Single-precision GEMM computed with bfloat16 products (AVX512-BF16), float32 sums.
+ *
+ * C = alpha * A B + beta * C with A and B rounded to bfloat16 (round to nearest even)
+ * as they are packed, and every product accumulated in float32 by VDPBF16PS: twice the
+ * multiply-adds per instruction of an fp32 FMA. This is what "bfloat16 compute" means on
+ * a GPU; here it serves MLX's CPU backend when the user asks for it, on CPUs that have the
+ * instructions (Zen 4, Sapphire Rapids, Cooper Lake and later).
+ *
+ * Blocking: A is packed whole, in tiles of MR rows ([K/2][MR] pairs of k); each thread
+ * packs one NR-column panel of B at a time ([K/2][NR] pairs, in L2) and runs every A tile
+ * against it with the full K in registers, so C is written once.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+
+int mobileo_bf16_gemm_supported(void);
+int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, float beta, float *c, int ldc);
+
+#if !defined(__x86_64__) || !defined(__GNUC__)
+/* Other architectures: not available (the caller keeps its own sgemm). */
+int mobileo_bf16_gemm_supported(void) { return 0; }
+int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  (void)order, (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda;
+  (void)b, (void)ldb, (void)beta, (void)c, (void)ldc;
+  return -1;
+}
+#else
+#include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool.h"
+
+#define MR 12
+#define NR 32
+#define ROW_MAJOR 101
+#define NO_TRANS 111
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+struct gemm {
+  int m, n, k, k2;              /* k2: pairs of k (K rounded up to even, halved) */
+  const float *a, *b;
+  int lda, ldb, trans_a, trans_b;
+  float alpha, beta;
+  float *c;
+  int ldc;
+  uint32_t *packed_a;           /* [tiles][k2][MR] */
+  uint32_t *panel_buffers;      /* one [k2][NR] panel of B per part */
+  int panels;                   /* NR-column panels of B */
+  int packed_parts;             /* parts done packing A (a barrier) */
+};
+
+static inline float get(const float *p, int ld, int trans, int row, int col) {
+  return trans ? p[(size_t)col * ld + row] : p[(size_t)row * ld + col];
+}
+
+/* Round to nearest even, as VCVTNEPS2BF16 (NaNs stay NaNs). */
+static inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline uint32_t pair(float lo, float hi) { return (uint32_t)to_bf16(lo) | ((uint32_t)to_bf16(hi) << 16); }
+
+/* 32 consecutive floats -> 16 bf16 pairs (k, k+1) as 32-bit words. */
+BF16_TARGET static inline void convert_pairs(const float *src, uint32_t *out) {
+  /* cvtne2ps: elements 0-15 from the second operand, 16-31 from the first. */
+  const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+  _mm512_storeu_si512((void *)out, pairs);
+}
+
+/* A tile t (rows t*MR ...) into [k2][MR]; rows past M and the odd k are zero. */
+BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile) {
+  uint32_t *dst = g->packed_a + (size_t)tile * g->k2 * MR;
+  const int row0 = tile * MR;
+  for (int r = 0; r < MR; r++) {
+    const int row = row0 + r;
+    if (row >= g->m) {
+      for (int kp = 0; kp < g->k2; kp++) dst[(size_t)kp * MR + r] = 0;
+      continue;
+    }
+    if (!g->trans_a) {
+      const float *src = g->a + (size_t)row * g->lda;
+      int kp = 0;
+      for (; 2 * kp + 32 <= g->k; kp += 16) {  /* 16 pairs converted at once */
+        uint32_t tmp[16];
+        convert_pairs(src + 2 * kp, tmp);
+        for (int i = 0; i < 16; i++) dst[(size_t)(kp + i) * MR + r] = tmp[i];
+      }
+      for (; 2 * kp + 1 < g->k; kp++) dst[(size_t)kp * MR + r] = pair(src[2 * kp], src[2 * kp + 1]);
+      if (kp < g->k2) dst[(size_t)kp * MR + r] = pair(src[2 * kp], 0.0f);
+    } else {
+      for (int kp = 0; kp < g->k2; kp++) {
+        const float lo = get(g->a, g->lda, 1, row, 2 * kp);
+        const float hi = 2 * kp + 1 < g->k ? get(g->a, g->lda, 1, row, 2 * kp + 1) : 0.0f;
+        dst[(size_t)kp * MR + r] = pair(lo, hi);
+      }
+    }
+  }
+}
+
+/* Interleave two rows of 16 floats into 16 bf16 pairs (one 512-bit vector). */
+BF16_TARGET static inline __m512i interleave_rows(__m512 lo, __m512 hi) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  /* cvtne2ps: elements 0-15 from the second operand, 16-31 from the first. */
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  return _mm512_permutexvar_epi16(order, both);
+}
+
+/* In-register transpose of a 16 x 16 block of 32-bit words: rows[e][i] <- rows[i][e]. */
+BF16_TARGET static inline void transpose16(__m512i rows[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; i++) {
+    a[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  /* b[4i + j], 128-bit lane L: words 4L + j of rows 4i .. 4i + 3 */
+  for (int i = 0; i < 4; i++) {
+    b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; j++) {  /* gather lane L of b[j], b[4 + j], b[8 + j], b[12 + j] */
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    const __m512i d0 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), d1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+    rows[j] = _mm512_shuffle_i32x4(c0, d0, 0x88);       /* lane 0 */
+    rows[4 + j] = _mm512_shuffle_i32x4(c1, d1, 0x88);   /* lane 1 */
+    rows[8 + j] = _mm512_shuffle_i32x4(c0, d0, 0xDD);   /* lane 2 */
+    rows[12 + j] = _mm512_shuffle_i32x4(c1, d1, 0xDD);  /* lane 3 */
+  }
+}
+
+/* B panel p (columns p*NR ...) into dst [k2][NR] pairs; columns past N are zero. */
+BF16_TARGET static void pack_b_panel(const struct gemm *g, int panel, uint32_t *dst) {
+  const int col0 = panel * NR;
+  const int cols = g->n - col0 < NR ? g->n - col0 : NR;
+  if (!g->trans_b && cols == NR) {
+    /* Rows k and k+1 are contiguous along the columns: convert and interleave 16 at a time. */
+    for (int kp = 0; kp < g->k2; kp++) {
+      const float *r0 = g->b + (size_t)(2 * kp) * g->ldb + col0;
+      const int has_hi = 2 * kp + 1 < g->k;
+      for (int half = 0; half < 2; half++) {
+        const __m512 lo = _mm512_loadu_ps(r0 + 16 * half);
+        const __m512 hi = has_hi ? _mm512_loadu_ps(r0 + g->ldb + 16 * half) : _mm512_setzero_ps();
+        _mm512_storeu_si512((void *)(dst + (size_t)kp * NR + 16 * half), interleave_rows(lo, hi));
+      }
+    }
+    return;
+  }
+  if (g->trans_b && cols == NR) {
+    /* B(k, c) = b[c * ldb + k]: a column's k pairs are contiguous. Blocks of 16 columns x
+     * 16 pairs are converted (one vector per column) and transposed in registers. */
+    int kp = 0;
+    for (; 2 * kp + 32 <= g->k; kp += 16)
+      for (int half = 0; half < 2; half++) {
+        __m512i rows[16];
+        for (int i = 0; i < 16; i++) {
+          const float *src = g->b + (size_t)(col0 + 16 * half + i) * g->ldb + 2 * kp;
+          rows[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+        }
+        transpose16(rows);
+        for (int e = 0; e < 16; e++) _mm512_storeu_si512((void *)(dst + (size_t)(kp + e) * NR + 16 * half), rows[e]);
+      }
+    for (; kp < g->k2; kp++)
+      for (int c = 0; c < NR; c++) {
+        const float *src = g->b + (size_t)(col0 + c) * g->ldb;
+        dst[(size_t)kp * NR + c] = pair(src[2 * kp], 2 * kp + 1 < g->k ? src[2 * kp + 1] : 0.0f);
+      }
+    return;
+  }
+  for (int kp = 0; kp < g->k2; kp++)
+    for (int c = 0; c < NR; c++) {
+      if (c >= cols) {
+        dst[(size_t)kp * NR + c] = 0;
+        continue;
+      }
+      const float lo = get(g->b, g->ldb, g->trans_b, 2 * kp, col0 + c);
+      const float hi = 2 * kp + 1 < g->k ? get(g->b, g->ldb, g->trans_b, 2 * kp + 1, col0 + c) : 0.0f;
+      dst[(size_t)kp * NR + c] = pair(lo, hi);
+    }
+}
+
+/* One MR x NR tile of C from a packed A tile and a packed B panel. */
+BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, const uint32_t *b, int row0, int col0) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int kp = 0; kp < g->k2; kp++) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(b + (size_t)kp * NR));
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(b + (size_t)kp * NR + 16));
+    const uint32_t *ak = a + (size_t)kp * MR;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32((int)ak[r]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  const int rows = g->m - row0 < MR ? g->m - row0 : MR;
+  const int cols = g->n - col0 < NR ? g->n - col0 : NR;
+  const __mmask16 mask0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+  const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
+  for (int r = 0; r < rows; r++) {
+    float *c = g->c + (size_t)(row0 + r) * g->ldc + col0;
+    __m512 v0 = _mm512_mul_ps(alpha, acc[r][0]), v1 = _mm512_mul_ps(alpha, acc[r][1]);
+    if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
+      v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
+      v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, c + 16), v1);
+    }
+    _mm512_mask_storeu_ps(c, mask0, v0);
+    _mm512_mask_storeu_ps(c + 16, mask1, v1);
+  }
+}
+
+/* Part i packs its share of A's tiles, waits until every part has, then runs its share of
+ * B's panels against all of A. */
+static void run_part(void *arg, int part, int parts) {
+  struct gemm *g = arg;
+  const int tiles = (g->m + MR - 1) / MR;
+  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++) pack_a_tile(g, t);
+  __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
+  while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
+  const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
+  uint32_t *panel = g->panel_buffers + (size_t)part * g->k2 * NR;
+  for (int p = first; p < last; p++) {
+    pack_b_panel(g, p, panel);
+    for (int t = 0; t < tiles; t++) tile_kernel(g, g->packed_a + (size_t)t * g->k2 * MR, panel, t * MR, p * NR);
+  }
+}
+
+int mobileo_bf16_gemm_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+/* The packing buffers, kept between calls: a fresh multi-megabyte allocation is mmap-ed and
+ * page-faulted every call (measured: the DC-AE's 3x3 convs, 9 products per band, lost more
+ * than bf16 gained). Grows to the largest product seen, up to SCRATCH_KEEP bytes; larger
+ * ones get their own allocation, freed at the next call. */
+#define SCRATCH_KEEP ((size_t)256 << 20)
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *scratch_memory = NULL;
+static size_t scratch_size = 0;
+
+static uint32_t *scratch(size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;
+  if (bytes <= scratch_size) return scratch_memory;
+  free(scratch_memory);
+  scratch_memory = aligned_alloc(64, bytes);
+  scratch_size = scratch_memory ? bytes : 0;
+  if (scratch_memory && bytes > SCRATCH_KEEP) scratch_size = 0;  /* used once, replaced next call */
+  return scratch_memory;
+}
+
+/* Products smaller than this many multiply-adds go to OpenBLAS (waking threads and packing
+ * would cost more than the bf16 instructions save), as do transposed A operands (packed by
+ * a scalar loop here; MLX passes them only for small products such as k^T v). */
+#define MIN_PRODUCT (1L << 22)
+
+/* The cblas_sgemm interface. Returns 0 when done, -1 when the caller should do it itself:
+ * no AVX512-BF16, column-major order, a small product, an allocation failure, or the
+ * thread pool busy with another call (MLX's CPU streams run on several threads). */
+int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  if (order != ROW_MAJOR || trans_a != NO_TRANS || m < 1 || n < 1 || k < 1 || (long)m * n * k < MIN_PRODUCT ||
+      !mobileo_bf16_gemm_supported())
+    return -1;
+  struct gemm g = {m, n, k, (k + 1) / 2, a, b, lda, ldb, trans_a != NO_TRANS, trans_b != NO_TRANS,
+                   alpha, beta, c, ldc, NULL, NULL, (n + NR - 1) / NR, 0};
+  const int tiles = (m + MR - 1) / MR;
+  int parts = mobileo_pool_threads(0);
+  if (parts > g.panels) parts = g.panels;
+  const size_t a_words = (size_t)tiles * g.k2 * MR, panel_words = (size_t)g.k2 * NR;
+  if (pthread_mutex_trylock(&scratch_lock) != 0) return -1;  /* another thread is in here */
+  uint32_t *buffer = scratch((a_words + (size_t)parts * panel_words) * sizeof(uint32_t));
+  int code = -1;
+  if (buffer) {
+    g.packed_a = buffer;
+    g.panel_buffers = buffer + a_words;
+    code = mobileo_pool_run(run_part, &g, parts, 0);
+  }
+  pthread_mutex_unlock(&scratch_lock);
+  return code;
+}
+#endif
