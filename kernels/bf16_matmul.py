@@ -36,7 +36,7 @@ def unavailable_reason() -> str | None:
         return f"the CPU kernels are {_native.error()}"
     if not library.mobileo_bf16_gemm_supported():
         return "this CPU has no AVX512-BF16"
-    if not _blas.set_sgemm_hook(None):
+    if not _blas.sgemm_hookable():
         return f"MLX's sgemm is not routed through our shim ({_blas.status().provider})"
     return None
 
@@ -80,6 +80,21 @@ def bf16_products(enabled: bool = True):
                 _blas.set_sgemm_hook(None)
 
 
+def products_done() -> int:
+    """How many products the bf16 kernel has computed in this process (for tests and benchmarks)."""
+    library = _native.library()
+    return int(library.mobileo_bf16_products_done()) if library is not None else 0
+
+
+def min_product(value: int | None = None) -> int:
+    """The smallest product (m * n * k multiply-adds) the kernel takes; smaller ones stay with
+    OpenBLAS. Sets it when ``value`` is given (tests use 0 to reach small models)."""
+    library = _native.library()
+    if library is None:
+        return 0
+    return int(library.mobileo_bf16_min_product(-1 if value is None else int(value)))
+
+
 def sgemm(a, b, c, *, alpha: float = 1.0, beta: float = 0.0, trans_a: bool = False, trans_b: bool = False) -> int:
     """The kernel on NumPy float32 arrays (row-major, for tests and benchmarks):
     c = alpha * op(a) @ op(b) + beta * c. Returns 0, or -1 when it declined the product."""
@@ -93,4 +108,5 @@ def sgemm(a, b, c, *, alpha: float = 1.0, beta: float = 0.0, trans_a: bool = Fal
                                       c.shape[1])
 
 
-__all__ = ["CHOICES", "ENV", "available", "bf16_products", "resolve", "sgemm", "unavailable_reason"]
+__all__ = ["CHOICES", "ENV", "available", "bf16_products", "min_product", "products_done", "resolve", "sgemm",
+           "unavailable_reason"]

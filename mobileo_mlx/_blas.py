@@ -171,6 +171,12 @@ def status() -> BlasStatus:
     return route_blas()
 
 
+def sgemm_hookable() -> bool:
+    """Whether MLX's ``cblas_sgemm`` goes through our shim (so :func:`set_sgemm_hook` works)."""
+    route_blas()
+    return _shim is not None
+
+
 def set_sgemm_hook(address: int | None) -> bool:
     """Install (an address) or remove (None) the C function MLX's ``cblas_sgemm`` tries before
     OpenBLAS (see blas_shim.c). False when our shim does not answer MLX's sgemm (macOS, a

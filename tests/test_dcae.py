@@ -18,6 +18,7 @@ from convert.mapping import map_name
 from mobileo_mlx.models import build
 from mobileo_mlx.models import dcae as dcae_module
 from mobileo_mlx.models.dcae import decode_tiled, relu_quadratic_attention
+from kernels import bf16_matmul
 from kernels.linear_attention import relu_linear_attention
 from tests.helpers import convert_state_dict, relative_error, to_numpy
 
@@ -289,3 +290,18 @@ def test_full_size_decoder_output_shape(released):
     mx.eval(image)
     assert image.shape == (1, 64, 64, 3)
     assert np.isfinite(np.array(image)).all()
+
+
+@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
+def test_bf16_cpu_matmuls_stay_close(small):
+    """The decoder with bf16 CPU matmuls (its 1x1 and 3x3 convs): close to diffusers' float32."""
+    reference, _, model = small
+    before, done = bf16_matmul.min_product(), bf16_matmul.products_done()
+    bf16_matmul.min_product(0)
+    try:
+        with bf16_matmul.bf16_products():
+            actual, expected = _decode_both(reference, model, _latents(1, 4, 4, SMALL_VAE["latent_channels"]))
+    finally:
+        bf16_matmul.min_product(before)
+    assert bf16_matmul.products_done() > done
+    assert 1e-5 < relative_error(actual, expected) <= 3e-2  # reached 1.7e-2 (bf16 keeps 8 bits, fp16 11)

@@ -10,7 +10,9 @@ from PIL import Image
 
 import mobileo_mlx
 from convert import from_torch
+from kernels import bf16_matmul
 from mobileo_mlx import demo
+from mobileo_mlx.processing import Message
 from reference.fastvit_torch import ReferenceConfig
 from reference.pipeline_torch import ReferenceMobileO
 
@@ -141,3 +143,34 @@ def test_long_prompts_are_truncated_with_a_warning(model):
     with pytest.warns(UserWarning, match="512-token limit"):
         conditioning = model.conditioning(model._caption_prompt(mobileo_mlx.processing.generation_prompt, long_prompt))
     assert conditioning.prompt_tokens <= 512
+
+
+@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
+def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference):
+    """cpu_matmul="bf16": the DiT and VAE products take bfloat16 inputs, the language model's
+    do not (its greedy tokens stay the reference's), and the picture stays close."""
+    fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
+    assert fast.cpu_matmul == "bf16" and model.cpu_matmul == "fp32"  # the suite pins fp32
+    before = bf16_matmul.min_product()
+    bf16_matmul.min_product(0)  # the demo model's products are all small
+    try:
+        done = bf16_matmul.products_done()
+        question = "What is in this picture?"
+        answer = fast.ask(picture(2), question, max_tokens=8)
+        vision_products = bf16_matmul.products_done() - done
+        assert vision_products > 0  # the vision tower's products
+        done = bf16_matmul.products_done()
+        assert fast.chat([Message("user", "Hello there")], max_tokens=8) == model.chat(
+            [Message("user", "Hello there")], max_tokens=8)
+        assert bf16_matmul.products_done() == done  # the language model: float32 throughout
+        noise = noise_for(model, seed=20)
+        ours = fast.generate(PROMPT, steps=20, guidance=1.5, noise=noise)
+        assert bf16_matmul.products_done() > done
+    finally:
+        bf16_matmul.min_product(before)
+    from mobileo_mlx import processing
+
+    expected = reference.generate(processing.GENERATION_TEMPLATE.format(prompt=PROMPT), noise, 20, 1.5)
+    delta = np.abs(np.asarray(ours, dtype=np.int16) - expected.astype(np.int16))
+    assert 0 < delta.max() <= 16 and delta.mean() < 1.0, (delta.max(), delta.mean())  # reached 4 / 0.39
+    assert isinstance(answer, str)

@@ -15,6 +15,7 @@ from helpers import convert_state_dict, relative_error
 from mlx.utils import tree_flatten
 
 from convert.mapping import load_component, map_name
+from kernels import bf16_matmul
 from mobileo_mlx.models.sana import SanaConfig, SanaTransformer
 
 KEYS_FULL = Path(__file__).resolve().parent / "data" / "keys_full.txt"  # copy of shared/reference
@@ -285,3 +286,33 @@ def test_full_size_forward_shape(full_model):
     assert out.shape == (2, 16, 16, 32)
     assert out.dtype == mx.float32
     assert np.isfinite(np.array(out)).all()
+
+
+@pytest.fixture(scope="module")
+def mobileo_layout():
+    """The Mobile-O layout alone: the variant's toy ReLU attention (head dim 8) is ill-conditioned
+    to any bf16 rounding of its queries (PyTorch with bf16-rounded q_proj inputs: 6.6 % off)."""
+    reference = randomized_reference(SMALL, seed=0)
+    state_dict = {"model.dit." + k: v for k, v in reference.state_dict().items()}
+    runtime_config, weights = convert_state_dict("dit", state_dict, {}, {"transformer": dict(reference.config)})
+    model = SanaTransformer(SanaConfig.from_dict(runtime_config))
+    model.load_weights(list(weights.items()), strict=True)
+    return reference, model
+
+
+@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
+def test_bf16_cpu_matmuls_stay_close(mobileo_layout):
+    """With bf16 CPU matmuls (the default where the CPU has AVX512-BF16) every product takes
+    bfloat16 inputs: close to diffusers' float32, as half precision on a GPU."""
+    reference, model = mobileo_layout
+    latents, caption, mask = make_inputs(6, 10, 77, True)
+    expected = reference_velocity(reference, latents, caption, mask)
+    before, done = bf16_matmul.min_product(), bf16_matmul.products_done()
+    bf16_matmul.min_product(0)  # the toy model's products are all small
+    try:
+        with bf16_matmul.bf16_products():
+            actual = mlx_velocity(model, latents, caption, mask)
+    finally:
+        bf16_matmul.min_product(before)
+    assert bf16_matmul.products_done() > done
+    assert 1e-5 < relative_error(actual, expected) <= 1e-2  # reached 6e-3; the fp16 model: 1e-3 to 5e-3

@@ -14,12 +14,16 @@
 #include <stdint.h>
 
 int mobileo_bf16_gemm_supported(void);
+long mobileo_bf16_products_done(void);
+long mobileo_bf16_min_product(long value);
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
 #if !defined(__x86_64__) || !defined(__GNUC__)
 /* Other architectures: not available (the caller keeps its own sgemm). */
 int mobileo_bf16_gemm_supported(void) { return 0; }
+long mobileo_bf16_products_done(void) { return 0; }
+long mobileo_bf16_min_product(long value) { (void)value; return 0; }
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   (void)order, (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda;
@@ -264,15 +268,24 @@ static uint32_t *scratch(size_t bytes) {
 
 /* Products smaller than this many multiply-adds go to OpenBLAS (waking threads and packing
  * would cost more than the bf16 instructions save), as do transposed A operands (packed by
- * a scalar loop here; MLX passes them only for small products such as k^T v). */
-#define MIN_PRODUCT (1L << 22)
+ * a scalar loop here; MLX passes them only for small products such as k^T v). Tests lower
+ * it to reach small models. */
+static long min_product = 1L << 22;
+static long products_done = 0;
+
+long mobileo_bf16_min_product(long value) {
+  if (value >= 0) __atomic_store_n(&min_product, value, __ATOMIC_RELAXED);
+  return __atomic_load_n(&min_product, __ATOMIC_RELAXED);
+}
+
+long mobileo_bf16_products_done(void) { return __atomic_load_n(&products_done, __ATOMIC_RELAXED); }
 
 /* The cblas_sgemm interface. Returns 0 when done, -1 when the caller should do it itself:
  * no AVX512-BF16, column-major order, a small product, an allocation failure, or the
  * thread pool busy with another call (MLX's CPU streams run on several threads). */
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-  if (order != ROW_MAJOR || trans_a != NO_TRANS || m < 1 || n < 1 || k < 1 || (long)m * n * k < MIN_PRODUCT ||
+  if (order != ROW_MAJOR || trans_a != NO_TRANS || m < 1 || n < 1 || k < 1 || (long)m * n * k < __atomic_load_n(&min_product, __ATOMIC_RELAXED) ||
       !mobileo_bf16_gemm_supported())
     return -1;
   struct gemm g = {m, n, k, (k + 1) / 2, a, b, lda, ldb, trans_a != NO_TRANS, trans_b != NO_TRANS,
@@ -288,6 +301,7 @@ int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k,
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
     code = mobileo_pool_run(run_part, &g, parts, 0);
+    if (code == 0) __atomic_add_fetch(&products_done, 1, __ATOMIC_RELAXED);
   }
   pthread_mutex_unlock(&scratch_lock);
   return code;
