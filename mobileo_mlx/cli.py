@@ -46,6 +46,8 @@ def doctor(
     """Print the backend, BLAS, a measured matmul speed, memory and cache facts."""
     import mlx.core as mx
 
+    from kernels import bf16_matmul, quantized_gemv
+
     from . import _blas, platform
 
     try:
@@ -66,6 +68,8 @@ def doctor(
         ("BLAS", platform.blas_provider()),
         *([("OPENBLAS_THREAD_TIMEOUT", _blas.thread_timeout_at_load)] if _blas.thread_timeout_at_load else []),
         (f"fp32 matmul {size}^3", f"{platform.matmul_gflops(size):.1f} GFLOP/s"),
+        ("bf16 CPU matmuls", _bf16_line(bf16_matmul, size) if platform.backend() == "cpu" else "not used (GPU)"),
+        ("decoding products", quantized_gemv.status() if platform.backend() == "cpu" else "MLX quantized_matmul"),
         ("memory limit", f"{limit / 2**30:.1f} GiB" if limit else "unknown"),
         ("cache folder", str(platform.cache_dir())),
     ]
@@ -75,6 +79,17 @@ def doctor(
     cached = _cached_models(platform.cache_dir())
     typer.echo(f"{'cached models':<{width}}  {', '.join(cached) if cached else 'none'}")
 
+
+
+def _bf16_line(bf16_matmul, size: int) -> str:
+    reason = bf16_matmul.unavailable_reason()
+    if reason:
+        return f"unavailable ({reason}); --cpu-matmul auto means fp32"
+    from . import platform
+
+    with bf16_matmul.bf16_products():
+        speed = platform.matmul_gflops(size)
+    return f"available, {speed:.1f} GFLOP/s at {size}^3; --cpu-matmul auto means bf16"
 
 
 # --- model commands ----------------------------------------------------------------------
@@ -91,6 +106,14 @@ ModelOption = typer.Option(
 )
 LowMemoryOption = typer.Option(
     False, "--low-memory", help="Load each component only while it is needed (lower peak memory, slower)."
+)
+CpuMatmulOption = typer.Option(
+    None,
+    "--cpu-matmul",
+    help="On the CPU backend, how the vision encoder, DiT and VAE multiply: bf16 (bfloat16 inputs, "
+    "float32 sums, ~1.8x faster products; needs AVX512-BF16), fp32, or auto (bf16 where the CPU has "
+    "it). The language model always multiplies in float32. Default: $MOBILEO_MLX_CPU_MATMUL or auto.",
+    show_default=False,
 )
 
 
@@ -119,11 +142,11 @@ def _user_errors():
         _fail(message)
 
 
-def _load_model(model: Optional[str], low_memory: bool):
+def _load_model(model: Optional[str], low_memory: bool, cpu_matmul: Optional[str] = None):
     from .pipeline import MobileO
 
     spec = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-    return MobileO.load(spec, low_memory=low_memory)
+    return MobileO.load(spec, low_memory=low_memory, cpu_matmul=cpu_matmul)
 
 
 def _free_path(path: Path, force: bool, taken: set) -> Path:
@@ -224,6 +247,7 @@ def generate(
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     model: Optional[str] = ModelOption,
     low_memory: bool = LowMemoryOption,
+    cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Generate images from a text prompt."""
     from . import processing
@@ -231,7 +255,7 @@ def generate(
     with _user_errors():
         if not prompt.strip():
             _fail("the prompt is empty")
-        mobile_o = _load_model(model, low_memory)
+        mobile_o = _load_model(model, low_memory, cpu_matmul)
         _run_images(
             mobile_o,
             lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.generation_prompt, prompt)),
@@ -253,6 +277,7 @@ def edit(
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     model: Optional[str] = ModelOption,
     low_memory: bool = LowMemoryOption,
+    cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Edit a picture from an instruction."""
     from . import processing
@@ -261,7 +286,7 @@ def edit(
         if not instruction.strip():
             _fail("the instruction is empty")
         source = processing.load_image(image)
-        mobile_o = _load_model(model, low_memory)
+        mobile_o = _load_model(model, low_memory, cpu_matmul)
         _run_images(
             mobile_o,
             lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.edit_prompt, instruction), source),
@@ -288,6 +313,7 @@ def ask(
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
     model: Optional[str] = ModelOption,
+    cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Answer a question about a picture, streaming the answer."""
     from . import processing
@@ -295,7 +321,7 @@ def ask(
     with _user_errors():
         source = processing.load_image(image)
         # One picture per process: the vision tower is freed once its features exist.
-        mobile_o = _load_model(model, True)
+        mobile_o = _load_model(model, True, cpu_matmul)
         _stream_to_stdout(mobile_o.ask(source, question, max_tokens=max_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, system=system, stream=True))
 
@@ -308,6 +334,7 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
     model: Optional[str] = ModelOption,
+    cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Chat with the model. Interactive commands: /image PATH, /reset, /exit."""
     from . import processing
@@ -315,7 +342,7 @@ def chat(
 
     with _user_errors():
         attached = processing.load_image(image) if image is not None else None
-        mobile_o = _load_model(model, False)
+        mobile_o = _load_model(model, False, cpu_matmul)
 
         def reply(history, picture):
             return _stream_to_stdout(mobile_o.chat(history, max_tokens=max_tokens, temperature=temperature,

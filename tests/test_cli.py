@@ -105,6 +105,7 @@ def test_edit_writes_an_image(env, tmp_path):
         (["generate", "x", "--scheduler", "heun"], ["unknown sampler"]),
         (["generate", "x", "--model", "/no/such/folder"], []),
         (["edit", "missing.png", "x"], ["image not found"]),
+        (["generate", "x", "--cpu-matmul", "fp8"], ["expected one of auto, fp32, bf16"]),
     ],
 )
 def test_bad_input_is_one_clear_line(env, tmp_path, args, fragments):
@@ -113,6 +114,24 @@ def test_bad_input_is_one_clear_line(env, tmp_path, args, fragments):
     result = run(env, *args, "-o", str(tmp_path / "o.png")) if args[0] == "generate" else run(env, *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cpu_matmul_choices(env, tmp_path):
+    """--cpu-matmul fp32 and bf16 (where the CPU has AVX512-BF16) both draw the picture; the
+    demo model's products are too small for the bf16 kernel, so both give the same one."""
+    from kernels import bf16_matmul
+
+    pictures = {}
+    for choice in ("fp32", "bf16"):
+        out = tmp_path / f"{choice}.png"
+        result = run(env, "generate", "a kite", "-o", str(out), "--seed", "5", "--steps", "2", "--cpu-matmul", choice)
+        if choice == "bf16" and not bf16_matmul.available():
+            assert_one_line_error(result, "bf16 CPU matmuls are not available")
+            continue
+        assert result.returncode == 0, result.stderr
+        pictures[choice] = np.asarray(Image.open(out))
+    if len(pictures) == 2:
+        np.testing.assert_array_equal(pictures["fp32"], pictures["bf16"])
 
 
 def test_ctrl_c_stops_cleanly_and_writes_nothing(env, tmp_path):

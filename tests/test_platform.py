@@ -180,6 +180,12 @@ def test_doctor_reports_backend_blas_and_cache(tmp_path):
         assert "OpenBLAS" in lines["BLAS"]
         expected = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")
         assert lines["OPENBLAS_THREAD_TIMEOUT"].startswith(expected + " ("), lines
+        assert lines["decoding products"].startswith("native kernel, "), lines
+    from kernels import bf16_matmul
+
+    if platform.backend() == "cpu":
+        expected_bf16 = "available, " if bf16_matmul.available() else "unavailable ("
+        assert lines["bf16 CPU matmuls"].startswith(expected_bf16), lines
 
 
 def test_stage_buffer_cache_raises_the_limit_for_one_stage_and_restores_it():
