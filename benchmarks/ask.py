@@ -40,7 +40,7 @@ def mlx_worker(args) -> dict:
     from mobileo_mlx import platform, processing
     from mobileo_mlx.pipeline import MobileO
 
-    model = MobileO(args.folder)
+    model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
     started = time.perf_counter()
     for name in ("vision", "projector", "language"):
         model.component(name)
@@ -82,7 +82,8 @@ def mlx_worker(args) -> dict:
             last = response
     peaks["language"] = common.mlx_peak_gb()
     return {
-        "side": "mlx", "dtype": str(model.dtype).split(".")[-1], "device": platform.device_name(),
+        "side": "mlx", "dtype": str(model.dtype).split(".")[-1] + (
+            ", bf16 CPU matmuls" if model.cpu_matmul == "bf16" and platform.backend() == "cpu" else ""), "device": platform.device_name(),
         "backend": platform.backend(), "load_s": load_s, "vision_s": t_vision - t0, "embed_s": t_embed - t_vision,
         "first_token_s": stamps[0] - t_embed, "ttft_s": stamps[0] - t0,
         "decode_s": stamps[-1] - stamps[0], "token_gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
@@ -190,7 +191,8 @@ def parent(args) -> int:
         if side not in SIDES:
             raise SystemExit(f"unknown side {side!r}; choose from {', '.join(SIDES)}")
     shared = ["--folder", str(folder), "--checkpoint", str(checkpoint), "--tokens", str(args.tokens),
-              "--size", str(args.size), "--question", args.question, "--warmup", args.warmup] + (
+              "--size", str(args.size), "--question", args.question, "--warmup", args.warmup,
+              "--cpu-matmul", args.cpu_matmul] + (
         ["--keep-loaded"] if args.keep_loaded else [])
     print(f"machine: {json.dumps(common.machine())}")
     print(f"command: python -m benchmarks.ask {' '.join(sys.argv[1:])}"
@@ -296,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-loaded", action="store_true",
                         help="Keep the vision tower loaded while the LM answers (default: free it once the "
                              "picture's features exist, as `mobileo-mlx ask` does).")
+    parser.add_argument("--cpu-matmul", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="MLX side on the CPU: how the vision encoder, DiT and VAE multiply (as the CLI's "
+                             "--cpu-matmul; auto: bf16 where the CPU has AVX512-BF16).")
     parser.add_argument("--rebuild", action="store_true", help="Rewrite the cached checkpoint and conversion.")
     parser.add_argument("--json", default=None, help="Also write every measurement to this file.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -54,7 +54,7 @@ def mlx_worker(args) -> dict:
     from mobileo_mlx import platform, processing
     from mobileo_mlx.pipeline import MobileO
 
-    model = MobileO(args.folder)
+    model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
     load_s = 0.0
 
     def load(*names: str) -> None:  # loading is timed apart from the stages
@@ -113,7 +113,8 @@ def mlx_worker(args) -> dict:
     latents = np.array(step.latents.astype(mx.float32)).transpose(0, 3, 1, 2)  # NCHW like torch
     np.save(out / "mlx-latents.npy", latents)
     return {
-        "side": "mlx", "dtype": str(model.dtype).split(".")[-1], "device": platform.device_name(),
+        "side": "mlx", "dtype": str(model.dtype).split(".")[-1] + (
+            ", bf16 CPU matmuls" if model.cpu_matmul == "bf16" and platform.backend() == "cpu" else ""), "device": platform.device_name(),
         "backend": platform.backend(), "load_s": load_s, "llm_mcp_s": llm_s, "step_s": step_s,
         "decode_s": decode_s, "prompt_tokens": conditioning.prompt_tokens, "mlx_peak_gb": peaks,
         "rss_loaded_gb": rss_loaded, "peak_rss_gb": common.peak_rss_gb(), "matmul_gflops": matmul,
@@ -337,7 +338,7 @@ def profile_worker(args) -> dict:
     from mobileo_mlx import processing
     from mobileo_mlx.pipeline import MobileO
 
-    model = MobileO(args.folder)
+    model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
     dit, vae = model.component("dit"), model.component("vae")
     conditioning = model.conditioning(model._caption_prompt(processing.generation_prompt, args.prompt))
     model.release("language", "mcp")
@@ -482,7 +483,8 @@ def parent(args) -> int:
             raise SystemExit(f"unknown side {side!r}; choose from {', '.join(SIDES)}")
     shared = ["--folder", str(folder), "--checkpoint", str(checkpoint), "--steps", str(args.steps),
               "--guidance", str(args.guidance), "--size", str(args.size), "--prompt", args.prompt,
-              "--out", str(out), "--warmup", args.warmup, "--profile-repeats", str(args.profile_repeats)] + (
+              "--out", str(out), "--warmup", args.warmup, "--profile-repeats", str(args.profile_repeats),
+              "--cpu-matmul", args.cpu_matmul] + (
         ["--keep-loaded"] if args.keep_loaded else [])
     print(f"machine: {json.dumps(common.machine())}")
     print(f"command: python -m benchmarks.generate {' '.join(sys.argv[1:])}"
@@ -617,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Keep every MLX component loaded throughout (default: release them as "
                              "`mobileo-mlx generate` does: the LLM and MCP after conditioning, the DiT before "
                              "decoding).")
+    parser.add_argument("--cpu-matmul", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="MLX side on the CPU: how the vision encoder, DiT and VAE multiply (as the CLI's "
+                             "--cpu-matmul; auto: bf16 where the CPU has AVX512-BF16).")
     parser.add_argument("--rebuild", action="store_true", help="Rewrite the cached checkpoint and conversion.")
     parser.add_argument("--json", default=None, help="Also write every measurement to this file.")
     # worker-side arguments

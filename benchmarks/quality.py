@@ -51,7 +51,7 @@ def worker(args) -> dict:
     from mobileo_mlx.pipeline import MobileO
 
     baseline = args.worker == "baseline"
-    model = MobileO(args.folder)
+    model = MobileO(args.folder, cpu_matmul="fp32" if baseline else args.cpu_matmul)
     if baseline:
         model.dtype = mx.float32  # components load (and compute) in float32
     out: dict[str, np.ndarray] = {}
@@ -106,7 +106,8 @@ def worker(args) -> dict:
     uncond = mx.array(reference["uncond"] if reference is not None else out["uncond"])
     text = dit.encode_text(mx.concatenate([uncond, cond]).astype(model.dtype))
     velocity = dit(mx.concatenate([latents, latents]), time=dit.embed_timestep(VELOCITY_TIMESTEP), text=text)
-    out["velocity"] = _np(velocity)
+    with model.products("dit"):  # as the pipeline evaluates a step
+        out["velocity"] = _np(velocity)
     del text, velocity
     timings["dit_velocity"] = time.perf_counter() - t
 
@@ -127,7 +128,8 @@ def worker(args) -> dict:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
-    return {"side": args.worker, "dtype": str(model.dtype).split(".")[-1], "backend": platform.backend(),
+    return {"side": args.worker, "dtype": str(model.dtype).split(".")[-1], "cpu_matmul": model.cpu_matmul,
+            "backend": platform.backend(),
             "recipe": model.config.get("quantization", {}).get("recipe"), "npz": str(path), "timings": timings,
             "peak_rss_gb": common.peak_rss_gb(), "mlx_peak_gb": common.mlx_peak_gb(), "load": common.load_average()}
 
@@ -202,21 +204,26 @@ def parent(args) -> int:
                                              ["--folder", str(folders["none"]), "--out", str(base_npz), *common_args])
     base = dict(np.load(base_npz))
     rows, results = [], {}
-    for recipe in recipes:
-        if recipe == "none" and compute == "float32":
-            results[recipe] = None  # the baseline itself: same weights, same dtype
+    matmuls = [m.strip() for m in args.cpu_matmul.split(",") if m.strip()]
+    variants = [(recipe, matmul) for recipe in recipes for matmul in matmuls]
+    for recipe, matmul in variants:
+        key = f"{recipe}/{matmul}"
+        if recipe == "none" and compute == "float32" and matmul == "fp32":
+            results[key] = None  # the baseline itself: same weights, same dtype
             continue
-        npz = out / f"{recipe}-{args.steps}.npz"
-        runs[recipe] = common.run_worker("benchmarks.quality", recipe, ["--folder", str(folders[recipe]), "--out", str(npz),
-                                                                        "--reference", str(base_npz), *common_args])
-        results[recipe] = compare(dict(np.load(npz)), base)
+        npz = out / f"{recipe}-{matmul}-{args.steps}.npz"
+        runs[key] = common.run_worker("benchmarks.quality", recipe,
+                                      ["--folder", str(folders[recipe]), "--out", str(npz), "--reference", str(base_npz),
+                                       "--cpu-matmul", matmul, *common_args])
+        results[key] = compare(dict(np.load(npz)), base)
 
     sizes = {r: sum(p.stat().st_size for p in folders[r].glob("*.safetensors")) / 2**30 for r in recipes}
     headers = ["recipe (compute dtype)", "size GiB", "vision feat.", "LM logits (last)", "greedy 64: forced / free",
                "MCP out", "DiT velocity", f"latent ({args.steps} steps)", "image PSNR dB (max abs diff)", "VAE-only PSNR dB"]
-    for recipe in recipes:
-        r = results[recipe]
-        label = f"{recipe} ({compute})"
+    for recipe, matmul in variants:
+        r = results[f"{recipe}/{matmul}"]
+        label = f"{recipe} ({compute}" + (", bf16 matmuls)" if runs.get(f"{recipe}/{matmul}", {}).get("cpu_matmul") == "bf16"
+                                          else ")")
         if r is None:
             rows.append([label, common.fmt(sizes[recipe], 2), "= baseline", "= baseline", "100% / 64", "= baseline",
                          "= baseline", "= baseline", "inf (0)", "inf"])
@@ -246,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="Steps of the full run (default 20).")
     parser.add_argument("--reuse-baseline", action="store_true",
                         help="Reuse the cached float32 baseline outputs of an earlier run with the same --steps.")
+    parser.add_argument("--cpu-matmul", default="fp32",
+                        help="Comma-separated CPU matmul precisions to run each recipe with (fp32, bf16, auto; "
+                             "default fp32); the baseline is always fp32.")
     parser.add_argument("--rebuild", action="store_true", help="Rewrite the cached checkpoint and conversions.")
     parser.add_argument("--json", default=None, help="Also write the comparisons to this file.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
