@@ -421,9 +421,17 @@ def sigmoid(x: mx.array) -> mx.array:
     return sigmoid_fast(x) if use_fast() else sigmoid_builtin(x)
 
 
-def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU, torch ``nn.GELU()``."""
-    return gelu_fast(x) if use_fast() else gelu_builtin(x)
+def gelu(x: mx.array, overwrite: bool = False) -> mx.array:
+    """Exact (erf) GELU, torch ``nn.GELU()``. ``overwrite=True``: ``x`` is a temporary the
+    caller hands over, so on the CPU the native kernel (``kernels.gelu``: the same algorithm,
+    bit for bit, vectorised on every core) may write the result into its buffer."""
+    if not use_fast():
+        return gelu_builtin(x)
+    if overwrite:
+        from kernels import gelu as native  # here: kernels imports mobileo_mlx first
+
+        return native.gelu(x, gelu_fast, overwrite=True)
+    return gelu_fast(x)
 
 
 def gelu_tanh(x: mx.array) -> mx.array:

@@ -27,8 +27,10 @@ from kernels.depthwise import depthwise_conv2d
 from . import activations
 
 # Exact (erf) GELU, ~0.4 G values per 1024^2 image: models.activations.gelu (fast fp32
-# kernels on the CPU, relative error < 1e-6; MLX's nn.gelu on GPUs).
-gelu = activations.gelu
+# kernels on the CPU, relative error < 1e-6; MLX's nn.gelu on GPUs). Every call here takes
+# a fresh temporary (a layer's output), so the CPU's native kernel may overwrite it.
+def gelu(x: mx.array) -> mx.array:
+    return activations.gelu(x, overwrite=True)
 
 
 # FastViT's layer-scale initial value (randomly initialised models only).
