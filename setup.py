@@ -21,13 +21,13 @@ if sys.platform.startswith("linux"):
     )
 
 # The CPU kernels (kernels/native: quantized matrix-vector products for decoding, the
-# bfloat16 GEMM, GELU), loaded with ctypes by kernels/_native.py. Optional: without a C compiler
+# bfloat16 GEMM, GELU, depthwise conv), loaded with ctypes by kernels/_native.py. Optional: without a C compiler
 # the package still installs and MLX's own operations do the work.
 ext_modules.append(
     Extension(
         "kernels.native.cpu_kernels",
         sources=["kernels/native/quantized_gemv.c", "kernels/native/bf16_gemm.c", "kernels/native/gelu.c",
-                 "kernels/native/pool.c"],
+                 "kernels/native/depthwise.c", "kernels/native/pool.c"],
         depends=["kernels/native/pool.h"],
         # no fused multiply-adds: gelu.c rounds as the MLX form it mirrors
         extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],

@@ -16,6 +16,8 @@ _SIGNATURES = {
     "mobileo_quantized_gemv": ([_pointer, _int, _int, _pointer, _pointer, _pointer, _int, _int, _int, _pointer], _int),
     "mobileo_quantized_gemv_threads": ([_int], _int),
     "mobileo_gelu": ([_pointer, _pointer, ctypes.c_long], _int),
+    "mobileo_depthwise_conv2d": ([_pointer, _int, _int, _int, _int, _pointer, _int, _int, _pointer, _int, _int,
+                                  _int, _int, _pointer, _int, _int], _int),
     "mobileo_bf16_gemm_supported": ([], _int),
     "mobileo_bf16_products_done": ([], ctypes.c_long),
     "mobileo_bf16_min_product": ([ctypes.c_long], ctypes.c_long),
