@@ -2,12 +2,13 @@
 
 * ``depthwise_conv2d``, ``depthwise_conv1d``, ``glu_depthwise_conv2d`` (kernels.depthwise)
 * ``relu_linear_attention`` (kernels.linear_attention)
-* ``quantized_gemv`` (kernels.quantized_gemv): decoding's quantized products, native on CPU
+* ``quantized_gemv`` (kernels.quantized_gemv): decoding's quantized products
 * ``bf16_matmul.bf16_products`` (kernels.bf16_matmul): bfloat16 CPU GEMMs (AVX512-BF16)
+* ``gelu.gelu`` (kernels.gelu): the exact GELU, in place
 
 On Metal the custom ``mx.fast.metal_kernel`` bodies in ``kernels.metal`` run; on every
-other backend (CPU, CUDA) the plain-MLX twins do, except the two native CPU kernels
-(``kernels/native/*.c``), which serve MLX's CPU backend. ``MOBILEO_MLX_KERNELS=twin`` forces the
+other backend (CPU, CUDA) the plain-MLX twins do, except where the native CPU kernels
+(``kernels/native/*.c``: the three above and large depthwise convs) serve MLX's CPU backend. ``MOBILEO_MLX_KERNELS=twin`` forces the
 twins on Metal too (``reference``: the plainest MLX ops everywhere). See kernels/README.md.
 """
 

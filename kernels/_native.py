@@ -20,6 +20,7 @@ _SIGNATURES = {
                                   _int, _int, _pointer, _int, _int], _int),
     "mobileo_bf16_gemm_supported": ([], _int),
     "mobileo_bf16_products_done": ([], ctypes.c_long),
+    "mobileo_bf16_release": ([], None),
     "mobileo_bf16_min_product": ([ctypes.c_long], ctypes.c_long),
     "mobileo_bf16_sgemm": ([_int, _int, _int, _int, _int, _int, _float, _pointer, _int, _pointer, _int, _float,
                             _pointer, _int], _int),

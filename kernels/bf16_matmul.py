@@ -78,6 +78,7 @@ def bf16_products(enabled: bool = True):
             _depth -= 1
             if _depth == 0:
                 _blas.set_sgemm_hook(None)
+                library.mobileo_bf16_release()  # its packing buffers (tens of MB for the vision tower)
 
 
 def products_done() -> int:

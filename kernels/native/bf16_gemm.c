@@ -15,6 +15,7 @@
 
 int mobileo_bf16_gemm_supported(void);
 long mobileo_bf16_products_done(void);
+void mobileo_bf16_release(void);
 long mobileo_bf16_min_product(long value);
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc);
@@ -24,6 +25,7 @@ int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k,
 int mobileo_bf16_gemm_supported(void) { return 0; }
 long mobileo_bf16_products_done(void) { return 0; }
 long mobileo_bf16_min_product(long value) { (void)value; return 0; }
+void mobileo_bf16_release(void) {}
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   (void)order, (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda;
@@ -249,8 +251,9 @@ int mobileo_bf16_gemm_supported(void) {
 
 /* The packing buffers, kept between calls: a fresh multi-megabyte allocation is mmap-ed and
  * page-faulted every call (measured: the DC-AE's 3x3 convs, 9 products per band, lost more
- * than bf16 gained). Grows to the largest product seen, up to SCRATCH_KEEP bytes; larger
- * ones get their own allocation, freed at the next call. */
+ * than bf16 gained). Grows to the largest product seen, up to SCRATCH_KEEP bytes (larger
+ * ones get their own allocation, freed at the next call), and is freed when the products
+ * are switched off (mobileo_bf16_release). */
 #define SCRATCH_KEEP ((size_t)256 << 20)
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *scratch_memory = NULL;
@@ -264,6 +267,15 @@ static uint32_t *scratch(size_t bytes) {
   scratch_size = scratch_memory ? bytes : 0;
   if (scratch_memory && bytes > SCRATCH_KEEP) scratch_size = 0;  /* used once, replaced next call */
   return scratch_memory;
+}
+
+/* Frees the packing buffers (when bf16 products are switched off). */
+void mobileo_bf16_release(void) {
+  pthread_mutex_lock(&scratch_lock);
+  free(scratch_memory);
+  scratch_memory = NULL;
+  scratch_size = 0;
+  pthread_mutex_unlock(&scratch_lock);
 }
 
 /* Products smaller than this many multiply-adds go to OpenBLAS (waking threads and packing
