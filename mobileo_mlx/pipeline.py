@@ -27,6 +27,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from kernels import bf16_matmul
+
 from . import platform, processing, samplers
 from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message
 
@@ -63,8 +65,6 @@ class MobileO:
     BF16_STAGES = ("vision", "dit", "vae")
 
     def __init__(self, folder: str | Path, *, low_memory: bool = False, cpu_matmul: str | None = None):
-        from kernels import bf16_matmul
-
         from . import weights
 
         self.folder = Path(folder)
@@ -79,7 +79,6 @@ class MobileO:
             self.cpu_matmul = bf16_matmul.resolve(cpu_matmul) if platform.backend() == "cpu" else "fp32"
         except ValueError as error:
             raise InputError(str(error)) from None
-        self._bf16_products = bf16_matmul.bf16_products
         self._weights = weights
         self._components: dict[str, object] = {}
         self.tokenizer = processing.Tokenizer(self.folder, self.config["language"].get("eos_token_id"))
@@ -96,7 +95,7 @@ class MobileO:
 
     def products(self, stage: str):
         """Context for evaluating ``stage``: bf16 CPU matmuls inside when chosen (a no-op otherwise)."""
-        return self._bf16_products(self.cpu_matmul == "bf16" and stage in self.BF16_STAGES)
+        return bf16_matmul.bf16_products(self.cpu_matmul == "bf16" and stage in self.BF16_STAGES)
 
     # --- components -----------------------------------------------------------------
 

@@ -17,7 +17,7 @@
  * between the threads of pool.c.
  *
  * Written for GCC / Clang vector extensions; on x86-64 the hot function is compiled twice
- * (AVX2 + FMA and baseline) and picked at load time.
+ * (x86-64-v3, i.e. AVX2, and baseline) and picked at load time.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -131,7 +131,7 @@ int mobileo_quantized_gemv_threads(int threads) { return mobileo_pool_threads(th
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
 
 /* x [rows, k], out [rows, n] (float32, contiguous). Returns 0, or -1 when the shape is
- * not supported here (the caller falls back to MLX). Not reentrant: one call at a time. */
+ * not supported here (the caller falls back to MLX). Calls from several threads take turns. */
 int mobileo_quantized_gemv(const float *x, int rows, int k, const uint32_t *packed, const float *scales,
                            const float *biases, int n, int bits, int group, float *out) {
   if (rows < 1 || rows > MAX_ROWS || n < 1 || k < 1 || (bits != 4 && bits != 8) || group < 1) return -1;
