@@ -134,8 +134,11 @@ class MobileO:
     def image_features(self, image: ImageInput) -> mx.array:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
-        features = self.component("projector")(self.component("vision")(pixels))
+        vision, projector = self.component("vision"), self.component("projector")
+        # Built inside the context too: on the CPU the native GELU and depthwise conv evaluate
+        # their inputs while the graph is being built.
         with self.products("vision"):
+            features = projector(vision(pixels))
             mx.eval(features)
         if self.low_memory:
             self.release(*self.PICTURE_COMPONENTS)
@@ -247,16 +250,16 @@ class MobileO:
         state = sampler.initial_state(plan)
         with platform.stage_buffer_cache():  # the same temporaries every step: keep them cached
             for index, timestep in enumerate(plan.timesteps):
-                model_input = latents.astype(self.dtype)
-                if use_cfg:
-                    model_input = mx.concatenate([model_input, model_input])
-                velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
-                velocity = velocity.astype(mx.float32)
-                if use_cfg:
-                    v_uncond, v_cond = velocity[:1], velocity[1:]
-                    velocity = v_uncond + guidance * (v_cond - v_uncond)
-                latents, state = sampler.step(plan, state, index, latents, velocity)
-                with self.products("dit"):
+                with self.products("dit"):  # the step built and evaluated inside, not across the yield
+                    model_input = latents.astype(self.dtype)
+                    if use_cfg:
+                        model_input = mx.concatenate([model_input, model_input])
+                    velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
+                    velocity = velocity.astype(mx.float32)
+                    if use_cfg:
+                        v_uncond, v_cond = velocity[:1], velocity[1:]
+                        velocity = v_uncond + guidance * (v_cond - v_uncond)
+                    latents, state = sampler.step(plan, state, index, latents, velocity)
                     mx.eval(latents)
                 yield DenoiseStep(index, steps, float(timestep), latents)
         if self.low_memory:

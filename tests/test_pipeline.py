@@ -4,6 +4,7 @@ reference reads it as the original code would, the runtime goes through the real
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -174,3 +175,32 @@ def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference):
     delta = np.abs(np.asarray(ours, dtype=np.int16) - expected.astype(np.int16))
     assert 0 < delta.max() <= 16 and delta.mean() < 1.0, (delta.max(), delta.mean())  # reached 4 / 0.39
     assert isinstance(answer, str)
+
+
+@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
+def test_bf16_products_cover_the_whole_vision_graph(model, monkeypatch):
+    """The native GELU and depthwise conv evaluate their inputs while the graph is built, so
+    the bf16 context must be open while the vision tower is *built*, not only evaluated:
+    image_features must equal the tower built and evaluated entirely inside the context."""
+    from kernels import depthwise, gelu
+    from mobileo_mlx import processing
+
+    monkeypatch.setattr(gelu, "MIN_VALUES", 0)  # the demo tower is small: let the native kernels run
+    monkeypatch.setattr(depthwise, "NATIVE_MIN_MACS", 0)
+    native_gelus = []
+    real_gelu = gelu.gelu
+    monkeypatch.setattr(gelu, "gelu", lambda x, twin, overwrite=False: native_gelus.append(1) or real_gelu(x, twin, overwrite))
+    fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
+    before = bf16_matmul.min_product()
+    bf16_matmul.min_product(0)
+    try:
+        source = picture(3)
+        features = fast.image_features(source)
+        pixels = mx.array(processing.preprocess_image(source, fast.vision_size))
+        with bf16_matmul.bf16_products():
+            whole = fast.component("projector")(fast.component("vision")(pixels))
+            mx.eval(whole)
+    finally:
+        bf16_matmul.min_product(before)
+    assert native_gelus  # the native path really ran inside
+    assert np.array_equal(np.array(features), np.array(whole))
