@@ -265,7 +265,19 @@ static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *scratch_memory = NULL;
 static size_t scratch_size = 0;
 
+/* A forked child may inherit the lock held by a thread it does not have: start afresh. */
+static void scratch_after_fork(void) {
+  pthread_mutex_init(&scratch_lock, NULL);
+  scratch_memory = NULL;
+  scratch_size = 0;
+}
+
 static uint32_t *scratch(size_t bytes) {
+  static int atfork_registered = 0;
+  if (!atfork_registered) {
+    pthread_atfork(NULL, NULL, scratch_after_fork);
+    atfork_registered = 1;
+  }
   bytes = (bytes + 63) / 64 * 64;
   if (bytes <= scratch_size) return scratch_memory;
   free(scratch_memory);
