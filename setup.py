@@ -28,7 +28,7 @@ ext_modules.append(
         "kernels.native.cpu_kernels",
         sources=["kernels/native/quantized_gemv.c", "kernels/native/bf16_gemm.c", "kernels/native/gelu.c",
                  "kernels/native/depthwise.c", "kernels/native/pool.c"],
-        depends=["kernels/native/pool.h"],
+        depends=["kernels/native/pool.h", "kernels/native/vec8.h"],
         # no fused multiply-adds: gelu.c rounds as the MLX form it mirrors
         extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
         optional=True,

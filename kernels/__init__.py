@@ -4,7 +4,7 @@
 * ``relu_linear_attention`` (kernels.linear_attention)
 * ``quantized_gemv`` (kernels.quantized_gemv): decoding's quantized products
 * ``bf16_matmul.bf16_products`` (kernels.bf16_matmul): bfloat16 CPU GEMMs (AVX512-BF16)
-* ``gelu.gelu`` (kernels.gelu): the exact GELU, in place
+* ``gelu.gelu_in_place`` (kernels.gelu): the exact GELU, in place
 
 On Metal the custom ``mx.fast.metal_kernel`` bodies in ``kernels.metal`` run; on every
 other backend (CPU, CUDA) the plain-MLX twins do, except where the native CPU kernels

@@ -1,11 +1,21 @@
 """The compiled CPU kernels (kernels/native/*.c, built by setup.py into one shared library),
-loaded once with ctypes. ``library()`` is None when they were not built."""
+loaded once with ctypes. ``library()`` is None when they were not built.
+
+Also the few steps every Python wrapper of a kernel that runs outside MLX's graph shares:
+whether the kernels serve here (:func:`enabled`), evaluating the inputs (:func:`evaluate`,
+impossible inside function transformations) and reading them as C arrays (:func:`c_view`).
+Calls need no lock here: the kernels' thread pool runs one call at a time (pool.c)."""
 
 from __future__ import annotations
 
 import ctypes
 import glob
 from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ._dispatch import mode, on_cpu
 
 _DIR = Path(__file__).resolve().parent / "native"
 _library: ctypes.CDLL | None = None
@@ -51,3 +61,26 @@ def error() -> str | None:
     """Why :func:`library` is None."""
     library()
     return _error
+
+
+def enabled() -> bool:
+    """The native kernels serve this call: MLX's CPU backend, ``MOBILEO_MLX_KERNELS`` unset or
+    ``auto``, and the library built."""
+    return mode() == "auto" and on_cpu() and library() is not None
+
+
+def evaluate(*arrays: mx.array) -> bool:
+    """Evaluate the arrays a kernel reads; False inside ``mx.compile`` / ``mx.grad``, where
+    nothing can be evaluated (the caller then takes its MLX twin)."""
+    try:
+        mx.eval(*arrays)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def c_view(a: mx.array, dtype) -> np.ndarray:
+    """An evaluated array as a C-contiguous NumPy array of ``dtype``: its own buffer when it
+    already is one, else a copy."""
+    view = np.asarray(a)
+    return view if view.dtype == dtype and view.flags.c_contiguous else np.ascontiguousarray(view, dtype)

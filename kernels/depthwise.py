@@ -18,7 +18,6 @@ twins and kernels to.
 from __future__ import annotations
 
 import functools
-import threading
 
 import mlx.core as mx
 import numpy as np
@@ -27,8 +26,6 @@ from mobileo_mlx import platform
 
 from . import _native
 from ._dispatch import mode, on_cpu, use_metal
-
-_NATIVE_LOCK = threading.Lock()  # the native kernels' thread pool serves one call at a time
 
 
 def _pair(v) -> tuple[int, int]:
@@ -145,21 +142,18 @@ NATIVE_MIN_MACS = 1 << 21
 def _native2d(x, weight, bias, stride, padding) -> mx.array | None:
     batch, height, width, channels = x.shape
     kh, kw = weight.shape[1], weight.shape[2]
-    if (mode() != "auto" or x.dtype != mx.float32 or weight.shape[0] != channels or channels % 8
+    if (not _native.enabled() or x.dtype != mx.float32 or weight.shape[0] != channels or channels % 8
             or x.size * kh * kw // (stride[0] * stride[1]) < NATIVE_MIN_MACS
-            or not platform.may_split_over_streams() or _native.library() is None):
+            or not platform.may_split_over_streams()):
         return None
     out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
     out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
-    if out_h < 1 or out_w < 1:
+    taps = weight[..., 0].transpose(1, 2, 0).astype(mx.float32)  # [kh, kw, C]
+    bias = None if bias is None else bias.astype(mx.float32)
+    if out_h < 1 or out_w < 1 or not _native.evaluate(x, taps, *([] if bias is None else [bias])):
         return None
-    try:
-        mx.eval(x, weight, *([] if bias is None else [bias]))
-    except (ValueError, RuntimeError):  # inside mx.compile / mx.grad
-        return None
-    image = np.ascontiguousarray(np.asarray(x))
-    taps = np.ascontiguousarray(np.asarray(weight.astype(mx.float32))[..., 0].transpose(1, 2, 0))  # [kh, kw, C]
-    shift = None if bias is None else np.ascontiguousarray(np.asarray(bias.astype(mx.float32)))
+    image, taps = _native.c_view(x, np.float32), _native.c_view(taps, np.float32)
+    shift = None if bias is None else _native.c_view(bias, np.float32)
     # The output is a fresh MLX array written in place: its buffer comes from MLX's cache
     # (a fresh NumPy array is page-faulted at first touch, and copying it costs a pass more).
     out = mx.zeros((batch, out_h, out_w, channels), dtype=mx.float32)
@@ -167,11 +161,10 @@ def _native2d(x, weight, bias, stride, padding) -> mx.array | None:
     target = np.asarray(out)
     if not (target.flags.writeable and target.flags.c_contiguous):
         return None
-    with _NATIVE_LOCK:
-        code = _native.library().mobileo_depthwise_conv2d(
-            image.ctypes.data, batch, height, width, channels, taps.ctypes.data, kh, kw,
-            None if shift is None else shift.ctypes.data, stride[0], stride[1], padding[0], padding[1],
-            target.ctypes.data, out_h, out_w)
+    code = _native.library().mobileo_depthwise_conv2d(
+        image.ctypes.data, batch, height, width, channels, taps.ctypes.data, kh, kw,
+        None if shift is None else shift.ctypes.data, stride[0], stride[1], padding[0], padding[1],
+        target.ctypes.data, out_h, out_w)
     return out if code == 0 else None
 
 

@@ -15,25 +15,17 @@ the shapes the kernel does not take (see :func:`supported`).
 
 from __future__ import annotations
 
-import threading
-
 import mlx.core as mx
 import numpy as np
 
 from . import _native
-from ._dispatch import mode, on_cpu
 
 MAX_ROWS = 8  # the kernel keeps one accumulator per row in registers
-_lock = threading.Lock()  # the kernels' thread pool serves one call at a time
-
-
-def _load():
-    return _native.library()
 
 
 def status() -> str:
     """One line for ``mobileo-mlx doctor``."""
-    library = _load()
+    library = _native.library()
     if library is None:
         return f"MLX quantized_matmul (native kernel {_native.error()})"
     return f"native kernel, {library.mobileo_quantized_gemv_threads(0)} threads"
@@ -41,7 +33,7 @@ def status() -> str:
 
 def supported(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> bool:
     """Whether :func:`quantized_gemv` takes this product natively (else: the MLX twin)."""
-    if mode() != "auto" or not on_cpu() or _load() is None:
+    if not _native.enabled():
         return False
     rows = x.size // max(1, x.shape[-1])
     per_word = 32 // bits if bits in (4, 8) else 0
@@ -55,30 +47,20 @@ def _twin(x, packed, scales, biases, bits, group_size):
     return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
-def _c_view(a: mx.array, dtype) -> np.ndarray:
-    view = np.asarray(a)  # the buffer itself for an evaluated, contiguous array
-    return view if view.dtype == dtype and view.flags.c_contiguous else np.ascontiguousarray(view, dtype)
-
-
 def quantized_gemv(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
                    group_size: int) -> mx.array:
     """``x @ W.T`` for ``W`` quantized in MLX's affine layout (``mx.quantize``): x [..., K]
     with at most ``MAX_ROWS`` rows, packed [N, K * bits / 32] -> [..., N]."""
-    if not supported(x, packed, scales, biases, bits, group_size):
-        return _twin(x, packed, scales, biases, bits, group_size)
-    try:
-        mx.eval(x)
-    except (ValueError, RuntimeError):  # inside mx.compile / mx.grad: no evaluation
+    if not supported(x, packed, scales, biases, bits, group_size) or not _native.evaluate(x):
         return _twin(x, packed, scales, biases, bits, group_size)
     k, n = x.shape[-1], packed.shape[0]
     rows = x.size // k
-    xs = _c_view(x.reshape(rows, k), np.float32)
-    weight = _c_view(packed, np.uint32)
-    scale, bias = _c_view(scales, np.float32), _c_view(biases, np.float32)
+    xs = _native.c_view(x.reshape(rows, k), np.float32)
+    weight = _native.c_view(packed, np.uint32)
+    scale, bias = _native.c_view(scales, np.float32), _native.c_view(biases, np.float32)
     out = np.empty((rows, n), np.float32)
-    with _lock:
-        code = _load().mobileo_quantized_gemv(xs.ctypes.data, rows, k, weight.ctypes.data, scale.ctypes.data,
-                                              bias.ctypes.data, n, bits, group_size, out.ctypes.data)
+    code = _native.library().mobileo_quantized_gemv(xs.ctypes.data, rows, k, weight.ctypes.data, scale.ctypes.data,
+                                                    bias.ctypes.data, n, bits, group_size, out.ctypes.data)
     if code != 0:
         return _twin(x, packed, scales, biases, bits, group_size)
     return mx.array(out).reshape(*x.shape[:-1], n)

@@ -46,7 +46,7 @@ def doctor(
     """Print the backend, BLAS, a measured matmul speed, memory and cache facts."""
     import mlx.core as mx
 
-    from kernels import bf16_matmul, quantized_gemv
+    from kernels import quantized_gemv
 
     from . import _blas, platform
 
@@ -68,7 +68,7 @@ def doctor(
         ("BLAS", platform.blas_provider()),
         *([("OPENBLAS_THREAD_TIMEOUT", _blas.thread_timeout_at_load)] if _blas.thread_timeout_at_load else []),
         (f"fp32 matmul {size}^3", f"{platform.matmul_gflops(size):.1f} GFLOP/s"),
-        ("bf16 CPU matmuls", _bf16_line(bf16_matmul, size) if platform.backend() == "cpu" else "not used (GPU)"),
+        ("bf16 CPU matmuls", _bf16_line(size) if platform.backend() == "cpu" else "not used (GPU)"),
         ("decoding products", quantized_gemv.status() if platform.backend() == "cpu" else "MLX quantized_matmul"),
         ("memory limit", f"{limit / 2**30:.1f} GiB" if limit else "unknown"),
         ("cache folder", str(platform.cache_dir())),
@@ -81,12 +81,15 @@ def doctor(
 
 
 
-def _bf16_line(bf16_matmul, size: int) -> str:
+def _bf16_line(size: int) -> str:
+    """doctor's line on bf16 CPU matmuls: why not, or their measured speed."""
+    from kernels import bf16_matmul
+
+    from . import platform
+
     reason = bf16_matmul.unavailable_reason()
     if reason:
         return f"unavailable ({reason}); --cpu-matmul auto means fp32"
-    from . import platform
-
     with bf16_matmul.bf16_products():
         speed = platform.matmul_gflops(size)
     return f"available, {speed:.1f} GFLOP/s at {size}^3; --cpu-matmul auto means bf16"

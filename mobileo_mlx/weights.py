@@ -162,15 +162,16 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
         return x @ _dequantize_k_major(layer["weight"], layer["scales"], layer["biases"], layer.group_size).astype(x.dtype)
     packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     rows = x.size // max(1, x.shape[-1])
+    if rows <= QUANTIZED_MATMUL_MAX_ROWS and native_gemv.supported(x, packed, scales, biases, layer.bits,
+                                                                   layer.group_size):
+        # The CPU kernel (kernels/native/quantized_gemv.c): all cores, ~20x MLX's loop.
+        return native_gemv.quantized_gemv(x, packed, scales, biases, layer.bits, layer.group_size)
     outputs = packed.shape[0]
     split = (outputs * packed.shape[1] * 32 // layer.bits >= SPLIT_MIN_WEIGHTS and outputs >= 2
              and platform.may_split_over_streams())
     half = outputs // 2
     halves = (slice(0, half), slice(half, outputs))
     if rows <= QUANTIZED_MATMUL_MAX_ROWS:
-        if native_gemv.supported(x, packed, scales, biases, layer.bits, layer.group_size):
-            # The CPU kernel (kernels/native/quantized_gemv.c): all cores, ~20x MLX's loop.
-            return native_gemv.quantized_gemv(x, packed, scales, biases, layer.bits, layer.group_size)
         if not split:
             return _quantized_matmul(x, packed, scales, biases, layer)
         return mx.concatenate(platform.cpu_pieces(2, lambda i: _quantized_matmul(

@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from kernels import _native
 from kernels import quantized_gemv as gemv
 from mobileo_mlx import weights
 from mobileo_mlx.weights import DequantizedLinear
@@ -52,7 +53,7 @@ def native_only(monkeypatch):
 
 def test_the_kernel_is_built_on_linux():
     if sys.platform.startswith("linux"):
-        assert gemv._load() is not None, gemv.status()
+        assert _native.library() is not None, gemv.status()
         assert "native kernel" in gemv.status()
 
 

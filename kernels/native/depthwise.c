@@ -10,18 +10,8 @@
  * (taps outside the input read zero). Weights come as [kh, kw, C] (the caller transposes
  * MLX's [C, kh, kw, 1]). C must be a multiple of 8.
  */
-#include <stdint.h>
-#include <string.h>
-
 #include "pool.h"
-
-typedef float v8f __attribute__((vector_size(32)));
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
+#include "vec8.h"
 
 struct conv {
   const float *x, *w, *bias;
@@ -31,33 +21,25 @@ struct conv {
   int out_h, out_w;
 };
 
-static inline __attribute__((always_inline)) v8f load(const float *p) {
-  v8f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline __attribute__((always_inline)) void store(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-
 /* Output pixels [ox0, ox0 + n) of one output row, n <= 4, channel vector at c. */
 static inline __attribute__((always_inline)) void pixels(const struct conv *g, const float *image, int oy, int ox0,
                                                           int n, int c, float *row_out) {
   v8f acc[4];
-  const v8f b = g->bias ? load(g->bias + c) : (v8f){0};
+  const v8f b = g->bias ? load8f(g->bias + c) : (v8f){0};
   for (int i = 0; i < 4; i++) acc[i] = b;
   for (int dy = 0; dy < g->kh; dy++) {
     const int iy = oy * g->sy - g->py + dy;
     if (iy < 0 || iy >= g->height) continue;
     const float *in_row = image + (size_t)iy * g->width * g->channels;
     for (int dx = 0; dx < g->kw; dx++) {
-      const v8f w = load(g->w + ((size_t)dy * g->kw + dx) * g->channels + c);
+      const v8f w = load8f(g->w + ((size_t)dy * g->kw + dx) * g->channels + c);
       for (int i = 0; i < n; i++) {
         const int ix = (ox0 + i) * g->sx - g->px + dx;
-        if (ix >= 0 && ix < g->width) acc[i] += w * load(in_row + (size_t)ix * g->channels + c);
+        if (ix >= 0 && ix < g->width) acc[i] += w * load8f(in_row + (size_t)ix * g->channels + c);
       }
     }
   }
-  for (int i = 0; i < n; i++) store(row_out + (size_t)(ox0 + i) * g->channels + c, acc[i]);
+  for (int i = 0; i < n; i++) store8f(row_out + (size_t)(ox0 + i) * g->channels + c, acc[i]);
 }
 
 MULTIVERSION static void rows(const struct conv *g, long first, long last) {

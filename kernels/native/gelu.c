@@ -15,15 +15,7 @@
 #include <string.h>
 
 #include "pool.h"
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
+#include "vec8.h"
 
 #define SQRT8 2.8284271247461903
 #define LOG2E 1.4426950408889634
@@ -74,19 +66,11 @@ static inline __attribute__((always_inline)) v8f gelu8(v8f x) {
 
 MULTIVERSION static void gelu_range(const float *x, float *out, long begin, long end) {
   long i = begin;
-  for (; i + 8 <= end; i += 8) {
-    v8f v;
-    memcpy(&v, x + i, sizeof v);
-    v = gelu8(v);
-    memcpy(out + i, &v, sizeof v);
-  }
+  for (; i + 8 <= end; i += 8) store8f(out + i, gelu8(load8f(x + i)));
   if (i < end) { /* the tail through one padded vector */
     float in[8] = {0}, res[8];
     memcpy(in, x + i, sizeof(float) * (size_t)(end - i));
-    v8f v;
-    memcpy(&v, in, sizeof v);
-    v = gelu8(v);
-    memcpy(res, &v, sizeof v);
+    store8f(res, gelu8(load8f(in)));
     memcpy(out + i, res, sizeof(float) * (size_t)(end - i));
   }
 }

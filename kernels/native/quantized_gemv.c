@@ -24,17 +24,9 @@
 #include <string.h>
 
 #include "pool.h"
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#include "vec8.h"
 
 #define MAX_ROWS 8
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
 
 struct job {
   const float *xt;     /* [R, K] permuted input */
@@ -44,18 +36,6 @@ struct job {
   float *out;          /* [R, N] */
   int rows, n, k, bits, group;
 };
-
-static inline __attribute__((always_inline)) v8f load8f(const float *p) {
-  v8f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline __attribute__((always_inline)) v8i load8i(const uint32_t *p) {
-  v8i v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
 
 static inline __attribute__((always_inline)) float hsum(v8f v) {
   float s = 0.0f;

@@ -430,7 +430,7 @@ def gelu(x: mx.array, overwrite: bool = False) -> mx.array:
     if overwrite:
         from kernels import gelu as native  # here: kernels imports mobileo_mlx first
 
-        return native.gelu(x, gelu_fast, overwrite=True)
+        return native.gelu_in_place(x, gelu_fast)
     return gelu_fast(x)
 
 

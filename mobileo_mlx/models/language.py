@@ -92,14 +92,13 @@ class FastAttention(Qwen2Attention):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         batch, length, _ = x.shape
-        keys_length = length + (cache.offset if cache is not None else 0)
+        offset = cache.offset if cache is not None else 0
         if (length == 1 or not activations.use_fast() or hasattr(cache, "bits")
-                or self.n_heads * length * keys_length > FAST_ATTENTION_MAX_SCORES):
+                or self.n_heads * length * (offset + length) > FAST_ATTENTION_MAX_SCORES):
             return super().__call__(x, mask, cache)
         queries = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
