@@ -1,23 +1,29 @@
 # Two commands do all the set-up on a fresh clone (Linux or macOS):
 #   make demo   creates .venv, installs mobileo-mlx, runs the offline demo end to end
 #   make test   installs the test extras into the same .venv and runs the whole suite
-PYTHON ?= python3
-VENV   ?= .venv
-BIN    := $(VENV)/bin
-OUT    ?= out
+# Both install the exact versions in constraints.txt (what the suite was last verified
+# with), so an upstream release cannot break them overnight; `make test-latest` runs the
+# suite against the newest releases instead, in .venv-latest.
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+OUT         ?= out
+CONSTRAINTS := constraints.txt
+LATEST      ?= .venv-latest
+NATIVE      := $(wildcard kernels/native/*.c kernels/native/*.h)
 
-.PHONY: install install-test demo test doctor clean
+.PHONY: install install-test demo test test-latest wheel-check doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py mobileo_mlx/_native/blas_shim.c $(wildcard kernels/native/*.c kernels/native/*.h)
-	$(BIN)/python -m pip install --quiet -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(CONSTRAINTS) $(NATIVE)
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,5 +42,18 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# The suite against the newest release of every dependency (no constraints), in its own venv.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(mlx|mlx-lm|transformers|diffusers|huggingface.hub|tokenizers|kernels|numpy|torch)=' || true
+	$(LATEST)/bin/python -m pytest -q
+
+# Build the wheel, install it (not editable) beside the newest transformers in a fresh venv,
+# and use it from outside the checkout (what CI runs after `make test`).
+wheel-check: install
+	$(BIN)/python .ci/wheel_check.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info $(OUT) mobileo_mlx/_native/*.so
+	rm -rf $(VENV) $(LATEST) build *.egg-info $(OUT) kernels/native/*.so

@@ -97,7 +97,7 @@ def mlx_worker(args) -> dict:
 def torch_worker(args) -> dict:
     torch, device = common.torch_setup()
     torch.set_grad_enabled(False)
-    from reference.pipeline_torch import template
+    from tests.reference.pipeline_torch import template
 
     dtype = torch.float32 if args.worker == "torch-fp32" else torch.bfloat16
     started = time.perf_counter()

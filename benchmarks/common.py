@@ -38,7 +38,6 @@ import numpy as np
 from mobileo_mlx import demo, platform
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
 RECIPES = ("none", "8", "4", "mixed")
 GROUP_SIZE = 64
 CHECKPOINT_SEED = 0
@@ -242,10 +241,7 @@ def emit(result: dict) -> None:
 
 
 def torch_setup():
-    """torch, the device (cuda if available, else cpu), and the test-side references on sys.path."""
-    for path in (str(REPO), str(TESTS)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    """torch and the device (cuda if available, else cpu)."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -326,9 +322,9 @@ def build_torch(folder: Path, parts: tuple[str, ...], dtype, device, attn: str =
     ``device``. Built part by part: only what a benchmark uses is ever in memory (the VAE
     encoder is dropped before its weights are read), as on the MLX side."""
     torch, _ = torch_setup()
-    from reference.fastvit_torch import FastViTHDReference, ReferenceConfig
-    from reference.mcp_torch import TorchMobileConditioningProjector
-    from reference.pipeline_torch import VISION_PREFIX, ReferenceMobileO
+    from tests.reference.fastvit_torch import FastViTHDReference, ReferenceConfig
+    from tests.reference.mcp_torch import TorchMobileConditioningProjector
+    from tests.reference.pipeline_torch import VISION_PREFIX, ReferenceMobileO
 
     ckpt = TorchCheckpoint(folder)
     config = ckpt.config

@@ -148,7 +148,7 @@ def torch_embeddings(ref, text: str, torch, device, image=None):
 def torch_worker(args) -> dict:
     torch, device = common.torch_setup()
     torch.set_grad_enabled(False)
-    from reference.pipeline_torch import template
+    from tests.reference.pipeline_torch import template
 
     from mobileo_mlx import processing
 

@@ -26,9 +26,9 @@ import time
 import mobileo_mlx  # noqa: F401  (BLAS routing, before mlx.core)
 import mlx.core as mx
 
-from kernels import _dispatch
-from kernels import depthwise as dw
-from kernels import linear_attention as la
+from mobileo_mlx.kernels import _dispatch
+from mobileo_mlx.kernels import depthwise as dw
+from mobileo_mlx.kernels import linear_attention as la
 from mobileo_mlx import platform
 
 # (name, x shape NHWC (or NLC for conv1d), channel multiplier, k, stride, bias, glu)

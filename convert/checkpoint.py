@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,41 +31,23 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-
-class ConversionError(Exception):
-    """A problem with the input or output that the user can fix (one line)."""
+from mobileo_mlx.convert.download import hub_config_files
+from mobileo_mlx.convert.layout import (
+    DEFAULT_DIFFUSION_REPO,
+    DIFFUSION_CONFIG_FILES,
+    MERGED_SUBFOLDER,
+    MOBILEO_MODEL_TYPES,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    TORCH_INDEX,
+    TORCH_SINGLE,
+    looks_like_hub_id,
+)
+from mobileo_mlx.errors import ConversionError
 
 
 # ---------------------------------------------------------------------------
 # layout of the released checkpoint
-
-MERGED_SUBFOLDER = "final_merged_model_23620"
-MOBILEO_MODEL_TYPES = ("mobileo_inference", "mobile_o_inference")
-DEFAULT_DIFFUSION_REPO = "Efficient-Large-Model/Sana_600M_512px_diffusers"
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-TORCH_SINGLE = "pytorch_model.bin"
-
-# Copied next to the converted weights when present (tokenizer.json is written
-# fresh when the checkpoint has none).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
-
-# diffusers layout: config section -> (subfolder, file name)
-DIFFUSION_CONFIG_FILES = {
-    "transformer": ("transformer", "config.json"),
-    "vae": ("vae", "config.json"),
-    "scheduler": ("scheduler", "scheduler_config.json"),
-}
 
 # Efficient-Large-Model/Sana_600M_512px_diffusers, scheduler/scheduler_config.json
 # (SPEC §1.3). The transformer and VAE copies live in convert.mapping.sana / .dcae.
@@ -494,47 +475,11 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def _hub_config_files(repo_id: str, wanted: Iterable[str]) -> dict[str, Path]:
-    """The wanted diffusers config files of ``repo_id``: from the local hub
-    cache, else downloaded (json files only). Missing ones are left out."""
-    from huggingface_hub import hf_hub_download
-
-    found: dict[str, Path] = {}
-    reachable: bool | None = None
-    for section in wanted:
-        subfolder, filename = DIFFUSION_CONFIG_FILES[section]
-        try:
-            found[section] = Path(
-                hf_hub_download(repo_id, filename, subfolder=subfolder, local_files_only=True)
-            )
-            continue
-        except Exception:
-            pass
-        if reachable is None:
-            from mobileo_mlx.hub import hub_reachable
-
-            reachable = hub_reachable()
-        if not reachable:
-            continue
-        try:
-            found[section] = Path(hf_hub_download(repo_id, filename, subfolder=subfolder))
-        except Exception:
-            continue
-    return found
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
-
-
 def resolve_diffusion_configs(
     checkpoint: Checkpoint,
     override_dir: str | os.PathLike | None = None,
     builtin: Mapping[str, dict] | None = None,
-    hub_files: Callable[[str, Iterable[str]], dict[str, Path]] = _hub_config_files,
+    hub_files: Callable[[str, Iterable[str]], dict[str, Path]] = hub_config_files,
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """``({"transformer": {...}, "vae": {...}, "scheduler": {...}}, {section: source})``.
 

@@ -35,25 +35,24 @@ from typing import Iterable
 
 from mlx.utils import tree_flatten
 
-from mobileo_mlx import __version__
-from mobileo_mlx.models import build
-from mobileo_mlx.weights import COMPONENTS, FORMAT, FORMAT_VERSION
-
-from .checkpoint import (
+from mobileo_mlx._version import __version__
+from mobileo_mlx.convert.checkpoint import (
     DEFAULT_SCHEDULER_CONFIG,
-    TOKENIZER_FILES,
     Checkpoint,
     ConversionError,
     MissingTensor,
     PlannedTensor,
     SafetensorsWriter,
     build_fast_tokenizer,
-    looks_like_hub_id,
     resolve_diffusion_configs,
 )
-from .mapping import load_component as load_mapping
-from .mapping import map_name
-from .quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE, GROUP_SIZES, RECIPES, plan_layers, quantize_rows
+from mobileo_mlx.convert.mapping import load_component as load_mapping
+from mobileo_mlx.convert.mapping import map_name
+from mobileo_mlx.convert.download import download_checkpoint
+from mobileo_mlx.convert.layout import TOKENIZER_FILES, looks_like_hub_id
+from mobileo_mlx.convert.quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE, GROUP_SIZES, RECIPES, plan_layers, quantize_rows
+from mobileo_mlx.models import build
+from mobileo_mlx.weights import COMPONENTS, FORMAT, FORMAT_VERSION
 
 # Component -> (what it is, where its tensors live in the checkpoint), for messages.
 COMPONENT_SOURCES = {
@@ -353,7 +352,7 @@ def convert_checkpoint(
     _check_output(output, checkpoint_path, force)
 
     source = Checkpoint(checkpoint_path)
-    from .mapping import dcae, sana
+    from mobileo_mlx.convert.mapping import dcae, sana
 
     builtin = {
         "transformer": sana.DEFAULT_TRANSFORMER_CONFIG,
@@ -473,9 +472,9 @@ def upload_folder(folder: Path, repo_id: str, private: bool = False) -> str:
 # command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m convert.from_torch") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m convert.from_torch",
+        prog=prog,
         description="Convert a Mobile-O checkpoint (PyTorch / safetensors) into an MLX model folder.",
         epilog=(
             "Quantization recipes: none keeps the source float dtype (bf16 stays bf16, fp32 stays fp32); "
@@ -515,8 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Iterable[str] | None = None) -> int:
-    args = build_parser().parse_args(None if argv is None else list(argv))
+def main(argv: Iterable[str] | None = None, prog: str = "python -m convert.from_torch") -> int:
+    """The converter's command line (``python -m convert.from_torch`` in a checkout,
+    ``mobileo-mlx convert`` and ``python -m mobileo_mlx.convert`` anywhere); returns the exit status."""
+    args = build_parser(prog).parse_args(None if argv is None else list(argv))
     debug = bool(os.environ.get("MOBILEO_MLX_DEBUG"))
     started = time.perf_counter()
     previous_handler = _stop_on_sigterm()
@@ -524,8 +525,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         checkpoint = Path(args.checkpoint).expanduser()
         label = None
         if not checkpoint.exists() and looks_like_hub_id(args.checkpoint):
-            from mobileo_mlx.hub import download_checkpoint
-
             _check_output(args.output.expanduser(), None, args.force)
             label = args.checkpoint
             checkpoint = download_checkpoint(args.checkpoint, progress=not args.quiet)

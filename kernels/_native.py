@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ._dispatch import mode, on_cpu
+from mobileo_mlx.kernels._dispatch import mode, on_cpu
 
 _DIR = Path(__file__).resolve().parent / "native"
 _library: ctypes.CDLL | None = None

@@ -21,7 +21,7 @@ import threading
 
 from mobileo_mlx import _blas
 
-from . import _native
+from mobileo_mlx.kernels import _native
 
 ENV = "MOBILEO_MLX_CPU_MATMUL"
 CHOICES = ("auto", "fp32", "bf16")

@@ -24,8 +24,8 @@ import numpy as np
 
 from mobileo_mlx import platform
 
-from . import _native
-from ._dispatch import mode, on_cpu, use_metal
+from mobileo_mlx.kernels import _native
+from mobileo_mlx.kernels._dispatch import mode, on_cpu, use_metal
 
 
 def _pair(v) -> tuple[int, int]:
@@ -232,7 +232,7 @@ def depthwise_conv2d(
     pad = weight.shape[1] // 2 if padding is None else padding
     st, pd = _pair(stride), _pair(pad)
     if use_metal():
-        from .metal import MetalKernels, kernels
+        from mobileo_mlx.kernels.metal import MetalKernels, kernels
 
         if MetalKernels.depthwise_supported(x, weight, st, pd):
             return kernels().depthwise(x, weight, bias, st, pd)
@@ -250,7 +250,7 @@ def glu_depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array, padding:
     pad = weight.shape[1] // 2 if padding is None else padding
     pd = _pair(pad)
     if use_metal():
-        from .metal import MetalKernels, kernels
+        from mobileo_mlx.kernels.metal import MetalKernels, kernels
 
         if weight.shape[0] == x.shape[-1] and MetalKernels.depthwise_supported(x, weight, (1, 1), pd):
             return kernels().depthwise(x, weight, bias, (1, 1), pd, glu=True)
@@ -270,7 +270,7 @@ def depthwise_conv1d(
         x4 = x[:, None]                    # [B, 1, L, C]
         w4 = weight[:, None]               # [C, 1, k, 1]
         if use_metal():
-            from .metal import MetalKernels, kernels
+            from mobileo_mlx.kernels.metal import MetalKernels, kernels
 
             if MetalKernels.depthwise_supported(x4, w4, (1, 1), (0, pad)):
                 return kernels().depthwise(x4, w4, bias, (1, 1), (0, pad))[:, 0]

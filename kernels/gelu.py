@@ -19,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import _native
+from mobileo_mlx.kernels import _native
 
 # Below this many values the twin wins (the synchronisation costs more).
 MIN_VALUES = 1 << 18

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from mobileo_mlx import platform
 
-from ._dispatch import on_cpu, use_metal
+from mobileo_mlx.kernels._dispatch import on_cpu, use_metal
 
 
 def relu_linear_attention_reference(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e-15) -> mx.array:
@@ -34,7 +34,7 @@ def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float = 1e
     accumulated in float32 with no 1/sqrt(d) scaling; returned in v's dtype.
     """
     if use_metal():
-        from .metal import MetalKernels, kernels
+        from mobileo_mlx.kernels.metal import MetalKernels, kernels
 
         if MetalKernels.linear_attention_supported(q, k, v):
             return kernels().linear_attention(q, k, v, eps)

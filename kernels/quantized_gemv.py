@@ -18,7 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import _native
+from mobileo_mlx.kernels import _native
 
 MAX_ROWS = 8  # the kernel keeps one accumulator per row in registers
 

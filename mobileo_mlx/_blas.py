@@ -7,13 +7,13 @@ those names and is loaded with ``RTLD_GLOBAL`` *before* ``libmlx.so`` wins the
 symbol lookup. We load, in order of preference:
 
 1. ``scipy-openblas32`` (a pip dependency on Linux) plus our compiled shim
-   ``mobileo_mlx/_native/blas_shim*.so`` that forwards the standard names to
+   ``mobileo_mlx/kernels/native/blas_shim*.so`` (source: ``kernels/native/blas_shim.c``) that forwards the standard names to
    its ``scipy_``-prefixed symbols;
 2. a system ``libopenblas`` (it exports the standard names itself).
 
-This module must not import ``mlx``. It runs from ``mobileo_mlx/__init__.py``,
-``convert/__init__.py``, ``kernels/__init__.py`` and ``tests/conftest.py``, so
-every entry point is covered. Set ``MOBILEO_MLX_BLAS=reference`` to opt out.
+This module must not import ``mlx``. It runs from ``mobileo_mlx/__init__.py``, which
+Python imports before any ``mobileo_mlx.…`` module, so every entry point is covered.
+Set ``MOBILEO_MLX_BLAS=reference`` to opt out.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-_NATIVE_DIR = Path(__file__).resolve().parent / "_native"
+# Every compiled library of the project lives there (kernels/native in a checkout).
+_NATIVE_DIR = Path(__file__).resolve().parent / "kernels" / "native"
 
 
 @dataclass
@@ -143,8 +144,8 @@ def route_blas() -> BlasStatus:
         _status = BlasStatus(False, "reference BLAS (mlx.core was imported first)")
         _warn_once(
             "mlx.core was imported before mobileo_mlx, so MLX keeps the slow reference "
-            "BLAS of the mlx-cpu wheel (~8 GFLOP/s). Import mobileo_mlx (or convert/"
-            "kernels) before mlx, or run through the `mobileo-mlx` command."
+            "BLAS of the mlx-cpu wheel (~8 GFLOP/s). Import mobileo_mlx before mlx, "
+            "or run through the `mobileo-mlx` command."
         )
         return _status
     try:

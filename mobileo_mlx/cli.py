@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from . import DEFAULT_MODEL, __version__
+from ._version import __version__
+from .hub import DEFAULT_MODEL
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -46,7 +47,7 @@ def doctor(
     """Print the backend, BLAS, a measured matmul speed, memory and cache facts."""
     import mlx.core as mx
 
-    from kernels import quantized_gemv
+    from .kernels import quantized_gemv
 
     from . import _blas, platform
 
@@ -83,7 +84,7 @@ def doctor(
 
 def _bf16_line(size: int) -> str:
     """doctor's line on bf16 CPU matmuls: why not, or their measured speed."""
-    from kernels import bf16_matmul
+    from .kernels import bf16_matmul
 
     from . import platform
 
@@ -128,7 +129,7 @@ def _fail(message: str, code: int = 2) -> None:
 @contextmanager
 def _user_errors():
     """Report user-facing errors as one line (set MOBILEO_MLX_DEBUG=1 for tracebacks)."""
-    from convert.checkpoint import ConversionError
+    from .errors import MobileOError
 
     try:
         yield
@@ -138,7 +139,7 @@ def _user_errors():
         # Outputs are written atomically after the last step, so nothing is half-done.
         typer.echo("interrupted: no partial file was written", err=True)
         raise typer.Exit(130)
-    except (ConversionError, ValueError, OSError, KeyError, RuntimeError) as error:
+    except (MobileOError, ValueError, OSError, KeyError, RuntimeError) as error:
         if os.environ.get("MOBILEO_MLX_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -385,6 +386,17 @@ def chat(
             history.append(Message("user", content))
             answer = reply(history, attached)
             history.append(Message("assistant", answer.strip()))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def convert(ctx: typer.Context) -> None:
+    """Convert a Mobile-O checkpoint into an MLX folder (`mobileo-mlx convert --help` lists the options)."""
+    from .convert.from_torch import main as convert_main
+
+    raise typer.Exit(convert_main(ctx.args, prog="mobileo-mlx convert"))
 
 
 def _cached_models(root) -> list[str]:

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from kernels import bf16_matmul
+from mobileo_mlx.kernels import bf16_matmul
 
 from . import platform, processing, samplers
 from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message

@@ -19,6 +19,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN_SENTINEL = -200
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -28,10 +30,6 @@ MAX_PROMPT_TOKENS = 512  # tokenizer_model_max_length of the released checkpoint
 MAX_IMAGE_PIXELS = 16384 * 16384  # refuse decompression bombs before decoding
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
-
-class InputError(ValueError):
-    """A user input problem, reported as one clear line (never a traceback)."""
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from kernels import quantized_gemv as native_gemv
+from mobileo_mlx.kernels import quantized_gemv as native_gemv
 
 from . import platform
+from .errors import WeightsError
 from .models import MODELS, build
 
 FORMAT = "mobileo-mlx"
 FORMAT_VERSION = 1
 COMPONENTS = tuple(MODELS)  # vision, projector, language, mcp, dit, vae
 CONFIG_SECTIONS = COMPONENTS + ("scheduler",)
-
-
-class WeightsError(ValueError):
-    """A converted folder that cannot be loaded (one line)."""
 
 
 # ---------------------------------------------------------------------------

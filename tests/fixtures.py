@@ -109,7 +109,7 @@ def write_reference_checkpoint(folder: Path, seed: int = 0):
 
 def convert(*argv) -> int:
     """``python -m convert.from_torch ARGV -q`` in-process; returns the exit code."""
-    from convert.from_torch import main
+    from mobileo_mlx.convert.from_torch import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 

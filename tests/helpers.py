@@ -14,7 +14,7 @@ from typing import Mapping
 import mlx.core as mx
 import numpy as np
 
-from convert.mapping import load_component
+from mobileo_mlx.convert.mapping import load_component
 
 # Copies of shared/reference (keys_full.txt, checkpoint_config.json, the diffusers configs).
 REFERENCE_DIR = Path(__file__).resolve().parent / "data"

@@ -8,9 +8,9 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import relative_error
+from tests.helpers import relative_error
 
-from kernels import bf16_matmul
+from mobileo_mlx.kernels import bf16_matmul
 
 needs_bf16 = pytest.mark.skipif(not bf16_matmul.available(),
                                 reason=f"bf16 CPU matmuls unavailable: {bf16_matmul.unavailable_reason()}")

@@ -119,7 +119,7 @@ def test_bad_input_is_one_clear_line(env, tmp_path, args, fragments):
 def test_cpu_matmul_choices(env, tmp_path):
     """--cpu-matmul fp32 and bf16 (where the CPU has AVX512-BF16) both draw the picture; the
     demo model's products are too small for the bf16 kernel, so both give the same one."""
-    from kernels import bf16_matmul
+    from mobileo_mlx.kernels import bf16_matmul
 
     pictures = {}
     for choice in ("fp32", "bf16"):

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from fixtures import (
+from tests.fixtures import (
     TOKENIZER_TEXTS,
     SlowQwen2Reference,
     convert,
@@ -28,11 +28,11 @@ from fixtures import (
     write_demo,
     write_reference_checkpoint,
 )
-from helpers import relative_error
+from tests.helpers import relative_error
 from mlx.utils import tree_flatten
 
-import convert.from_torch as from_torch
-from convert.checkpoint import (
+import mobileo_mlx.convert.from_torch as from_torch
+from mobileo_mlx.convert.checkpoint import (
     DEFAULT_SCHEDULER_CONFIG,
     QWEN2_SPLIT_PATTERN,
     Checkpoint,
@@ -686,7 +686,7 @@ def test_existing_fast_tokenizer_is_copied(demo_checkpoint, converted, tmp_path)
 
 
 def test_builtin_diffusion_configs_equal_the_released_files():
-    from convert.mapping import dcae, sana
+    from mobileo_mlx.convert.mapping import dcae, sana
 
     released = DATA / "Sana_600M_512px_diffusers"
     assert sana.DEFAULT_TRANSFORMER_CONFIG == json.loads((released / "transformer" / "config.json").read_text())
@@ -732,8 +732,7 @@ def test_diffusion_config_resolution_order(demo_checkpoint, tmp_path, monkeypatc
     # The real hub lookup: cache first, then a download when the hub is reachable.
     import huggingface_hub
 
-    from convert import checkpoint as checkpoint_module
-    from mobileo_mlx import hub
+    from mobileo_mlx.convert import download
 
     calls = []
 
@@ -744,8 +743,8 @@ def test_diffusion_config_resolution_order(demo_checkpoint, tmp_path, monkeypatc
         return str(hub_file)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
-    found = checkpoint_module._hub_config_files("someone/sana-configs", ["vae"])
+    monkeypatch.setattr(download, "hub_reachable", lambda: True)
+    found = download.hub_config_files("someone/sana-configs", ["vae"])
     assert found == {"vae": hub_file}
     assert calls == [("someone/sana-configs", "vae", "config.json", True),
                      ("someone/sana-configs", "vae", "config.json", False)]

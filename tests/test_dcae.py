@@ -13,13 +13,13 @@ import torch
 from diffusers import AutoencoderDC
 from mlx.utils import tree_flatten
 
-from convert.mapping import dcae as dcae_mapping
-from convert.mapping import map_name
+from mobileo_mlx.convert.mapping import dcae as dcae_mapping
+from mobileo_mlx.convert.mapping import map_name
 from mobileo_mlx.models import build
 from mobileo_mlx.models import dcae as dcae_module
 from mobileo_mlx.models.dcae import decode_tiled, relu_quadratic_attention
-from kernels import bf16_matmul
-from kernels.linear_attention import relu_linear_attention
+from mobileo_mlx.kernels import bf16_matmul
+from mobileo_mlx.kernels.linear_attention import relu_linear_attention
 from tests.helpers import convert_state_dict, relative_error, to_numpy
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference

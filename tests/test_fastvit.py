@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from convert.mapping import fastvit as mapping
+from mobileo_mlx.convert.mapping import fastvit as mapping
 from mobileo_mlx.models.fastvit import FastViTConfig, FastViTHD, gelu
 from tests.helpers import convert_state_dict, relative_error
 from tests.reference.fastvit_torch import FastViTHDReference, ReferenceConfig, randomize_

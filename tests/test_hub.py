@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures import convert, copy_checkpoint, write_demo
+from tests.fixtures import convert, copy_checkpoint, write_demo
 
-import convert.from_torch as from_torch
+import mobileo_mlx.convert.from_torch as from_torch
 from mobileo_mlx import hub, weights
+from mobileo_mlx.errors import HubError
+from mobileo_mlx.convert import download
 
 REPO_ID = "Amshaker/Mobile-O-0.5B"
 SUB = "final_merged_model_23620/"
@@ -87,7 +89,7 @@ def test_demo_is_converted_once_into_the_cache(demo_checkpoint, conversions, mon
 
 
 def test_unknown_spec_is_a_clear_error():
-    with pytest.raises(hub.HubError, match="model not found: 'no-such-thing'"):
+    with pytest.raises(HubError, match="model not found: 'no-such-thing'"):
         hub.resolve_model("no-such-thing")
 
 
@@ -97,21 +99,21 @@ def test_unknown_spec_is_a_clear_error():
 
 def test_download_patterns_pick_one_layout_for_the_weights():
     root_and_sub = ["model.safetensors", SUB + "model.safetensors", "README.md", SUB + "config.json"]
-    patterns = hub.download_patterns(root_and_sub)
+    patterns = download.download_patterns(root_and_sub)
     assert "model.safetensors" in patterns and SUB + "model.safetensors" not in patterns  # root wins
     assert {"config.json", SUB + "config.json", "vocab.json", SUB + "merges.txt"} <= set(patterns)
     assert "README.md" not in patterns
 
     sub_only = [SUB + "model-00001-of-00002.safetensors", SUB + "model-00002-of-00002.safetensors",
                 SUB + "model.safetensors.index.json", SUB + "mm_projector.bin"]
-    patterns = hub.download_patterns(sub_only)
+    patterns = download.download_patterns(sub_only)
     assert set(sub_only[:3]) <= set(patterns) and SUB + "mm_projector.bin" not in patterns
 
     bin_only = ["pytorch_model.bin", "training_args.bin"]
-    assert "pytorch_model.bin" in hub.download_patterns(bin_only)
-    assert "training_args.bin" not in hub.download_patterns(bin_only)
-    with pytest.raises(hub.HubError, match="no Mobile-O weights"):
-        hub.download_patterns(["README.md", "mm_projector.bin"])
+    assert "pytorch_model.bin" in download.download_patterns(bin_only)
+    assert "training_args.bin" not in download.download_patterns(bin_only)
+    with pytest.raises(HubError, match="no Mobile-O weights"):
+        download.download_patterns(["README.md", "mm_projector.bin"])
 
 
 class FakeHub:
@@ -167,7 +169,7 @@ def released_repo(demo_checkpoint, tmp_path):
 def test_hub_id_downloads_needed_files_and_converts_once(released_repo, conversions, monkeypatch, tmp_path):
     fake = FakeHub(released_repo, tmp_path / "hf-cache")
     fake.install(monkeypatch)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(download, "hub_reachable", lambda: True)
     first = hub.resolve_model(REPO_ID, progress=False)
     assert weights.is_converted_folder(first) and first.name.startswith("Amshaker-Mobile-O-0.5B-mixed-")
     assert weights.read_config(first)["source"]["checkpoint"] == REPO_ID
@@ -184,8 +186,8 @@ def test_hub_id_downloads_needed_files_and_converts_once(released_repo, conversi
 def test_offline_uses_the_local_cache_or_names_the_files(released_repo, monkeypatch, tmp_path):
     fake = FakeHub(released_repo, tmp_path / "hf-cache")
     fake.install(monkeypatch)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
-    with pytest.raises(hub.HubError) as error:
+    monkeypatch.setattr(download, "hub_reachable", lambda: False)
+    with pytest.raises(HubError) as error:
         hub.resolve_model(REPO_ID, progress=False)
     message = str(error.value)
     assert "offline" in message and "model.safetensors" in message and "config.json" in message
@@ -193,9 +195,9 @@ def test_offline_uses_the_local_cache_or_names_the_files(released_repo, monkeypa
     assert fake.requests[-1]["local_files_only"]
 
     # Once downloaded, the snapshot in the local cache is enough.
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
-    hub.download_checkpoint(REPO_ID, progress=False)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(download, "hub_reachable", lambda: True)
+    download.download_checkpoint(REPO_ID, progress=False)
+    monkeypatch.setattr(download, "hub_reachable", lambda: False)
     assert weights.is_converted_folder(hub.resolve_model(REPO_ID, progress=False))
 
 
@@ -203,19 +205,19 @@ def test_failed_download_says_how_to_resume(released_repo, monkeypatch, tmp_path
     import huggingface_hub
 
     FakeHub(released_repo, tmp_path / "hf-cache").install(monkeypatch)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(download, "hub_reachable", lambda: True)
 
     def broken(*args, **kwargs):
         raise OSError("Connection reset by peer\ndetails")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
-    with pytest.raises(hub.HubError, match="Connection reset by peer.*run again to resume"):
-        hub.download_checkpoint(REPO_ID)
+    with pytest.raises(HubError, match="Connection reset by peer.*run again to resume"):
+        download.download_checkpoint(REPO_ID)
 
 
 def test_converter_accepts_a_hub_id(released_repo, monkeypatch, tmp_path, capsys):
     FakeHub(released_repo, tmp_path / "hf-cache").install(monkeypatch)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(download, "hub_reachable", lambda: True)
     out = tmp_path / "out"
     assert convert(REPO_ID, "--output", out) == 0
     assert weights.read_config(out)["source"]["checkpoint"] == REPO_ID
@@ -228,7 +230,7 @@ def test_converter_accepts_a_hub_id(released_repo, monkeypatch, tmp_path, capsys
 
 def test_hub_reachable_honours_offline_mode(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.hub_reachable() is False
+    assert download.hub_reachable() is False
 
 
 def test_cache_key_separates_sources_and_recipes(tmp_path):

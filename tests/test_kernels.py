@@ -17,15 +17,16 @@ import pytest
 
 import mlx.core as mx
 
-import kernels
-from kernels import _dispatch, depthwise as dw, linear_attention as la, metal
+from mobileo_mlx.kernels.depthwise import depthwise_conv1d, depthwise_conv2d, glu_depthwise_conv2d
+from mobileo_mlx.kernels.linear_attention import relu_linear_attention
+from mobileo_mlx.kernels import _dispatch, depthwise as dw, linear_attention as la, metal
 
 ON_MAC = sys.platform == "darwin" and mx.metal.is_available()
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}  # max|err| / max|ref| (emulator: ~1e-7 in f32)
 
 if not ON_MAC:
-    import mslemu
+    from tests import mslemu
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_depthwise_conv2d_kernel(metal_dispatch, shape, mult, k, stride, has_bia
     x = _rand(shape, dtype, 0)
     w = _rand((C * mult, k, k, 1), dtype, 1, 0.3)
     b = _rand((C * mult,), dtype, 2) if has_bias else None
-    out = kernels.depthwise_conv2d(x, w, b, stride=stride)
+    out = depthwise_conv2d(x, w, b, stride=stride)
     ref = dw.depthwise_conv2d_reference(_f32(x), _f32(w), None if b is None else _f32(b), stride, k // 2)
     twin = dw._twin2d(x, w, b, (stride, stride), (k // 2, k // 2), "plain" if b is None else "bias")
     assert out.dtype == dtype
@@ -109,7 +110,7 @@ def test_glu_depthwise_conv2d_kernel(metal_dispatch, dtype):
     x = _rand((2, 9, 13, 40), dtype, 3, 2.0)
     w = _rand((40, 3, 3, 1), dtype, 4, 0.5)
     b = _rand((40,), dtype, 5)
-    out = kernels.glu_depthwise_conv2d(x, w, b)
+    out = glu_depthwise_conv2d(x, w, b)
     ref = dw.glu_depthwise_conv2d_reference(_f32(x), _f32(w), _f32(b))
     twin = dw._twin2d(x, w, b, (1, 1), (1, 1), "glu")
     assert out.shape == (2, 9, 13, 20) and out.dtype == dtype
@@ -124,7 +125,7 @@ def test_depthwise_conv1d_kernel(metal_dispatch, L, C, dtype):
     """MCP sequence refiner: depthwise conv1d, k=3, pad 1, no bias."""
     x = _rand((2, L, C), dtype, 6)
     w = _rand((C, 3, 1), dtype, 7, 0.5)
-    out = kernels.depthwise_conv1d(x, w)
+    out = depthwise_conv1d(x, w)
     ref = dw.depthwise_conv1d_reference(_f32(x), _f32(w))
     twin = dw._twin2d(x[:, None], w[:, None], None, (1, 1), (0, 1), "plain")[:, 0]
     assert out.shape == (2, L, C) and out.dtype == dtype
@@ -141,7 +142,7 @@ def test_depthwise_kernels_race_free_and_in_bounds(metal_dispatch):
     bg = _rand((10,), mx.float16, 13)
 
     def run():
-        return [kernels.depthwise_conv2d(x, w, b, stride=2), kernels.glu_depthwise_conv2d(xg, wg, bg)]
+        return [depthwise_conv2d(x, w, b, stride=2), glu_depthwise_conv2d(xg, wg, bg)]
 
     mslemu.check_schedules(run)
     with mslemu.settings(sanitize=True):
@@ -168,7 +169,7 @@ def test_relu_linear_attention_kernel(metal_dispatch, B, H, NQ, NK, D, DV, dtype
     q = _rand((B, H, NQ, D), dtype, 20)
     k = _rand((B, H, NK, D), dtype, 21)
     v = _rand((B, H, NK, DV), dtype, 22)
-    out = kernels.relu_linear_attention(q, k, v)
+    out = relu_linear_attention(q, k, v)
     ref = la.relu_linear_attention_reference(_f32(q), _f32(k), _f32(v))
     twin = la.relu_linear_attention_reference(q, k, v)  # the twin, in the input dtype
     assert out.shape == (B, H, NQ, DV) and out.dtype == dtype
@@ -185,11 +186,11 @@ def test_linear_attention_reads_litemla_and_sana_layouts_without_copies(metal_di
     B, N, heads, d = 1, 300, 4, 32
     qkv = _rand((B, N, heads * 3 * d), dtype, 30).reshape(B, N, heads, 3, d)
     q, k, v = (qkv[:, :, :, i, :].transpose(0, 2, 1, 3) for i in range(3))
-    out = kernels.relu_linear_attention(q, k, v)
+    out = relu_linear_attention(q, k, v)
     ref = la.relu_linear_attention_reference(_f32(q), _f32(k), _f32(v))
     assert _rel_err(out, ref) < TOL[dtype]
     s = _rand((B, N, heads * d), dtype, 31).reshape(B, N, heads, d).transpose(0, 2, 1, 3)
-    out2 = kernels.relu_linear_attention(s, s, s)
+    out2 = relu_linear_attention(s, s, s)
     assert _rel_err(out2, la.relu_linear_attention_reference(_f32(s), _f32(s), _f32(s))) < TOL[dtype]
 
 
@@ -197,7 +198,7 @@ def test_linear_attention_all_negative_keys_give_zero(metal_dispatch):
     q = _rand((1, 2, 40, 32), mx.float32, 40)
     k = -mx.abs(_rand((1, 2, 50, 32), mx.float32, 41))
     v = _rand((1, 2, 50, 32), mx.float32, 42)
-    out = kernels.relu_linear_attention(q, k, v)
+    out = relu_linear_attention(q, k, v)
     assert np.array_equal(np.asarray(out), np.zeros((1, 2, 40, 32), np.float32))
 
 
@@ -205,7 +206,7 @@ def test_linear_attention_shapes_beyond_the_kernel_fall_back_to_the_twin(metal_d
     q = _rand((1, 1, 20, 200), mx.float32, 45)  # d + d_v too large to stage 32 rows in threadgroup memory
     v = _rand((1, 1, 20, 20), mx.float32, 46)
     assert not metal.MetalKernels.linear_attention_supported(q, q, v)
-    out = kernels.relu_linear_attention(q, q, v)
+    out = relu_linear_attention(q, q, v)
     assert _rel_err(out, la.relu_linear_attention_reference(q, q, v)) == 0.0
     assert _kernel_names(metal_dispatch) == []
 
@@ -215,9 +216,9 @@ def test_linear_attention_kernels_race_free_and_in_bounds(metal_dispatch):
     B, N, heads, d = 1, 300, 2, 32
     qkv = _rand((B, N, heads * 3 * d), mx.float32, 50).reshape(B, N, heads, 3, d)
     q, k, v = (qkv[:, :, :, i, :].transpose(0, 2, 1, 3) for i in range(3))
-    out = mslemu.check_schedules(lambda: kernels.relu_linear_attention(q, k, v))
+    out = mslemu.check_schedules(lambda: relu_linear_attention(q, k, v))
     with mslemu.settings(sanitize=True):
-        out_san = kernels.relu_linear_attention(q, k, v)
+        out_san = relu_linear_attention(q, k, v)
     ref = la.relu_linear_attention_reference(q, k, v)
     assert _rel_err(out, ref) < TOL[mx.float32] and _rel_err(out_san, ref) < TOL[mx.float32]
 
@@ -231,14 +232,14 @@ def test_environment_switch_forces_the_twin_on_metal(metal_dispatch, monkeypatch
     w = _rand((8, 3, 3, 1), mx.float32, 61)
     q = _rand((1, 2, 10, 32), mx.float32, 62)
     monkeypatch.setenv(_dispatch.ENV, "twin")
-    kernels.depthwise_conv2d(x, w)
-    kernels.relu_linear_attention(q, q, q)
+    depthwise_conv2d(x, w)
+    relu_linear_attention(q, q, q)
     assert metal_dispatch == []  # no kernel launched
     monkeypatch.setenv(_dispatch.ENV, "bogus")
     with pytest.raises(ValueError, match="MOBILEO_MLX_KERNELS"):
-        kernels.depthwise_conv2d(x, w)
+        depthwise_conv2d(x, w)
     monkeypatch.setenv(_dispatch.ENV, "auto")
-    kernels.depthwise_conv2d(x, w)
+    depthwise_conv2d(x, w)
     assert len(metal_dispatch) == 1
 
 
@@ -294,7 +295,7 @@ def test_linear_attention_split_over_two_cpu_streams_is_exact(monkeypatch, batch
     real = _dispatch.platform.cpu_pieces
     monkeypatch.setattr(_dispatch.platform, "cpu_pieces", lambda n, build: pieces.append(n) or real(n, build))
     q, k, v = (_rand((batch, 3, n, 8), mx.float32, seed) for n, seed in ((10, 30), (7, 31), (7, 32)))
-    out = kernels.relu_linear_attention(q, k, v)
+    out = relu_linear_attention(q, k, v)
     assert np.array_equal(np.array(out), np.array(la.relu_linear_attention_reference(q, k, v)))
     assert pieces == ([] if batch % 2 else [2])
 
@@ -319,13 +320,13 @@ def test_cpu_public_functions_use_the_twin_and_agree_with_the_reference(monkeypa
     x = _rand((2, 12, 10, 32), mx.float32, 80)
     w = _rand((32, 3, 3, 1), mx.float32, 81)
     b = _rand((32,), mx.float32, 82)
-    assert _rel_err(kernels.glu_depthwise_conv2d(x, w, b), dw.glu_depthwise_conv2d_reference(x, w, b)) < 2e-6
+    assert _rel_err(glu_depthwise_conv2d(x, w, b), dw.glu_depthwise_conv2d_reference(x, w, b)) < 2e-6
     xs = _rand((2, 41, 24), mx.float32, 83)
     ws = _rand((24, 3, 1), mx.float32, 84)
-    assert _rel_err(kernels.depthwise_conv1d(xs, ws), dw.depthwise_conv1d_reference(xs, ws)) < 2e-6
-    assert _rel_err(kernels.depthwise_conv1d(xs, ws, padding=0), dw.depthwise_conv1d_reference(xs, ws, padding=0)) < 2e-6
+    assert _rel_err(depthwise_conv1d(xs, ws), dw.depthwise_conv1d_reference(xs, ws)) < 2e-6
+    assert _rel_err(depthwise_conv1d(xs, ws, padding=0), dw.depthwise_conv1d_reference(xs, ws, padding=0)) < 2e-6
     wd = _rand((64, 7, 7, 1), mx.float32, 85)
-    assert _rel_err(kernels.depthwise_conv2d(x, wd, None, stride=2, padding=3),
+    assert _rel_err(depthwise_conv2d(x, wd, None, stride=2, padding=3),
                     dw.depthwise_conv2d_reference(x, wd, None, 2, 3)) < 2e-6
     monkeypatch.setenv(_dispatch.ENV, "reference")
-    assert _rel_err(kernels.depthwise_conv2d(x, w, b), dw.depthwise_conv2d_reference(x, w, b)) == 0.0
+    assert _rel_err(depthwise_conv2d(x, w, b), dw.depthwise_conv2d_reference(x, w, b)) == 0.0

@@ -17,7 +17,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mlx.utils import tree_flatten, tree_map
 
-from convert.mapping import load_component, map_name
+from mobileo_mlx.convert.mapping import load_component, map_name
 from mobileo_mlx.models import build
 from mobileo_mlx.models.language import LanguageConfig, LanguageModel
 from tests.helpers import convert_state_dict, relative_error

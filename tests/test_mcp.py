@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from convert.mapping import mcp as mcp_mapping
+from mobileo_mlx.convert.mapping import mcp as mcp_mapping
 from mobileo_mlx.models import build
 from tests.helpers import convert_state_dict, reference_keys, relative_error
 from tests.reference.mcp_torch import TorchMobileConditioningProjector

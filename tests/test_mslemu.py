@@ -18,8 +18,8 @@ import pytest
 
 import mlx.core as mx
 
-import mslemu
-from mslemu import MslemuError
+from tests import mslemu
+from tests.mslemu import MslemuError
 
 needs_emulator = pytest.mark.skipif(
     sys.platform == "darwin", reason="the CPU emulator is Linux CI tooling; macOS runs the real kernels on the GPU")
@@ -87,7 +87,7 @@ def test_generated_source_matches_mlx_byte_for_byte(capfd):
 
 def test_project_kernel_sources_match_mlx_byte_for_byte(capfd):
     """The project's real kernels, with the very call arguments kernels.metal passes."""
-    from kernels.metal import MetalKernels
+    from mobileo_mlx.kernels.metal import MetalKernels
 
     recorded = []
 

@@ -7,8 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels import _native
-from kernels import depthwise as dw
+from mobileo_mlx.kernels import _native
+from mobileo_mlx.kernels import depthwise as dw
 from mobileo_mlx import platform
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu or _native.library() is None,

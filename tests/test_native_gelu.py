@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels import gelu as native
+from mobileo_mlx.kernels import gelu as native
 from mobileo_mlx.models import activations
 
 pytestmark = pytest.mark.skipif(not native.supported(mx.zeros((native.MIN_VALUES,))),

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 import mobileo_mlx
-from convert import from_torch
-from kernels import bf16_matmul
+from mobileo_mlx.convert import from_torch
+from mobileo_mlx.kernels import bf16_matmul
 from mobileo_mlx import demo
 from mobileo_mlx.processing import Message
-from reference.fastvit_torch import ReferenceConfig
-from reference.pipeline_torch import ReferenceMobileO
+from tests.reference.fastvit_torch import ReferenceConfig
+from tests.reference.pipeline_torch import ReferenceMobileO
 
 DIMS = demo.DEMO
 PROMPT = "a red bicycle leaning on a wall"
@@ -182,7 +182,7 @@ def test_bf16_products_cover_the_whole_vision_graph(model, monkeypatch):
     """The native GELU and depthwise conv evaluate their inputs while the graph is built, so
     the bf16 context must be open while the vision tower is *built*, not only evaluated:
     image_features must equal the tower built and evaluated entirely inside the context."""
-    from kernels import depthwise, gelu
+    from mobileo_mlx.kernels import depthwise, gelu
     from mobileo_mlx import processing
 
     monkeypatch.setattr(gelu, "MIN_VALUES", 0)  # the demo tower is small: let the native kernels run

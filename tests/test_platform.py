@@ -36,7 +36,8 @@ def test_mlx_sgemm_resolves_to_openblas_in_this_process():
 @linux_only
 @pytest.mark.parametrize(
     "entry",
-    ["import mobileo_mlx", "import convert", "import kernels", "import convert.mapping"],
+    ["import mobileo_mlx", "import mobileo_mlx.convert.from_torch", "import mobileo_mlx.kernels.depthwise",
+     "import mobileo_mlx.convert.mapping"],
 )
 def test_every_entry_point_routes_blas_before_mlx(entry):
     code = f"{entry}\nfrom mobileo_mlx import _blas\nimport mlx.core\nprint(_blas.global_symbol_library())"
@@ -47,7 +48,7 @@ def test_every_entry_point_routes_blas_before_mlx(entry):
 
 @linux_only
 def test_importing_mlx_first_warns_once_with_the_fix():
-    result = run_python("import mlx.core\nimport mobileo_mlx\nimport convert\nprint('ok')")
+    result = run_python("import mlx.core\nimport mobileo_mlx\nimport mobileo_mlx.convert.from_torch\nprint('ok')")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("mlx.core was imported before mobileo_mlx") == 1, result.stderr
     assert "Import mobileo_mlx" in result.stderr
@@ -181,7 +182,7 @@ def test_doctor_reports_backend_blas_and_cache(tmp_path):
         expected = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")
         assert lines["OPENBLAS_THREAD_TIMEOUT"].startswith(expected + " ("), lines
         assert lines["decoding products"].startswith("native kernel, "), lines
-    from kernels import bf16_matmul
+    from mobileo_mlx.kernels import bf16_matmul
 
     if platform.backend() == "cpu":
         expected_bf16 = "available, " if bf16_matmul.available() else "unavailable ("

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from convert.mapping import projector as mapping
+from mobileo_mlx.convert.mapping import projector as mapping
 from mobileo_mlx.models.projector import Projector, ProjectorConfig
 from tests.helpers import convert_state_dict, relative_error
 

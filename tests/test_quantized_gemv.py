@@ -9,8 +9,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from kernels import _native
-from kernels import quantized_gemv as gemv
+from mobileo_mlx.kernels import _native
+from mobileo_mlx.kernels import quantized_gemv as gemv
 from mobileo_mlx import weights
 from mobileo_mlx.weights import DequantizedLinear
 

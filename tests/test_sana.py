@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SanaTransformer2DModel
-from helpers import convert_state_dict, relative_error
+from tests.helpers import convert_state_dict, relative_error
 from mlx.utils import tree_flatten
 
-from convert.mapping import load_component, map_name
-from kernels import bf16_matmul
+from mobileo_mlx.convert.mapping import load_component, map_name
+from mobileo_mlx.kernels import bf16_matmul
 from mobileo_mlx.models.sana import SanaConfig, SanaTransformer
 
 KEYS_FULL = Path(__file__).resolve().parent / "data" / "keys_full.txt"  # copy of shared/reference

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from . import Rule, conv2d, convert_with_rules, pointwise
+from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
 
 PREFIX = "model.vae.decoder."
 KEYS = re.compile(r"model\.vae\.")

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from . import Rule, conv2d, convert_with_rules, pointwise
+from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
 
 PREFIX = "model.vision_tower.vision_tower.model."
 _P = re.escape(PREFIX)

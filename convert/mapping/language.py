@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from . import Rule, convert_with_rules
+from mobileo_mlx.convert.mapping import Rule, convert_with_rules
 
 KEYS = re.compile(r"model\.(?:embed_tokens|layers|norm)\.|lm_head\.|base_model\.")
 IGNORE = re.compile(r"base_model\.|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")

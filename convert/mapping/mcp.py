@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from . import Rule, conv1d, convert_with_rules, pointwise
+from mobileo_mlx.convert.mapping import Rule, conv1d, convert_with_rules, pointwise
 
 PREFIX = "model.diffusion_connector.fusion."
 _P = re.escape(PREFIX)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from . import Rule, convert_with_rules
+from mobileo_mlx.convert.mapping import Rule, convert_with_rules
 
 KEYS = re.compile(r"model\.mm_projector\.")
 IGNORE = None

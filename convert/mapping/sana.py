@@ -15,7 +15,7 @@ import numpy as np
 
 from mobileo_mlx.models.sana import TIMESTEP_CHANNELS, SanaConfig
 
-from . import Rule, conv2d, convert_with_rules, pointwise
+from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
 
 PREFIX = "model.dit."
 KEYS = re.compile(r"^model\.dit\.")

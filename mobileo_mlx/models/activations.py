@@ -50,6 +50,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mobileo_mlx import platform
+from mobileo_mlx.kernels import gelu as native_gelu
 
 __all__ = [
     "silu", "sigmoid", "gelu", "gelu_tanh", "glu_silu", "hardswish", "hardsigmoid",
@@ -428,9 +429,7 @@ def gelu(x: mx.array, overwrite: bool = False) -> mx.array:
     if not use_fast():
         return gelu_builtin(x)
     if overwrite:
-        from kernels import gelu as native  # here: kernels imports mobileo_mlx first
-
-        return native.gelu_in_place(x, gelu_fast)
+        return native_gelu.gelu_in_place(x, gelu_fast)
     return gelu_fast(x)
 
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
-from kernels.depthwise import depthwise_conv2d
+from mobileo_mlx.kernels.depthwise import depthwise_conv2d
 
 from . import activations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels.depthwise import depthwise_conv2d
+from mobileo_mlx.kernels.depthwise import depthwise_conv2d
 
 from .. import platform
 from . import activations

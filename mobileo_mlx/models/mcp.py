@@ -16,7 +16,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from kernels.depthwise import depthwise_conv1d
+from mobileo_mlx.kernels.depthwise import depthwise_conv1d
 
 
 @dataclass

@@ -30,8 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from kernels.depthwise import depthwise_conv2d
-from kernels.linear_attention import relu_linear_attention
+from mobileo_mlx.kernels.depthwise import depthwise_conv2d
+from mobileo_mlx.kernels.linear_attention import relu_linear_attention
 
 from . import activations
 from .gated_conv import gated_depthwise_cpu

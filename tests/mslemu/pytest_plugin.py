@@ -1,6 +1,6 @@
 """Run any test with the project's Metal kernels emulated on the CPU:
 
-    PYTHONPATH=tests .venv/bin/python -m pytest -p mslemu.pytest_plugin tests/test_dcae.py
+    .venv/bin/python -m pytest -p tests.mslemu.pytest_plugin tests/test_dcae.py
 
 Every test then sees the Metal backend for kernel dispatch (``kernels._dispatch``) and
 the kernels are built with ``mslemu.metal_kernel``; so model parity tests check the
@@ -17,8 +17,8 @@ _shared = None
 @pytest.fixture(autouse=True)
 def _mslemu_metal_dispatch(monkeypatch, request):
     global _shared
-    import mslemu
-    from kernels import _dispatch, metal
+    from tests import mslemu
+    from mobileo_mlx.kernels import _dispatch, metal
 
     if _shared is None:
         _shared = metal.MetalKernels(mslemu.metal_kernel)

@@ -1,1 +1,0 @@
-"""Compiled helpers (the Linux BLAS shim); loaded with ctypes, never imported."""
