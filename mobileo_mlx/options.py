@@ -1,0 +1,128 @@
+"""The bounds of every option of generate / edit / ask / chat, checked before any work starts.
+
+One place for the Python API (``MobileO``'s methods), the command line and the server. Each
+check returns the value (converted where that is lossless, e.g. ``20.0`` steps -> ``20``) or
+raises :class:`~mobileo_mlx.errors.InputError` with one line that names the option, the value
+and the bound. The README's command-line section lists the same bounds.
+
+Why these bounds:
+
+* steps: the scheduler has 1000 training timesteps; more inference steps than that would repeat
+  timesteps (diffusers refuses them too).
+* images per call: each one is denoised and decoded in turn (about a minute on a 2-core CPU),
+  so the bound is about time, not memory.
+* size: the DiT was trained at 512²; 1024² (four times the area) keeps the DC-AE decoder's
+  largest activations, decoded in row bands, within a 2 GB budget. Sizes are multiples of the
+  decoder's 32 pixels per latent cell.
+* prompt tokens for ask and chat: the text plus 256 tokens per picture. The prefill's time
+  grows with the square of the length and the key/value cache by ~24 KB a token; 4096 tokens
+  is a few seconds of prefill on a GPU and well under a minute on a 2-core CPU.
+* new tokens: as many as the prompt may hold.
+* seeds: MLX's random keys are 64-bit.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from .errors import InputError
+
+MAX_STEPS = 1000
+MAX_IMAGES = 100
+MIN_SIZE = 32
+MAX_SIZE = 1024
+MAX_GUIDANCE = 30.0
+MAX_CHAT_TOKENS = 4096
+MAX_NEW_TOKENS = MAX_CHAT_TOKENS
+MAX_TEMPERATURE = 10.0
+MAX_REPETITION_PENALTY = 10.0
+SEED_LIMIT = 2**64  # seeds are 0 <= seed < SEED_LIMIT
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int when it is a whole number (``True``/``False`` are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(value) or value != int(value):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def integer_in(name: str, value, low: int, high: int) -> int:
+    number = _integer(name, value)
+    if not low <= number <= high:
+        raise InputError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def real_in(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    number = _real(name, value)
+    if number < low or number > high or (low_open and number == low):
+        bracket = "(" if low_open else "["
+        raise InputError(f"{name} must be in {bracket}{low:g}, {high:g}], got {number:g}")
+    return number
+
+
+def check_steps(steps) -> int:
+    return integer_in("steps", steps, 1, MAX_STEPS)
+
+
+def check_count(count) -> int:
+    return integer_in("the number of images", count, 1, MAX_IMAGES)
+
+
+def check_size(size, multiple: int = MIN_SIZE) -> int:
+    """A side length in pixels: a multiple of ``multiple`` (the decoder's pixels per latent cell)."""
+    size = _integer("size", size)
+    if size < multiple or size > MAX_SIZE or size % multiple:
+        raise InputError(f"size must be a multiple of {multiple} between {multiple} and {MAX_SIZE}, got {size}")
+    return size
+
+
+def check_guidance(guidance) -> float:
+    return real_in("guidance", guidance, 0.0, MAX_GUIDANCE)
+
+
+def check_seed(seed, count: int = 1) -> int | None:
+    """``None`` (a fresh random seed) or a whole number such that seeds ``seed`` ...
+    ``seed + count - 1`` are all valid 64-bit seeds."""
+    if seed is None:
+        return None
+    seed = _integer("seed", seed)
+    if seed < 0 or seed + count - 1 >= SEED_LIMIT:
+        last = f" (and seed + {count - 1} for {count} images)" if count > 1 else ""
+        raise InputError(f"seed must be between 0 and 2**64 - 1{last}, got {seed}")
+    return seed
+
+
+def check_sampling(*, max_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=None) -> dict:
+    """The text-generation options, checked and converted: a dict of the same keys."""
+    return {
+        "max_tokens": integer_in("max_tokens", max_tokens, 1, MAX_NEW_TOKENS),
+        "temperature": real_in("temperature", temperature, 0.0, MAX_TEMPERATURE),
+        "top_p": real_in("top_p", top_p, 0.0, 1.0, low_open=True),
+        "top_k": integer_in("top_k", top_k, 0, 2**31 - 1),
+        "repetition_penalty": None if repetition_penalty is None else real_in(
+            "repetition_penalty", repetition_penalty, 0.0, MAX_REPETITION_PENALTY, low_open=True),
+    }
+
+
+def check_chat_tokens(count: int, limit: int = MAX_CHAT_TOKENS) -> int:
+    if count > limit:
+        raise InputError(
+            f"the prompt is {count} tokens long (text and 256 a picture); at most {limit} are accepted: "
+            "shorten it or start a new conversation"
+        )
+    return count
