@@ -25,6 +25,7 @@ import secrets
 import signal
 import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,11 +46,14 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, er
 @lru_cache(maxsize=None)
 def _can_write(format_name: str) -> bool:
     """Whether Pillow writes an RGB picture as ``format_name`` here (some formats are stubs,
-    some need optional libraries, some take only other modes): tried on a tiny picture."""
+    some need optional libraries, some take only other modes, some are deprecated): tried on a
+    tiny picture."""
     from PIL import Image
 
     try:
-        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=format_name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            Image.new("RGB", (8, 8)).save(io.BytesIO(), format=format_name)
     except Exception:
         return False
     return True
