@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import options
+from . import options, outputs
 from ._version import __version__
 from .hub import DEFAULT_MODEL
 
@@ -198,7 +198,7 @@ def _load_model(model: Optional[str], low_memory: bool, cpu_matmul: Optional[str
 class _ImageJob:
     """generate's and edit's options, checked."""
 
-    outputs: object  # outputs.OutputPlan
+    outputs: outputs.OutputPlan
     seed: Optional[int]
     steps: int
     guidance: float
@@ -211,27 +211,22 @@ def _image_job(output, default_name: str, count, seed, steps, guidance, size, sc
                preview_every=None, force: bool = False, cpu_matmul: Optional[str] = None) -> _ImageJob:
     """Every option of generate / edit checked before any work (the model is not loaded yet):
     InputError with one line for the first bad one."""
-    from . import options, outputs
     from .errors import InputError
     from .kernels import bf16_matmul
 
     count = options.check_count(count)
-    job = _ImageJob(
-        outputs=None,
-        seed=options.check_seed(seed, count),
-        steps=options.check_steps(steps),
-        guidance=options.check_guidance(guidance),
-        size=None if size is None else options.check_size(size),  # the model checks its own multiple too
-        scheduler=options.check_scheduler(scheduler),
-        preview_every=options.check_preview_every(preview_every),
-    )
+    seed = options.check_seed(seed, count)
+    steps = options.check_steps(steps)
+    guidance = options.check_guidance(guidance)
+    size = None if size is None else options.check_size(size)  # the model checks its own multiple too
+    scheduler = options.check_scheduler(scheduler)
+    preview_every = options.check_preview_every(preview_every)
     try:
         bf16_matmul.resolve(cpu_matmul)
     except ValueError as error:
         raise InputError(str(error)) from None
-    if not isinstance(output, (str, os.PathLike)):
-        raise InputError(f"-o must be a path, got {output!r}")
-    return replace(job, outputs=outputs.plan_outputs(output, default_name, count, force))
+    plan = outputs.plan_outputs(output, default_name, count, force)
+    return _ImageJob(plan, seed, steps, guidance, size, scheduler, preview_every)
 
 
 def _peak_memory_line() -> str:
@@ -287,7 +282,7 @@ def _run_images(model, conditioning_fn, job: _ImageJob, files, tile=None):
     typer.echo(_peak_memory_line(), err=True)
 
 
-OutputHelp = ("Image file to write (its extension picks the format; none: .png) or folder to write into "
+OUTPUT_HELP = ("Image file to write (its extension picks the format; none: .png) or folder to write into "
               "(an existing one, or a path ending in /; created if missing). Numbered name-0, name-1... when "
               "-n > 1, and name-1, name-2... when the name is taken.")
 
@@ -295,7 +290,7 @@ OutputHelp = ("Image file to write (its extension picks the format; none: .png) 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
-    output: str = typer.Option("mobileo.png", "--output", "-o", metavar="PATH", help=OutputHelp),
+    output: str = typer.Option("mobileo.png", "--output", "-o", metavar="PATH", help=OUTPUT_HELP),
     count: int = typer.Option(1, "-n", "--count", help=f"How many images (seeds SEED, SEED+1, ...), 1 to {options.MAX_IMAGES}."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed)."),
     steps: int = typer.Option(20, "--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}."),
@@ -303,16 +298,15 @@ def generate(
     size: Optional[int] = typer.Option(None, "--size", help=f"Image side in pixels, a multiple of 32 up to {options.MAX_SIZE} (default: the model's native size, 512)."),
     scheduler: str = typer.Option("dpm", "--scheduler", help="dpm (DPM-Solver++ 2M, the reference) or euler (flow-matching Euler)."),
     preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Write a preview (NAME.preview.EXT) every K steps; removed when the image is done."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    force: bool = typer.Option(False, "--force", help="Replace files already at the output names (never a folder) instead of numbering new ones."),
     model: Optional[str] = ModelOption,
     low_memory: bool = LowMemoryOption,
     cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Generate images from a text prompt."""
     from . import processing
-    from .outputs import RunFiles
 
-    files = RunFiles()
+    files = outputs.RunFiles()
     with _sigterm_raises(), _user_errors(files):
         if not prompt.strip():
             _fail("the prompt is empty")
@@ -330,23 +324,22 @@ def generate(
 def edit(
     image: Path = typer.Argument(..., help="The picture to edit."),
     instruction: str = typer.Argument(..., help="What to change."),
-    output: str = typer.Option("mobileo-edit.png", "--output", "-o", metavar="PATH", help=OutputHelp),
+    output: str = typer.Option("mobileo-edit.png", "--output", "-o", metavar="PATH", help=OUTPUT_HELP),
     count: int = typer.Option(1, "-n", "--count", help=f"How many variants, 1 to {options.MAX_IMAGES}."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed)."),
     steps: int = typer.Option(20, "--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}."),
     guidance: float = typer.Option(1.5, "--guidance", help=f"Classifier-free guidance scale, 0 to {options.MAX_GUIDANCE:g} (1 = off)."),
     size: Optional[int] = typer.Option(None, "--size", help=f"Output side in pixels, a multiple of 32 up to {options.MAX_SIZE} (default 512)."),
     scheduler: str = typer.Option("dpm", "--scheduler", help="dpm or euler."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    force: bool = typer.Option(False, "--force", help="Replace files already at the output names (never a folder) instead of numbering new ones."),
     model: Optional[str] = ModelOption,
     low_memory: bool = LowMemoryOption,
     cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Edit a picture from an instruction."""
     from . import processing
-    from .outputs import RunFiles
 
-    files = RunFiles()
+    files = outputs.RunFiles()
     with _sigterm_raises(), _user_errors(files):
         if not instruction.strip():
             _fail("the instruction is empty")

@@ -33,6 +33,7 @@ from pathlib import Path
 from .errors import InputError
 
 TEMPORARY_SUFFIX = ".partial"
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 PREVIEW_TAG = ".preview"
 _HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:32] or "host"
 _TEMPORARY = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TEMPORARY_SUFFIX) + "$")
@@ -97,7 +98,7 @@ def plan_outputs(output: str | os.PathLike, default_name: str, count: int = 1, f
     text = os.fspath(output)
     path = Path(text) if text else Path(".")
     separators = tuple(s for s in (os.sep, os.altsep) if s)
-    if text.endswith(separators) or path.is_dir():
+    if text.endswith(separators) or _is_dir(path):
         folder, name = path, default_name
     else:
         folder, name = path.parent, path.name
@@ -105,21 +106,35 @@ def plan_outputs(output: str | os.PathLike, default_name: str, count: int = 1, f
             name += ".png"
     first = folder / name
     fmt = image_format(first)
-    check_folder(folder)
     if count == 1:
         targets = (first,)
     else:
         targets = tuple(first.with_name(f"{first.stem}-{number}{first.suffix}") for number in range(count))
+    # Room for a number added when the name is taken (-1 ... -999999); 255 bytes is the usual limit.
+    if max(len(os.fsencode(target.name)) for target in targets) + 7 > NAME_MAX:
+        raise InputError(f"the file name is too long ({len(os.fsencode(name))} bytes); "
+                         f"-o takes names up to {NAME_MAX - 7 - (len(str(count - 1)) + 1 if count > 1 else 0)}")
+    check_folder(folder)
     return OutputPlan(folder, targets, fmt, force)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, a loop of links: not a folder we can use
+        return False
 
 
 def check_folder(folder: Path) -> None:
     """InputError unless files can be created in ``folder``, or in its nearest existing ancestor
     when it is missing (the missing part is created at the first write)."""
     existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as error:
+        raise InputError(f"cannot write into {folder}: {(error.strerror or str(error)).lower()}") from None
+    if not _is_dir(existing):
         raise InputError(f"cannot write into {folder}: {existing} is a file, not a folder")
     problem = None
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -199,7 +214,11 @@ def _claim(temporary: Path, target: Path, force: bool) -> Path:
             os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
-        os.replace(temporary, candidate)
+        try:
+            os.replace(temporary, candidate)
+        except BaseException:
+            candidate.unlink(missing_ok=True)  # never leave the empty reservation behind
+            raise
         return candidate
     raise AssertionError("unreachable")  # pragma: no cover - _numbered never ends
 

@@ -90,6 +90,7 @@ BAD_OPTIONS = [
     (["-o", "OUT/x.txt"], "cannot write .txt images"),
     (["-o", "OUT/x.docx"], "cannot write .docx images"),
     (["-o", "OUT/a-file.png/x.png"], "is a file, not a folder"),
+    (["-o", "OUT/" + "a" * 300 + ".png"], "the file name is too long"),
 ]
 
 
@@ -330,6 +331,12 @@ def test_only_dead_runs_temporaries_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     removed = outputs.remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [name for name, kept in names.items() if not kept]
+    # The names this process gives its own temporaries are of that form, and kept while it lives.
+    descriptor, own = outputs._create_temporary(tmp_path, "pic.png")
+    os.close(descriptor)
+    assert outputs._TEMPORARY.match(own.name)["pid"] == str(os.getpid())
+    assert outputs.remove_stale_temporaries(tmp_path) == []
+    own.unlink()
     assert listing(tmp_path) == sorted(name for name, kept in names.items() if kept)
 
 
