@@ -394,7 +394,7 @@ def _start(env, folder: Path):
     # A run started in the background inherits SIGINT ignored; a terminal's Ctrl-C reaches a
     # process that has it: reset it, as a shell does.
     process = subprocess.Popen(
-        [sys.executable, "-m", "mobileo_mlx", "generate", "a kite", "--steps", "30", "-n", "2", "--preview-every", "1",
+        [sys.executable, "-m", "mobileo_mlx", "generate", "a kite", "--steps", "20", "-n", "2", "--preview-every", "1",
          "--seed", "0", "-o", str(folder / "pic.png")],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -435,7 +435,7 @@ def test_killed_runs_leave_only_complete_images(converted, tmp_path, seed):
     kill = signal.SIGINT if seed < 3 else signal.SIGKILL
     process, stderr, started, reader = _start(converted, tmp_path)
     assert started.wait(120)
-    time.sleep(rng.uniform(0.0, 3.5))  # the two images take about that long here
+    time.sleep(rng.uniform(0.0, 2.5))  # the two images take about that long here
     process.send_signal(kill)
     stdout = process.stdout.read().decode()
     process.wait(timeout=60)
