@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from . import options, outputs
 from ._version import __version__
 from .hub import DEFAULT_MODEL
 
@@ -126,24 +128,63 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run cleans up as after Ctrl-C."""
+
+
 @contextmanager
-def _user_errors():
-    """Report user-facing errors as one line (set MOBILEO_MLX_DEBUG=1 for tracebacks)."""
+def _sigterm_raises():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(number, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _user_errors(files=None):
+    """Report user-facing errors as one line (set MOBILEO_MLX_DEBUG=1 for tracebacks). With
+    ``files`` (an ``outputs.RunFiles``), every way out, Ctrl-C and SIGTERM included, first
+    removes what the run started and did not finish, then says what it kept and removed."""
     from .errors import MobileOError
+
+    def outcome() -> str:
+        if files is None:
+            return "nothing was written"
+        files.clean_up()
+        return files.report()
 
     try:
         yield
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        # Outputs are written atomically after the last step, so nothing is half-done.
-        typer.echo("interrupted: no partial file was written", err=True)
+        typer.echo(f"interrupted: {outcome()}", err=True)
         raise typer.Exit(130)
+    except _Terminated:
+        typer.echo(f"terminated: {outcome()}", err=True)
+        raise typer.Exit(143)
     except (MobileOError, ValueError, OSError, KeyError, RuntimeError) as error:
         if os.environ.get("MOBILEO_MLX_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        left = outcome()
+        if files is not None and (files.written or files.removed):
+            message += f" ({left})"
         _fail(message)
+    finally:
+        if files is not None:
+            files.clean_up()
 
 
 def _load_model(model: Optional[str], low_memory: bool, cpu_matmul: Optional[str] = None):
@@ -153,22 +194,39 @@ def _load_model(model: Optional[str], low_memory: bool, cpu_matmul: Optional[str
     return MobileO.load(spec, low_memory=low_memory, cpu_matmul=cpu_matmul)
 
 
-def _free_path(path: Path, force: bool, taken: set) -> Path:
-    """``path`` itself, or ``stem-1.ext``, ``stem-2.ext``... so nothing is overwritten silently."""
-    if force and path not in taken:
-        return path
-    candidate, index = path, 0
-    while candidate.exists() or candidate in taken:
-        index += 1
-        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
-    return candidate
+@dataclass(frozen=True)
+class _ImageJob:
+    """generate's and edit's options, checked."""
+
+    outputs: outputs.OutputPlan
+    seed: Optional[int]
+    steps: int
+    guidance: float
+    size: Optional[int]
+    scheduler: str
+    preview_every: Optional[int]
 
 
-def _save_atomically(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    os.replace(partial, path)
+def _image_job(output, default_name: str, count, seed, steps, guidance, size, scheduler,
+               preview_every=None, force: bool = False, cpu_matmul: Optional[str] = None) -> _ImageJob:
+    """Every option of generate / edit checked before any work (the model is not loaded yet):
+    InputError with one line for the first bad one."""
+    from .errors import InputError
+    from .kernels import bf16_matmul
+
+    count = options.check_count(count)
+    seed = options.check_seed(seed, count)
+    steps = options.check_steps(steps)
+    guidance = options.check_guidance(guidance)
+    size = None if size is None else options.check_size(size)  # the model checks its own multiple too
+    scheduler = options.check_scheduler(scheduler)
+    preview_every = options.check_preview_every(preview_every)
+    try:
+        bf16_matmul.resolve(cpu_matmul)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    plan = outputs.plan_outputs(output, default_name, count, force)
+    return _ImageJob(plan, seed, steps, guidance, size, scheduler, preview_every)
 
 
 def _peak_memory_line() -> str:
@@ -182,23 +240,13 @@ def _peak_memory_line() -> str:
     return f"peak memory: MLX {mx.get_peak_memory() / 2**30:.2f} GiB, process RSS {rss:.2f} GiB"
 
 
-def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, size, scheduler,
-                preview_every, force, tile=None):
-    """Shared by generate and edit: condition once, denoise/decode ``count`` images."""
+def _run_images(model, conditioning_fn, job: _ImageJob, files, tile=None):
+    """Shared by generate and edit: condition once, denoise/decode one image per target."""
     import time
 
     from tqdm import tqdm
 
-    from . import samplers
-
-    if count < 1:
-        _fail(f"-n must be at least 1, got {count}")
-    if steps < 1:
-        _fail(f"steps must be at least 1, got {steps}")
-    samplers.get_sampler(scheduler)  # an unknown name fails here, before any work
-    if preview_every is not None and preview_every < 1:
-        _fail(f"--preview-every must be at least 1, got {preview_every}")
-    size = model.check_size(size)
+    size = model.check_size(job.size)  # the model's own multiple; its native size by default
     start = time.perf_counter()
     conditioning = conditioning_fn()
     condition_time = time.perf_counter() - start
@@ -206,49 +254,51 @@ def _run_images(model, conditioning_fn, count, output, seed, steps, guidance, si
     # This process never needs the understanding side again: free it before the DiT runs
     # (with the DiT released before the last decode, this keeps a generation under 2 GB).
     model.release(*model.CONDITIONING_COMPONENTS)
-    taken: set = set()
-    for number in range(count):
-        image_seed = seed + number if seed is not None else int.from_bytes(os.urandom(4), "little")
-        target = _free_path(output if count == 1 else output.with_name(f"{output.stem}-{number}{output.suffix}"), force, taken)
-        taken.add(target)
+    plan = job.outputs
+    count, steps = len(plan.targets), job.steps
+    for number, target in enumerate(plan.targets):
+        image_seed = job.seed + number if job.seed is not None else int.from_bytes(os.urandom(4), "little")
         start = time.perf_counter()
-        steps_iter = model.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
-                                            seed=image_seed, scheduler=scheduler)
+        steps_iter = model.generate_latents(conditioning, steps=steps, guidance=job.guidance, size=size,
+                                            seed=image_seed, scheduler=job.scheduler)
         last = None
         with tqdm(total=steps, desc=f"image {number + 1}/{count}", unit="step", leave=False) as bar:
             for last in steps_iter:
                 bar.update(1)
-                if preview_every and (last.index + 1) % preview_every == 0 and last.index + 1 < steps:
-                    _save_atomically(model.decode(last.latents)[0], target.with_name(f"{target.stem}.preview{target.suffix}"))
+                if job.preview_every and (last.index + 1) % job.preview_every == 0 and last.index + 1 < steps:
+                    files.save_preview(model.decode(last.latents)[0], target, plan.format, plan.force)
         denoise_time = time.perf_counter() - start
         if number == count - 1:
             model.release("dit")
         start = time.perf_counter()
         image = model.decode(last.latents, tile=tile)[0]
         decode_time = time.perf_counter() - start
-        _save_atomically(image, target)
-        preview = target.with_name(f"{target.stem}.preview{target.suffix}")
-        if preview.exists():
-            preview.unlink()
+        path = files.save(image, target, plan.format, plan.force)
+        files.drop_preview(target)
         typer.echo(
-            f"{target}  (seed {image_seed}; {steps} steps {denoise_time:.2f} s = "
+            f"{path}  (seed {image_seed}; {steps} steps {denoise_time:.2f} s = "
             f"{denoise_time / steps:.2f} s/step, decode {decode_time:.2f} s)"
         )
     typer.echo(_peak_memory_line(), err=True)
 
 
+OUTPUT_HELP = ("Image file to write (its extension picks the format; none: .png) or folder to write into "
+              "(an existing one, or a path ending in /; created if missing). Numbered name-0, name-1... when "
+              "-n > 1, and name-1, name-2... when the name is taken.")
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
-    output: Path = typer.Option(Path("mobileo.png"), "--output", "-o", help="Image file to write; numbered when -n > 1 or when it exists."),
-    count: int = typer.Option(1, "-n", "--count", help="How many images (seeds SEED, SEED+1, ...)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
-    steps: int = typer.Option(20, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(1.5, "--guidance", help="Classifier-free guidance scale (1 = off)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels, a multiple of 32 (default: the model's native size, 512)."),
+    output: str = typer.Option("mobileo.png", "--output", "-o", metavar="PATH", help=OUTPUT_HELP),
+    count: int = typer.Option(1, "-n", "--count", help=f"How many images (seeds SEED, SEED+1, ...), 1 to {options.MAX_IMAGES}."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed)."),
+    steps: int = typer.Option(20, "--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}."),
+    guidance: float = typer.Option(1.5, "--guidance", help=f"Classifier-free guidance scale, 0 to {options.MAX_GUIDANCE:g} (1 = off)."),
+    size: Optional[int] = typer.Option(None, "--size", help=f"Image side in pixels, a multiple of 32 up to {options.MAX_SIZE} (default: the model's native size, 512)."),
     scheduler: str = typer.Option("dpm", "--scheduler", help="dpm (DPM-Solver++ 2M, the reference) or euler (flow-matching Euler)."),
-    preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Decode a preview every K steps next to the output."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Write a preview (NAME.preview.EXT) every K steps; removed when the image is done."),
+    force: bool = typer.Option(False, "--force", help="Replace files already at the output names (never a folder) instead of numbering new ones."),
     model: Optional[str] = ModelOption,
     low_memory: bool = LowMemoryOption,
     cpu_matmul: Optional[str] = CpuMatmulOption,
@@ -256,14 +306,17 @@ def generate(
     """Generate images from a text prompt."""
     from . import processing
 
-    with _user_errors():
+    files = outputs.RunFiles()
+    with _sigterm_raises(), _user_errors(files):
         if not prompt.strip():
             _fail("the prompt is empty")
+        job = _image_job(output, "mobileo.png", count, seed, steps, guidance, size, scheduler,
+                         preview_every, force, cpu_matmul)
         mobile_o = _load_model(model, low_memory, cpu_matmul)
         _run_images(
             mobile_o,
             lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.generation_prompt, prompt)),
-            count, output, seed, steps, guidance, size, scheduler, preview_every, force,
+            job, files,
         )
 
 
@@ -271,14 +324,14 @@ def generate(
 def edit(
     image: Path = typer.Argument(..., help="The picture to edit."),
     instruction: str = typer.Argument(..., help="What to change."),
-    output: Path = typer.Option(Path("mobileo-edit.png"), "--output", "-o", help="Image file to write (numbered if it exists)."),
-    count: int = typer.Option(1, "-n", "--count", help="How many variants."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
-    steps: int = typer.Option(20, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(1.5, "--guidance", help="Classifier-free guidance scale (1 = off)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Output side in pixels, a multiple of 32 (default 512)."),
+    output: str = typer.Option("mobileo-edit.png", "--output", "-o", metavar="PATH", help=OUTPUT_HELP),
+    count: int = typer.Option(1, "-n", "--count", help=f"How many variants, 1 to {options.MAX_IMAGES}."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed)."),
+    steps: int = typer.Option(20, "--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}."),
+    guidance: float = typer.Option(1.5, "--guidance", help=f"Classifier-free guidance scale, 0 to {options.MAX_GUIDANCE:g} (1 = off)."),
+    size: Optional[int] = typer.Option(None, "--size", help=f"Output side in pixels, a multiple of 32 up to {options.MAX_SIZE} (default 512)."),
     scheduler: str = typer.Option("dpm", "--scheduler", help="dpm or euler."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    force: bool = typer.Option(False, "--force", help="Replace files already at the output names (never a folder) instead of numbering new ones."),
     model: Optional[str] = ModelOption,
     low_memory: bool = LowMemoryOption,
     cpu_matmul: Optional[str] = CpuMatmulOption,
@@ -286,15 +339,18 @@ def edit(
     """Edit a picture from an instruction."""
     from . import processing
 
-    with _user_errors():
+    files = outputs.RunFiles()
+    with _sigterm_raises(), _user_errors(files):
         if not instruction.strip():
             _fail("the instruction is empty")
+        job = _image_job(output, "mobileo-edit.png", count, seed, steps, guidance, size, scheduler,
+                         None, force, cpu_matmul)
         source = processing.load_image(image)
         mobile_o = _load_model(model, low_memory, cpu_matmul)
         _run_images(
             mobile_o,
             lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.edit_prompt, instruction), source),
-            count, output, seed, steps, guidance, size, scheduler, None, force,
+            job, files,
         )
 
 

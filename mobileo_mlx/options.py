@@ -19,6 +19,10 @@ Why these bounds:
   is a few seconds of prefill on a GPU and well under a minute on a 2-core CPU.
 * new tokens: as many as the prompt may hold.
 * seeds: MLX's random keys are 64-bit.
+* guidance: 1 turns classifier-free guidance off, 0 keeps only the unconditional prediction;
+  the reference uses 1.5 and pictures burn out long before 30.
+* previews (``--preview-every K``): every K steps, so 1 up to the most steps there can be.
+* schedulers: the samplers of :mod:`mobileo_mlx.samplers`, by name.
 """
 
 from __future__ import annotations
@@ -40,21 +44,30 @@ MAX_REPETITION_PENALTY = 10.0
 SEED_LIMIT = 2**64  # seeds are 0 <= seed < SEED_LIMIT
 
 
+def _shown(value) -> str:
+    """``value`` for a one-line message: a 2**2000 seed is shown by its first digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
 def _integer(name: str, value) -> int:
     """``value`` as an int when it is a whole number (``True``/``False`` are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a whole number, got {value!r}")
+        raise InputError(f"{name} must be a whole number, got {_shown(value)}")
     if isinstance(value, numbers.Integral):
         return int(value)
     if not math.isfinite(value) or value != int(value):
-        raise InputError(f"{name} must be a whole number, got {value!r}")
+        raise InputError(f"{name} must be a whole number, got {_shown(value)}")
     return int(value)
 
 
 def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+        raise InputError(f"{name} must be a number, got {_shown(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int or fraction beyond float range
+        raise InputError(f"{name} must be a finite number, got {_shown(value)}") from None
     if not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, got {value}")
     return value
@@ -63,7 +76,7 @@ def _real(name: str, value) -> float:
 def integer_in(name: str, value, low: int, high: int) -> int:
     number = _integer(name, value)
     if not low <= number <= high:
-        raise InputError(f"{name} must be between {low} and {high}, got {number}")
+        raise InputError(f"{name} must be between {low} and {high}, got {_shown(number)}")
     return number
 
 
@@ -87,7 +100,7 @@ def check_size(size, multiple: int = MIN_SIZE) -> int:
     """A side length in pixels: a multiple of ``multiple`` (the decoder's pixels per latent cell)."""
     size = _integer("size", size)
     if size < multiple or size > MAX_SIZE or size % multiple:
-        raise InputError(f"size must be a multiple of {multiple} between {multiple} and {MAX_SIZE}, got {size}")
+        raise InputError(f"size must be a multiple of {multiple} between {multiple} and {MAX_SIZE}, got {_shown(size)}")
     return size
 
 
@@ -103,8 +116,22 @@ def check_seed(seed, count: int = 1) -> int | None:
     seed = _integer("seed", seed)
     if seed < 0 or seed + count - 1 >= SEED_LIMIT:
         last = f" (and seed + {count - 1} for {count} images)" if count > 1 else ""
-        raise InputError(f"seed must be between 0 and 2**64 - 1{last}, got {seed}")
+        raise InputError(f"seed must be between 0 and 2**64 - 1{last}, got {_shown(seed)}")
     return seed
+
+
+def check_preview_every(every) -> int | None:
+    """``None`` (no previews) or a preview every ``every`` steps."""
+    return None if every is None else integer_in("--preview-every", every, 1, MAX_STEPS)
+
+
+def check_scheduler(name) -> str:
+    """The name of one of the samplers (``dpm``, ``euler``)."""
+    from .samplers import SAMPLERS
+
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise InputError(f"unknown sampler {_shown(name)}: --scheduler must be one of {', '.join(SAMPLERS)}")
+    return name
 
 
 def check_sampling(*, max_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=None) -> dict:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from mobileo_mlx.kernels import bf16_matmul
 
-from . import platform, processing, samplers
+from . import options, platform, processing, samplers
 from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message
 
 MessagesInput = Union[str, Message, dict, Sequence[Union[Message, dict, tuple]]]
@@ -205,23 +205,37 @@ class MobileO:
         return Conditioning(cond, uncond, embeddings.shape[1])
 
     def initial_latents(self, size: int, seed: int | None = None, noise=None) -> mx.array:
-        """The starting latent, NHWC [1, size/32, size/32, C]; ``noise`` is NCHW like the reference."""
+        """The starting latent, NHWC [1, size/32, size/32, C]; ``noise`` is NCHW like the reference.
+        ``seed``: 0 to 2**64 - 1, or None for a fresh one."""
+        size = self.check_size(size)
         cells = size // self.vae_scale
         shape = (1, self.latent_channels, cells, cells)
         if noise is not None:
             noise = np.asarray(noise, dtype=np.float32)
             if noise.shape != shape:
                 raise InputError(f"noise must have shape {shape} (NCHW) for size {size}, got {noise.shape}")
+            if not np.isfinite(noise).all():
+                raise InputError("noise must be finite (it holds nan or inf)")
             return mx.array(noise.transpose(0, 2, 3, 1))
+        seed = options.check_seed(seed)
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         return mx.random.normal((1, cells, cells, self.latent_channels), key=mx.random.key(seed))
 
     def check_size(self, size: int | None) -> int:
-        size = self.native_size if size is None else int(size)
-        if size < self.vae_scale or size % self.vae_scale:
-            raise InputError(f"size must be a positive multiple of {self.vae_scale}, got {size}")
-        return size
+        """``size`` checked (a multiple of the decoder's pixels per latent cell, within
+        ``options.MAX_SIZE``), or the native size for None."""
+        return options.check_size(self.native_size if size is None else size, self.vae_scale)
+
+    def _denoising_options(self, steps, guidance, size, seed, scheduler) -> dict:
+        """generate_latents' options, checked before any work (one InputError for the first bad one)."""
+        return {
+            "steps": options.check_steps(steps),
+            "guidance": options.check_guidance(guidance),
+            "size": self.check_size(size),
+            "seed": options.check_seed(seed),
+            "scheduler": options.check_scheduler(scheduler),
+        }
 
     def generate_latents(
         self,
@@ -234,13 +248,16 @@ class MobileO:
         noise=None,
         scheduler: str = "dpm",
     ) -> Iterator[DenoiseStep]:
-        """The denoising loop as a generator: one ``DenoiseStep`` per step."""
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        size = self.check_size(size)
-        latents = self.initial_latents(size, seed, noise)
+        """The denoising loop as a generator: one ``DenoiseStep`` per step. The options are
+        checked by this call (InputError), before the first step is asked for."""
+        checked = self._denoising_options(steps, guidance, size, seed, scheduler)
+        latents = self.initial_latents(checked["size"], checked["seed"], noise)
+        return self._denoise(conditioning, latents, checked["steps"], checked["guidance"],
+                             samplers.get_sampler(checked["scheduler"]))
+
+    def _denoise(self, conditioning: Conditioning, latents: mx.array, steps: int, guidance: float,
+                 sampler) -> Iterator[DenoiseStep]:
         dit = self.component("dit")
-        sampler = samplers.get_sampler(scheduler)
         plan = sampler.plan(samplers.SchedulerConfig.from_dict(self.config["scheduler"]), steps)
         use_cfg = guidance != 1.0  # v_u + 1·(v_c − v_u) = v_c: skip the unconditional half
         context = (
@@ -287,6 +304,7 @@ class MobileO:
         """Text to image. With ``noise`` (NCHW, the reference layout) the result is deterministic."""
         if not prompt or not prompt.strip():
             raise InputError("the prompt is empty")
+        self._denoising_options(steps, guidance, size, seed, scheduler)  # before the language model runs
         conditioning = self.conditioning(self._caption_prompt(processing.generation_prompt, prompt))
         last = None
         for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
@@ -299,6 +317,7 @@ class MobileO:
         """Instruction-based editing: the source picture enters through the LLM context only."""
         if not instruction or not instruction.strip():
             raise InputError("the instruction is empty")
+        self._denoising_options(steps, guidance, size, seed, scheduler)  # before the models run
         source = processing.load_image(image)
         conditioning = self.conditioning(self._caption_prompt(processing.edit_prompt, instruction), source)
         last = None

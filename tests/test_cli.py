@@ -100,7 +100,7 @@ def test_edit_writes_an_image(env, tmp_path):
         (["ask", "missing.png", "what?"], ["image not found"]),
         (["ask", "NOT_IMAGE", "what?"], ["not an image"]),
         (["generate", "  "], ["prompt is empty"]),
-        (["generate", "x", "--steps", "0"], ["steps must be at least 1"]),
+        (["generate", "x", "--steps", "0"], ["steps must be between 1 and 1000"]),
         (["generate", "x", "--size", "100"], ["multiple of 32"]),
         (["generate", "x", "--scheduler", "heun"], ["unknown sampler"]),
         (["generate", "x", "--model", "/no/such/folder"], []),
@@ -134,18 +134,23 @@ def test_cpu_matmul_choices(env, tmp_path):
         np.testing.assert_array_equal(pictures["fp32"], pictures["bf16"])
 
 
-def test_ctrl_c_stops_cleanly_and_writes_nothing(env, tmp_path):
+def test_ctrl_c_stops_cleanly_and_leaves_nothing_unfinished(env, tmp_path):
     out = tmp_path / "never.png"
     run(env, "generate", "warm", "--steps", "1", "-o", str(tmp_path / "warm.png"))  # conversion done beforehand
     # A terminal's Ctrl-C reaches a process whose SIGINT is not ignored. A test run started in the
     # background (`nohup ... &`) inherits SIGINT ignored, and so would the command: reset it, as a shell does.
-    process = subprocess.Popen([sys.executable, "-m", "mobileo_mlx", "generate", "a long run", "--steps", "100000",
-                                "-o", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "mobileo_mlx", "generate", "a long run", "--steps", "1000",
+                                "-n", "100", "--preview-every", "1", "-o", str(out)], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert not out.exists()
-    assert not list(tmp_path.glob("*.partial"))
+    said = stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert said.startswith("interrupted: ")
+    # Finished images stay and are named; previews and temporaries are gone.
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "warm.png")
+    assert all(str(tmp_path / name) in said for name in left)
+    assert not [name for name in left if "preview" in name or name.startswith(".")]

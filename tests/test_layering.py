@@ -32,7 +32,7 @@ LAYERS = [
     ("model resolution", ["mobileo_mlx.hub", "mobileo_mlx.demo"]),
     ("converter", ["mobileo_mlx.convert"]),
     ("loading and processing", ["mobileo_mlx.weights", "mobileo_mlx.processing", "mobileo_mlx.samplers",
-                                "mobileo_mlx.options"]),
+                                "mobileo_mlx.options", "mobileo_mlx.outputs"]),
     ("models", ["mobileo_mlx.models"]),
     ("kernels", ["mobileo_mlx.kernels"]),
     ("platform", ["mobileo_mlx.platform", "mobileo_mlx._blas", "mobileo_mlx.errors", "mobileo_mlx._version"]),

@@ -126,7 +126,7 @@ def test_denoising_generator_yields_every_step(model):
     "call, message",
     [
         (lambda m: m.generate(""), "prompt is empty"),
-        (lambda m: m.generate("x", steps=0), "steps must be at least 1"),
+        (lambda m: m.generate("x", steps=0), "steps must be between 1 and 1000"),
         (lambda m: m.generate("x", size=100), "multiple of 32"),
         (lambda m: m.generate("x", noise=np.zeros((1, 3, 2, 2), np.float32)), "noise must have shape"),
         (lambda m: m.ask("/nonexistent.png", "what?"), "image not found"),
