@@ -71,8 +71,12 @@ def test_image_inputs_agree(tmp_path):
     [
         ("missing.png", "image not found"),
         ("not_image.txt", "not an image"),
-        (np.zeros((4, 4), np.uint8), "HxWx3 uint8"),
-        (np.zeros((4, 4, 3), np.float32), "HxWx3 uint8"),
+        (np.zeros((4, 4, 2), np.uint8), "HxW, HxWx1, HxWx3 or HxWx4"),
+        (np.zeros((4, 4, 3), np.int64), "HxW, HxWx1, HxWx3 or HxWx4"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "HxW, HxWx1, HxWx3 or HxWx4"),
+        (np.full((4, 4, 3), 2.0, np.float32), r"values in \[0, 1\].*got \[2, 2\]"),
+        (np.full((4, 4), np.nan, np.float32), "finite values"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
         (42, "unsupported image input"),
     ],
 )
