@@ -358,7 +358,9 @@ def load_image(image: ImageInput, fetch_url: URLFetcher = refuse_remote_url) -> 
         _check_pixels(image.width, image.height, "the picture")
         try:
             return _to_rgb(image)
-        except (OSError, ValueError) as error:
+        except InputError:
+            raise
+        except (OSError, ValueError) as error:  # a lazily opened picture decodes here
             raise InputError(f"cannot read the picture: {error}") from None
     if isinstance(image, np.ndarray):
         return _from_array(image)
@@ -421,13 +423,17 @@ def _open(source, name: str) -> Image.Image:
                 picture = _to_rgb(opened)
                 # Closing the file closes `opened`: an RGB picture returned as is needs a copy.
                 return opened.copy() if picture is opened else picture
+        except InputError:
+            raise
         except UnidentifiedImageError:
             raise InputError(f"not an image (or an unsupported format): {name}") from None
         except Image.DecompressionBombError:
             raise InputError(f"image too large: {name} has more than {MAX_IMAGE_PIXELS // 2**20} MP; "
                              "scale it down first") from None
-        except (OSError, ValueError, SyntaxError) as error:
-            raise InputError(f"cannot read image {name}: {error}") from None
+        except MemoryError:
+            raise
+        except Exception as error:  # a damaged file can make a decoder raise anything
+            raise InputError(f"cannot read image {name}: {error or type(error).__name__}") from None
 
 
 def _to_rgb(picture: Image.Image) -> Image.Image:
