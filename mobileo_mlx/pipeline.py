@@ -353,7 +353,9 @@ class MobileO:
         """Answer a question about a picture; ``stream=True`` yields responses with ``.text`` and ``.token``."""
         sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                           top_k=top_k, repetition_penalty=repetition_penalty)
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str):
+            raise InputError(f"the question must be a str, got {type(question).__name__}")
+        if not question.strip():
             raise InputError("the question is empty")
         return self._reply(processing.normalize_messages([Message("user", question, (image,))]), system,
                            sampling, stream)

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -130,9 +131,9 @@ def normalize_messages(value: MessagesInput, image: ImageInput | None = None,
 def _one_message(item, index: int, fetch_url: URLFetcher) -> Message:
     where = f"message {index + 1}"
     if isinstance(item, Message):
-        role, content, images = item.role, item.content, item.images
+        role, content, images = item.role, item.content, _as_picture_list(item.images, where)
     elif isinstance(item, Mapping):
-        unknown = sorted(map(str, set(item) - MESSAGE_KEYS))
+        unknown = sorted(map(repr, set(item) - MESSAGE_KEYS))
         if unknown:
             raise InputError(f"{where}: unknown key(s) {', '.join(unknown)} (accepted: role, content, image, images)")
         if "role" not in item or "content" not in item:
@@ -146,7 +147,7 @@ def _one_message(item, index: int, fetch_url: URLFetcher) -> Message:
         role, content, images = item[0], item[1], ()
     else:
         raise InputError(f"{where}: expected a Message, a dict or a (role, content) pair, got {type(item).__name__}")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise InputError(f"{where}: unknown role {role!r} (accepted: {', '.join(ROLES)})")
     if not isinstance(content, str):
         raise InputError(f"{where}: content must be a str or a list of parts, got {type(content).__name__}")
@@ -172,10 +173,10 @@ def _content_parts(parts, where: str, fetch_url: URLFetcher) -> tuple[str, list]
     for number, part in enumerate(parts, 1):
         here = f"{where}, part {number}"
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in PART_KEYS:
+        if not isinstance(kind, str) or kind not in PART_KEYS:
             shown = repr(kind) if isinstance(part, Mapping) else type(part).__name__
             raise InputError(f"{here}: unknown part type {shown} (accepted: {', '.join(PART_KEYS)})")
-        unknown = sorted(map(str, set(part) - PART_KEYS[kind]))
+        unknown = set(part) - PART_KEYS[kind]
         if unknown or kind not in part:
             raise InputError(f"{here}: a {kind} part holds exactly the keys {', '.join(sorted(PART_KEYS[kind]))}")
         if kind == "text":
@@ -187,9 +188,10 @@ def _content_parts(parts, where: str, fetch_url: URLFetcher) -> tuple[str, list]
         else:
             reference = part["image_url"]
             if isinstance(reference, Mapping):
-                unknown = sorted(map(str, set(reference) - IMAGE_URL_KEYS))
+                unknown = sorted(map(repr, set(reference) - IMAGE_URL_KEYS))
                 if unknown or "url" not in reference:
-                    raise InputError(f"{here}: image_url holds url (and optionally detail), got {sorted(reference)}")
+                    shown = ", ".join(unknown) if unknown else "no url"
+                    raise InputError(f"{here}: image_url holds url (and optionally detail), got {shown}")
                 reference = reference["url"]
             if not isinstance(reference, str) or not _is_url(reference):
                 raise InputError(f"{here}: image_url must be a data: or http(s) URL")
@@ -218,6 +220,9 @@ class Prompt(str):
         prompt = super().__new__(cls, text)
         prompt.pieces = pieces
         return prompt
+
+    def __getnewargs__(self):  # copies and pickles keep the pieces
+        return (self.pieces,)
 
 
 def _turn(role: str, text: str, pictures: int = 0) -> list[tuple[str, str]]:
@@ -317,21 +322,13 @@ class Tokenizer:
 
     def _template_pieces(self, text: str) -> list[tuple[str, str]]:
         """A trusted template string cut at ``<image>`` and at every added token (longest first)."""
-        specials = sorted((t for t in self.added_tokens if t != IMAGE_PLACEHOLDER), key=len, reverse=True)
-        pieces, start, index = [], 0, 0
-        while index < len(text):
-            if text.startswith(IMAGE_PLACEHOLDER, index):
-                match, kind = IMAGE_PLACEHOLDER, "image"
+        tokens = sorted({*self.added_tokens, IMAGE_PLACEHOLDER}, key=len, reverse=True)
+        pieces = []
+        for index, part in enumerate(re.split("(" + "|".join(map(re.escape, tokens)) + ")", text)):
+            if index % 2 == 0:
+                pieces.append(("text", part))
             else:
-                match = next((t for t in specials if text.startswith(t, index)), None)
-                kind = "control"
-            if match is None:
-                index += 1
-                continue
-            pieces.append(("text", text[start:index]))
-            pieces.append((kind, "" if kind == "image" else match))
-            index = start = index + len(match)
-        pieces.append(("text", text[start:]))
+                pieces.append(("image", "") if part == IMAGE_PLACEHOLDER else ("control", part))
         return pieces
 
     def decode(self, ids: Sequence[int]) -> str:
