@@ -317,7 +317,8 @@ TemperatureOption = typer.Option(0.0, "--temperature", "-t", help="Sampling temp
 TopPOption = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold, in (0, 1] (1 = off).")
 TopKOption = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off).")
 RepetitionPenaltyOption = typer.Option(
-    None, "--repetition-penalty", help="Penalise repeated tokens, in (0, 10] (1 = off). Default: off.", show_default=False
+    None, "--repetition-penalty", help="Penalise repeated tokens, in (0, 10] (1 = off). Default: off.",
+    show_default=False,
 )
 
 

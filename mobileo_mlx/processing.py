@@ -139,7 +139,8 @@ def _one_message(item, index: int, fetch_url: URLFetcher) -> Message:
         if "role" not in item or "content" not in item:
             raise InputError(f"{where}: a message needs a role and a content")
         role, content = item["role"], item["content"]
-        images = ([item["image"]] if item.get("image") is not None else []) + _as_picture_list(item.get("images"), where)
+        images = [item["image"]] if item.get("image") is not None else []
+        images += _as_picture_list(item.get("images"), where)
         if isinstance(content, (list, tuple)):
             content, part_images = _content_parts(content, where, fetch_url)
             images += part_images

@@ -27,6 +27,7 @@ from mobileo_mlx import options, processing
 from mobileo_mlx.errors import InputError
 from mobileo_mlx.pipeline import MobileO
 from mobileo_mlx.processing import Message
+from tests.helpers import png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[IMG]", "[/IMG]", "<image>"]
@@ -106,9 +107,9 @@ CONVERSATIONS = {
     ], processing.DEFAULT_SYSTEM_PROMPT),
     "unicode": ([Message("user", "café naïve 你好世界 こんにちは 😀🚀 cafe\u0301 Ωmega"),
                  Message("assistant", "ñ ü ß"), Message("user", "\u00a0nbsp\u3000ideographic")], "Système ✓"),
-    "newlines at the edges": ([Message("user", "\nstarts with a newline", (A,)), Message("assistant", "ends with one\n"),
-                               Message("user", "\n\n"), Message("assistant", "  spaces  "),
-                               Message("user", "\r\nwindows\r\n", (B,))], None),
+    "newlines at the edges": ([Message("user", "\nstarts with a newline", (A,)),
+                               Message("assistant", "ends with one\n"), Message("user", "\n\n"),
+                               Message("assistant", "  spaces  "), Message("user", "\r\nwindows\r\n", (B,))], None),
     "empty texts": ([Message("user", "", (A,)), Message("assistant", ""), Message("user", "x")], ""),
 }
 
@@ -319,7 +320,8 @@ def test_a_plugged_in_fetcher_serves_remote_urls():
 @settings(max_examples=200, deadline=None)
 @given(value=st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
-              st.sampled_from(["user", "assistant", "system", "role", "content", "image", "text", "image_url", "type"])),
+              st.sampled_from(["user", "assistant", "system", "role", "content", "image", "text", "image_url",
+                               "type"])),
     lambda children: st.one_of(st.lists(children, max_size=4), st.tuples(children, children),
                                st.dictionaries(st.sampled_from(["role", "content", "image", "images", "type", "text",
                                                                 "image_url", "url", "detail"]), children, max_size=4)),
@@ -552,10 +554,8 @@ def test_repl_follow_ups_after_a_picture_literal_tags_and_commands(model, env, t
 
 
 def test_repl_errors_keep_the_conversation(model, env, tmp_path):
-    from tests.test_processing import _png_header_only
-
     huge, text = tmp_path / "huge.png", tmp_path / "notes.txt"
-    huge.write_bytes(_png_header_only(13000, 13000))
+    huge.write_bytes(png_header_only(13000, 13000))
     text.write_text("not a picture")
     good = tmp_path / "good.png"
     B.save(good)
@@ -588,8 +588,11 @@ def test_repl_ctrl_c_stops_the_answer_and_keeps_the_session(model, env):
                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out, err = bytearray(), bytearray()
-    readers = [threading.Thread(target=lambda s=stream, b=buffer: [b.extend(c) for c in iter(lambda: s.read1(1024), b"")])
-               for stream, buffer in ((process.stdout, out), (process.stderr, err))]
+    def drain(stream, buffer):
+        for chunk in iter(lambda: stream.read1(1024), b""):
+            buffer.extend(chunk)
+
+    readers = [threading.Thread(target=drain, args=pair) for pair in ((process.stdout, out), (process.stderr, err))]
     for reader in readers:
         reader.start()
 
@@ -655,11 +658,9 @@ def test_one_message_with_a_picture(model, env, tmp_path):
     ],
 )
 def test_bad_options_are_one_line_before_the_model_loads(tmp_path, args, fragment):
-    from tests.test_processing import _png_header_only
-
     image, huge = tmp_path / "p.png", tmp_path / "huge.png"
     A.save(image)
-    huge.write_bytes(_png_header_only(13000, 13000))
+    huge.write_bytes(png_header_only(13000, 13000))
     cache = tmp_path / "cache"  # empty: a model load would convert the demo into it
     args = [str(image) if a == "IMAGE" else str(huge) if a == "HUGE" else a for a in args]
     result = run({**os.environ, "MOBILEO_MLX_CACHE": str(cache), "MOBILEO_MLX_MODEL": "demo"}, *args, session="")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mobileo_mlx import processing
+from tests.helpers import png_header_only
 
 
 
@@ -199,7 +200,8 @@ def test_hsv_and_lab_follow_independent_colour_maths():
     assert np.abs(np.asarray(processing.load_image(hsv), float) - expected).max() <= 0.5
     lab = random_rgba(12).convert("RGB").convert("LAB")
     transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
-    np.testing.assert_array_equal(np.asarray(processing.load_image(lab)), np.asarray(ImageCms.applyTransform(lab, transform)))
+    expected = np.asarray(ImageCms.applyTransform(lab, transform))
+    np.testing.assert_array_equal(np.asarray(processing.load_image(lab)), expected)
 
 
 def test_premultiplied_la_is_unpremultiplied_then_put_on_white():
@@ -273,18 +275,6 @@ def test_array_forms_match_their_pillow_pictures(array, as_image):
     np.testing.assert_array_equal(np.asarray(processing.load_image(array)), expected)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height 8-bit RGB, with a few bytes of (bad) data."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("side", [13000, 8193])
 def test_huge_pictures_are_refused_from_the_header(tmp_path, monkeypatch, side):
     """The testers' 493 KB PNG that decodes to 13000x13000 (2.1 GB): refused before decoding,
@@ -294,7 +284,7 @@ def test_huge_pictures_are_refused_from_the_header(tmp_path, monkeypatch, side):
     from PIL import ImageFile
 
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header_only(side, side))
+    path.write_bytes(png_header_only(side, side))
 
     def no_decoding(self):
         raise AssertionError("the picture was decoded")
@@ -326,7 +316,7 @@ def test_data_urls_decode_to_the_same_picture(tmp_path):
     np.testing.assert_array_equal(np.asarray(processing.load_image(url)), np.asarray(image))
     wrapped = url[:40] + "\n" + url[40:]  # base64 wrapped over lines
     np.testing.assert_array_equal(np.asarray(processing.load_image(wrapped)), np.asarray(image))
-    bomb = "data:image/png;base64," + base64.b64encode(_png_header_only(13000, 13000)).decode()
+    bomb = "data:image/png;base64," + base64.b64encode(png_header_only(13000, 13000)).decode()
     with pytest.raises(processing.InputError, match="image too large"):
         processing.load_image(bomb)
 
