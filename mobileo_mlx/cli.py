@@ -356,92 +356,172 @@ def edit(
 
 def _stream_to_stdout(responses) -> str:
     text = []
-    for response in responses:
-        typer.echo(response.text, nl=False)
-        text.append(response.text)
-    typer.echo()
+    try:
+        for response in responses:
+            typer.echo(response.text, nl=False)
+            text.append(response.text)
+    finally:
+        typer.echo()  # ends the line, also when the answer stops early (Ctrl-C, an error)
+        close = getattr(responses, "close", None)
+        if close is not None:
+            close()
     return "".join(text)
+
+
+MaxTokensOption = typer.Option(256, "--max-tokens", help="Longest answer in tokens (1 to 4096).")
+TemperatureOption = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature, 0 to 10 (0 = greedy).")
+TopPOption = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold, in (0, 1] (1 = off).")
+TopKOption = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off).")
+RepetitionPenaltyOption = typer.Option(
+    None, "--repetition-penalty", help="Penalise repeated tokens, in (0, 10] (1 = off). Default: off.",
+    show_default=False,
+)
 
 
 @app.command()
 def ask(
     image: Path = typer.Argument(..., help="The picture to ask about."),
     question: str = typer.Argument(..., help="The question."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Longest answer in tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (1 = off)."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
+    max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    top_k: int = TopKOption,
+    repetition_penalty: Optional[float] = RepetitionPenaltyOption,
     system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
     model: Optional[str] = ModelOption,
     cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
     """Answer a question about a picture, streaming the answer."""
-    from . import processing
+    from . import options, processing
 
     with _user_errors():
+        # Every check before the picture is decoded and the model loads.
+        sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k, repetition_penalty=repetition_penalty)
+        if not question.strip():
+            _fail("the question is empty")
+        options.check_prompt_chars(len(question) + len(system))
         source = processing.load_image(image)
         # One picture per process: the vision tower is freed once its features exist.
         mobile_o = _load_model(model, True, cpu_matmul)
-        _stream_to_stdout(mobile_o.ask(source, question, max_tokens=max_tokens, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, system=system, stream=True))
+        _stream_to_stdout(mobile_o.ask(source, question, system=system, stream=True, **sampling))
+
+
+REPL_HELP = """\
+Type a message and press Enter; the conversation is kept until /reset. Commands:
+  /image PATH    attach a picture to your next message (repeat for several)
+  /reset         forget the conversation and any attached picture
+  /help          this list
+  /exit, /quit   leave (Ctrl-D too)
+Start a line with // to send a message that begins with / (//etc sends /etc).
+Ctrl-C stops an answer and drops that turn."""
+REPL_COMMANDS = "/image PATH, /reset, /help, /exit"
+
+
+def _error_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _chat_repl(reply, pictures: list) -> None:
+    """The interactive chat. ``reply(messages) -> str`` streams one answer. A failed or
+    interrupted turn prints why and leaves the conversation as it was before that turn."""
+    from . import processing
+    from .errors import MobileOError
+    from .processing import Message
+
+    typer.echo("Chat with Mobile-O. /image PATH attaches a picture to your next message, /reset clears the "
+               "history, /help lists the commands, /exit (or Ctrl-D) quits.", err=True)
+    history: list = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            typer.echo()
+            return
+        except KeyboardInterrupt:
+            typer.echo("\n(Ctrl-D or /exit quits)", err=True)
+            continue
+        if not line:
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            command, *rest = line.split(maxsplit=1)
+            argument = rest[0].strip() if rest else ""
+            if command in {"/exit", "/quit", "/reset", "/help"} and argument:
+                typer.echo(f"error: {command} takes no argument", err=True)
+            elif command in {"/exit", "/quit"}:
+                return
+            elif command == "/reset":
+                history, pictures = [], []
+                typer.echo("(history cleared)", err=True)
+            elif command == "/help":
+                typer.echo(REPL_HELP, err=True)
+            elif command == "/image":
+                if len(argument) >= 2 and argument[0] == argument[-1] and argument[0] in "'\"":
+                    argument = argument[1:-1]  # a quoted path (as terminals paste dropped files)
+                if not argument:
+                    typer.echo("error: /image needs a path: /image PATH", err=True)
+                    continue
+                try:
+                    pictures.append(processing.load_image(Path(argument)))
+                except MobileOError as error:
+                    typer.echo(f"error: {_error_line(error)}", err=True)
+                    continue
+                count = f"{len(pictures)} pictures" if len(pictures) > 1 else "picture"
+                typer.echo(f"({count} attached to your next message)", err=True)
+            else:
+                typer.echo(f"error: unknown command {command}; the commands are {REPL_COMMANDS} "
+                           "(start a line with // to send a message that begins with /)", err=True)
+            continue
+        message = Message("user", line[1:] if line.startswith("//") else line, tuple(pictures))
+        try:
+            answer = reply([*history, message])
+        except KeyboardInterrupt:
+            typer.echo("(answer interrupted: this turn was not kept)", err=True)
+            continue
+        except (MobileOError, ValueError, OSError, KeyError, RuntimeError) as error:
+            if os.environ.get("MOBILEO_MLX_DEBUG"):
+                raise
+            typer.echo(f"error: {_error_line(error)}", err=True)
+            continue
+        history += [message, Message("assistant", answer.strip())]
+        pictures = []
 
 
 @app.command()
 def chat(
     message: Optional[str] = typer.Argument(None, help="One message to answer; without it, an interactive chat starts."),
     image: Optional[Path] = typer.Option(None, "--image", help="Attach a picture to the (first) message."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Longest reply in tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
+    max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    top_k: int = TopKOption,
+    repetition_penalty: Optional[float] = RepetitionPenaltyOption,
     system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
     model: Optional[str] = ModelOption,
     cpu_matmul: Optional[str] = CpuMatmulOption,
 ) -> None:
-    """Chat with the model. Interactive commands: /image PATH, /reset, /exit."""
-    from . import processing
+    """Chat with the model. Interactive commands: /image PATH, /reset, /help, /exit."""
+    from . import options, processing
     from .processing import Message
 
     with _user_errors():
-        attached = processing.load_image(image) if image is not None else None
-        mobile_o = _load_model(model, False, cpu_matmul)
-
-        def reply(history, picture):
-            return _stream_to_stdout(mobile_o.chat(history, max_tokens=max_tokens, temperature=temperature,
-                                                   system=system, image=picture, stream=True))
-
+        sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k, repetition_penalty=repetition_penalty)
         if message is not None:
             if not message.strip():
                 _fail("the message is empty")
-            reply([Message("user", message)], attached)
-            return
-        typer.echo("Chat with Mobile-O. /image PATH attaches a picture, /reset clears the history, /exit quits.", err=True)
-        history: list = []
-        while True:
-            try:
-                line = input("> ").strip()
-            except EOFError:
-                typer.echo()
-                return
-            if not line:
-                continue
-            if line in {"/exit", "/quit"}:
-                return
-            if line == "/reset":
-                history, attached = [], None
-                typer.echo("(history cleared)", err=True)
-                continue
-            if line.startswith("/image"):
-                try:
-                    attached = processing.load_image(Path(line[len("/image"):].strip()))
-                    typer.echo("(picture attached to your next message)", err=True)
-                except processing.InputError as error:
-                    typer.echo(f"error: {error}", err=True)
-                continue
-            # The picture stays in the conversation: the first message that carried it keeps <image>.
-            content = f"{processing.IMAGE_PLACEHOLDER}\n{line}" if attached is not None and not any(
-                processing.IMAGE_PLACEHOLDER in m.content for m in history) else line
-            history.append(Message("user", content))
-            answer = reply(history, attached)
-            history.append(Message("assistant", answer.strip()))
+            options.check_prompt_chars(len(message) + len(system))
+        pictures = [processing.load_image(image)] if image is not None else []
+        mobile_o = _load_model(model, False, cpu_matmul)
+
+        def reply(messages) -> str:
+            return _stream_to_stdout(mobile_o.chat(messages, system=system, stream=True, **sampling))
+
+        if message is not None:
+            reply([Message("user", message, tuple(pictures))])
+        else:
+            _chat_repl(reply, pictures)
 
 
 @app.command(

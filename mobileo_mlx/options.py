@@ -17,6 +17,9 @@ Why these bounds:
 * prompt tokens for ask and chat: the text plus 256 tokens per picture. The prefill's time
   grows with the square of the length and the key/value cache by ~24 KB a token; 4096 tokens
   is a few seconds of prefill on a GPU and well under a minute on a 2-core CPU.
+* prompt characters for ask and chat: checked before tokenising, so a huge text costs
+  nothing. 16 characters a token (16 x 4096) is far beyond natural text (about 4 for English,
+  1 to 2 for Chinese), so what this refuses is, but for freak texts, over the token bound too.
 * new tokens: as many as the prompt may hold.
 * seeds: MLX's random keys are 64-bit.
 * guidance: 1 turns classifier-free guidance off, 0 keeps only the unconditional prediction;
@@ -39,6 +42,7 @@ MAX_SIZE = 1024
 MAX_GUIDANCE = 30.0
 MAX_CHAT_TOKENS = 4096
 MAX_NEW_TOKENS = MAX_CHAT_TOKENS
+MAX_PROMPT_CHARS = 16 * MAX_CHAT_TOKENS
 MAX_TEMPERATURE = 10.0
 MAX_REPETITION_PENALTY = 10.0
 SEED_LIMIT = 2**64  # seeds are 0 <= seed < SEED_LIMIT
@@ -150,6 +154,17 @@ def check_chat_tokens(count: int, limit: int = MAX_CHAT_TOKENS) -> int:
     if count > limit:
         raise InputError(
             f"the prompt is {count} tokens long (text and 256 a picture); at most {limit} are accepted: "
+            "shorten it or start a new conversation"
+        )
+    return count
+
+
+def check_prompt_chars(count: int, limit: int = MAX_PROMPT_CHARS) -> int:
+    """A cheap bound on a conversation's characters, checked before tokenising it (so a 50 MB
+    string is refused at once); :func:`check_chat_tokens` is the real bound."""
+    if count > limit:
+        raise InputError(
+            f"the prompt is {count} characters long; at most {limit} are accepted: "
             "shorten it or start a new conversation"
         )
     return count

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -30,9 +31,8 @@ from PIL import Image
 from mobileo_mlx.kernels import bf16_matmul
 
 from . import options, platform, processing, samplers
-from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message
-
-MessagesInput = Union[str, Message, dict, Sequence[Union[Message, dict, tuple]]]
+from .models.fastvit import FastViTConfig
+from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message, MessagesInput
 
 
 @dataclass
@@ -63,6 +63,9 @@ class MobileO:
     # picture stages, heavy in FLOPs, whose outputs are pixels or features. The language model
     # (and the MCP) stay float32: a token choice may flip on a rounding.
     BF16_STAGES = ("vision", "dit", "vae")
+    # The features of this many recent pictures are kept (keyed by content), so a conversation's
+    # later turns do not run the vision tower again for its pictures (~1 MB each at full size).
+    PICTURE_CACHE_SIZE = 8
 
     def __init__(self, folder: str | Path, *, low_memory: bool = False, cpu_matmul: str | None = None):
         from . import weights
@@ -81,6 +84,7 @@ class MobileO:
             raise InputError(str(error)) from None
         self._weights = weights
         self._components: dict[str, object] = {}
+        self._picture_features: OrderedDict[str, mx.array] = OrderedDict()
         self.tokenizer = processing.Tokenizer(self.folder, self.config["language"].get("eos_token_id"))
 
     @classmethod
@@ -106,9 +110,12 @@ class MobileO:
         return self._components[name]
 
     def release(self, *names: str) -> None:
-        """Drop components (``--low-memory`` does this between stages) and MLX's buffer cache."""
+        """Drop components (``--low-memory`` does this between stages) and MLX's buffer cache;
+        with no names, also the cached features of recent pictures."""
         for name in names:
             self._components.pop(name, None)
+        if not names:
+            self._picture_features.clear()
         mx.clear_cache()
 
     @property
@@ -131,6 +138,11 @@ class MobileO:
 
     # --- prompts and embeddings -----------------------------------------------------
 
+    @property
+    def picture_tokens(self) -> int:
+        """Features (prompt positions) per picture: 256 for the released model."""
+        return FastViTConfig.from_dict(self.config["vision"]).num_tokens
+
     def image_features(self, image: ImageInput) -> mx.array:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
@@ -144,14 +156,42 @@ class MobileO:
             self.release(*self.PICTURE_COMPONENTS)
         return features
 
-    def embed_prompt(self, text: str, image: ImageInput | None = None) -> mx.array:
-        """Token embeddings of ``text`` with the image features spliced in at ``<image>``: [1, L, D]."""
-        ids = self.tokenizer.encode_with_image_sentinel(text)
+    def _features_of(self, image: ImageInput) -> mx.array:
+        """``image_features``, or the cached features of the same picture."""
+        picture = processing.load_image(image)
+        key = processing.picture_digest(picture)
+        features = self._picture_features.pop(key, None)
+        if features is None:
+            features = self.image_features(picture)
+        self._picture_features[key] = features  # the most recent last
+        while len(self._picture_features) > self.PICTURE_CACHE_SIZE:
+            self._picture_features.popitem(last=False)
+        return features
+
+    def prompt_ids(self, prompt: str, pictures: int = 0) -> list[int]:
+        """The prompt's ids (-200 at each picture slot), checked against its pictures and the
+        length bound (text + ``picture_tokens`` a picture) before any model runs."""
+        ids = self.tokenizer.encode_prompt(prompt)
         slots = ids.count(IMAGE_TOKEN_SENTINEL)
-        if slots != (0 if image is None else 1):
-            raise InputError(f"the prompt has {slots} <image> placeholders for {0 if image is None else 1} image(s)")
-        # The picture first: with low_memory the vision tower is gone before the LM loads.
-        features = self.image_features(image)[0] if image is not None else None
+        if slots != pictures:
+            raise InputError(f"the prompt has {slots} picture slot(s) for {pictures} picture(s)")
+        options.check_chat_tokens(len(ids) + slots * (self.picture_tokens - 1))
+        return ids
+
+    def embed_prompt(self, prompt: str, images: ImageInput | Sequence[ImageInput] | None = None) -> mx.array:
+        """Token embeddings of ``prompt`` with each picture's features spliced in at its slot, in
+        order: [1, L, D]. ``prompt``: a :class:`processing.Prompt` (its user text stays text) or
+        a template string (its control tokens and ``<image>`` count). ``images``: one picture
+        or a list."""
+        if images is None:
+            pictures = []
+        elif isinstance(images, (list, tuple)):
+            pictures = list(images)
+        else:
+            pictures = [images]
+        ids = self.prompt_ids(prompt, len(pictures))
+        # The pictures first: with low_memory the vision tower is gone before the LM loads.
+        features = [self._features_of(picture)[0] for picture in pictures]
         language = self.component("language")
         pieces: list[mx.array] = []
         chunk: list[int] = []
@@ -161,7 +201,7 @@ class MobileO:
                     pieces.append(language.embed(mx.array([chunk]))[0])
                     chunk = []
                 if token == IMAGE_TOKEN_SENTINEL:
-                    pieces.append(features.astype(pieces[0].dtype if pieces else self.dtype))
+                    pieces.append(features.pop(0).astype(pieces[0].dtype if pieces else self.dtype))
             else:
                 chunk.append(token)
         return mx.concatenate(pieces, axis=0)[None].astype(self.dtype)
@@ -330,36 +370,43 @@ class MobileO:
             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float | None = None,
             system: str | None = processing.DEFAULT_SYSTEM_PROMPT, stream: bool = False):
         """Answer a question about a picture; ``stream=True`` yields responses with ``.text`` and ``.token``."""
-        if not question or not question.strip():
+        sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k, repetition_penalty=repetition_penalty)
+        if not isinstance(question, str):
+            raise InputError(f"the question must be a str, got {type(question).__name__}")
+        if not question.strip():
             raise InputError("the question is empty")
-        source = processing.load_image(image)
-        embeddings = self.embed_prompt(processing.understanding_prompt(question, system), source)
-        responses = self._stream_text(embeddings, max_tokens, temperature, top_p, top_k, repetition_penalty)
-        return responses if stream else _join(responses)
+        return self._reply(processing.normalize_messages([Message("user", question, (image,))]), system,
+                           sampling, stream)
 
     def chat(self, message_or_messages: MessagesInput, max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float | None = None,
              system: str | None = processing.DEFAULT_SYSTEM_PROMPT, image: ImageInput | None = None,
              stream: bool = False):
-        """Text chat (multi-turn when given a list of messages). ``image`` attaches a picture
-        to the last user message (its text gets the ``<image>`` placeholder)."""
-        messages = _as_messages(message_or_messages)
-        if image is not None:
-            last = messages[-1]
-            if processing.IMAGE_PLACEHOLDER not in last.content:
-                messages[-1] = Message(last.role, f"{processing.IMAGE_PLACEHOLDER}\n{last.content}")
-            image = processing.load_image(image)
-        embeddings = self.embed_prompt(processing.chat_prompt(messages, system), image)
-        responses = self._stream_text(embeddings, max_tokens, temperature, top_p, top_k, repetition_penalty)
+        """Chat, multi-turn when given a list of messages; each picture stays with the turn it
+        was given with. Messages: a str, :class:`Message`, ``{"role", "content", "image"/"images"}``,
+        OpenAI-style content parts, or ``(role, content)`` (``processing.normalize_messages``).
+        ``image`` attaches a picture to the last user message. A first system message replaces
+        ``system``."""
+        sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k, repetition_penalty=repetition_penalty)
+        return self._reply(processing.normalize_messages(message_or_messages, image), system, sampling, stream)
+
+    def _reply(self, messages: list[Message], system: str | None, sampling: dict, stream: bool):
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"system must be a str or None, got {type(system).__name__}")
+        options.check_prompt_chars(sum(len(m.content) for m in messages) + len(system or ""))
+        pictures = [picture for message in messages for picture in message.images]
+        embeddings = self.embed_prompt(processing.chat_prompt(messages, system), pictures)
+        responses = self._stream_text(embeddings, **sampling)
         return responses if stream else _join(responses)
 
     def _stream_text(self, embeddings: mx.array, max_tokens: int, temperature: float, top_p: float,
                      top_k: int, repetition_penalty: float | None):
+        """Decode from the prompt's embeddings; the options were checked (options.check_sampling)."""
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        if max_tokens < 1:
-            raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
         sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
         processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
         responses = stream_generate(
@@ -382,24 +429,3 @@ def _with_stage_cache(responses):
 
 def _join(responses) -> str:
     return "".join(response.text for response in responses).strip()
-
-
-def _as_messages(value: MessagesInput) -> list[Message]:
-    if isinstance(value, str):
-        if not value.strip():
-            raise InputError("the message is empty")
-        return [Message("user", value)]
-    if isinstance(value, (Message, dict)):
-        value = [value]
-    messages = []
-    for item in value:
-        if isinstance(item, Message):
-            messages.append(item)
-        elif isinstance(item, dict):
-            messages.append(Message(item["role"], item["content"]))
-        else:
-            role, content = item
-            messages.append(Message(role, content))
-    if not messages or messages[-1].role != "user":
-        raise InputError("the conversation must end with a user message")
-    return messages

@@ -8,6 +8,8 @@ runtime config and MLX weights.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -63,3 +65,14 @@ def relative_error(actual, expected) -> float:
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit RGB, with a few bytes of (bad) data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
