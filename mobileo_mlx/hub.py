@@ -196,7 +196,8 @@ def scan_cache(root: Path | None = None) -> CacheReport:
     report.removed += platform.remove_stale_temporaries(root, CHECKPOINT_FOLDER)
     report.removed += [f"{CONVERTED_SUBFOLDER}/{name}" for name in _remove_stale_conversions(converted)]
     try:
-        folders = sorted(p for p in converted.iterdir() if p.is_dir() and not platform.TEMPORARY_NAME.match(p.name))
+        # Cache entries never start with a dot; the converter's temporaries (live ones included) do.
+        folders = sorted(p for p in converted.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         folders = []
     for folder in folders:

@@ -360,8 +360,8 @@ def safetensors_entries(path: str | Path, error: type[Exception] = WeightsError)
     data_start, data_size = 8 + header_len, size - 8 - header_len
     entries: dict[str, SafetensorsEntry] = {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        if name == "__metadata__":  # optional: null (as MLX writes it) or strings
+            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
                 raise error(f"{corrupt} its __metadata__ is not an object of strings")
             continue
         if not isinstance(entry, dict):
@@ -489,7 +489,7 @@ def config_problem(section: str, values, own_checks: bool = True) -> str | None:
             if problem:
                 return problem
     if section == "language":
-        defaults = _config_class(section)()
+        defaults = config_class()
         hidden = values.get("hidden_size", defaults.hidden_size)
         heads = values.get("num_attention_heads", defaults.num_attention_heads)
         kv_heads = values.get("num_key_value_heads", defaults.num_key_value_heads)
@@ -497,12 +497,26 @@ def config_problem(section: str, values, own_checks: bool = True) -> str | None:
             return f"language.hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         if heads % kv_heads:
             return f"language.num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+    if section == "vae":
+        stages = len(values.get("block_out_channels", config_class.block_out_channels))
+        for key in ("block_types", "layers_per_block", "qkv_multiscales", "norm_types", "act_fns"):
+            if isinstance(values.get(key), list) and len(values[key]) != stages:
+                return f"vae.{key} has {len(values[key])} entries, block_out_channels {stages}: one per stage"
     if not own_checks:
         return None
+    failures = (ValueError, TypeError, KeyError, IndexError, ArithmeticError)
     try:  # the config classes' own checks (one entry per stage, supported options, ...)
         config_class.from_dict(values)
-    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as error:
-        return f"{section}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    except failures as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # Name the key whose default would pass, if there is one.
+        for key in values:
+            try:
+                config_class.from_dict({k: v for k, v in values.items() if k != key})
+            except failures:
+                continue
+            return f"{section}.{key}: {reason}"
+        return f"{section}: {reason}"
     return None
 
 

@@ -174,7 +174,7 @@ def config_from_checkpoint(
     config = runtime_config(vae_config)
     problem = config_problem("vae", config, own_checks=False)
     if problem:  # before the shapes are derived from it (a head size of 0 divides by zero)
-        raise ValueError(f"the VAE config gives {problem}")
+        raise ValueError(f"{problem.removeprefix('vae.')} (in the VAE config)")
     unknown = set(config["block_types"]) - {"ResBlock", "EfficientViTBlock"}
     if unknown:
         raise ValueError(f"unsupported DC-AE decoder block types {sorted(unknown)}")

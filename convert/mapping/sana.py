@@ -89,7 +89,7 @@ def config_from_checkpoint(
     transformer = (diffusers_config or {}).get("transformer") or DEFAULT_TRANSFORMER_CONFIG
     problem = config_problem("dit", transformer, own_checks=False)
     if problem:
-        raise ValueError(f"the transformer config gives {problem}")
+        raise ValueError(f"{problem.removeprefix('dit.')} (in the transformer config)")
     config = SanaConfig.from_dict(transformer)  # also rejects options the runtime lacks
     _check_shapes(config, shapes)
     return asdict(config)
