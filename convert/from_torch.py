@@ -152,7 +152,7 @@ def plan_component(
         raise ConversionError(f"{component}: cannot derive its config: {type(error).__name__}: {error}") from None
     problem = config_problem(component, config)
     if problem:
-        raise ConversionError(f"{component}: {problem} (from the checkpoint's configs)")
+        raise ConversionError(f"{problem} (from the checkpoint's configs)")
     try:
         model = build(component, config)
     except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as error:

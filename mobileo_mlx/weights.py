@@ -5,6 +5,11 @@ A converted folder (written by ``python -m convert.from_torch``) holds
 quantized layers per component), one ``<component>.safetensors`` per component
 in MLX layouts, and ``tokenizer.json``.
 
+:func:`check_folder` checks one cheaply, from headers and sizes: its config
+key by key (:func:`check_config`: a null section, a wrong type or a size below
+1 is named, never met later as a traceback) and every safetensors header
+(:func:`safetensors_entries`, which the converter uses on checkpoints too).
+
 Precision policy
 ----------------
 * The compute dtype is :func:`mobileo_mlx.platform.compute_dtype` (float32 on
@@ -361,7 +366,8 @@ def safetensors_entries(path: str | Path, error: type[Exception] = WeightsError)
     entries: dict[str, SafetensorsEntry] = {}
     for name, entry in header.items():
         if name == "__metadata__":  # optional: null (as MLX writes it) or strings
-            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
+            strings = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            if entry is not None and not strings:
                 raise error(f"{corrupt} its __metadata__ is not an object of strings")
             continue
         if not isinstance(entry, dict):
@@ -419,6 +425,10 @@ def _show(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _is_list_type(kind) -> bool:
+    return kind in (list, tuple) or typing.get_origin(kind) in (list, tuple)
+
+
 def _value_problem(key: str, value, kind) -> str | None:
     """Why ``value`` does not fit the type annotation ``kind`` (None if it does); ``key``
     names it in the message and sets its bounds."""
@@ -431,10 +441,7 @@ def _value_problem(key: str, value, kind) -> str | None:
             return None
         arms = [a for a in args if a is not type(None)]
         # Judge the value by the arm of its own kind (a list by List[int], a number by int).
-        def is_list(arm) -> bool:
-            return arm in (list, tuple) or typing.get_origin(arm) in (list, tuple)
-
-        matching = [arm for arm in arms if is_list(arm) == isinstance(value, list)]
+        matching = [arm for arm in arms if _is_list_type(arm) == isinstance(value, list)]
         return _value_problem(key, value, (matching or arms)[0])
     if kind is bool:
         return None if isinstance(value, bool) else f"{key} must be true or false, not {_show(value)}"
@@ -444,13 +451,13 @@ def _value_problem(key: str, value, kind) -> str | None:
             return f"{key} must be an integer >= {least}, not {_show(value)}"
         return None
     if kind is float:
-        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                or value <= 0):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
             return f"{key} must be a number > 0, not {_show(value)}"
         return None
     if kind is str:
         return None if isinstance(value, str) else f"{key} must be a string, not {_show(value)}"
-    if origin in (list, tuple) or kind in (list, tuple):
+    if _is_list_type(kind):
         if not isinstance(value, list):
             return f"{key} must be a list, not {_show(value)}"
         item = args[0] if args else typing.Any

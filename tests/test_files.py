@@ -482,7 +482,8 @@ def test_hand_edited_config_through_the_command_line(converted, tmp_path):
 
 MUTATIONS = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=6), st.lists(st.integers(-2, 80), max_size=7), st.dictionaries(st.text(max_size=3), st.integers()),
+    st.text(max_size=6), st.lists(st.integers(-2, 80), max_size=7),
+    st.dictionaries(st.text(max_size=3), st.integers()),
 )
 
 
@@ -660,7 +661,7 @@ def _expected_tensors(raw: bytes):
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
-            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
+            if entry is not None and not (isinstance(entry, dict) and all(type(v) is str for v in entry.values())):
                 return None
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in ITEMSIZE:
