@@ -44,6 +44,7 @@ from mobileo_mlx.convert.layout import (
     looks_like_hub_id,
 )
 from mobileo_mlx.errors import ConversionError
+from mobileo_mlx.weights import safetensors_entries
 
 
 # ---------------------------------------------------------------------------
@@ -149,50 +150,14 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header; no tensor data is read."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ConversionError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, 100 * 2**20):
-                raise ConversionError(
-                    f"{path} is truncated or not a safetensors file (header of {header_len} bytes, file of {size})"
-                )
-            header = json.loads(f.read(header_len))
-    except ConversionError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path} is corrupt: cannot read its safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path} is corrupt: its safetensors header is not a JSON object")
-    data_start = 8 + header_len
-    data_size = size - data_start
+    """Parse and validate a safetensors header (:func:`mobileo_mlx.weights.safetensors_entries`:
+    well-formed entries, byte counts that match shapes and dtypes, tensors that cover the data
+    exactly, without overlaps or gaps); no tensor data is read."""
     tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path} is corrupt: bad header entry for {name!r}") from None
-        if dtype not in _STORAGE:
-            raise ConversionError(f"{path}: tensor {name!r} has an unsupported dtype {dtype}")
-        itemsize = np.dtype(_STORAGE[dtype][0]).itemsize
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-        if end - begin != expected or begin < 0:
-            raise ConversionError(
-                f"{path} is corrupt: tensor {name!r} {list(shape)} {dtype} spans {end - begin} bytes, expected {expected}"
-            )
-        if end > data_size:
-            raise ConversionError(
-                f"{path} is truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}"
-            )
-        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+    for name, entry in safetensors_entries(path, ConversionError).items():
+        if entry.dtype not in _STORAGE:
+            raise ConversionError(f"{path}: tensor {name!r} has an unsupported dtype {entry.dtype}")
+        tensors[name] = TensorInfo(name, entry.dtype, entry.shape, path, entry.start, entry.end)
     return tensors
 
 
@@ -385,6 +350,10 @@ class Checkpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ConversionError(f"{index} is not a valid shard index ({error})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard and Path(shard).name == shard for shard in weight_map.values()
+        ):
+            raise ConversionError(f"{index} is not a valid shard index (weight_map must map names to shard files)")
         tensors: dict[str, TensorInfo] = {}
         for shard_name in sorted(set(weight_map.values())):
             shard = index.parent / shard_name

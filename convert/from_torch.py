@@ -13,7 +13,10 @@ projector, language, mcp, dit and vae (MLX layouts; the VAE encoder and the
 vision head are left out), ``tokenizer.json`` (built from vocab.json +
 merges.txt when the checkpoint has no fast tokenizer), the other tokenizer
 files and a model card. It is written to a temporary folder beside DIR and
-renamed at the end, so a failed or interrupted run leaves nothing behind.
+renamed at the end, so a failed or interrupted run leaves nothing behind (a
+killed one leaves a temporary folder, removed by the next run). ``--force``
+replaces DIR only if it is empty or an earlier conversion holding nothing but
+the converter's files: a user's files are never deleted.
 
 Conversion streams one tensor at a time: the full 3.3 GB checkpoint converts
 in well under 2.5 GB of memory.
@@ -51,8 +54,10 @@ from mobileo_mlx.convert.mapping import map_name
 from mobileo_mlx.convert.download import download_checkpoint
 from mobileo_mlx.convert.layout import TOKENIZER_FILES, looks_like_hub_id
 from mobileo_mlx.convert.quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE, GROUP_SIZES, RECIPES, plan_layers, quantize_rows
+from mobileo_mlx.errors import WeightsError
 from mobileo_mlx.models import build
-from mobileo_mlx.weights import COMPONENTS, FORMAT, FORMAT_VERSION
+from mobileo_mlx.platform import remove_stale_temporaries
+from mobileo_mlx.weights import COMPONENTS, FORMAT, FORMAT_VERSION, check_folder, config_problem, is_converted_folder
 
 # Component -> (what it is, where its tensors live in the checkpoint), for messages.
 COMPONENT_SOURCES = {
@@ -143,9 +148,14 @@ def plan_component(
         raise ConversionError(f"{component}: cannot derive its config: missing {key!r}") from None
     except ValueError as error:
         raise ConversionError(f"{component}: {error}") from None
+    except (TypeError, AttributeError, IndexError, ArithmeticError) as error:  # a value of the wrong kind
+        raise ConversionError(f"{component}: cannot derive its config: {type(error).__name__}: {error}") from None
+    problem = config_problem(component, config)
+    if problem:
+        raise ConversionError(f"{problem} (from the checkpoint's configs)")
     try:
         model = build(component, config)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as error:
         raise ConversionError(f"{component}: cannot build the MLX model from its config: {error}") from None
     expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
     layers = plan_layers(component, model, recipe, group_size)
@@ -315,16 +325,49 @@ def _model_card(config: dict, sizes: dict[str, int]) -> str:
 # the whole conversion
 
 
-def _check_output(output: Path, checkpoint_path: Path | None, force: bool) -> None:
-    if output.exists() and not force:
-        raise ConversionError(f"output exists: {output} (pass --force to replace it)")
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"output exists and is not a folder: {output}")
+# What the converter writes into its output folder: nothing else may be in a folder --force replaces.
+OUTPUT_FILES = frozenset({"config.json", "README.md", *(f"{c}.safetensors" for c in COMPONENTS), *TOKENIZER_FILES})
+
+
+def _replace_problem(output: Path) -> str | None:
+    """Why --force may not replace the existing folder ``output``, or None: it may replace an
+    empty folder, or one the converter wrote (the format mark in its config.json) that holds
+    nothing but the converter's files. A user's files are never deleted."""
+    try:
+        names = sorted(p.name for p in output.iterdir())
+    except OSError as error:
+        return f"cannot read the output folder {output}: {error.strerror or error}"
+    if not names:
+        return None
+    if not is_converted_folder(output):
+        return (
+            f"--force replaces only an empty folder or an earlier conversion, and {output} is neither "
+            f"(no config.json with \"format\": \"{FORMAT}\"): choose another --output, or empty it yourself"
+        )
+    foreign = [name for name in names if name not in OUTPUT_FILES]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (
+            f"--force would delete files the converter did not write in {output} ({shown}): "
+            "move them out or choose another --output"
+        )
+    return None
+
+
+def _check_output(output: Path, checkpoint_path: Path | None, force: bool, cache_entry: bool = False) -> None:
     if checkpoint_path is not None and checkpoint_path.exists():
         source = checkpoint_path.resolve()
         target = output.resolve()
         if target == source or target in source.parents or source in target.parents:
             raise ConversionError(f"the output {output} must lie outside the checkpoint {checkpoint_path}")
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"output exists and is not a folder: {output}")
+    if output.exists() and not force:
+        raise ConversionError(f"output exists: {output} (pass --force to replace it)")
+    if output.exists() and not cache_entry:
+        problem = _replace_problem(output)
+        if problem:
+            raise ConversionError(problem)
 
 
 def convert_checkpoint(
@@ -337,11 +380,15 @@ def convert_checkpoint(
     diffusion_config: str | os.PathLike | None = None,
     progress: bool = True,
     source_label: str | None = None,
+    cache_entry: bool = False,
 ) -> Path:
     """Convert ``checkpoint`` (a local path) into the MLX folder ``output``; returns ``output``.
 
     Raises :class:`ConversionError` (one line) for every problem with the input
-    or the output; never leaves a partial output folder.
+    or the output; never leaves a partial output folder. ``force`` replaces an
+    existing ``output`` only if it is empty or an earlier conversion; a
+    ``cache_entry`` (a folder of the model cache, which the caller owns) is
+    replaced whatever it holds.
     """
     if quantize not in RECIPES:
         raise ConversionError(f"unknown --quantize {quantize!r}; choose from {', '.join(RECIPES)}")
@@ -349,7 +396,7 @@ def convert_checkpoint(
         raise ConversionError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
     checkpoint_path = Path(checkpoint).expanduser()
     output = Path(output).expanduser()
-    _check_output(output, checkpoint_path, force)
+    _check_output(output, checkpoint_path, force, cache_entry)
 
     source = Checkpoint(checkpoint_path)
     from mobileo_mlx.convert.mapping import dcae, sana
@@ -360,6 +407,9 @@ def convert_checkpoint(
         "scheduler": DEFAULT_SCHEDULER_CONFIG,
     }
     diffusers_configs, config_sources = resolve_diffusion_configs(source, diffusion_config, builtin)
+    problem = config_problem("scheduler", diffusers_configs["scheduler"])
+    if problem:
+        raise ConversionError(f"{problem} (from {config_sources['scheduler']})")
 
     owned, left_out = _assign_tensors(source)
     absent = [c for c in COMPONENTS if not owned[c]]
@@ -370,12 +420,15 @@ def convert_checkpoint(
         c: plan_component(source, c, owned[c], diffusers_configs, quantize, group_size) for c in COMPONENTS
     }
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(output)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as error:
+        raise ConversionError(f"cannot write into {output.parent}: {error.strerror or error}") from None
     try:
         sizes = {}
         for component, plan in plans.items():
@@ -397,6 +450,7 @@ def convert_checkpoint(
             },
             "source": {
                 "checkpoint": source_label or str(checkpoint_path),
+                "path": str(checkpoint_path.resolve()),  # where to convert it from again
                 "weights": [str(p.relative_to(source.root)) for p in source.weight_files],
                 "dtype": {c: plans[c].storage_dtype for c in COMPONENTS},
                 "configs": config_sources,
@@ -408,37 +462,37 @@ def convert_checkpoint(
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (staging / "README.md").write_text(_model_card(config, sizes))
-        _replace(staging, output)
+        try:  # what loading will check: never put a folder in place that would fail it
+            check_folder(staging)
+        except WeightsError as error:
+            raise ConversionError(f"internal: the converted folder fails validation: {error}") from None
+        _replace(staging, output, force, cache_entry)
+    except OSError as error:  # a full disk, a folder made read-only meanwhile, ...
+        shutil.rmtree(staging, ignore_errors=True)
+        where = f" ({error.filename})" if error.filename else ""
+        raise ConversionError(f"writing {output} failed: {error.strerror or error}{where}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_staging(output: Path) -> None:
-    """Remove what runs killed outright (SIGKILL, power loss) left beside ``output``."""
-    for kind in ("partial", "old"):
-        for stale in output.parent.glob(f".{output.name}.{kind}-*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
+    """Remove what runs killed outright (SIGKILL, power loss) left beside ``output``: its
+    ``.NAME.partial-PID`` and ``.NAME.old-PID`` folders whose process is gone."""
+    remove_stale_temporaries(output.parent, name=f".{output.name}")
 
 
-def _replace(staging: Path, output: Path) -> None:
+def _replace(staging: Path, output: Path, force: bool, cache_entry: bool) -> None:
     """Move the finished folder into place (replacing ``output`` under --force)."""
     if not output.exists():
         os.replace(staging, output)
         return
+    # Checked again: the folder may have appeared or changed while the conversion ran.
+    if not cache_entry:
+        problem = _replace_problem(output) if force else f"output exists: {output} (pass --force to replace it)"
+        if problem:
+            raise ConversionError(problem)
     retired = output.parent / f".{output.name}.old-{os.getpid()}"
     os.replace(output, retired)
     try:
@@ -498,7 +552,11 @@ def build_parser(prog: str = "python -m convert.from_torch") -> argparse.Argumen
         "--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
         help=f"Values per quantization group (default: {DEFAULT_GROUP_SIZE}).",
     )
-    parser.add_argument("--force", action="store_true", help="Replace the output folder if it exists (default: refuse).")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="Replace the output folder if it is an earlier conversion or empty; a folder with other files is "
+        "never replaced (default: refuse any existing folder).",
+    )
     parser.add_argument(
         "--diffusion-config", type=Path, default=None, metavar="DIR",
         help="A folder with the diffusers configs (transformer/config.json, vae/config.json, "

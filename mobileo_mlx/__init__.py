@@ -26,7 +26,7 @@ def load(model: str | None = None, **kwargs):
     from .hub import DEFAULT_MODEL
     from .pipeline import MobileO
 
-    return MobileO.load(model or DEFAULT_MODEL, **kwargs)
+    return MobileO.load(DEFAULT_MODEL if model is None else model, **kwargs)
 
 
 def __getattr__(name: str):

@@ -79,8 +79,8 @@ def doctor(
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
-    cached = _cached_models(platform.cache_dir())
-    typer.echo(f"{'cached models':<{width}}  {', '.join(cached) if cached else 'none'}")
+    for key, value in _cached_models(platform.cache_dir()):
+        typer.echo(f"{key:<{width}}  {value}")
 
 
 
@@ -190,7 +190,8 @@ def _user_errors(files=None):
 def _load_model(model: Optional[str], low_memory: bool, cpu_matmul: Optional[str] = None):
     from .pipeline import MobileO
 
-    spec = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    # Only a missing --model means the default: an empty one is refused where it is resolved.
+    spec = model if model is not None else (os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
     return MobileO.load(spec, low_memory=low_memory, cpu_matmul=cpu_matmul)
 
 
@@ -535,14 +536,24 @@ def convert(ctx: typer.Context) -> None:
     raise typer.Exit(convert_main(ctx.args, prog="mobileo-mlx convert"))
 
 
-def _cached_models(root) -> list[str]:
-    """Folders under the cache holding a model's config.json, not their sub-configs
-    (a checkpoint's ``transformer/`` and ``vae/`` folders belong to it)."""
-    if not root.is_dir():
-        return []
-    folders = sorted({p.parent for p in root.rglob("config.json") if p.parent != root})
-    models = [f for f in folders if not any(parent in folders for parent in f.parents)]
-    return [str(f.relative_to(root)) for f in models]
+def _cached_models(root) -> list[tuple[str, str]]:
+    """doctor's lines on the cache: the converted models that pass the check, and what is
+    wrong (broken conversions, converted again on next use; stale temporaries, removed)."""
+    from .hub import scan_cache
+
+    report = scan_cache(root)
+    if report.problem:
+        return [("cached models", "none"), ("cache check", f"{report.problem}: set $MOBILEO_MLX_CACHE to a folder")]
+    findings = []
+    if report.broken:
+        names = "; ".join(f"{name} ({problem})" for name, problem in report.broken)
+        findings.append(f"{len(report.broken)} broken, converted again on next use: {names}")
+    if report.removed:
+        findings.append(f"{len(report.removed)} stale temporary folder(s) of killed runs removed")
+    return [
+        ("cached models", ", ".join(report.models) if report.models else "none"),
+        ("cache check", "; ".join(findings) if findings else "no broken or stale entries"),
+    ]
 
 
 def main() -> None:

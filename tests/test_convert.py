@@ -322,12 +322,14 @@ def test_missing_checkpoint_path(tmp_path, capsys):
 
 def test_existing_output_is_refused_then_replaced_with_force(demo_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out.mkdir()  # an empty folder: --force may fill it
     assert convert(demo_checkpoint, "--output", out) == 1
-    assert "output exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "output exists" in capsys.readouterr().err
     assert convert(demo_checkpoint, "--output", out, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    first = (out / "config.json").stat().st_ino
+    assert convert(demo_checkpoint, "--output", out, "--force", "--quantize", "none") == 0  # an earlier conversion
+    assert (out / "config.json").stat().st_ino != first
+    assert weights.read_config(out)["quantization"]["recipe"] == "none"
     assert leftovers(tmp_path) == []
 
 
@@ -356,11 +358,13 @@ def test_interrupted_run_leaves_nothing(demo_checkpoint, tmp_path, monkeypatch, 
     assert not out.exists() and leftovers(tmp_path) == []
 
     # Under --force, an interrupted run keeps the previous output intact.
-    out.mkdir()
-    (out / "previous.txt").write_text("old")
+    monkeypatch.setattr(from_torch, "write_component", real_write)
+    assert convert(demo_checkpoint, "--output", out, "--quantize", "none") == 0
+    before = sorted((p.name, p.stat().st_ino) for p in out.iterdir())
+    monkeypatch.setattr(from_torch, "write_component", fail_on_third)
     written.clear()
     convert(demo_checkpoint, "--output", out, "--force")
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"] and leftovers(tmp_path) == []
+    assert sorted((p.name, p.stat().st_ino) for p in out.iterdir()) == before and leftovers(tmp_path) == []
 
 
 def test_sigterm_unwinds_like_an_interrupt(demo_checkpoint, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import re
 from typing import Mapping
 
 from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
+from mobileo_mlx.weights import config_problem
 
 PREFIX = "model.vae.decoder."
 KEYS = re.compile(r"model\.vae\.")
@@ -171,6 +172,9 @@ def config_from_checkpoint(
     absent), checked against the checkpoint's decoder tensors."""
     vae_config = (diffusers_config or {}).get("vae") or SANA_600M_VAE_CONFIG
     config = runtime_config(vae_config)
+    problem = config_problem("vae", config, own_checks=False)
+    if problem:  # before the shapes are derived from it (a head size of 0 divides by zero)
+        raise ValueError(f"{problem.removeprefix('vae.')} (in the VAE config)")
     unknown = set(config["block_types"]) - {"ResBlock", "EfficientViTBlock"}
     if unknown:
         raise ValueError(f"unsupported DC-AE decoder block types {sorted(unknown)}")

@@ -73,8 +73,24 @@ def config_from_checkpoint(
         value = checkpoint_config.get(name)
         return DEFAULTS[name] if value is None else value
 
-    num_attention_heads = int(field("num_attention_heads"))
-    num_key_value_heads = int(field("num_key_value_heads"))
+    def count(name):
+        value = field(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config.json: {name} must be an integer >= 1, not {value!r}")
+        return value
+
+    def positive(name):
+        value = field(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"config.json: {name} must be a number > 0, not {value!r}")
+        return float(value)
+
+    num_attention_heads = count("num_attention_heads")
+    num_key_value_heads = count("num_key_value_heads")
+    if hidden_size % num_attention_heads:
+        raise ValueError(
+            f"config.json: num_attention_heads {num_attention_heads} does not divide the hidden size {hidden_size}"
+        )
     head_dim = hidden_size // num_attention_heads
     query_width = shapes["model.layers.0.self_attn.q_proj.weight"][0]
     key_width = shapes["model.layers.0.self_attn.k_proj.weight"][0]
@@ -86,7 +102,12 @@ def config_from_checkpoint(
 
     # transformers >= 5 writes rope_theta inside rope_parameters.
     rope_parameters = checkpoint_config.get("rope_parameters") or {}
+    if not isinstance(rope_parameters, dict):
+        raise ValueError(f"config.json: rope_parameters must be an object, not {rope_parameters!r}")
     rope_theta = checkpoint_config.get("rope_theta", rope_parameters.get("rope_theta"))
+    if rope_theta is not None and (not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool)
+                                   or not rope_theta > 0):
+        raise ValueError(f"config.json: rope_theta must be a number > 0, not {rope_theta!r}")
     rope_scaling = checkpoint_config.get("rope_scaling")
     if rope_parameters.get("rope_type", "default") != "default":
         rope_scaling = dict(rope_parameters)
@@ -99,10 +120,10 @@ def config_from_checkpoint(
         "num_attention_heads": num_attention_heads,
         "num_key_value_heads": num_key_value_heads,
         "vocab_size": int(vocab_size),
-        "rms_norm_eps": float(field("rms_norm_eps")),
+        "rms_norm_eps": positive("rms_norm_eps"),
         "rope_theta": float(DEFAULTS["rope_theta"] if rope_theta is None else rope_theta),
         "rope_scaling": rope_scaling,
-        "max_position_embeddings": int(field("max_position_embeddings")),
+        "max_position_embeddings": count("max_position_embeddings"),
         # The released file writes lm_head.weight even though config.json says
         # tied (SPEC §1.1 / reference README): the tensors decide.
         "tie_word_embeddings": "lm_head.weight" not in shapes,

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from mobileo_mlx.models.sana import TIMESTEP_CHANNELS, SanaConfig
+from mobileo_mlx.weights import config_problem
 
 from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
 
@@ -86,6 +87,9 @@ def config_from_checkpoint(
     Raises ValueError naming the first config field that disagrees with a tensor.
     """
     transformer = (diffusers_config or {}).get("transformer") or DEFAULT_TRANSFORMER_CONFIG
+    problem = config_problem("dit", transformer, own_checks=False)
+    if problem:
+        raise ValueError(f"{problem.removeprefix('dit.')} (in the transformer config)")
     config = SanaConfig.from_dict(transformer)  # also rejects options the runtime lacks
     _check_shapes(config, shapes)
     return asdict(config)
