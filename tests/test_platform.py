@@ -84,12 +84,13 @@ def test_openblas_threads_sleep_after_a_matmul_and_the_environment_is_left_alone
         pytest.skip("OpenBLAS runs no worker thread on one core")
     spinning = run_python(IDLE_CPU_AFTER_MATMUL, OPENBLAS_THREAD_TIMEOUT="28")
     assert spinning.returncode == 0, spinning.stderr
-    burnt, setting = spinning.stdout.split()
-    assert float(burnt) > 0.05 and setting == "28", spinning.stdout  # the measurement sees spinning
+    spun, setting = spinning.stdout.split()
+    # The measurement sees spinning (less of it when other processes hold the cores).
+    assert float(spun) > 0.02 and setting == "28", spinning.stdout
     ours = run_python(IDLE_CPU_AFTER_MATMUL, OPENBLAS_THREAD_TIMEOUT=None)
     assert ours.returncode == 0, ours.stderr
     burnt, setting = ours.stdout.split()
-    assert float(burnt) < 0.03, ours.stdout
+    assert float(burnt) < min(0.03, float(spun) / 3), (ours.stdout, spinning.stdout)
     assert setting == "None"  # set only while OpenBLAS loaded: child processes see no change
 
 
