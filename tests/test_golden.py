@@ -1,0 +1,116 @@
+"""Golden outputs of the demo pipeline: refactoring must not change a byte.
+
+The demo model's picture bytes (generate and edit) and answer tokens (ask, a two-turn chat) are
+recorded in ``tests/data/golden.json``, for the default path, for ``MOBILEO_MLX_KERNELS=reference``
+(the plain models), and with every CPU size threshold lowered so that the demo's small tensors take
+each CPU path the full-size model takes (stream splits, bands, native kernels). Code changes that leave the computation unchanged must reproduce them exactly;
+a change that is meant to change the numbers updates the file in the same commit, saying why:
+
+    .venv/bin/python -m tests.test_golden --update
+
+The pipeline runs in a child process with float32 CPU matmuls and OpenBLAS held to one kernel family
+(``OPENBLAS_CORETYPE=Haswell``: AVX2), so every x86-64 machine sums in the same order. Elsewhere
+(another BLAS) the bytes legitimately differ and the test says so instead of comparing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden.json"
+MODES = ("auto", "reference", "small-thresholds")
+
+# The CPU's size thresholds, lowered for the "small-thresholds" mode: module -> {name: value}.
+# Where a threshold moves, move it here too (same value): the recorded outputs must not change.
+SMALL_THRESHOLDS = {
+    "mobileo_mlx.models.activations": {"_CHUNK": 256, "_ATTENTION_CHUNK": 64, "_ATTENTION_ROWS_CHUNK": 64},
+    "mobileo_mlx.models.dcae": {"BAND_PIXELS": 512},
+    "mobileo_mlx.weights": {"SPLIT_MIN_WEIGHTS": 0},
+    "mobileo_mlx.kernels.depthwise": {"SPLIT_MIN_MACS": 0, "NATIVE_MIN_MACS": 0},
+    "mobileo_mlx.kernels.linear_attention": {"SPLIT_MIN_ELEMENTS": 0},
+    "mobileo_mlx.kernels.gelu": {"MIN_VALUES": 0},
+}
+
+RUN = r"""
+import hashlib, importlib, json, os, sys
+import numpy as np
+import mobileo_mlx
+from mobileo_mlx.processing import Message
+
+for module, values in json.loads(os.environ.get("GOLDEN_THRESHOLDS", "{}")).items():
+    module = importlib.import_module(module)
+    for name, value in values.items():
+        assert hasattr(module, name), f"{module.__name__}.{name} is gone: update SMALL_THRESHOLDS"
+        setattr(module, name, value)
+
+model = mobileo_mlx.load("demo")
+out = {}
+picture = model.generate("a red bicycle leaning on a wall", steps=3, guidance=1.5, seed=7, size=96)
+out["generate"] = hashlib.sha256(np.asarray(picture).tobytes()).hexdigest()
+edited = model.edit(picture, "make it blue", steps=3, guidance=1.5, seed=8, size=64)
+out["edit"] = hashlib.sha256(np.asarray(edited).tobytes()).hexdigest()
+out["ask"] = [r.token for r in model.ask(picture, "What is in this picture?", max_tokens=12, stream=True)]
+turns = [Message("user", "Hello, who are you?"), Message("assistant", "A model."),
+         Message("user", "Describe the picture.", images=(picture,))]
+out["chat"] = [r.token for r in model.chat(turns, max_tokens=12, stream=True)]
+print(json.dumps(out))
+"""
+
+
+def _comparable(mode: str) -> str | None:
+    """Why the recorded bytes cannot be compared here, or None."""
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return f"recorded on Linux x86-64 with OpenBLAS; this is {sys.platform} {platform.machine()}"
+    return None
+
+
+def run_pipeline(mode: str, cache: Path) -> dict:
+    env = {**os.environ, "MOBILEO_MLX_CACHE": str(cache), "MOBILEO_MLX_CPU_MATMUL": "fp32",
+           "OPENBLAS_CORETYPE": "Haswell"}
+    env.pop("MOBILEO_MLX_KERNELS", None)
+    if mode == "reference":
+        env["MOBILEO_MLX_KERNELS"] = mode
+    if mode == "small-thresholds":
+        env["GOLDEN_THRESHOLDS"] = json.dumps(SMALL_THRESHOLDS)
+    result = subprocess.run([sys.executable, "-c", RUN], capture_output=True, text=True, env=env, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_demo_pipeline_outputs_are_unchanged(mode, tmp_path):
+    reason = _comparable(mode)
+    if reason:
+        pytest.skip(reason)
+    recorded = json.loads(GOLDEN.read_text())[mode]
+    assert run_pipeline(mode, tmp_path / "cache") == recorded, (
+        "the demo pipeline's outputs changed; if that is intended, run "
+        "`.venv/bin/python -m tests.test_golden --update` and say why in the commit")
+
+
+def _update() -> None:
+    import tempfile
+
+    reasons = [r for r in map(_comparable, MODES) if r]
+    if reasons:
+        sys.exit(f"cannot record every mode here: {reasons[0]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        recorded = {mode: run_pipeline(mode, Path(tmp) / "cache") for mode in MODES}
+    GOLDEN.write_text(json.dumps(recorded, indent=1) + "\n")
+    digest = hashlib.sha256(GOLDEN.read_bytes()).hexdigest()[:12]
+    print(f"wrote {GOLDEN} ({digest})")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--update"]:
+        sys.exit("usage: python -m tests.test_golden --update")
+    _update()
