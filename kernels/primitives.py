@@ -51,6 +51,11 @@ def extension():
     if _release(module.BUILT_FOR_MLX) != _release(mx.__version__):
         _error = f"built for mlx {module.BUILT_FOR_MLX}, this is mlx {mx.__version__}: reinstall mobileo-mlx"
         return None
+    try:
+        module.ndim(mx.array(0.0))
+    except TypeError:  # another nanobind ABI than mlx.core's: mx.array is not the type it knows
+        _error = "built with a nanobind that does not share mlx's types: reinstall mobileo-mlx"
+        return None
     _extension = module
     return module
 

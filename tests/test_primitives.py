@@ -353,6 +353,21 @@ def test_an_extension_built_for_another_mlx_is_not_used(monkeypatch):
     assert prim.unavailable_reason() == f"built for mlx 0.1.0, this is mlx {mx.__version__}: reinstall mobileo-mlx"
 
 
+def test_an_extension_that_does_not_share_mlx_types_is_not_used(monkeypatch):
+    class Foreign:  # as a module built with another nanobind ABI: mx.array is a stranger to it
+        BUILT_FOR_MLX = mx.__version__
+
+        @staticmethod
+        def ndim(array):
+            raise TypeError("ndim(): incompatible function arguments")
+
+    monkeypatch.setattr(prim, "_extension", None)
+    monkeypatch.setattr(prim, "_error", None)
+    monkeypatch.setattr(prim.importlib, "import_module", lambda name: Foreign)
+    assert prim.extension() is None
+    assert "nanobind" in prim.unavailable_reason()
+
+
 @pytest.fixture(scope="module")
 def source_copy(tmp_path_factory):
     """The package's sources without any built library."""

@@ -350,6 +350,8 @@ mx::array bf16_matmul(const mx::array &a, const mx::array &b, const mx::StreamOr
 NB_MODULE(primitives_ext, m) {
   m.doc() = "mobileo-mlx's native CPU kernels as MLX graph nodes (see kernels/primitives.py)";
   m.attr("BUILT_FOR_MLX") = nb::str(BUILT_FOR_MLX);
+  // Fails with TypeError when this module's nanobind does not share mlx.core's type registry.
+  m.def("ndim", [](const mx::array &a) { return a.ndim(); });
   m.def("bf16_supported", []() { return mobileo_bf16_gemm_supported() != 0; });
   m.def("bf16_products_done", []() { return mobileo_bf16_products_done(); });
   m.def("gelu", &gelu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
