@@ -125,6 +125,28 @@ def test_gelu_of_strided_views_and_of_a_temporary():
     assert same_bits(prim.gelu(x * 1.0, gelu_fast), gelu_fast(x))
 
 
+def test_gelu_takes_over_a_temporary_input_buffer_only():
+    x = gelu_values(1 << 20, seed=4)
+    x = mx.where(mx.isfinite(x), x, 0.0)
+    one = mx.array(1.0)
+    mx.eval(x, one)
+
+    def peak_buffers(hold_temporary: bool) -> float:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        temporary = x * one
+        y = prim.gelu(temporary, gelu_fast)
+        if not hold_temporary:
+            del temporary
+        mx.eval(y)
+        return (mx.get_peak_memory() - before) / x.nbytes
+
+    # held by no one, x * 1 becomes the output (one buffer); held here, it is read, not written (two)
+    assert peak_buffers(hold_temporary=False) == 1
+    assert peak_buffers(hold_temporary=True) == 2
+
+
 @pytest.mark.parametrize("shape, k, stride, padding, bias", [
     ((1, 32, 32, 64), 7, (1, 1), (3, 3), True),
     ((2, 17, 23, 16), 3, (1, 1), (1, 1), False),
