@@ -71,7 +71,7 @@ def _primitives_extension() -> Extension | None:
                       os.path.join(mlx_dir, "include"), NATIVE],
         # NB_DOMAIN=mlx: share mlx.core's nanobind type registry, so mx.array crosses as itself
         define_macros=[("NB_DOMAIN", "mlx"), ("NB_COMPACT_ASSERTIONS", None), ("NDEBUG", None)],
-        extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", "-fno-strict-aliasing",
+        extra_compile_args=["-std=c++20", "-O2", "-g0", "-fvisibility=hidden", "-fno-strict-aliasing",
                             "-ffunction-sections", "-fdata-sections"],
         library_dirs=[os.path.join(mlx_dir, "lib")],
         libraries=["mlx"],

@@ -13,14 +13,12 @@
 #define _GNU_SOURCE
 #include <stdint.h>
 
-int mobileo_bf16_gemm_supported(void);
-long mobileo_bf16_products_done(void);
+#include "cpu_kernels.h"
+
 void mobileo_bf16_release(void);
 long mobileo_bf16_min_product(long value);
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc);
-int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float *c, int ldc);
 
 #if !defined(__x86_64__) || !defined(__GNUC__)
 /* Other architectures: not available (the caller keeps its own sgemm). */
