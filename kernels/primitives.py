@@ -17,6 +17,7 @@ stable between releases): :func:`unavailable_reason` says which.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import mlx.core as mx
 
@@ -43,7 +44,8 @@ def extension():
     try:
         module = importlib.import_module(_MODULE)
     except ModuleNotFoundError:
-        _error = "not built (no C++ compiler, or no C kernels, when the package was installed?)"
+        _error = ("not built (no C++ compiler, or no C kernels, when the package was installed?)"
+                  if sys.platform.startswith("linux") else "built on Linux only (MLX computes on the GPU here)")
         return None
     except ImportError as error:  # built, but the loader refused it (a missing symbol, say)
         _error = f"not loadable: {error}"
