@@ -10,7 +10,7 @@ BIN         := $(VENV)/bin
 OUT         ?= out
 CONSTRAINTS := constraints.txt
 LATEST      ?= .venv-latest
-NATIVE      := $(wildcard kernels/native/*.c kernels/native/*.h)
+NATIVE      := $(wildcard kernels/native/*.c kernels/native/*.cpp kernels/native/*.h)
 
 .PHONY: install install-test demo test test-latest wheel-check doctor clean
 
@@ -18,12 +18,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# --build-constraint: the mlx whose C++ headers build the graph nodes (setup.py) is the pinned one
+# that runs them (its C++ ABI changes between releases).
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(CONSTRAINTS) $(NATIVE)
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -168,8 +168,8 @@ def _native2d(x, weight, bias, stride, padding) -> mx.array | None:
     return out if code == 0 else None
 
 
-def _twin2d(x, weight, bias, stride, padding, epilogue) -> mx.array:
-    if epilogue != "glu":
+def _twin2d(x, weight, bias, stride, padding, epilogue, native: bool = True) -> mx.array:
+    if native and epilogue != "glu":
         native = _native2d(x, weight, bias, stride, padding)
         if native is not None:
             return native
@@ -244,6 +244,19 @@ def depthwise_conv2d(
     return depthwise_conv2d_reference(x, weight, bias, stride, pad)
 
 
+def depthwise_conv2d_twin(
+    x: mx.array, weight: mx.array, bias: mx.array | None = None, stride: int = 1, padding: int | None = None
+) -> mx.array:
+    """:func:`depthwise_conv2d`'s plain-MLX CPU twin (the shift-and-add, never the native
+    kernel): what ``kernels.primitives.depthwise_conv2d`` falls back to."""
+    pad = weight.shape[1] // 2 if padding is None else padding
+    st, pd = _pair(stride), _pair(pad)
+    epilogue = "plain" if bias is None else "bias"
+    if _fast_path_ok(x, weight):
+        return _twin2d(x, weight, bias, st, pd, epilogue, native=False)
+    return _gpu_twin(x, weight, bias, st, pd, epilogue)
+
+
 def glu_depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array, padding: int | None = None) -> mx.array:
     """GLUMBConv's middle: depthwise conv (stride 1) + bias over 2C channels, then split the
     channels in half (a, g) -> a * SiLU(g). x [B,H,W,2C], weight [2C,k,k,1], bias [2C] -> [B,H,W,C]."""
@@ -283,6 +296,6 @@ def depthwise_conv1d(
 
 
 __all__ = [
-    "depthwise_conv2d", "depthwise_conv1d", "glu_depthwise_conv2d",
+    "depthwise_conv2d", "depthwise_conv2d_twin", "depthwise_conv1d", "glu_depthwise_conv2d",
     "depthwise_conv2d_reference", "depthwise_conv1d_reference", "glu_depthwise_conv2d_reference", "glu",
 ]

@@ -13,8 +13,8 @@
 #define _GNU_SOURCE
 #include <stdint.h>
 
-int mobileo_bf16_gemm_supported(void);
-long mobileo_bf16_products_done(void);
+#include "cpu_kernels.h"
+
 void mobileo_bf16_release(void);
 long mobileo_bf16_min_product(long value);
 int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
@@ -30,6 +30,11 @@ int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k,
                        int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   (void)order, (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda;
   (void)b, (void)ldb, (void)beta, (void)c, (void)ldc;
+  return -1;
+}
+int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
+                      int ldb, float *c, int ldc) {
+  (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc;
   return -1;
 }
 #else
@@ -310,6 +315,29 @@ long mobileo_bf16_min_product(long value) {
 
 long mobileo_bf16_products_done(void) { return __atomic_load_n(&products_done, __ATOMIC_RELAXED); }
 
+/* Packs and multiplies; with wait = 0 it declines (-1) when another thread holds the
+ * packing buffers or the pool, with wait = 1 it waits its turn. */
+static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+                    const float *b, int ldb, float beta, float *c, int ldc, int wait) {
+  struct gemm g = {m, n, k, (k + 1) / 2, a, b, lda, ldb, trans_a, trans_b,
+                   alpha, beta, c, ldc, NULL, NULL, (n + NR - 1) / NR, 0};
+  const int tiles = (m + MR - 1) / MR;
+  int parts = mobileo_pool_threads(0);
+  if (parts > g.panels) parts = g.panels;
+  const size_t a_words = (size_t)tiles * g.k2 * MR, panel_words = (size_t)g.k2 * NR;
+  if (wait ? pthread_mutex_lock(&scratch_lock) != 0 : pthread_mutex_trylock(&scratch_lock) != 0) return -1;
+  uint32_t *buffer = scratch((a_words + (size_t)parts * PANEL_BLOCK * panel_words) * sizeof(uint32_t));
+  int code = -1;
+  if (buffer) {
+    g.packed_a = buffer;
+    g.panel_buffers = buffer + a_words;
+    code = mobileo_pool_run(run_part, &g, parts, wait);
+    if (code == 0) __atomic_add_fetch(&products_done, 1, __ATOMIC_RELAXED);
+  }
+  pthread_mutex_unlock(&scratch_lock);
+  return code;
+}
+
 /* The cblas_sgemm interface. Returns 0 when done, -1 when the caller should do it itself:
  * no AVX512-BF16, column-major order, a small product, an allocation failure, or the
  * thread pool busy with another call (MLX's CPU streams run on several threads). */
@@ -318,22 +346,15 @@ int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k,
   if (order != ROW_MAJOR || trans_a != NO_TRANS || m < 1 || n < 1 || k < 1 || (long)m * n * k < __atomic_load_n(&min_product, __ATOMIC_RELAXED) ||
       !mobileo_bf16_gemm_supported())
     return -1;
-  struct gemm g = {m, n, k, (k + 1) / 2, a, b, lda, ldb, trans_a != NO_TRANS, trans_b != NO_TRANS,
-                   alpha, beta, c, ldc, NULL, NULL, (n + NR - 1) / NR, 0};
-  const int tiles = (m + MR - 1) / MR;
-  int parts = mobileo_pool_threads(0);
-  if (parts > g.panels) parts = g.panels;
-  const size_t a_words = (size_t)tiles * g.k2 * MR, panel_words = (size_t)g.k2 * NR;
-  if (pthread_mutex_trylock(&scratch_lock) != 0) return -1;  /* another thread is in here */
-  uint32_t *buffer = scratch((a_words + (size_t)parts * PANEL_BLOCK * panel_words) * sizeof(uint32_t));
-  int code = -1;
-  if (buffer) {
-    g.packed_a = buffer;
-    g.panel_buffers = buffer + a_words;
-    code = mobileo_pool_run(run_part, &g, parts, 0);
-    if (code == 0) __atomic_add_fetch(&products_done, 1, __ATOMIC_RELAXED);
-  }
-  pthread_mutex_unlock(&scratch_lock);
-  return code;
+  return run_gemm(0, trans_b != NO_TRANS, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, 0);
+}
+
+/* The graph node's product (kernels/native/primitives.cpp): every size, A transposed or not
+ * (a scalar packing loop then), and it waits for the buffers and the pool instead of
+ * declining, since nothing else would compute it. -1: no AVX512-BF16, or no memory. */
+int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
+                      int ldb, float *c, int ldc) {
+  if (m < 1 || n < 1 || k < 1 || !mobileo_bf16_gemm_supported()) return -1;
+  return run_gemm(trans_a != 0, trans_b != 0, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc, 1);
 }
 #endif

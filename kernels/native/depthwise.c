@@ -10,6 +10,7 @@
  * (taps outside the input read zero). Weights come as [kh, kw, C] (the caller transposes
  * MLX's [C, kh, kw, 1]). C must be a multiple of 8.
  */
+#include "cpu_kernels.h"
 #include "pool.h"
 #include "vec8.h"
 

@@ -1,0 +1,37 @@
+/* The entry points of the cpu_kernels library (quantized_gemv.c, bf16_gemm.c, gelu.c,
+ * depthwise.c), for the C++ graph nodes in primitives.cpp. kernels/_native.py declares the
+ * same functions for ctypes. All arrays are float32 (the GEMV's weights uint32), contiguous. */
+#ifndef MOBILEO_CPU_KERNELS_H
+#define MOBILEO_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* x [rows, k] times the affine-quantized W [n, k] transposed into out [rows, n]; -1: shape not taken. */
+int mobileo_quantized_gemv(const float *x, int rows, int k, const uint32_t *packed, const float *scales,
+                           const float *biases, int n, int bits, int group, float *out);
+
+/* out[i] = gelu(x[i]) (exact erf form; out may be x). Returns 0. */
+int mobileo_gelu(const float *x, float *out, long count);
+
+/* NHWC depthwise conv, taps [kh, kw, C], bias [C] or NULL; -1: channels not a multiple of 8. */
+int mobileo_depthwise_conv2d(const float *x, int batch, int height, int width, int channels, const float *w,
+                             int kh, int kw, const float *bias, int sy, int sx, int py, int px, float *out,
+                             int out_h, int out_w);
+
+int mobileo_bf16_gemm_supported(void);
+long mobileo_bf16_products_done(void);
+
+/* c [m, n] = op(a) op(b) with bfloat16 operands and float32 sums (row-major; op transposes when
+ * trans_* is set). Takes every size and waits its turn for the pool; -1: no AVX512-BF16, or no memory. */
+int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
+                      int ldb, float *c, int ldc);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,363 @@
+// The native CPU kernels as nodes of MLX's graph: one mlx::core::Primitive per kernel.
+//
+// Building an operation only records a node (nothing is evaluated); MLX evaluates it on the
+// CPU stream it was built on, where eval_cpu allocates the output (or takes over an input
+// buffer MLX says no one else holds, as MLX's own element-wise operations do) and queues
+// the C kernel (cpu_kernels: quantized_gemv.c, bf16_gemm.c, gelu.c, depthwise.c) on that
+// stream's thread. So the kernels compose with mx.compile, with streams and with the rest
+// of the graph. Gradients, forward derivatives and vmap transform the plain-MLX formula of
+// each kernel (Kernel::reference), not the C. The GPU has no body here: eval_gpu raises,
+// and the Python side (kernels/primitives.py) builds these nodes only on CPU streams.
+//
+// Bound with nanobind in MLX's domain (NB_DOMAIN=mlx), so mx.array crosses in and out as
+// the same Python type mlx.core uses.
+#include <cmath>
+#include <functional>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/transforms.h"
+#include "mlx/utils.h"
+#include "mlx/version.h"
+
+#include "cpu_kernels.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+using Arrays = std::vector<mx::array>;
+#define MOBILEO_STR2(x) #x
+#define MOBILEO_STR(x) MOBILEO_STR2(x)
+constexpr const char *BUILT_FOR_MLX =
+    MOBILEO_STR(MLX_VERSION_MAJOR) "." MOBILEO_STR(MLX_VERSION_MINOR) "." MOBILEO_STR(MLX_VERSION_PATCH);
+
+void require(bool ok, const std::string &message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+// The stream to build on: the given one, else the default one; it must be a CPU stream.
+mx::Stream cpu_stream(const mx::StreamOrDevice &where, const char *op) {
+  const mx::Stream stream = mx::to_stream(where);
+  require(stream.device.type == mx::Device::DeviceType::cpu,
+          std::string("mobileo ") + op + ": a native CPU kernel needs a CPU stream");
+  return stream;
+}
+
+// Base of the four kernels: no GPU body; transformations through the plain-MLX formula.
+class Kernel : public mx::Primitive {
+ public:
+  explicit Kernel(mx::Stream stream) : mx::Primitive(stream) {}
+
+  // What the kernel computes, as MLX operations on this node's stream.
+  virtual Arrays reference(const Arrays &inputs) = 0;
+
+  void eval_gpu(const Arrays &, Arrays &) override {
+    throw std::runtime_error(std::string(name()) + " has no GPU implementation (a CPU kernel)");
+  }
+
+  Arrays vjp(const Arrays &primals, const Arrays &cotangents, const std::vector<int> &argnums,
+             const Arrays &) override {
+    return mx::vjp(of_chosen(primals, argnums), chosen(primals, argnums), cotangents).second;
+  }
+
+  Arrays jvp(const Arrays &primals, const Arrays &tangents, const std::vector<int> &argnums) override {
+    return mx::jvp(of_chosen(primals, argnums), chosen(primals, argnums), tangents).second;
+  }
+
+  std::pair<Arrays, std::vector<int>> vmap(const Arrays &inputs, const std::vector<int> &axes) override {
+    Arrays outputs = mx::vmap([this](const Arrays &in) { return reference(in); }, axes)(inputs);
+    return {outputs, std::vector<int>(outputs.size(), 0)};
+  }
+
+ protected:
+  mx::cpu::CommandEncoder &encoder(const Arrays &inputs, Arrays &outputs) {
+    auto &enc = mx::cpu::get_command_encoder(stream());
+    for (const auto &in : inputs) enc.set_input_array(in);
+    for (auto &out : outputs) enc.set_output_array(out);
+    return enc;
+  }
+
+ private:
+  static Arrays chosen(const Arrays &primals, const std::vector<int> &argnums) {
+    Arrays picked;
+    for (int i : argnums) picked.push_back(primals[i]);
+    return picked;
+  }
+
+  // reference() as a function of the inputs named by argnums, the others held fixed.
+  std::function<Arrays(const Arrays &)> of_chosen(const Arrays &primals, const std::vector<int> &argnums) {
+    return [this, primals, argnums](const Arrays &values) {
+      Arrays all = primals;
+      for (size_t i = 0; i < argnums.size(); i++) all[argnums[i]] = values[i];
+      return reference(all);
+    };
+  }
+};
+
+// ---------------------------------------------------------------------------------------- GELU
+mx::array gelu(const mx::array &x, const mx::StreamOrDevice &where);
+
+class Gelu : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoGelu"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const auto &x = in[0];
+    const float sqrt_half = 0.70710678118654752f;
+    auto phi = mx::multiply(mx::add(mx::erf(mx::multiply(x, mx::array(sqrt_half), s), s), mx::array(1.0f), s),
+                            mx::array(0.5f), s);
+    return {mx::multiply(x, phi, s)};
+  }
+
+  // Element-wise: the vmapped axis just passes through the kernel.
+  std::pair<Arrays, std::vector<int>> vmap(const Arrays &inputs, const std::vector<int> &axes) override {
+    return {{gelu(inputs[0], stream())}, axes};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    // The input is row- or column-contiguous (mx::contiguous in the op); the output takes its layout.
+    if (x.is_donatable())
+      out.copy_shared_buffer(x);
+    else
+      out.set_data(mx::allocator::malloc(x.data_size() * sizeof(float)), x.data_size(), x.strides(), x.flags());
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([source = x.data<float>(), result = out.data<float>(), count = (long)x.data_size()]() {
+      mobileo_gelu(source, result, count);
+    });
+  }
+};
+
+mx::array gelu(const mx::array &x, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "gelu");
+  require(x.dtype() == mx::float32, "mobileo gelu: float32 only");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(stream), {mx::contiguous(x, true, stream)});
+}
+
+// ------------------------------------------------------------------------------ depthwise conv
+class DepthwiseConv2d : public Kernel {
+ public:
+  DepthwiseConv2d(mx::Stream stream, std::pair<int, int> stride, std::pair<int, int> padding)
+      : Kernel(stream), stride_(stride), padding_(padding) {}
+  const char *name() const override { return "MobileoDepthwiseConv2d"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    const auto &o = static_cast<const DepthwiseConv2d &>(other);
+    return stride_ == o.stride_ && padding_ == o.padding_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    const auto &x = inputs[0], &taps = inputs[1];
+    return {{x.shape(0), out_size(x.shape(1), taps.shape(0), stride_.first, padding_.first),
+             out_size(x.shape(2), taps.shape(1), stride_.second, padding_.second), x.shape(3)}};
+  }
+
+  static int out_size(int size, int kernel, int stride, int padding) {
+    return (size + 2 * padding - kernel) / stride + 1;
+  }
+
+  // inputs: x [B, H, W, C], taps [kh, kw, C], bias [C] (optional)
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const int channels = in[0].shape(3);
+    auto weight = mx::expand_dims(mx::transpose(in[1], {2, 0, 1}, s), 3, s);  // [C, kh, kw, 1]
+    auto y = mx::conv2d(in[0], weight, stride_, padding_, {1, 1}, channels, s);
+    return {in.size() > 2 ? mx::add(y, in[2], s) : y};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0], &taps = inputs[1];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([image = x.data<float>(), weights = taps.data<float>(),
+                  bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr, result = out.data<float>(),
+                  batch = x.shape(0), height = x.shape(1), width = x.shape(2), channels = x.shape(3),
+                  kh = taps.shape(0), kw = taps.shape(1), stride = stride_, padding = padding_,
+                  out_h = out.shape(1), out_w = out.shape(2)]() {
+      if (mobileo_depthwise_conv2d(image, batch, height, width, channels, weights, kh, kw, bias, stride.first,
+                                   stride.second, padding.first, padding.second, result, out_h, out_w) != 0)
+        throw std::runtime_error("MobileoDepthwiseConv2d: shape not taken by the kernel");
+    });
+  }
+
+ private:
+  std::pair<int, int> stride_, padding_;
+};
+
+mx::array depthwise_conv2d(const mx::array &x, const mx::array &weight, const std::optional<mx::array> &bias,
+                           std::pair<int, int> stride, std::pair<int, int> padding, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "depthwise_conv2d");
+  require(x.ndim() == 4 && weight.ndim() == 4 && weight.shape(3) == 1,
+          "mobileo depthwise_conv2d: x [B, H, W, C] and weight [C, kh, kw, 1]");
+  const int channels = x.shape(3);
+  require(weight.shape(0) == channels, "mobileo depthwise_conv2d: one output channel per input channel");
+  require(channels % 8 == 0, "mobileo depthwise_conv2d: channels must be a multiple of 8");
+  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32),
+          "mobileo depthwise_conv2d: float32 only");
+  require(!bias || (bias->ndim() == 1 && bias->shape(0) == channels), "mobileo depthwise_conv2d: bias [C]");
+  require(stride.first >= 1 && stride.second >= 1 && padding.first >= 0 && padding.second >= 0,
+          "mobileo depthwise_conv2d: stride >= 1 and padding >= 0");
+  const int kh = weight.shape(1), kw = weight.shape(2);
+  const int out_h = DepthwiseConv2d::out_size(x.shape(1), kh, stride.first, padding.first);
+  const int out_w = DepthwiseConv2d::out_size(x.shape(2), kw, stride.second, padding.second);
+  require(out_h >= 1 && out_w >= 1, "mobileo depthwise_conv2d: the kernel is larger than the padded input");
+  // [C, kh, kw, 1] -> [kh, kw, C]: each tap a contiguous vector over the channels
+  auto taps = mx::contiguous(mx::transpose(mx::reshape(weight, {channels, kh, kw}, stream), {1, 2, 0}, stream),
+                             false, stream);
+  Arrays inputs = {mx::contiguous(x, false, stream), taps};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
+  return mx::array({x.shape(0), out_h, out_w, channels}, mx::float32,
+                   std::make_shared<DepthwiseConv2d>(stream, stride, padding), std::move(inputs));
+}
+
+// ------------------------------------------------------------------------------ quantized GEMV
+class QuantizedGemv : public Kernel {
+ public:
+  QuantizedGemv(mx::Stream stream, int bits, int group_size) : Kernel(stream), bits_(bits), group_size_(group_size) {}
+  const char *name() const override { return "MobileoQuantizedGemv"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    const auto &o = static_cast<const QuantizedGemv &>(other);
+    return bits_ == o.bits_ && group_size_ == o.group_size_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  }
+
+  // inputs: x [rows, K], packed [N, K * bits / 32], scales and biases [N, K / group_size]
+  Arrays reference(const Arrays &in) override {
+    return {mx::quantized_matmul(in[0], in[1], in[2], in[3], true, group_size_, bits_, "affine", stream())};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([rows_x = x.data<float>(), packed = inputs[1].data<uint32_t>(), scales = inputs[2].data<float>(),
+                  biases = inputs[3].data<float>(), result = out.data<float>(), rows = x.shape(0), k = x.shape(1),
+                  n = out.shape(1), bits = bits_, group = group_size_]() {
+      if (mobileo_quantized_gemv(rows_x, rows, k, packed, scales, biases, n, bits, group, result) != 0)
+        throw std::runtime_error("MobileoQuantizedGemv: shape not taken by the kernel");
+    });
+  }
+
+ private:
+  int bits_, group_size_;
+};
+
+constexpr int GEMV_MAX_ROWS = 8;  // quantized_gemv.c keeps one accumulator per row in registers
+
+mx::array quantized_gemv(const mx::array &x, const mx::array &packed, const mx::array &scales,
+                         const mx::array &biases, int bits, int group_size, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "quantized_gemv");
+  require(bits == 4 || bits == 8, "mobileo quantized_gemv: 4 or 8 bits");
+  const int per_word = 32 / bits;
+  require(group_size > 0 && group_size % (8 * per_word) == 0,
+          "mobileo quantized_gemv: group_size must be a multiple of " + std::to_string(8 * per_word));
+  require(x.ndim() >= 1 && packed.ndim() == 2, "mobileo quantized_gemv: x [..., K] and packed [N, K * bits / 32]");
+  const int k = x.shape(-1), n = packed.shape(0);
+  const size_t rows = k > 0 ? x.size() / k : 0;
+  require(rows >= 1 && rows <= GEMV_MAX_ROWS, "mobileo quantized_gemv: 1 to 8 rows");
+  require(k % group_size == 0 && packed.shape(1) * per_word == k, "mobileo quantized_gemv: K does not match the weights");
+  require(x.dtype() == mx::float32 && packed.dtype() == mx::uint32 && scales.dtype() == mx::float32 &&
+              biases.dtype() == mx::float32,
+          "mobileo quantized_gemv: float32 x, scales and biases, uint32 packed weights");
+  const mx::Shape groups = {n, k / group_size};
+  require(scales.shape() == groups && biases.shape() == groups, "mobileo quantized_gemv: scales and biases [N, K / group_size]");
+  auto rows_x = mx::contiguous(mx::reshape(x, {(int)rows, k}, stream), false, stream);
+  auto product = mx::array({(int)rows, n}, mx::float32, std::make_shared<QuantizedGemv>(stream, bits, group_size),
+                           {rows_x, mx::contiguous(packed, false, stream), mx::contiguous(scales, false, stream),
+                            mx::contiguous(biases, false, stream)});
+  auto shape = x.shape();
+  shape.back() = n;
+  return mx::reshape(product, shape, stream);
+}
+
+// ------------------------------------------------------------------------------ bfloat16 GEMM
+class Bf16Matmul : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoBf16Matmul"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(1)}};
+  }
+
+  // inputs: a [M, K], b [K, N]; the products of the bfloat16-rounded operands, summed in float32
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
+    return {mx::matmul(rounded(in[0]), rounded(in[1]), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &a = inputs[0], &b = inputs[1];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int m = a.shape(0), k = a.shape(1), n = b.shape(1);
+    // Each operand is row- or column-contiguous (mx::contiguous in the op): a column-
+    // contiguous one (a transposed view, e.g. a Linear layer's W.T) is read transposed in place.
+    const bool trans_a = !a.flags().row_contiguous, trans_b = !b.flags().row_contiguous;
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([left = a.data<float>(), right = b.data<float>(), result = out.data<float>(), m, n, k, trans_a,
+                  trans_b]() {
+      if (mobileo_bf16_gemm(trans_a, trans_b, m, n, k, left, trans_a ? m : k, right, trans_b ? k : n, result, n) != 0)
+        throw std::runtime_error("MobileoBf16Matmul: no AVX512-BF16 here, or out of memory");
+    });
+  }
+};
+
+mx::array bf16_matmul(const mx::array &a, const mx::array &b, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "bf16_matmul");
+  require(mobileo_bf16_gemm_supported(), "mobileo bf16_matmul: this CPU has no AVX512-BF16");
+  require(a.dtype() == mx::float32 && b.dtype() == mx::float32, "mobileo bf16_matmul: float32 only");
+  require(a.ndim() >= 1 && b.ndim() == 2 && a.shape(-1) == b.shape(0), "mobileo bf16_matmul: a [..., K] and b [K, N]");
+  const int k = b.shape(0), n = b.shape(1);
+  const int m = k > 0 ? (int)(a.size() / k) : 0;
+  require(m >= 1 && n >= 1 && k >= 1, "mobileo bf16_matmul: empty product");
+  auto rows = mx::contiguous(mx::reshape(a, {m, k}, stream), true, stream);
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream),
+                           {rows, mx::contiguous(b, true, stream)});
+  auto shape = a.shape();
+  shape.back() = n;
+  return mx::reshape(product, shape, stream);
+}
+
+}  // namespace
+
+NB_MODULE(primitives_ext, m) {
+  m.doc() = "mobileo-mlx's native CPU kernels as MLX graph nodes (see kernels/primitives.py)";
+  m.attr("BUILT_FOR_MLX") = nb::str(BUILT_FOR_MLX);
+  // Fails with TypeError when this module's nanobind does not share mlx.core's type registry.
+  m.def("ndim", [](const mx::array &a) { return a.ndim(); });
+  m.def("bf16_supported", []() { return mobileo_bf16_gemm_supported() != 0; });
+  m.def("bf16_products_done", []() { return mobileo_bf16_products_done(); });
+  m.def("gelu", &gelu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("depthwise_conv2d", &depthwise_conv2d, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(),
+        nb::arg("stride"), nb::arg("padding"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("quantized_gemv", &quantized_gemv, nb::arg("x"), nb::arg("packed"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("bits"), nb::arg("group_size"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("bf16_matmul", &bf16_matmul, nb::arg("a"), nb::arg("b"), nb::kw_only(), nb::arg("stream") = nb::none());
+}

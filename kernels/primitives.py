@@ -1,0 +1,181 @@
+"""The native CPU kernels as nodes of MLX's graph, beside their plain-MLX twins.
+
+``native/primitives.cpp`` (built by setup.py into ``native/primitives_ext*.so``, linked to
+the C kernels' library) defines one MLX ``Primitive`` per kernel. Calling a function here
+only adds a node to the graph, exactly like an MLX operation: nothing is evaluated, the
+output is a new array MLX allocates when it evaluates the node on the CPU stream it was
+built on, and the node composes with ``mx.compile``, streams (``with mx.stream(s)``) and
+the rest of the graph. ``mx.grad`` / ``mx.jvp`` / ``mx.vmap`` work too: they transform the
+kernel's plain-MLX formula (the C has no derivative of its own).
+
+The twin runs instead on other backends, under ``MOBILEO_MLX_KERNELS=twin|reference``, for
+dtypes and shapes a kernel does not take, and where the extension is missing (no C++
+compiler when the package was built) or was built against another MLX (its C++ ABI is not
+stable between releases): :func:`unavailable_reason` says which.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import mlx.core as mx
+
+from mobileo_mlx.kernels._dispatch import mode, on_cpu
+
+_MODULE = "mobileo_mlx.kernels.native.primitives_ext"
+_extension = None
+_error: str | None = None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def extension():
+    """The compiled module, or None (see :func:`unavailable_reason`)."""
+    global _extension, _error
+    if _extension is not None or _error is not None:
+        return _extension
+    try:
+        module = importlib.import_module(_MODULE)
+    except ModuleNotFoundError:
+        _error = ("not built (no C++ compiler, or no C kernels, when the package was installed?)"
+                  if sys.platform.startswith("linux") else "built on Linux only (MLX computes on the GPU here)")
+        return None
+    except ImportError as error:  # built, but the loader refused it (a missing symbol, say)
+        _error = f"not loadable: {error}"
+        return None
+    if _release(module.BUILT_FOR_MLX) != _release(mx.__version__):
+        _error = f"built for mlx {module.BUILT_FOR_MLX}, this is mlx {mx.__version__}: reinstall mobileo-mlx"
+        return None
+    try:
+        module.ndim(mx.array(0.0))
+    except TypeError:  # another nanobind ABI than mlx.core's: mx.array is not the type it knows
+        _error = "built with a nanobind that does not share mlx's types: reinstall mobileo-mlx"
+        return None
+    _extension = module
+    return module
+
+
+def unavailable_reason() -> str | None:
+    """None when the graph nodes can run here, else why not (one line)."""
+    extension()
+    return _error
+
+
+def enabled() -> bool:
+    """The nodes serve this call: MLX's CPU backend, ``MOBILEO_MLX_KERNELS`` unset or ``auto``,
+    the extension loaded."""
+    return mode() == "auto" and on_cpu() and extension() is not None
+
+
+def _float32(*arrays) -> bool:
+    return all(a is None or a.dtype == mx.float32 for a in arrays)
+
+
+# ---------------------------------------------------------------------------------------- GELU
+def gelu_reference(x: mx.array) -> mx.array:
+    """The exact GELU, x * Phi(x), in MLX operations."""
+    return x * (1 + mx.erf(x * 0.7071067811865476)) * 0.5
+
+
+def gelu(x: mx.array, twin=gelu_reference) -> mx.array:
+    """Exact (erf) GELU. Float32 on the CPU: the native kernel, bit for bit
+    ``models.activations.gelu_fast`` (pass that as ``twin``); elsewhere ``twin(x)``."""
+    if not (enabled() and _float32(x)):
+        return twin(x)
+    return extension().gelu(x)
+
+
+# ------------------------------------------------------------------------------ depthwise conv
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def depthwise_supported(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding) -> bool:
+    """Whether :func:`depthwise_conv2d` takes this conv natively (else: the twin)."""
+    if not (enabled() and x.ndim == 4 and weight.ndim == 4 and _float32(x, weight, bias)):
+        return False
+    channels = x.shape[-1]
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    kh, kw = weight.shape[1], weight.shape[2]
+    return (weight.shape[0] == channels and weight.shape[3] == 1 and channels % 8 == 0 and channels > 0
+            and (bias is None or bias.shape == (channels,)) and sh >= 1 and sw >= 1 and ph >= 0 and pw >= 0
+            and x.shape[1] + 2 * ph >= kh and x.shape[2] + 2 * pw >= kw and x.size > 0)
+
+
+def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None = None, stride=1,
+                     padding=None) -> mx.array:
+    """Depthwise conv (``groups = C``), NHWC: x [B,H,W,C], weight [C,kh,kw,1], bias [C] or None;
+    ``padding`` defaults to ``kh // 2``. Float32 with C a multiple of 8 on the CPU: the native
+    kernel; otherwise ``kernels.depthwise.depthwise_conv2d_twin``."""
+    pad = weight.shape[1] // 2 if padding is None else padding
+    if not depthwise_supported(x, weight, bias, stride, pad):
+        from mobileo_mlx.kernels.depthwise import depthwise_conv2d_twin
+
+        return depthwise_conv2d_twin(x, weight, bias, stride, pad)
+    return extension().depthwise_conv2d(x, weight, bias, _pair(stride), _pair(pad))
+
+
+# ------------------------------------------------------------------------------ quantized GEMV
+MAX_ROWS = 8  # the kernel keeps one accumulator per row in registers
+
+
+def quantized_gemv_supported(x, packed, scales, biases, bits: int, group_size: int) -> bool:
+    """Whether :func:`quantized_gemv` takes this product natively (else: ``mx.quantized_matmul``)."""
+    if not (enabled() and bits in (4, 8) and x.ndim >= 1 and packed.ndim == 2):
+        return False
+    per_word = 32 // bits
+    k = x.shape[-1]
+    rows = x.size // k if k else 0
+    return (0 < rows <= MAX_ROWS and group_size > 0 and group_size % (8 * per_word) == 0 and k % group_size == 0
+            and packed.dtype == mx.uint32 and packed.shape[1] * per_word == k and _float32(x, scales, biases)
+            and scales.shape == biases.shape == (packed.shape[0], k // group_size))
+
+
+def quantized_gemv(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
+                   group_size: int) -> mx.array:
+    """``x @ W.T`` for ``W`` quantized in MLX's affine layout (``mx.quantize``): x [..., K] with at
+    most ``MAX_ROWS`` rows, packed [N, K * bits / 32] -> [..., N]."""
+    if not quantized_gemv_supported(x, packed, scales, biases, bits, group_size):
+        return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    return extension().quantized_gemv(x, packed, scales, biases, bits, group_size)
+
+
+# ------------------------------------------------------------------------------ bfloat16 GEMM
+def bf16_matmul_reference(a: mx.array, b: mx.array) -> mx.array:
+    """The products of the bfloat16-rounded operands, summed in float32, in MLX operations."""
+    return a.astype(mx.bfloat16).astype(mx.float32) @ b.astype(mx.bfloat16).astype(mx.float32)
+
+
+def bf16_matmul_supported(a: mx.array, b: mx.array) -> bool:
+    """Whether :func:`bf16_matmul` runs the native kernel (else: its reference)."""
+    return (enabled() and extension().bf16_supported() and _float32(a, b) and a.ndim >= 1 and b.ndim == 2
+            and a.shape[-1] == b.shape[0] and a.size > 0 and b.size > 0)
+
+
+def bf16_matmul(a: mx.array, b: mx.array) -> mx.array:
+    """``a @ b`` for float32 a [..., K], b [K, N] with bfloat16 products and float32 sums (the
+    AVX512-BF16 GEMM on the CPU, where there is one; any layout of the operands, a transposed
+    ``b`` such as a Linear layer's ``W.T`` read in place). Elsewhere: :func:`bf16_matmul_reference`."""
+    if not bf16_matmul_supported(a, b):
+        return bf16_matmul_reference(a, b)
+    return extension().bf16_matmul(a, b)
+
+
+def status() -> str:
+    """One line for ``mobileo-mlx doctor``."""
+    reason = unavailable_reason()
+    return "MLX graph nodes" if reason is None else f"unavailable: {reason}"
+
+
+__all__ = [
+    "MAX_ROWS", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "depthwise_conv2d",
+    "depthwise_supported", "enabled", "extension", "gelu", "gelu_reference", "quantized_gemv",
+    "quantized_gemv_supported", "status", "unavailable_reason",
+]

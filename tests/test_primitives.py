@@ -1,0 +1,435 @@
+"""The native CPU kernels as MLX graph nodes (kernels.primitives, native/primitives.cpp): each
+against its twin or float64, and what a graph node promises: nothing evaluated while the graph
+is built, mx.compile and two CPU streams give the same results, inputs are never written, the
+transformations work, and without the extension (or for what it does not take) the twin runs."""
+
+import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mobileo_mlx.kernels import _native
+from mobileo_mlx.kernels import depthwise as dw
+from mobileo_mlx.kernels import primitives as prim
+from mobileo_mlx.kernels import quantized_gemv as ctypes_gemv
+from mobileo_mlx.models.activations import gelu_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The build is optional only where there is no C++ compiler: with one, a missing extension fails here.
+_compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+pytestmark = [
+    pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the graph nodes serve MLX's CPU backend"),
+    pytest.mark.skipif(prim.unavailable_reason() is not None and _compiler is None,
+                       reason=f"no C++ compiler: graph nodes {prim.unavailable_reason()}"),
+]
+needs_bf16 = pytest.mark.skipif(prim.extension() is None or not prim.extension().bf16_supported(),
+                                reason="this CPU has no AVX512-BF16")
+
+NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul")
+
+
+def test_the_extension_is_there():
+    assert prim.unavailable_reason() is None
+    assert prim.enabled()
+
+
+def nodes(*outputs) -> set[str]:
+    """The names of our primitives in the graph of ``outputs`` (before evaluation)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return {name for name in NODES if f'"{name}"' in dot.getvalue()}
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.array(a), np.array(b)
+    return a.shape == b.shape and bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)))
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def gelu_values(count: int, seed: int = 0) -> mx.array:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(count) * 4).astype(np.float32)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 13.28125, -13.28125, 13.3, -13.3, -40.0, 40.0,
+                        1e-30, -1e-30, 1e-45, -3.0, 3.0], np.float32)
+    x[: min(count, special.size)] = special[:count]
+    return mx.array(x)
+
+
+def conv_inputs(shape, k, bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal(shape).astype(np.float32))
+    w = mx.array((rng.standard_normal((shape[-1], k, k, 1)) * 0.2).astype(np.float32))
+    b = mx.array(rng.standard_normal(shape[-1]).astype(np.float32)) if bias else None
+    return x, w, b
+
+
+def conv_exact(x, w, b, stride, padding) -> np.ndarray:
+    """The depthwise conv in float64 (NumPy)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)[..., 0]  # [C, kh, kw]
+    (sh, sw), (ph, pw) = stride, padding
+    _, height, width, _ = x.shape
+    kh, kw = w.shape[1:]
+    padded = np.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    out = np.zeros((x.shape[0], out_h, out_w, x.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            out += padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :] * w[:, i, j]
+    return out if b is None else out + np.asarray(b, np.float64)
+
+
+def quantized(n, k, bits, group_size, seed=0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05
+    return mx.quantize(w, group_size=group_size, bits=bits)
+
+
+def gemv_exact(x, packed, scales, biases, bits, group_size) -> np.ndarray:
+    w = np.asarray(mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits), np.float64)
+    return np.asarray(x, np.float64) @ w.T
+
+
+def bf16_rounded(x) -> np.ndarray:
+    """float32 rounded to bfloat16 (nearest even), as float64."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return rounded.view(np.float32).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------- against twins
+@pytest.mark.parametrize("shape", [(7,), (1000, 3), (2, 300, 517)])
+def test_gelu_is_bit_identical_to_gelu_fast(shape):
+    x = gelu_values(int(np.prod(shape)), seed=len(shape)).reshape(shape)
+    y = prim.gelu(x, gelu_fast)
+    assert nodes(y) == {"MobileoGelu"}
+    assert same_bits(y, gelu_fast(x))
+
+
+def test_gelu_of_strided_views_and_of_a_temporary():
+    x = gelu_values(600 * 40, seed=3).reshape(600, 40)
+    for view in (x.T, x[::3, 5:]):
+        assert same_bits(prim.gelu(view, gelu_fast), gelu_fast(view))
+    # a temporary no one else holds: its buffer may become the output's (MLX's donation)
+    assert same_bits(prim.gelu(x * 1.0, gelu_fast), gelu_fast(x))
+
+
+def test_gelu_takes_over_a_temporary_input_buffer_only():
+    x = gelu_values(1 << 20, seed=4)
+    x = mx.where(mx.isfinite(x), x, 0.0)
+    one = mx.array(1.0)
+    mx.eval(x, one)
+
+    def peak_buffers(hold_temporary: bool) -> float:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        temporary = x * one
+        y = prim.gelu(temporary, gelu_fast)
+        if not hold_temporary:
+            del temporary
+        mx.eval(y)
+        return (mx.get_peak_memory() - before) / x.nbytes
+
+    # held by no one, x * 1 becomes the output (one buffer); held here, it is read, not written (two)
+    assert peak_buffers(hold_temporary=False) == 1
+    assert peak_buffers(hold_temporary=True) == 2
+
+
+@pytest.mark.parametrize("shape, k, stride, padding, bias", [
+    ((1, 32, 32, 64), 7, (1, 1), (3, 3), True),
+    ((2, 17, 23, 16), 3, (1, 1), (1, 1), False),
+    ((1, 33, 31, 24), 3, (2, 2), (1, 1), True),
+    ((1, 20, 20, 8), 5, (1, 2), (0, 2), True),
+])
+def test_depthwise_against_float64_and_the_ctypes_kernel(shape, k, stride, padding, bias):
+    x, w, b = conv_inputs(shape, k, bias)
+    y = prim.depthwise_conv2d(x, w, b, stride, padding)
+    assert nodes(y) == {"MobileoDepthwiseConv2d"}
+    exact = conv_exact(x, w, b, stride, padding)
+    assert y.shape == exact.shape
+    assert relative_error(y, exact) < 1e-6
+    library = _native.library()
+    if library is not None:  # the same C through ctypes: the same bits
+        out = np.zeros(exact.shape, np.float32)
+        taps = np.ascontiguousarray(np.asarray(w)[..., 0].transpose(1, 2, 0))
+        library.mobileo_depthwise_conv2d(np.asarray(x).ctypes.data, *shape, taps.ctypes.data, k, k,
+                                         None if b is None else np.asarray(b).ctypes.data, *stride, *padding,
+                                         out.ctypes.data, *exact.shape[1:3])
+        assert same_bits(y, out)
+
+
+@pytest.mark.parametrize("rows, bits, group_size", [(1, 4, 64), (3, 4, 128), (8, 8, 64), (2, 8, 32)])
+def test_quantized_gemv_against_float64_and_the_ctypes_kernel(rows, bits, group_size):
+    packed, scales, biases = quantized(200, 512, bits, group_size, seed=rows)
+    x = mx.random.normal((rows, 512), key=mx.random.key(rows + 10))
+    y = prim.quantized_gemv(x, packed, scales, biases, bits, group_size)
+    assert nodes(y) == {"MobileoQuantizedGemv"}
+    exact = gemv_exact(x, packed, scales, biases, bits, group_size)
+    assert relative_error(y, exact) < 1e-5
+    if _native.enabled():
+        assert same_bits(y, ctypes_gemv.quantized_gemv(x, packed, scales, biases, bits, group_size))
+
+
+def test_quantized_gemv_keeps_leading_axes():
+    packed, scales, biases = quantized(96, 256, 4, 64)
+    x = mx.random.normal((2, 1, 256))
+    y = prim.quantized_gemv(x, packed, scales, biases, 4, 64)
+    assert y.shape == (2, 1, 96)
+    assert relative_error(y, gemv_exact(x.reshape(2, 256), packed, scales, biases, 4, 64).reshape(2, 1, 96)) < 1e-5
+
+
+@needs_bf16
+@pytest.mark.parametrize("layout", ["plain", "b transposed", "a transposed", "batched a"])
+def test_bf16_matmul_against_float64_of_the_rounded_operands(layout):
+    rng = np.random.default_rng(len(layout))
+    a = rng.standard_normal((70, 129)).astype(np.float32)
+    b = rng.standard_normal((129, 45)).astype(np.float32)
+    a_in, b_in = mx.array(a), mx.array(b)
+    if layout == "b transposed":  # a Linear layer's W.T: read in place
+        b_in = mx.array(np.ascontiguousarray(b.T)).T
+    elif layout == "a transposed":
+        a_in = mx.array(np.ascontiguousarray(a.T)).T
+    elif layout == "batched a":
+        a_in = mx.array(a[:70].reshape(2, 35, 129))
+    done = prim.extension().bf16_products_done()
+    y = prim.bf16_matmul(a_in, b_in)
+    assert nodes(y) == {"MobileoBf16Matmul"}
+    mx.eval(y)
+    assert prim.extension().bf16_products_done() == done + 1  # the C kernel computed it
+    exact = bf16_rounded(a) @ bf16_rounded(b)
+    assert relative_error(np.asarray(y).reshape(exact.shape), exact) < 1e-6
+    # and not the float32 product: the rounding is really there
+    assert relative_error(a.astype(np.float64) @ b.astype(np.float64), exact) > 1e-4
+
+
+# ---------------------------------------------------------------------------- graph behaviour
+def built_lazily(make_inputs, op) -> None:
+    """Building ``op`` on lazy inputs allocates nothing (no evaluation); evaluating it does."""
+    inputs = make_inputs()
+    mx.eval(inputs)
+    one = mx.array(1.0)
+    mx.eval(one)
+    before = mx.get_active_memory()
+    lazy = [v * one if v.dtype == mx.float32 else v for v in inputs]  # not evaluated: no buffers yet
+    out = op(*lazy)
+    assert mx.get_active_memory() == before, "building the graph evaluated something"
+    mx.eval(out)
+    assert mx.get_active_memory() > before + out.nbytes // 2
+
+
+def test_building_a_node_evaluates_nothing():
+    built_lazily(lambda: [gelu_values(1 << 16)], lambda x: prim.gelu(x, gelu_fast))
+    built_lazily(lambda: list(conv_inputs((1, 32, 32, 64), 7)), lambda x, w, b: prim.depthwise_conv2d(x, w, b, 1, 3))
+    built_lazily(lambda: [mx.random.normal((1, 512)), *quantized(4096, 512, 4, 64)],
+                 lambda x, p, s, b: prim.quantized_gemv(x, p, s, b, 4, 64))
+    if prim.extension().bf16_supported():
+        built_lazily(lambda: [mx.random.normal((64, 256)), mx.random.normal((256, 512))], prim.bf16_matmul)
+
+
+def test_the_laziness_check_sees_an_evaluation():
+    # what the ctypes kernels do (evaluate their inputs) the check above would catch
+    x = gelu_values(1 << 16)
+    one = mx.array(1.0)
+    mx.eval(x, one)
+    before = mx.get_active_memory()
+    lazy = x * one
+    _native.evaluate(lazy)
+    assert mx.get_active_memory() > before
+
+
+def four_ops():
+    x = gelu_values(1 << 15, seed=5).reshape(64, 512)
+    x = mx.where(mx.isfinite(x), x, 1.0)
+    cx, cw, cb = conv_inputs((1, 24, 24, 32), 3, seed=6)
+    packed, scales, biases = quantized(300, 512, 4, 64, seed=7)
+    ops = [
+        (lambda v: prim.gelu(v, gelu_fast), [x]),
+        (lambda v, w, b: prim.depthwise_conv2d(v, w, b, 1, 1), [cx, cw, cb]),
+        (lambda v, p, s, b: prim.quantized_gemv(v, p, s, b, 4, 64), [x[:2], packed, scales, biases]),
+    ]
+    if prim.extension().bf16_supported():
+        ops.append((prim.bf16_matmul, [x, mx.random.normal((512, 96), key=mx.random.key(8))]))
+    return ops
+
+
+def test_mx_compile_gives_the_same_results():
+    for op, inputs in four_ops():
+        eager = op(*inputs) * 2.0 + 1.0
+        compiled = mx.compile(lambda *v, op=op: op(*v) * 2.0 + 1.0)
+        assert same_bits(compiled(*inputs), eager)
+        assert same_bits(compiled(*inputs), eager)  # the cached trace too
+
+
+def test_two_cpu_streams_give_the_same_results():
+    first, second = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    for op, inputs in four_ops():
+        expected = op(*inputs)
+        mx.eval(expected)
+        with mx.stream(first):
+            a = op(*inputs)
+        with mx.stream(second):
+            b = op(*inputs)
+        mx.eval(a, b)  # both streams evaluate at once, the kernels' pool takes turns
+        assert same_bits(a, expected) and same_bits(b, expected)
+    # on a GPU stream the node is refused (a CPU kernel)
+    with pytest.raises(ValueError):
+        prim.extension().gelu(inputs[0], stream=mx.Device(mx.gpu))
+
+
+def test_inputs_are_never_written():
+    for op, inputs in four_ops():
+        mx.eval(inputs)
+        copies = [np.array(v) for v in inputs]
+        out = op(*inputs)
+        mx.eval(out)
+        assert all(same_bits(v, c) for v, c in zip(inputs, copies))
+        assert same_bits(op(*inputs), out)  # used again: the same result
+
+
+def test_gradients_and_vmap_go_through_the_plain_formula():
+    x = gelu_values(4096, seed=8).reshape(64, 64)
+    x = mx.where(mx.isfinite(x), x, 0.0)
+    grad = mx.grad(lambda v: prim.gelu(v, gelu_fast).sum())(x)
+    assert relative_error(grad, mx.grad(lambda v: prim.gelu_reference(v).sum())(x)) < 1e-6
+    tangent = mx.jvp(lambda v: prim.gelu(v, gelu_fast), [x], [mx.ones_like(x)])[1][0]
+    assert relative_error(tangent, grad) < 1e-6
+    assert same_bits(mx.vmap(lambda v: prim.gelu(v, gelu_fast), in_axes=1)(x), gelu_fast(x).T)
+
+    cx, cw, cb = conv_inputs((2, 12, 12, 16), 3, seed=9)
+    conv = lambda v, w: prim.depthwise_conv2d(v, w, cb, 1, 1)  # noqa: E731
+    plain = lambda v, w: dw.depthwise_conv2d_reference(v, w, cb, 1, 1)  # noqa: E731
+    for got, want in zip(mx.grad(lambda v, w: conv(v, w).sum(), argnums=(0, 1))(cx, cw),
+                         mx.grad(lambda v, w: plain(v, w).sum(), argnums=(0, 1))(cx, cw)):
+        assert relative_error(got, want) < 1e-5
+    batched = mx.vmap(lambda v: conv(v[None], cw)[0])(cx)
+    assert relative_error(batched, conv_exact(cx, cw, cb, (1, 1), (1, 1))) < 1e-6
+
+    packed, scales, biases = quantized(64, 256, 8, 64)
+    v = mx.random.normal((1, 256))
+    got = mx.grad(lambda u: prim.quantized_gemv(u, packed, scales, biases, 8, 64).sum())(v)
+    want = mx.grad(lambda u: mx.quantized_matmul(u, packed, scales, biases, group_size=64, bits=8).sum())(v)
+    assert relative_error(got, want) < 1e-5
+
+    if prim.extension().bf16_supported():
+        a, b = mx.random.normal((8, 32)), mx.random.normal((32, 16))
+        for got, want in zip(mx.grad(lambda p, q: prim.bf16_matmul(p, q).sum(), argnums=(0, 1))(a, b),
+                             mx.grad(lambda p, q: prim.bf16_matmul_reference(p, q).sum(), argnums=(0, 1))(a, b)):
+            assert relative_error(got, want) < 1e-6
+
+
+# ---------------------------------------------------------------------------------- fallbacks
+def test_what_a_kernel_does_not_take_goes_to_the_twin(monkeypatch):
+    half = gelu_values(1000).astype(mx.float16)
+    assert not nodes(prim.gelu(half, gelu_fast)) and prim.gelu(half, gelu_fast).dtype == mx.float16
+    x, w, b = conv_inputs((1, 10, 10, 12), 3)  # channels not a multiple of 8
+    y = prim.depthwise_conv2d(x, w, b, 1, 1)
+    assert not nodes(y) and relative_error(y, conv_exact(x, w, b, (1, 1), (1, 1))) < 1e-6
+    packed, scales, biases = quantized(64, 256, 4, 64)
+    nine = mx.random.normal((9, 256))  # more rows than the kernel keeps in registers
+    y = prim.quantized_gemv(nine, packed, scales, biases, 4, 64)
+    assert not nodes(y) and same_bits(y, mx.quantized_matmul(nine, packed, scales, biases, group_size=64, bits=4))
+    a, batched_b = mx.random.normal((2, 8, 16)), mx.random.normal((2, 16, 4))
+    assert not nodes(prim.bf16_matmul(a, batched_b))
+    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
+    assert not nodes(prim.gelu(gelu_values(100), gelu_fast))
+
+
+def test_without_the_extension_every_function_runs_its_twin(monkeypatch):
+    monkeypatch.setattr(prim, "_extension", None)
+    monkeypatch.setattr(prim, "_error", "not built (simulated)")
+    assert not prim.enabled() and prim.status() == "unavailable: not built (simulated)"
+    x = gelu_values(5000)
+    assert same_bits(prim.gelu(x, gelu_fast), gelu_fast(x))
+    cx, cw, cb = conv_inputs((1, 16, 16, 32), 5)
+    y = prim.depthwise_conv2d(cx, cw, cb, 1, 2)
+    assert same_bits(y, dw.depthwise_conv2d_twin(cx, cw, cb, 1, 2))
+    packed, scales, biases = quantized(64, 256, 4, 64)
+    v = mx.random.normal((1, 256))
+    assert same_bits(prim.quantized_gemv(v, packed, scales, biases, 4, 64),
+                     mx.quantized_matmul(v, packed, scales, biases, group_size=64, bits=4))
+    a, b = mx.random.normal((8, 32)), mx.random.normal((32, 16))
+    assert same_bits(prim.bf16_matmul(a, b), prim.bf16_matmul_reference(a, b))
+    assert not nodes(prim.gelu(x), y, prim.bf16_matmul(a, b))
+
+
+def test_an_extension_built_for_another_mlx_is_not_used(monkeypatch):
+    class Stale:
+        BUILT_FOR_MLX = "0.1.0"
+
+    monkeypatch.setattr(prim, "_extension", None)
+    monkeypatch.setattr(prim, "_error", None)
+    monkeypatch.setattr(prim.importlib, "import_module", lambda name: Stale)
+    assert prim.extension() is None
+    assert prim.unavailable_reason() == f"built for mlx 0.1.0, this is mlx {mx.__version__}: reinstall mobileo-mlx"
+
+
+def test_an_extension_that_does_not_share_mlx_types_is_not_used(monkeypatch):
+    class Foreign:  # as a module built with another nanobind ABI: mx.array is a stranger to it
+        BUILT_FOR_MLX = mx.__version__
+
+        @staticmethod
+        def ndim(array):
+            raise TypeError("ndim(): incompatible function arguments")
+
+    monkeypatch.setattr(prim, "_extension", None)
+    monkeypatch.setattr(prim, "_error", None)
+    monkeypatch.setattr(prim.importlib, "import_module", lambda name: Foreign)
+    assert prim.extension() is None
+    assert "nanobind" in prim.unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory):
+    """The package's sources without any built library."""
+    source = tmp_path_factory.mktemp("sources") / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("mobileo_mlx", "convert", "kernels"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return source
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compilers, built", [
+    ({"CC": "false", "CXX": "false"}, set()),                        # no compiler at all
+    ({"CXX": "/nonexistent/c++"}, {"blas_shim", "cpu_kernels"}),     # C but no C++: ctypes kernels only
+])
+def test_without_a_compiler_the_package_installs_and_the_twins_run(source_copy, tmp_path, compilers, built):
+    # what `pip install` (make demo / make test) does, with a compiler that fails
+    site = tmp_path / "site"
+    env = {**os.environ, **compilers, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                            "--build-constraint", str(ROOT / "constraints.txt"), str(source_copy)],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert {path.name.split(".")[0] for path in site.rglob("*.so")} == built
+    script = """
+import mobileo_mlx, mlx.core as mx
+from mobileo_mlx.kernels import _native, primitives as prim
+from mobileo_mlx.models.activations import gelu_fast
+assert mobileo_mlx.__file__.startswith(%r), mobileo_mlx.__file__
+assert (_native.library() is not None) == %r
+assert prim.unavailable_reason().startswith("not built"), prim.unavailable_reason()
+x = mx.random.normal((4096,))
+assert mx.array_equal(prim.gelu(x, gelu_fast), gelu_fast(x)).item()
+w = mx.random.normal((16, 3, 3, 1))
+assert prim.depthwise_conv2d(mx.random.normal((1, 8, 8, 16)), w).shape == (1, 8, 8, 16)
+print("twins ok")
+""" % (str(site), "cpu_kernels" in built)
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0 and "twins ok" in run.stdout, run.stderr[-3000:]
