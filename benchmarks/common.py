@@ -1,7 +1,7 @@
 """Shared helpers of ``benchmarks.generate``, ``benchmarks.ask`` and ``benchmarks.quality``.
 
 * the cached inputs: a full-size random checkpoint in the released layout
-  (``<cache>/bench/checkpoint-full``, written once by ``mobileo_mlx.demo``) and its
+  (``<cache>/bench/checkpoint-full``, written once by ``mobileo_mlx.convert.demo``) and its
   conversions (``<cache>/bench/mlx-<recipe>``, one per quantization recipe);
 * the shared inputs of both sides (prompt, question, seeded NCHW noise, a seeded picture);
 * measuring: timers that synchronise, MLX peak memory, process peak RSS, the machine's load;
@@ -35,7 +35,8 @@ import mobileo_mlx  # noqa: F401  (BLAS routing, before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mobileo_mlx import demo, platform
+from mobileo_mlx import platform
+from mobileo_mlx.convert import demo
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("none", "8", "4", "mixed")

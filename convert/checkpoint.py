@@ -9,8 +9,8 @@
   own and unmapped after use, so reading a 3.3 GB file keeps only one tensor in
   memory. numpy has no bfloat16: bf16 data is read as uint16 and widened.
 * :class:`SafetensorsWriter` writes an output file whose layout is known up
-  front (the MLX model's parameter shapes): header first, then each tensor at
-  its offset as it arrives, in any order.
+  front (the MLX model's parameter shapes, or the demo checkpoint's tensors):
+  header first, then each tensor at its offset as it arrives, in any order.
 * :func:`resolve_diffusion_configs` finds the DiT / VAE / scheduler configs,
   :func:`build_fast_tokenizer` turns ``vocab.json`` + ``merges.txt`` into the
   equivalent fast ``tokenizer.json``.
@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from mobileo_mlx.convert.defaults import DIFFUSION_CONFIGS
 from mobileo_mlx.convert.download import hub_config_files
 from mobileo_mlx.convert.layout import (
     DEFAULT_DIFFUSION_REPO,
@@ -45,42 +46,6 @@ from mobileo_mlx.convert.layout import (
 )
 from mobileo_mlx.errors import ConversionError
 from mobileo_mlx.weights import safetensors_entries
-
-
-# ---------------------------------------------------------------------------
-# layout of the released checkpoint
-
-# Efficient-Large-Model/Sana_600M_512px_diffusers, scheduler/scheduler_config.json
-# (SPEC §1.3). The transformer and VAE copies live in convert.mapping.sana / .dcae.
-DEFAULT_SCHEDULER_CONFIG = {
-    "_class_name": "DPMSolverMultistepScheduler",
-    "algorithm_type": "dpmsolver++",
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "dynamic_thresholding_ratio": 0.995,
-    "euler_at_final": False,
-    "final_sigmas_type": "zero",
-    "flow_shift": 3.0,
-    "lambda_min_clipped": float("-inf"),
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction",
-    "rescale_betas_zero_snr": False,
-    "sample_max_value": 1.0,
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "steps_offset": 0,
-    "thresholding": False,
-    "timestep_spacing": "linspace",
-    "trained_betas": None,
-    "use_beta_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_flow_sigmas": True,
-    "use_karras_sigmas": False,
-    "use_lu_lambdas": False,
-    "variance_type": None,
-}
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +412,7 @@ def _read_json(path: Path) -> dict:
 def resolve_diffusion_configs(
     checkpoint: Checkpoint,
     override_dir: str | os.PathLike | None = None,
-    builtin: Mapping[str, dict] | None = None,
+    builtin: Mapping[str, dict] = DIFFUSION_CONFIGS,
     hub_files: Callable[[str, Iterable[str]], dict[str, Path]] = hub_config_files,
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """``({"transformer": {...}, "vae": {...}, "scheduler": {...}}, {section: source})``.
@@ -455,7 +420,7 @@ def resolve_diffusion_configs(
     Each file is taken from the first place that has it: the checkpoint folder
     (diffusers layout), ``override_dir``, the repo named by the checkpoint's
     ``diffusion_name_or_path`` (a local folder, or the hub: json files only),
-    then the built-in Sana_600M_512px_diffusers values.
+    then ``builtin`` (the Sana_600M_512px_diffusers values of :mod:`mobileo_mlx.convert.defaults`).
     """
     configs: dict[str, dict] = {}
     sources: dict[str, str] = {}
@@ -487,7 +452,7 @@ def resolve_diffusion_configs(
                 sources[section] = f"hub {repo}/{subfolder}/{filename}"
     for section in DIFFUSION_CONFIG_FILES:
         if section not in configs:
-            configs[section] = dict((builtin or {}).get(section) or {})
+            configs[section] = dict(builtin.get(section) or {})
             sources[section] = "built-in Sana_600M_512px_diffusers values"
     return configs, sources
 
@@ -496,18 +461,28 @@ def resolve_diffusion_configs(
 # output
 
 
-_OUTPUT_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
+_OUTPUT_STORAGE = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "U32": np.uint32,
+    "I64": np.int64,
+}
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    dtype: str  # "F32", "F16", "BF16", "U32"
+    dtype: str  # "F32", "F16", "BF16", "U32", "I64"
     shape: tuple[int, ...]
 
     @property
+    def itemsize(self) -> int:
+        return np.dtype(_OUTPUT_STORAGE[self.dtype]).itemsize
+
+    @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_OUTPUT_STORAGE[self.dtype]).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
 
 
 class SafetensorsWriter:
@@ -516,11 +491,22 @@ class SafetensorsWriter:
     The header is written first; :meth:`write` then places each tensor at its
     offset, in any order, so nothing but the current tensor is held in memory.
     :meth:`close` checks that every planned tensor was written.
+
+    Tensors are laid out by name; with ``widest_first`` the wider dtypes come
+    first (then by name), as ``safetensors.torch.save_file`` lays out a
+    checkpoint, so every tensor starts at a multiple of its item size.
     """
 
-    def __init__(self, path: Path, plan: Iterable[PlannedTensor], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        plan: Iterable[PlannedTensor],
+        metadata: Mapping[str, str] | None = None,
+        widest_first: bool = False,
+    ):
         self.path = path
-        self.plan = {t.name: t for t in sorted(plan, key=lambda t: t.name)}
+        order = (lambda t: (-t.itemsize, t.name)) if widest_first else (lambda t: t.name)
+        self.plan = {t.name: t for t in sorted(plan, key=order)}
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "mlx"})}
         offset = 0
         self._offsets: dict[str, int] = {}
@@ -553,6 +539,21 @@ class SafetensorsWriter:
         self._write_at(name, first_row * (planned.nbytes // planned.shape[0]), rows)
         if last:
             self.written.add(name)
+
+    def write_chunks(self, name: str, chunks: Iterable[np.ndarray]) -> None:
+        """Write a whole tensor from consecutive pieces of its flattened values (a tensor too
+        large to hold at once streams through)."""
+        planned = self.plan[name]
+        count = int(np.prod(planned.shape, dtype=np.int64))
+        done = 0
+        for chunk in chunks:
+            if done + chunk.size > count:
+                raise ConversionError(f"internal: more than {count} values for {name} {planned.shape}")
+            self._write_at(name, done * planned.itemsize, chunk)
+            done += chunk.size
+        if done != count:
+            raise ConversionError(f"internal: {done} of {count} values written for {name} {planned.shape}")
+        self.written.add(name)
 
     def _write_at(self, name: str, byte_offset: int, values: np.ndarray) -> None:
         planned = self.plan[name]

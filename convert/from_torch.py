@@ -40,7 +40,6 @@ from mlx.utils import tree_flatten
 
 from mobileo_mlx._version import __version__
 from mobileo_mlx.convert.checkpoint import (
-    DEFAULT_SCHEDULER_CONFIG,
     Checkpoint,
     ConversionError,
     MissingTensor,
@@ -399,14 +398,7 @@ def convert_checkpoint(
     _check_output(output, checkpoint_path, force, cache_entry)
 
     source = Checkpoint(checkpoint_path)
-    from mobileo_mlx.convert.mapping import dcae, sana
-
-    builtin = {
-        "transformer": sana.DEFAULT_TRANSFORMER_CONFIG,
-        "vae": dcae.SANA_600M_VAE_CONFIG,
-        "scheduler": DEFAULT_SCHEDULER_CONFIG,
-    }
-    diffusers_configs, config_sources = resolve_diffusion_configs(source, diffusion_config, builtin)
+    diffusers_configs, config_sources = resolve_diffusion_configs(source, diffusion_config)
     problem = config_problem("scheduler", diffusers_configs["scheduler"])
     if problem:
         raise ConversionError(f"{problem} (from {config_sources['scheduler']})")

@@ -1,6 +1,6 @@
 """Flow samplers as pure step functions: DPM-Solver++ (2M, flow sigmas) and flow-matching Euler.
 
-Both follow diffusers step for step with the Sana scheduler config (SPEC §1.3, §2.7):
+Both follow diffusers step for step with the Sana scheduler config (docs/reference-model.md §1.4, §3.3):
 
 * ``"dpm"``: ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``, ``flow_prediction``,
   ``dpmsolver++``, midpoint, ``final_sigmas_type="zero"`` and ``lower_order_final`` (the
@@ -26,43 +26,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 import mlx.core as mx
 import numpy as np
-
-# The scheduler config of Efficient-Large-Model/Sana_600M_512px_diffusers (SPEC §1.3),
-# embedded so that nothing is downloaded.
-SANA_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "DPMSolverMultistepScheduler",
-    "algorithm_type": "dpmsolver++",
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "dynamic_thresholding_ratio": 0.995,
-    "euler_at_final": False,
-    "final_sigmas_type": "zero",
-    "flow_shift": 3.0,
-    "lambda_min_clipped": -float("inf"),
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction",
-    "rescale_betas_zero_snr": False,
-    "sample_max_value": 1.0,
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "steps_offset": 0,
-    "thresholding": False,
-    "timestep_spacing": "linspace",
-    "trained_betas": None,
-    "use_beta_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_flow_sigmas": True,
-    "use_karras_sigmas": False,
-    "use_lu_lambdas": False,
-    "variance_type": None,
-}
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:

@@ -19,7 +19,7 @@ import shutil
 import unicodedata
 from pathlib import Path
 
-from mobileo_mlx import demo
+from mobileo_mlx.convert import demo
 
 
 def write_demo(folder: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:

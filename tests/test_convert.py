@@ -8,6 +8,7 @@ import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,6 @@ from mlx.utils import tree_flatten
 
 import mobileo_mlx.convert.from_torch as from_torch
 from mobileo_mlx.convert.checkpoint import (
-    DEFAULT_SCHEDULER_CONFIG,
     QWEN2_SPLIT_PATTERN,
     Checkpoint,
     PlannedTensor,
@@ -45,6 +45,7 @@ from mobileo_mlx.convert.checkpoint import (
     resolve_diffusion_configs,
 )
 from mobileo_mlx import weights
+from mobileo_mlx.errors import ConversionError
 from mobileo_mlx.weights import DequantizedEmbedding, DequantizedLinear, load_component, load_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -690,12 +691,24 @@ def test_existing_fast_tokenizer_is_copied(demo_checkpoint, converted, tmp_path)
 
 
 def test_builtin_diffusion_configs_equal_the_released_files():
-    from mobileo_mlx.convert.mapping import dcae, sana
+    from mobileo_mlx.convert.defaults import DIFFUSION_CONFIGS
+    from mobileo_mlx.convert.layout import DIFFUSION_CONFIG_FILES
 
     released = DATA / "Sana_600M_512px_diffusers"
-    assert sana.DEFAULT_TRANSFORMER_CONFIG == json.loads((released / "transformer" / "config.json").read_text())
-    assert dcae.SANA_600M_VAE_CONFIG == json.loads((released / "vae" / "config.json").read_text())
-    assert DEFAULT_SCHEDULER_CONFIG == json.loads((released / "scheduler" / "scheduler_config.json").read_text())
+    assert DIFFUSION_CONFIGS.keys() == DIFFUSION_CONFIG_FILES.keys()
+    for section, (subfolder, filename) in DIFFUSION_CONFIG_FILES.items():
+        assert DIFFUSION_CONFIGS[section] == json.loads((released / subfolder / filename).read_text()), section
+
+
+def test_without_diffusers_configs_the_builtin_ones_are_used(demo_checkpoint, tmp_path):
+    from mobileo_mlx.convert.defaults import DIFFUSION_CONFIGS
+
+    checkpoint = copy_checkpoint(demo_checkpoint, tmp_path / "ckpt")
+    for sub in ("transformer", "vae", "scheduler"):
+        shutil.rmtree(checkpoint / sub)
+    configs, sources = resolve_diffusion_configs(Checkpoint(checkpoint), hub_files=lambda repo, wanted: {})
+    assert configs == DIFFUSION_CONFIGS  # the converter's fallback when offline
+    assert set(sources.values()) == {"built-in Sana_600M_512px_diffusers values"}
 
 
 def _diffusers_folder(root: Path, tag: str) -> Path:
@@ -829,3 +842,33 @@ def test_writer_places_tensors_written_in_any_order(tmp_path):
     np.testing.assert_array_equal(loaded["c"], c)
     assert loaded["a"].dtype == np.float16 and loaded["a"].tolist() == [1.5, -2.0]
     np.testing.assert_array_equal(loaded["b"], np.ones((5, 3), np.float32))
+
+
+def test_writer_streams_chunks_and_can_lay_out_the_widest_dtypes_first(tmp_path, monkeypatch):
+    from mobileo_mlx.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 4)  # chunks of the writer and the caller disagree
+    plan = [PlannedTensor("a", "BF16", (3, 3)), PlannedTensor("b", "I64", ()), PlannedTensor("c", "F32", (5,)),
+            PlannedTensor("d", "I64", (2,))]
+    path = tmp_path / "x.safetensors"
+    writer = SafetensorsWriter(path, plan, metadata={"format": "pt"}, widest_first=True)
+    values = np.arange(9, dtype=np.float32) / 4
+    writer.write_chunks("a", [values[:5], values[5:7], values[7:]])
+    writer.write_chunks("b", [np.array([7])])
+    writer.write_chunks("c", [np.full(5, -1.5, np.float32)])
+    with pytest.raises(ConversionError, match="more than 2 values"):
+        writer.write_chunks("d", [np.arange(3)])
+    with pytest.raises(ConversionError, match="1 of 2 values"):
+        writer.write_chunks("d", [np.arange(1)])
+    assert writer.missing() == ["d"]
+    writer.write_chunks("d", [np.array([1]), np.array([-2])])
+    writer.close()
+
+    header = read_safetensors_header(path)
+    assert list(header) == ["b", "d", "c", "a"]  # 8-byte, 4-byte, 2-byte items: each one aligned
+    data_start = header["b"].start
+    assert all((info.start - data_start) % {"I64": 8, "F32": 4, "BF16": 2}[info.dtype] == 0 for info in header.values())
+    loaded = mx.load(str(path))
+    assert loaded["b"].dtype == mx.int64 and loaded["b"].item() == 7 and loaded["d"].tolist() == [1, -2]
+    np.testing.assert_array_equal(np.array(loaded["a"].astype(mx.float32)), values.reshape(3, 3))
+    np.testing.assert_array_equal(np.array(loaded["c"]), np.full(5, -1.5, np.float32))

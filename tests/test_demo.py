@@ -1,4 +1,5 @@
-"""The random checkpoint writer (mobileo_mlx/demo.py) against the released layout."""
+"""The demo checkpoint (the converter's fixture, convert/demo.py) against the released layout, and its
+copy in the cache (mobileo_mlx/demo.py)."""
 
 import dataclasses
 import json
@@ -12,7 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mobileo_mlx import demo
+from mobileo_mlx import demo as cached_demo
+from mobileo_mlx.convert import checkpoint, demo, demo_tokenizer
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference
 TOKENIZER_FILES = {
@@ -103,7 +105,7 @@ def test_demo_geometry():
     assert d.vae_block_types == ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
     assert [w // 32 for w in d.vision_widths[3:]] == [2, 4]  # attention heads of 32
     assert d.num_kv_heads < d.num_heads and d.mcp_layers == 4 and d.mcp_refiners == 2
-    assert d.vocab_size == demo.tokenizer_size() == len(demo._bpe()[0]) + 6
+    assert d.vocab_size == demo_tokenizer.tokenizer_size() == len(demo_tokenizer.bpe()[0]) + 6
 
 
 def test_inconsistent_dims_are_rejected():
@@ -171,7 +173,17 @@ def test_bfloat16_rounding_matches_mlx():
     x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 100
     x[:4] = [1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0]  # ties round to even
     expected = np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16))
-    np.testing.assert_array_equal(demo._to_bfloat16_bits(x), expected)
+    np.testing.assert_array_equal(checkpoint.float32_to_bf16_bits(x), expected)
+
+
+def test_file_is_laid_out_as_safetensors_writes_it(demo_folder, tmp_path):
+    """Byte for byte what ``safetensors.torch.save_file`` makes of the same tensors: the demo
+    stands in for a file the release's own tooling wrote."""
+    from safetensors.torch import load_file, save_file
+
+    path = demo_folder / "model.safetensors"
+    save_file(load_file(str(path)), str(tmp_path / "resaved.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "resaved.safetensors").read_bytes() == path.read_bytes()
 
 
 def test_float32_output(tmp_path):
@@ -202,7 +214,7 @@ def test_tokenizer_loads_and_ids_match_config(demo_folder):
     tokenizer = AutoTokenizer.from_pretrained(demo_folder, use_fast=False)
     config = json.loads((demo_folder / "config.json").read_text())
     bpe_size = len(json.loads((demo_folder / "vocab.json").read_text()))
-    ids = tokenizer.convert_tokens_to_ids(list(demo.ADDED_TOKENS))
+    ids = tokenizer.convert_tokens_to_ids(list(demo_tokenizer.ADDED_TOKENS))
     assert ids == list(range(bpe_size, bpe_size + 6))
     assert len(tokenizer) == config["vocab_size"] == bpe_size + 6
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == config["eos_token_id"]
@@ -231,7 +243,9 @@ def test_same_seed_same_bytes(demo_folder, tmp_path):
 
 
 def test_values_do_not_depend_on_the_chunk_size(demo_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "_CHUNK", 1000)  # the full checkpoint streams big tensors
+    # The full checkpoint streams big tensors: generated in chunks, written in chunks of another size.
+    monkeypatch.setattr(demo, "_CHUNK", 1000)
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 777)
     chunked = demo.write_checkpoint(tmp_path, "demo", seed=0)
     expected = (demo_folder / "model.safetensors").read_bytes()
     assert (chunked / "model.safetensors").read_bytes() == expected
@@ -244,7 +258,7 @@ def test_config_fields_equal_released(demo_folder):
     released = json.loads(_reference("checkpoint_config.json").read_text())
     written = json.loads((demo_folder / "config.json").read_text())
     assert list(written) == list(released)
-    full = demo.checkpoint_config(demo.FULL, demo.token_ids())
+    full = demo.checkpoint_config(demo.FULL, demo_tokenizer.token_ids())
     differ = {k for k in released if full[k] != released[k]}
     assert differ == {"bos_token_id", "eos_token_id", "pad_token_id"}  # the tiny tokenizer's ids
 
@@ -307,23 +321,23 @@ def test_reference_models_load_the_demo_and_stay_finite(demo_folder):
 
 def test_demo_checkpoint_path_is_cached_and_versioned(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEO_MLX_CACHE", str(tmp_path))
-    path = demo.demo_checkpoint_path()
+    path = cached_demo.demo_checkpoint_path()
     assert path == tmp_path / "demo-checkpoint"
     weights = path / "model.safetensors"
     assert weights.exists() and (path / "config.json").exists()
     first = weights.stat().st_mtime_ns
     (path / "marker").write_text("kept")  # a cached folder is reused as is
-    assert demo.demo_checkpoint_path() == path and (path / "marker").exists()
+    assert cached_demo.demo_checkpoint_path() == path and (path / "marker").exists()
     monkeypatch.setattr(demo, "WRITER_VERSION", demo.WRITER_VERSION + 1)
-    assert demo.demo_checkpoint_path() == path  # a new writer version rewrites it
+    assert cached_demo.demo_checkpoint_path() == path  # a new writer version rewrites it
     assert not (path / "marker").exists() and weights.stat().st_mtime_ns >= first
-    assert json.loads((path / demo.DEMO_STAMP).read_text())["writer_version"] == demo.WRITER_VERSION
+    assert json.loads((path / cached_demo.DEMO_STAMP).read_text())["writer_version"] == demo.WRITER_VERSION
     assert [p.name for p in tmp_path.iterdir()] == ["demo-checkpoint"]  # no staging left behind
 
 
 def test_writer_needs_no_torch(tmp_path):
     code = (
-        "import sys; from mobileo_mlx import demo; demo.write_checkpoint(sys.argv[1]); "
+        "import sys; from mobileo_mlx.convert import demo; demo.write_checkpoint(sys.argv[1]); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     root = Path(__file__).resolve().parents[1]

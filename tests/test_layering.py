@@ -109,6 +109,16 @@ def test_the_namespace_is_read_from_all_three_folders():
             "mobileo_mlx.models.sana", "mobileo_mlx.convert.mapping"} <= MODULES.keys()
 
 
+def test_the_demo_checkpoint_is_a_converter_fixture():
+    # Written by the converter's own writer, with its defaults and prefixes; only keeping a copy in
+    # the cache (mobileo_mlx.demo) belongs to model resolution, above the converter.
+    fixture = ["mobileo_mlx.convert.demo", "mobileo_mlx.convert.demo_tokenizer", "mobileo_mlx.convert.defaults"]
+    assert {LAYERS[_layer(name)][0] for name in fixture} == {"converter"}
+    assert LAYERS[_layer("mobileo_mlx.demo")][0] == "model resolution"
+    assert "mobileo_mlx.convert.demo" in GRAPH["mobileo_mlx.demo"]
+    assert {"mobileo_mlx.convert.checkpoint", "mobileo_mlx.convert.defaults"} <= GRAPH["mobileo_mlx.convert.demo"]
+
+
 def test_every_module_has_a_layer():
     unplaced = [name for name in MODULES if name != "mobileo_mlx" and _layer(name) is None]
     assert not unplaced, f"add these modules to a layer in LAYERS (and to CONTRIBUTING.md): {unplaced}"

@@ -12,7 +12,7 @@ from PIL import Image
 import mobileo_mlx
 from mobileo_mlx.convert import from_torch
 from mobileo_mlx.kernels import bf16_matmul
-from mobileo_mlx import demo
+from mobileo_mlx.convert import demo
 from mobileo_mlx.processing import Message
 from tests.reference.fastvit_torch import ReferenceConfig
 from tests.reference.pipeline_torch import ReferenceMobileO

@@ -7,8 +7,8 @@ OIHW to OHWI, the 1x1 convs the runtime runs as ``nn.Linear`` (GLUMBConv's
 ``conv_inverted`` / ``conv_point``) and the grouped 1x1 ``proj_out`` become [O, I/g].
 
 The architecture comes from the diffusers ``vae/config.json`` (the Sana 600M
-512px one built in below when none is given) and is checked against every
-decoder tensor shape.
+512px one of ``convert/defaults.py`` when none is given) and is checked against
+every decoder tensor shape.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+from mobileo_mlx.convert.defaults import VAE_CONFIG
 from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
 from mobileo_mlx.weights import config_problem
 
@@ -45,28 +46,6 @@ RULES = (
     Rule(_P + "(" + _LAYER + r"conv_out\.conv_point\.weight)", r"\1", pointwise),
     Rule(_P + "(" + _LAYER + r"conv_out\.norm\.(?:weight|bias))", r"\1"),
 )
-
-# Efficient-Large-Model/Sana_600M_512px_diffusers vae/config.json (the DC-AE
-# f32c32 Mobile-O decodes with), used when no diffusers config is given.
-SANA_600M_VAE_CONFIG = {
-    "_class_name": "AutoencoderDC",
-    "attention_head_dim": 32,
-    "decoder_act_fns": "silu",
-    "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-    "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
-    "decoder_norm_types": "rms_norm",
-    "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-    "downsample_block_type": "Conv",
-    "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-    "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
-    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-    "in_channels": 3,
-    "latent_channels": 32,
-    "scaling_factor": 0.41407,
-    "upsample_block_type": "interpolate",
-}
 
 # AutoencoderDC.__init__ defaults for the decoder fields a config may omit.
 DIFFUSERS_DEFAULTS = {
@@ -170,7 +149,7 @@ def config_from_checkpoint(
 ) -> dict:
     """The decoder config from the diffusers VAE config (built-in Sana 600M one when
     absent), checked against the checkpoint's decoder tensors."""
-    vae_config = (diffusers_config or {}).get("vae") or SANA_600M_VAE_CONFIG
+    vae_config = (diffusers_config or {}).get("vae") or VAE_CONFIG
     config = runtime_config(vae_config)
     problem = config_problem("vae", config, own_checks=False)
     if problem:  # before the shapes are derived from it (a head size of 0 divides by zero)

@@ -16,34 +16,12 @@ import numpy as np
 from mobileo_mlx.models.sana import TIMESTEP_CHANNELS, SanaConfig
 from mobileo_mlx.weights import config_problem
 
+from mobileo_mlx.convert.defaults import TRANSFORMER_CONFIG
 from mobileo_mlx.convert.mapping import Rule, conv2d, convert_with_rules, pointwise
 
 PREFIX = "model.dit."
 KEYS = re.compile(r"^model\.dit\.")
 IGNORE = None  # every DiT tensor is used (diffusers' sin-cos pos_embed buffer is never saved)
-
-# Efficient-Large-Model/Sana_600M_512px_diffusers, transformer/config.json
-# (the architecture Mobile-O-0.5B loads; used when no diffusers config is given).
-DEFAULT_TRANSFORMER_CONFIG = {
-    "_class_name": "SanaTransformer2DModel",
-    "attention_bias": False,
-    "attention_head_dim": 32,
-    "caption_channels": 2304,
-    "cross_attention_dim": 1152,
-    "cross_attention_head_dim": 72,
-    "dropout": 0.0,
-    "in_channels": 32,
-    "interpolation_scale": None,
-    "mlp_ratio": 2.5,
-    "norm_elementwise_affine": False,
-    "norm_eps": 1e-06,
-    "num_attention_heads": 36,
-    "num_cross_attention_heads": 16,
-    "num_layers": 28,
-    "out_channels": 32,
-    "patch_size": 1,
-    "sample_size": 16,
-}
 
 
 def patch_conv(w: np.ndarray) -> np.ndarray:
@@ -86,7 +64,7 @@ def config_from_checkpoint(
 
     Raises ValueError naming the first config field that disagrees with a tensor.
     """
-    transformer = (diffusers_config or {}).get("transformer") or DEFAULT_TRANSFORMER_CONFIG
+    transformer = (diffusers_config or {}).get("transformer") or TRANSFORMER_CONFIG
     problem = config_problem("dit", transformer, own_checks=False)
     if problem:
         raise ValueError(f"{problem.removeprefix('dit.')} (in the transformer config)")
