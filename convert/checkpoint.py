@@ -461,13 +461,7 @@ def resolve_diffusion_configs(
 # output
 
 
-_OUTPUT_STORAGE = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,
-    "U32": np.uint32,
-    "I64": np.int64,
-}
+_OUTPUT_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I64": np.int64}
 
 
 @dataclass(frozen=True)
@@ -493,8 +487,8 @@ class SafetensorsWriter:
     :meth:`close` checks that every planned tensor was written.
 
     Tensors are laid out by name; with ``widest_first`` the wider dtypes come
-    first (then by name), as ``safetensors.torch.save_file`` lays out a
-    checkpoint, so every tensor starts at a multiple of its item size.
+    first, then names, so every tensor starts at a multiple of its item size
+    (``safetensors.torch.save_file``'s layout where no two dtypes share a width).
     """
 
     def __init__(

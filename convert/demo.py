@@ -21,7 +21,7 @@ structure (a few MB, 128x128 images); ``dims="full"`` has the real sizes (a 3.3 
 a chunk at a time). Outputs of a random model are noise; the weights are scaled so that a forward
 pass stays finite.
 
-Only numpy (and ``tokenizers`` for the vocabulary) are needed: no torch.
+No torch: numpy, the converter's own modules and ``tokenizers`` (for the vocabulary).
 """
 
 from __future__ import annotations
