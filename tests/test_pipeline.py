@@ -142,7 +142,7 @@ def test_bad_input_raises_one_clear_error(model, call, message):
 def test_long_prompts_are_truncated_with_a_warning(model):
     long_prompt = " ".join(["bicycle"] * 600)
     with pytest.warns(UserWarning, match="512-token limit"):
-        conditioning = model.conditioning(model._caption_prompt(mobileo_mlx.processing.generation_prompt, long_prompt))
+        conditioning = model.caption_conditioning(long_prompt)
     assert conditioning.prompt_tokens <= 512
 
 
