@@ -98,7 +98,7 @@ def mlx_worker(args) -> dict:
         last = now
     peaks["dit"] = common.mlx_peak_gb()
     if not args.keep_loaded:
-        model.release("dit")
+        model.release(*model.STAGES["dit"].components)
     load("vae")
 
     common.mlx_reset_peak()
@@ -340,7 +340,7 @@ def profile_worker(args) -> dict:
     model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
     dit, vae = model.component("dit"), model.component("vae")
     conditioning = model.caption_conditioning(args.prompt)
-    model.release("language", "mcp")
+    model.release(*model.STAGES["conditioning"].components)
     noise = common.noise(model.config, args.size)
     latents = model.initial_latents(args.size, noise=noise).astype(model.dtype)
     context = mx.concatenate([conditioning.uncond, conditioning.cond]).astype(model.dtype)

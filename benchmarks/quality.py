@@ -94,7 +94,7 @@ def worker(args) -> dict:
     t = time.perf_counter()
     conditioning = model.caption_conditioning(common.PROMPT)
     out["cond"], out["uncond"] = _np(conditioning.cond), _np(conditioning.uncond)
-    model.release("language", "mcp")
+    model.release(*model.STAGES["conditioning"].components)
     timings["mcp"] = time.perf_counter() - t
 
     # DiT velocity on the baseline's conditioning: the DiT alone
@@ -117,7 +117,7 @@ def worker(args) -> dict:
     for step in model.generate_latents(conditioning, steps=args.steps, guidance=1.5, noise=noise):
         pass
     out["latents"] = _np(step.latents)
-    model.release("dit")
+    model.release(*model.STAGES["dit"].components)
     timings["denoise"] = time.perf_counter() - t
 
     t = time.perf_counter()

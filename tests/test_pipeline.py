@@ -201,6 +201,15 @@ def test_tiled_decoding_is_chosen_by_tile(model):
 # --- the stage context ---------------------------------------------------------------------
 
 
+def test_the_stages_name_every_component_once():
+    from mobileo_mlx import weights
+    from mobileo_mlx.pipeline import MobileO
+
+    stages = MobileO.STAGES
+    assert {c for stage in stages.values() for c in stage.components} == set(weights.COMPONENTS)
+    assert all(len(set(stage.components)) == len(stage.components) for stage in stages.values())
+
+
 def test_low_memory_frees_each_stage_s_components_when_it_ends(model):
     lean = mobileo_mlx.load(str(model.folder), low_memory=True)
     lean.image_features(picture(6))
