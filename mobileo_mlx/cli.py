@@ -376,6 +376,13 @@ def _run_images(model, text: str, source, job: _ImageJob, files) -> None:
     typer.echo(_peak_memory_line(), err=True)
 
 
+def _picture_job(output: str, default_name: str, picture: PictureOptions, loading: ModelOptions,
+                 preview_every: Optional[int] = None) -> _ImageJob:
+    """_image_job for a command's option groups."""
+    return _image_job(output, default_name, picture.count, picture.seed, picture.steps, picture.guidance,
+                      picture.size, picture.scheduler, preview_every, picture.force, loading.cpu_matmul)
+
+
 @app.command()
 @_with_option_groups
 def generate(
@@ -417,12 +424,6 @@ def edit(
         source = processing.load_image(image)
         mobile_o = _load_model(loading.model, picture.low_memory, loading.cpu_matmul)
         _run_images(mobile_o, instruction, source, job, files)
-
-
-def _picture_job(output: str, default_name: str, picture: PictureOptions, loading: ModelOptions,
-                 preview_every: Optional[int] = None) -> _ImageJob:
-    return _image_job(output, default_name, picture.count, picture.seed, picture.steps, picture.guidance,
-                      picture.size, picture.scheduler, preview_every, picture.force, loading.cpu_matmul)
 
 
 def _stream_to_stdout(responses) -> str:
