@@ -63,7 +63,7 @@ def mlx_worker(args) -> dict:
     t_vision = time.perf_counter()
     peaks["vision"] = common.mlx_peak_gb()
     if not args.keep_loaded:  # what `mobileo-mlx ask` does (outside the timed stages)
-        model.release(*model.PICTURE_COMPONENTS)
+        model.release(*model.STAGES["vision"].components)
     model.image_features = lambda image: features  # embed_prompt reuses the features just timed
     embeddings = model.embed_prompt(prompt, picture)
     mx.eval(embeddings)
@@ -71,7 +71,7 @@ def mlx_worker(args) -> dict:
 
     common.mlx_reset_peak()
     tokens, stamps = [], []
-    with platform.stage_buffer_cache():  # as MobileO.ask
+    with model.stage("text"):  # as MobileO.ask
         for response in stream_generate(model.component("language"), model.tokenizer.hf,
                                         prompt=mx.array([], dtype=mx.uint32), input_embeddings=embeddings[0],
                                         max_tokens=args.tokens, sampler=make_sampler(temp=0.0)):

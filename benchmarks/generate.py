@@ -51,7 +51,7 @@ REFERENCE_STEPS = 20
 
 
 def mlx_worker(args) -> dict:
-    from mobileo_mlx import platform, processing
+    from mobileo_mlx import platform
     from mobileo_mlx.pipeline import MobileO
 
     model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
@@ -70,7 +70,7 @@ def mlx_worker(args) -> dict:
     rss_loaded = common.rss_gb()
     matmul = common.mlx_matmul_gflops()
     copy = common.mlx_copy_gbps()
-    prompt = model._caption_prompt(processing.generation_prompt, args.prompt)
+    prompt = model.caption_prompt(args.prompt)
     noise = common.noise(model.config, args.size)
     if _warmup(args, platform.backend() != "cpu"):
         warm = model.conditioning(prompt)
@@ -85,7 +85,7 @@ def mlx_worker(args) -> dict:
     llm_s = time.perf_counter() - t0
     peaks["llm_mcp"] = common.mlx_peak_gb()
     if not args.keep_loaded:
-        model.release(*model.CONDITIONING_COMPONENTS)
+        model.release(*model.STAGES["conditioning"].components)
     load("dit")
 
     common.mlx_reset_peak()
@@ -98,7 +98,7 @@ def mlx_worker(args) -> dict:
         last = now
     peaks["dit"] = common.mlx_peak_gb()
     if not args.keep_loaded:
-        model.release("dit")
+        model.release(*model.STAGES["dit"].components)
     load("vae")
 
     common.mlx_reset_peak()
@@ -335,13 +335,12 @@ def _instrument(profiler: OpProfiler, model) -> None:
 
 
 def profile_worker(args) -> dict:
-    from mobileo_mlx import processing
     from mobileo_mlx.pipeline import MobileO
 
     model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
     dit, vae = model.component("dit"), model.component("vae")
-    conditioning = model.conditioning(model._caption_prompt(processing.generation_prompt, args.prompt))
-    model.release("language", "mcp")
+    conditioning = model.caption_conditioning(args.prompt)
+    model.release(*model.STAGES["conditioning"].components)
     noise = common.noise(model.config, args.size)
     latents = model.initial_latents(args.size, noise=noise).astype(model.dtype)
     context = mx.concatenate([conditioning.uncond, conditioning.cond]).astype(model.dtype)

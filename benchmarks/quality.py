@@ -66,7 +66,7 @@ def worker(args) -> dict:
     out["vision"] = _np(features)
     model.image_features = lambda image: features
     timings["vision"] = time.perf_counter() - t0
-    model.release(*model.PICTURE_COMPONENTS)
+    model.release(*model.STAGES["vision"].components)
 
     # LM: last-position logits, 64 greedy tokens, teacher-forced argmaxes on the baseline's tokens
     t = time.perf_counter()
@@ -92,9 +92,9 @@ def worker(args) -> dict:
 
     # MCP output (the DiT conditioning), LM + MCP end to end
     t = time.perf_counter()
-    conditioning = model.conditioning(model._caption_prompt(processing.generation_prompt, common.PROMPT))
+    conditioning = model.caption_conditioning(common.PROMPT)
     out["cond"], out["uncond"] = _np(conditioning.cond), _np(conditioning.uncond)
-    model.release("language", "mcp")
+    model.release(*model.STAGES["conditioning"].components)
     timings["mcp"] = time.perf_counter() - t
 
     # DiT velocity on the baseline's conditioning: the DiT alone
@@ -105,9 +105,10 @@ def worker(args) -> dict:
     cond = mx.array(reference["cond"] if reference is not None else out["cond"])
     uncond = mx.array(reference["uncond"] if reference is not None else out["uncond"])
     text = dit.encode_text(mx.concatenate([uncond, cond]).astype(model.dtype))
-    velocity = dit(mx.concatenate([latents, latents]), time=dit.embed_timestep(VELOCITY_TIMESTEP), text=text)
-    with model.products("dit"):  # as the pipeline evaluates a step
-        out["velocity"] = _np(velocity)
+    with model.stage("dit") as evaluate:  # built and evaluated as the pipeline does a step
+        velocity = evaluate(lambda x, text: dit(x, time=dit.embed_timestep(VELOCITY_TIMESTEP), text=text),
+                            mx.concatenate([latents, latents]), text)
+    out["velocity"] = _np(velocity)
     del text, velocity
     timings["dit_velocity"] = time.perf_counter() - t
 
@@ -116,7 +117,7 @@ def worker(args) -> dict:
     for step in model.generate_latents(conditioning, steps=args.steps, guidance=1.5, noise=noise):
         pass
     out["latents"] = _np(step.latents)
-    model.release("dit")
+    model.release(*model.STAGES["dit"].components)
     timings["denoise"] = time.perf_counter() - t
 
     t = time.perf_counter()

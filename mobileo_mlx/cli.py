@@ -3,12 +3,16 @@ is done by the package's Python API."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import sys
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -102,25 +106,113 @@ def _bf16_line(size: int) -> str:
 
 MODEL_ENV = "MOBILEO_MLX_MODEL"
 
-ModelOption = typer.Option(
-    None,
-    "--model",
-    "-m",
-    help="Hub id, original checkpoint folder, converted folder, or 'demo' (a tiny random model, "
-    f"works offline). Default: ${MODEL_ENV} or {DEFAULT_MODEL}.",
-    show_default=False,
-)
-LowMemoryOption = typer.Option(
-    False, "--low-memory", help="Load each component only while it is needed (lower peak memory, slower)."
-)
-CpuMatmulOption = typer.Option(
-    None,
-    "--cpu-matmul",
-    help="On the CPU backend, how the vision encoder, DiT and VAE multiply: bf16 (bfloat16 inputs, "
-    "float32 sums, ~1.8x faster products; needs AVX512-BF16), fp32, or auto (bf16 where the CPU has "
-    "it). The language model always multiplies in float32. Default: $MOBILEO_MLX_CPU_MATMUL or auto.",
-    show_default=False,
-)
+# Options that several commands share are written once, as the fields of a frozen dataclass (an
+# option group: each field an Annotated typer option, with its default). A command takes a group
+# as one parameter; `_with_option_groups` shows typer the group's fields in its place.
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model, and how the CPU multiplies: every command that runs the model."""
+
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m",
+        help="Hub id, original checkpoint folder, converted folder, or 'demo' (a tiny random model, "
+        f"works offline). Default: ${MODEL_ENV} or {DEFAULT_MODEL}.",
+        show_default=False,
+    )] = None
+    cpu_matmul: Annotated[Optional[str], typer.Option(
+        "--cpu-matmul",
+        help="On the CPU backend, how the vision encoder, DiT and VAE multiply: bf16 (bfloat16 inputs, "
+        "float32 sums, ~1.8x faster products; needs AVX512-BF16), fp32, or auto (bf16 where the CPU has "
+        "it). The language model always multiplies in float32. Default: $MOBILEO_MLX_CPU_MATMUL or auto.",
+        show_default=False,
+    )] = None
+
+
+OUTPUT_HELP = ("Image file to write (its extension picks the format; none: .png) or folder to write into "
+               "(an existing one, or a path ending in /; created if missing). Numbered name-0, name-1... when "
+               "-n > 1, and name-1, name-2... when the name is taken.")
+# -o, shared too; each command gives its own default.
+OutputOption = Annotated[str, typer.Option("--output", "-o", metavar="PATH", help=OUTPUT_HELP)]
+
+
+@dataclass(frozen=True)
+class PictureOptions:
+    """generate's and edit's options (`_image_job` checks them before the model loads)."""
+
+    count: Annotated[int, typer.Option(
+        "-n", "--count", help=f"How many images (seeds SEED, SEED+1, ...), 1 to {options.MAX_IMAGES}.")] = 1
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed).")] = None
+    steps: Annotated[int, typer.Option("--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}.")] = 20
+    guidance: Annotated[float, typer.Option(
+        "--guidance", help=f"Classifier-free guidance scale, 0 to {options.MAX_GUIDANCE:g} (1 = off).")] = 1.5
+    size: Annotated[Optional[int], typer.Option(
+        "--size", help=f"Image side in pixels, a multiple of 32 up to {options.MAX_SIZE} "
+        "(default: the model's native size, 512).")] = None
+    scheduler: Annotated[str, typer.Option(
+        "--scheduler", help="dpm (DPM-Solver++ 2M, the reference) or euler (flow-matching Euler).")] = "dpm"
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace files already at the output names (never a folder) instead of numbering "
+        "new ones.")] = False
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="Load each component only while it is needed (lower peak memory, slower).")] = False
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """ask's and chat's options: how the answer is sampled, and the system prompt."""
+
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help=f"Longest answer in tokens (1 to {options.MAX_NEW_TOKENS}).")] = 256
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t",
+        help=f"Sampling temperature, 0 to {options.MAX_TEMPERATURE:g} (0 = greedy).")] = 0.0
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold, in (0, 1] (1 = off).")] = 1.0
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")] = 0
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        "--repetition-penalty",
+        help=f"Penalise repeated tokens, in (0, {options.MAX_REPETITION_PENALTY:g}] (1 = off). Default: off.",
+        show_default=False,
+    )] = None
+    system: Annotated[str, typer.Option("--system", help="System prompt.")] = DEFAULT_SYSTEM
+
+    def sampling(self) -> dict:
+        """The sampling options, checked (InputError for the first bad one)."""
+        return options.check_sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                      top_k=self.top_k, repetition_penalty=self.repetition_penalty)
+
+
+def _with_option_groups(command):
+    """``command`` as typer reads it: each parameter whose type is an option group (a dataclass)
+    becomes that group's fields, options in their own right, and reaches ``command`` as one
+    instance of the group. Every other parameter stays as it is."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    parameters, groups = [], {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        annotation = hints.get(name, parameter.annotation)
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            fields = dataclasses.fields(annotation)
+            field_hints = typing.get_type_hints(annotation, include_extras=True)
+            groups[name] = (annotation, [field.name for field in fields])
+            parameters += [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                             annotation=field_hints[field.name]) for field in fields]
+        else:
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+    names = [parameter.name for parameter in parameters]
+    if len(names) != len(set(names)):
+        raise TypeError(f"{command.__name__}: an option group repeats a parameter name ({names})")
+
+    @functools.wraps(command)
+    def run(**values):
+        for name, (group, fields) in groups.items():
+            values[name] = group(**{field: values.pop(field) for field in fields})
+        return command(**values)
+
+    run.__signature__ = inspect.Signature(parameters)
+    run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return run
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -241,20 +333,21 @@ def _peak_memory_line() -> str:
     return f"peak memory: MLX {mx.get_peak_memory() / 2**30:.2f} GiB, process RSS {rss:.2f} GiB"
 
 
-def _run_images(model, conditioning_fn, job: _ImageJob, files, tile=None):
-    """Shared by generate and edit: condition once, denoise/decode one image per target."""
+def _run_images(model, text: str, source, job: _ImageJob, files) -> None:
+    """generate's and edit's one path: condition once on the caption (on the instruction and
+    its ``source`` picture for edit), then denoise and decode one image per target."""
     import time
 
     from tqdm import tqdm
 
     size = model.check_size(job.size)  # the model's own multiple; its native size by default
     start = time.perf_counter()
-    conditioning = conditioning_fn()
+    conditioning = model.caption_conditioning(text, source)
     condition_time = time.perf_counter() - start
     typer.echo(f"prompt: {conditioning.prompt_tokens} tokens, LLM + MCP {condition_time:.2f} s", err=True)
     # This process never needs the understanding side again: free it before the DiT runs
     # (with the DiT released before the last decode, this keeps a generation under 2 GB).
-    model.release(*model.CONDITIONING_COMPONENTS)
+    model.release(*model.STAGES["conditioning"].components)
     plan = job.outputs
     count, steps = len(plan.targets), job.steps
     for number, target in enumerate(plan.targets):
@@ -270,9 +363,9 @@ def _run_images(model, conditioning_fn, job: _ImageJob, files, tile=None):
                     files.save_preview(model.decode(last.latents)[0], target, plan.format, plan.force)
         denoise_time = time.perf_counter() - start
         if number == count - 1:
-            model.release("dit")
+            model.release(*model.STAGES["dit"].components)
         start = time.perf_counter()
-        image = model.decode(last.latents, tile=tile)[0]
+        image = model.decode(last.latents)[0]
         decode_time = time.perf_counter() - start
         path = files.save(image, target, plan.format, plan.force)
         files.drop_preview(target)
@@ -283,59 +376,42 @@ def _run_images(model, conditioning_fn, job: _ImageJob, files, tile=None):
     typer.echo(_peak_memory_line(), err=True)
 
 
-OUTPUT_HELP = ("Image file to write (its extension picks the format; none: .png) or folder to write into "
-              "(an existing one, or a path ending in /; created if missing). Numbered name-0, name-1... when "
-              "-n > 1, and name-1, name-2... when the name is taken.")
+def _picture_job(output: str, default_name: str, picture: PictureOptions, loading: ModelOptions,
+                 preview_every: Optional[int] = None) -> _ImageJob:
+    """_image_job for a command's option groups."""
+    return _image_job(output, default_name, picture.count, picture.seed, picture.steps, picture.guidance,
+                      picture.size, picture.scheduler, preview_every, picture.force, loading.cpu_matmul)
 
 
 @app.command()
+@_with_option_groups
 def generate(
-    prompt: str = typer.Argument(..., help="What to draw."),
-    output: str = typer.Option("mobileo.png", "--output", "-o", metavar="PATH", help=OUTPUT_HELP),
-    count: int = typer.Option(1, "-n", "--count", help=f"How many images (seeds SEED, SEED+1, ...), 1 to {options.MAX_IMAGES}."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed)."),
-    steps: int = typer.Option(20, "--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}."),
-    guidance: float = typer.Option(1.5, "--guidance", help=f"Classifier-free guidance scale, 0 to {options.MAX_GUIDANCE:g} (1 = off)."),
-    size: Optional[int] = typer.Option(None, "--size", help=f"Image side in pixels, a multiple of 32 up to {options.MAX_SIZE} (default: the model's native size, 512)."),
-    scheduler: str = typer.Option("dpm", "--scheduler", help="dpm (DPM-Solver++ 2M, the reference) or euler (flow-matching Euler)."),
-    preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Write a preview (NAME.preview.EXT) every K steps; removed when the image is done."),
-    force: bool = typer.Option(False, "--force", help="Replace files already at the output names (never a folder) instead of numbering new ones."),
-    model: Optional[str] = ModelOption,
-    low_memory: bool = LowMemoryOption,
-    cpu_matmul: Optional[str] = CpuMatmulOption,
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: OutputOption = "mobileo.png",
+    picture: PictureOptions = PictureOptions(),
+    preview_every: Annotated[Optional[int], typer.Option(
+        "--preview-every", help="Write a preview (NAME.preview.EXT) every K steps; removed when the image is done.",
+    )] = None,
+    loading: ModelOptions = ModelOptions(),
 ) -> None:
     """Generate images from a text prompt."""
-    from . import processing
-
     files = outputs.RunFiles()
     with _sigterm_raises(), _user_errors(files):
         if not prompt.strip():
             _fail("the prompt is empty")
-        job = _image_job(output, "mobileo.png", count, seed, steps, guidance, size, scheduler,
-                         preview_every, force, cpu_matmul)
-        mobile_o = _load_model(model, low_memory, cpu_matmul)
-        _run_images(
-            mobile_o,
-            lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.generation_prompt, prompt)),
-            job, files,
-        )
+        job = _picture_job(output, "mobileo.png", picture, loading, preview_every)
+        mobile_o = _load_model(loading.model, picture.low_memory, loading.cpu_matmul)
+        _run_images(mobile_o, prompt, None, job, files)
 
 
 @app.command()
+@_with_option_groups
 def edit(
-    image: Path = typer.Argument(..., help="The picture to edit."),
-    instruction: str = typer.Argument(..., help="What to change."),
-    output: str = typer.Option("mobileo-edit.png", "--output", "-o", metavar="PATH", help=OUTPUT_HELP),
-    count: int = typer.Option(1, "-n", "--count", help=f"How many variants, 1 to {options.MAX_IMAGES}."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 to 2**64-1 (default: a fresh one, printed)."),
-    steps: int = typer.Option(20, "--steps", help=f"Denoising steps, 1 to {options.MAX_STEPS}."),
-    guidance: float = typer.Option(1.5, "--guidance", help=f"Classifier-free guidance scale, 0 to {options.MAX_GUIDANCE:g} (1 = off)."),
-    size: Optional[int] = typer.Option(None, "--size", help=f"Output side in pixels, a multiple of 32 up to {options.MAX_SIZE} (default 512)."),
-    scheduler: str = typer.Option("dpm", "--scheduler", help="dpm or euler."),
-    force: bool = typer.Option(False, "--force", help="Replace files already at the output names (never a folder) instead of numbering new ones."),
-    model: Optional[str] = ModelOption,
-    low_memory: bool = LowMemoryOption,
-    cpu_matmul: Optional[str] = CpuMatmulOption,
+    image: Annotated[Path, typer.Argument(help="The picture to edit.")],
+    instruction: Annotated[str, typer.Argument(help="What to change.")],
+    output: OutputOption = "mobileo-edit.png",
+    picture: PictureOptions = PictureOptions(),
+    loading: ModelOptions = ModelOptions(),
 ) -> None:
     """Edit a picture from an instruction."""
     from . import processing
@@ -344,15 +420,10 @@ def edit(
     with _sigterm_raises(), _user_errors(files):
         if not instruction.strip():
             _fail("the instruction is empty")
-        job = _image_job(output, "mobileo-edit.png", count, seed, steps, guidance, size, scheduler,
-                         None, force, cpu_matmul)
+        job = _picture_job(output, "mobileo-edit.png", picture, loading)
         source = processing.load_image(image)
-        mobile_o = _load_model(model, low_memory, cpu_matmul)
-        _run_images(
-            mobile_o,
-            lambda: mobile_o.conditioning(mobile_o._caption_prompt(processing.edit_prompt, instruction), source),
-            job, files,
-        )
+        mobile_o = _load_model(loading.model, picture.low_memory, loading.cpu_matmul)
+        _run_images(mobile_o, instruction, source, job, files)
 
 
 def _stream_to_stdout(responses) -> str:
@@ -369,43 +440,27 @@ def _stream_to_stdout(responses) -> str:
     return "".join(text)
 
 
-MaxTokensOption = typer.Option(256, "--max-tokens", help="Longest answer in tokens (1 to 4096).")
-TemperatureOption = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature, 0 to 10 (0 = greedy).")
-TopPOption = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold, in (0, 1] (1 = off).")
-TopKOption = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off).")
-RepetitionPenaltyOption = typer.Option(
-    None, "--repetition-penalty", help="Penalise repeated tokens, in (0, 10] (1 = off). Default: off.",
-    show_default=False,
-)
-
-
 @app.command()
+@_with_option_groups
 def ask(
-    image: Path = typer.Argument(..., help="The picture to ask about."),
-    question: str = typer.Argument(..., help="The question."),
-    max_tokens: int = MaxTokensOption,
-    temperature: float = TemperatureOption,
-    top_p: float = TopPOption,
-    top_k: int = TopKOption,
-    repetition_penalty: Optional[float] = RepetitionPenaltyOption,
-    system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
-    model: Optional[str] = ModelOption,
-    cpu_matmul: Optional[str] = CpuMatmulOption,
+    image: Annotated[Path, typer.Argument(help="The picture to ask about.")],
+    question: Annotated[str, typer.Argument(help="The question.")],
+    answer: AnswerOptions = AnswerOptions(),
+    loading: ModelOptions = ModelOptions(),
 ) -> None:
     """Answer a question about a picture, streaming the answer."""
-    from . import options, processing
+    from . import processing
 
     with _user_errors():
         # Every check before the picture is decoded and the model loads.
-        sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                          top_k=top_k, repetition_penalty=repetition_penalty)
+        sampling = answer.sampling()
         if not question.strip():
             _fail("the question is empty")
-        options.check_prompt_chars(len(question) + len(system))
+        options.check_prompt_chars(len(question) + len(answer.system))
         source = processing.load_image(image)
         # One picture per process: the vision tower is freed once its features exist.
-        mobile_o = _load_model(model, True, cpu_matmul)
-        _stream_to_stdout(mobile_o.ask(source, question, system=system, stream=True, **sampling))
+        mobile_o = _load_model(loading.model, True, loading.cpu_matmul)
+        _stream_to_stdout(mobile_o.ask(source, question, system=answer.system, stream=True, **sampling))
 
 
 REPL_HELP = """\
@@ -490,34 +545,29 @@ def _chat_repl(reply, pictures: list) -> None:
 
 
 @app.command()
+@_with_option_groups
 def chat(
-    message: Optional[str] = typer.Argument(None, help="One message to answer; without it, an interactive chat starts."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Attach a picture to the (first) message."),
-    max_tokens: int = MaxTokensOption,
-    temperature: float = TemperatureOption,
-    top_p: float = TopPOption,
-    top_k: int = TopKOption,
-    repetition_penalty: Optional[float] = RepetitionPenaltyOption,
-    system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt."),
-    model: Optional[str] = ModelOption,
-    cpu_matmul: Optional[str] = CpuMatmulOption,
+    message: Annotated[Optional[str], typer.Argument(
+        help="One message to answer; without it, an interactive chat starts.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Attach a picture to the (first) message.")] = None,
+    answer: AnswerOptions = AnswerOptions(),
+    loading: ModelOptions = ModelOptions(),
 ) -> None:
     """Chat with the model. Interactive commands: /image PATH, /reset, /help, /exit."""
-    from . import options, processing
+    from . import processing
     from .processing import Message
 
     with _user_errors():
-        sampling = options.check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                          top_k=top_k, repetition_penalty=repetition_penalty)
+        sampling = answer.sampling()
         if message is not None:
             if not message.strip():
                 _fail("the message is empty")
-            options.check_prompt_chars(len(message) + len(system))
+            options.check_prompt_chars(len(message) + len(answer.system))
         pictures = [processing.load_image(image)] if image is not None else []
-        mobile_o = _load_model(model, False, cpu_matmul)
+        mobile_o = _load_model(loading.model, False, loading.cpu_matmul)
 
         def reply(messages) -> str:
-            return _stream_to_stdout(mobile_o.chat(messages, system=system, stream=True, **sampling))
+            return _stream_to_stdout(mobile_o.chat(messages, system=answer.system, stream=True, **sampling))
 
         if message is not None:
             reply([Message("user", message, tuple(pictures))])

@@ -1,6 +1,6 @@
 """The model object users hold: ``generate``, ``edit``, ``ask``, ``chat``.
 
-Data flow (SPEC §3):
+Data flow (docs/reference-model.md §3):
 
     understanding: image -> preprocess -> FastViTHD -> projector --+
                    prompt -> template -> tokens -> embeddings --- splice -> Qwen2 -> text
@@ -12,10 +12,16 @@ Data flow (SPEC §3):
 As in mlx-examples' stable_diffusion, the denoising loop is a generator
 (:meth:`MobileO.generate_latents`) the caller drives step by step (previews,
 progress bars, cancellation); :meth:`MobileO.decode` turns latents into a picture.
+
+Every stage (a picture's features, the conditioning, the denoising loop, the decode, an
+answer) runs inside :meth:`MobileO.stage`, the one place that says how a stage runs: MLX's
+buffer cache, the precision of its products and the release of its components
+(:attr:`MobileO.STAGES`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -31,6 +37,7 @@ from PIL import Image
 from mobileo_mlx.kernels import bf16_matmul
 
 from . import options, platform, processing, samplers
+from .models import dcae
 from .models.fastvit import FastViTConfig
 from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message, MessagesInput
 
@@ -54,15 +61,31 @@ class Conditioning:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class Stage:
+    """How one stage runs (:meth:`MobileO.stage`)."""
+
+    components: tuple[str, ...]  # what it may run; with low_memory they are freed when it ends
+    bf16_products: bool  # with bf16 CPU matmuls, its products take bfloat16 inputs (float32 sums)
+    buffer_cache: bool  # MLX's CPU buffer cache raised while it runs (platform.stage_buffer_cache)
+
+
 class MobileO:
     """A converted Mobile-O model; components load lazily on first use."""
 
-    PICTURE_COMPONENTS = ("vision", "projector")  # a picture -> its features
-    CONDITIONING_COMPONENTS = ("language", *PICTURE_COMPONENTS, "mcp")  # a prompt -> the DiT's conditioning
-    # With bf16 CPU matmuls, the stages whose products take bfloat16 inputs (float32 sums): the
-    # picture stages, heavy in FLOPs, whose outputs are pixels or features. The language model
-    # (and the MCP) stay float32: a token choice may flip on a rounding.
-    BF16_STAGES = ("vision", "dit", "vae")
+    # The stages and the components each runs, named once (the command line and the benchmarks
+    # use them too). bf16 products serve the picture stages, heavy in FLOPs, whose outputs are
+    # pixels or features; the language model and the MCP stay float32: a token choice may flip
+    # on a rounding. The conditioning, the denoising loop and an answer run the same temporaries
+    # over and over (layer after layer, step after step, token after token): they keep them cached.
+    STAGES = {
+        "vision": Stage(("vision", "projector"), bf16_products=True, buffer_cache=False),  # a picture -> features
+        "conditioning": Stage(("language", "vision", "projector", "mcp"),  # a prompt -> the DiT's conditioning
+                              bf16_products=False, buffer_cache=True),
+        "dit": Stage(("dit",), bf16_products=True, buffer_cache=True),  # the denoising loop
+        "vae": Stage(("vae",), bf16_products=True, buffer_cache=False),  # latents -> pixels
+        "text": Stage(("language",), bf16_products=False, buffer_cache=True),  # an answer, token by token
+    }
     # The features of this many recent pictures are kept (keyed by content), so a conversation's
     # later turns do not run the vision tower again for its pictures (~1 MB each at full size).
     PICTURE_CACHE_SIZE = 8
@@ -77,7 +100,8 @@ class MobileO:
         self.config = json.loads(config_path.read_text())
         self.low_memory = low_memory
         self.dtype = platform.compute_dtype()
-        # "fp32" or "bf16": how MLX's CPU backend multiplies in BF16_STAGES (GPUs: self.dtype).
+        # "fp32" or "bf16": how MLX's CPU backend multiplies in the stages with bf16_products
+        # (GPUs: self.dtype).
         try:
             self.cpu_matmul = bf16_matmul.resolve(cpu_matmul) if platform.backend() == "cpu" else "fp32"
         except ValueError as error:
@@ -91,15 +115,39 @@ class MobileO:
     def load(cls, model: str | os.PathLike = "Amshaker/Mobile-O-0.5B", *, quantize: str | None = None,
              low_memory: bool = False, cpu_matmul: str | None = None) -> "MobileO":
         """``model``: a converted folder, an original checkpoint folder, a hub id or ``"demo"``.
-        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``BF16_STAGES``."""
+        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``STAGES``."""
         from .hub import resolve_model
 
         kwargs = {} if quantize is None else {"quantize": quantize}
         return cls(resolve_model(str(model), **kwargs), low_memory=low_memory, cpu_matmul=cpu_matmul)
 
-    def products(self, stage: str):
-        """Context for evaluating ``stage``: bf16 CPU matmuls inside when chosen (a no-op otherwise)."""
-        return bf16_matmul.bf16_products(self.cpu_matmul == "bf16" and stage in self.BF16_STAGES)
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Run the stage ``name`` (a key of ``STAGES``) inside: MLX's CPU buffer cache raised
+        for it where its policy says so, then restored; with ``low_memory``, its components
+        freed when it ends (also on an error or when a generator inside is closed).
+
+        Yields ``evaluate(build, *args)``: builds ``build(*args)``, evaluates it with the
+        stage's precision (bf16 CPU products where they apply) and returns it. The precision
+        is process-wide, so it holds only there, never across the caller's code (the
+        denoising loop yields between its steps)."""
+        policy = self.STAGES[name]
+        bf16 = self.cpu_matmul == "bf16" and policy.bf16_products
+
+        def evaluate(build, *args):
+            # Built inside the precision too: on the CPU the native GELU and depthwise conv
+            # evaluate their inputs while the graph is being built.
+            with bf16_matmul.bf16_products(bf16):
+                result = build(*args)
+                mx.eval(result)
+            return result
+
+        try:
+            with platform.stage_buffer_cache() if policy.buffer_cache else contextlib.nullcontext():
+                yield evaluate
+        finally:
+            if self.low_memory:
+                self.release(*policy.components)
 
     # --- components -----------------------------------------------------------------
 
@@ -108,6 +156,11 @@ class MobileO:
         if name not in self._components:
             self._components[name] = self._weights.load_component(self.folder, name, dtype=self.dtype)
         return self._components[name]
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The components in memory now, in the order they were loaded."""
+        return tuple(self._components)
 
     def release(self, *names: str) -> None:
         """Drop components (``--low-memory`` does this between stages) and MLX's buffer cache;
@@ -147,14 +200,8 @@ class MobileO:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
         vision, projector = self.component("vision"), self.component("projector")
-        # Built inside the context too: on the CPU the native GELU and depthwise conv evaluate
-        # their inputs while the graph is being built.
-        with self.products("vision"):
-            features = projector(vision(pixels))
-            mx.eval(features)
-        if self.low_memory:
-            self.release(*self.PICTURE_COMPONENTS)
-        return features
+        with self.stage("vision") as evaluate:
+            return evaluate(lambda: projector(vision(pixels)))
 
     def _features_of(self, image: ImageInput) -> mx.array:
         """``image_features``, or the cached features of the same picture."""
@@ -206,8 +253,12 @@ class MobileO:
                 chunk.append(token)
         return mx.concatenate(pieces, axis=0)[None].astype(self.dtype)
 
-    def _caption_prompt(self, build, text: str) -> str:
-        """The generation/edit prompt, with the caption cut so it fits the 512-token limit."""
+    def caption_prompt(self, text: str, kind: str = "generate") -> processing.Prompt:
+        """The prompt that conditions the DiT: ``kind`` "generate" (``text`` is a caption) or
+        "edit" (an instruction about one picture, whose slot the prompt holds). The text is cut,
+        with a warning, so that the prompt fits the model's 512 tokens, as the reference's
+        tokenizer does (docs/reference-model.md §3.1)."""
+        build = _caption_template(kind, text)
         prompt = build(text)
         ids = self.tokenizer.encode_with_image_sentinel(prompt)
         if len(ids) <= processing.MAX_PROMPT_TOKENS:
@@ -224,24 +275,31 @@ class MobileO:
         warnings.warn(
             f"the prompt is over the {processing.MAX_PROMPT_TOKENS}-token limit; "
             f"its text was cut to the first {keep} tokens",
-            stacklevel=3,
+            stacklevel=2,
         )
         return prompt
+
+    def caption_conditioning(self, text: str, image: ImageInput | None = None) -> Conditioning:
+        """The DiT's conditioning for a caption, or, with ``image``, for an instruction to edit
+        that picture: ``conditioning(caption_prompt(text, kind), image)``. What ``generate``
+        and ``edit`` condition on."""
+        return self.conditioning(self.caption_prompt(text, "generate" if image is None else "edit"), image)
 
     # --- conditioning and denoising -------------------------------------------------
 
     def conditioning(self, prompt_text: str, image: ImageInput | None = None) -> Conditioning:
-        """MCP(last hidden states) for the prompt, and MCP(zeros of the same shape) for CFG."""
-        with platform.stage_buffer_cache():
+        """MCP(last hidden states) for the prompt, and MCP(zeros of the same shape) for CFG.
+        ``prompt_text``: a template (``caption_prompt``); ``image``: the picture of its slot."""
+        with self.stage("conditioning") as evaluate:
             embeddings = self.embed_prompt(prompt_text, image)
-            mcp = self.component("mcp")
+            mcp, language = self.component("mcp"), self.component("language")
             layers = int(self.config["mcp"]["num_layers"])
-            states = self.component("language").hidden_states(embeddings)[-layers:]
-            cond = mcp(states)
-            uncond = mcp([mx.zeros_like(h) for h in states])
-            mx.eval(cond, uncond)
-        if self.low_memory:
-            self.release(*self.CONDITIONING_COMPONENTS)
+
+            def mcp_outputs():
+                states = language.hidden_states(embeddings)[-layers:]
+                return mcp(states), mcp([mx.zeros_like(h) for h in states])
+
+            cond, uncond = evaluate(mcp_outputs)
         return Conditioning(cond, uncond, embeddings.shape[1])
 
     def initial_latents(self, size: int, seed: int | None = None, noise=None) -> mx.array:
@@ -304,37 +362,32 @@ class MobileO:
             mx.concatenate([conditioning.uncond, conditioning.cond]) if use_cfg else conditioning.cond
         ).astype(self.dtype)
         text = dit.encode_text(context)  # caption projection + every block's cross K/V, once
+
+        def step(index: int, timestep, latents: mx.array, state):
+            model_input = latents.astype(self.dtype)
+            if use_cfg:
+                model_input = mx.concatenate([model_input, model_input])
+            velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
+            velocity = velocity.astype(mx.float32)
+            if use_cfg:
+                v_uncond, v_cond = velocity[:1], velocity[1:]
+                velocity = v_uncond + guidance * (v_cond - v_uncond)
+            return sampler.step(plan, state, index, latents, velocity)
+
         state = sampler.initial_state(plan)
-        with platform.stage_buffer_cache():  # the same temporaries every step: keep them cached
+        with self.stage("dit") as evaluate:  # the whole loop: its buffer cache, then the DiT's release
             for index, timestep in enumerate(plan.timesteps):
-                with self.products("dit"):  # the step built and evaluated inside, not across the yield
-                    model_input = latents.astype(self.dtype)
-                    if use_cfg:
-                        model_input = mx.concatenate([model_input, model_input])
-                    velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
-                    velocity = velocity.astype(mx.float32)
-                    if use_cfg:
-                        v_uncond, v_cond = velocity[:1], velocity[1:]
-                        velocity = v_uncond + guidance * (v_cond - v_uncond)
-                    latents, state = sampler.step(plan, state, index, latents, velocity)
-                    mx.eval(latents)
+                latents, state = evaluate(step, index, timestep, latents, state)
                 yield DenoiseStep(index, steps, float(timestep), latents)
-        if self.low_memory:
-            self.release("dit")
 
     def decode(self, latents: mx.array, tile: int | None = None) -> list[Image.Image]:
-        """DC-AE decode (latents / scaling factor), then [-1, 1] -> [0, 1] -> PIL images."""
+        """DC-AE decode (latents / scaling factor), then [-1, 1] -> [0, 1] -> PIL images.
+        By default the whole picture, exactly; ``tile``: overlapping tiles of ``tile`` x
+        ``tile`` latents, decoded one at a time and blended (an approximation, for memory)."""
         vae = self.component("vae")
         scaled = (latents / float(self.config["vae"]["scaling_factor"])).astype(self.dtype)
-        with self.products("vae"):  # the decoder evaluates band by band inside
-            if tile is not None and hasattr(vae, "decode_tiled"):
-                images = vae.decode_tiled(scaled, tile=tile)
-            else:
-                images = vae(scaled)
-            images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-            mx.eval(images)
-        if self.low_memory:
-            self.release("vae")
+        with self.stage("vae") as evaluate:
+            images = evaluate(lambda: mx.clip(_decoded(vae, scaled, tile).astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
         return [processing.to_pil(np.array(image)) for image in images]
 
     # --- the four user-facing calls -------------------------------------------------
@@ -342,24 +395,21 @@ class MobileO:
     def generate(self, prompt: str, steps: int = 20, guidance: float = 1.5, seed: int | None = None,
                  noise=None, size: int | None = None, scheduler: str = "dpm") -> Image.Image:
         """Text to image. With ``noise`` (NCHW, the reference layout) the result is deterministic."""
-        if not prompt or not prompt.strip():
-            raise InputError("the prompt is empty")
-        self._denoising_options(steps, guidance, size, seed, scheduler)  # before the language model runs
-        conditioning = self.conditioning(self._caption_prompt(processing.generation_prompt, prompt))
-        last = None
-        for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
-                                          seed=seed, noise=noise, scheduler=scheduler):
-            pass
-        return self.decode(last.latents)[0]
+        return self._picture("generate", prompt, None, steps, guidance, seed, noise, size, scheduler)
 
     def edit(self, image: ImageInput, instruction: str, steps: int = 20, guidance: float = 1.5,
              seed: int | None = None, noise=None, size: int | None = None, scheduler: str = "dpm") -> Image.Image:
         """Instruction-based editing: the source picture enters through the LLM context only."""
-        if not instruction or not instruction.strip():
-            raise InputError("the instruction is empty")
-        self._denoising_options(steps, guidance, size, seed, scheduler)  # before the models run
-        source = processing.load_image(image)
-        conditioning = self.conditioning(self._caption_prompt(processing.edit_prompt, instruction), source)
+        return self._picture("edit", instruction, image, steps, guidance, seed, noise, size, scheduler)
+
+    def _picture(self, kind: str, text: str, image: ImageInput | None, steps, guidance, seed, noise, size,
+                 scheduler) -> Image.Image:
+        """generate's and edit's one path: every input checked before the models run, then the
+        caption's conditioning, the denoising loop and the decode."""
+        _caption_template(kind, text)  # the first error a caller sees
+        self._denoising_options(steps, guidance, size, seed, scheduler)
+        source = processing.load_image(image) if kind == "edit" else None
+        conditioning = self.caption_conditioning(text, source)
         last = None
         for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
                                           seed=seed, noise=noise, scheduler=scheduler):
@@ -418,13 +468,36 @@ class MobileO:
             sampler=sampler,
             logits_processors=processors,
         )
-        return _with_stage_cache(responses)
+        return self._answer(responses)
+
+    def _answer(self, responses):
+        """mlx-lm's responses, produced inside the "text" stage (the prefill and every decoding step)."""
+        with self.stage("text"):
+            yield from responses
 
 
-def _with_stage_cache(responses):
-    """The prefill and every decoding step reuse the same temporaries (platform.stage_buffer_cache)."""
-    with platform.stage_buffer_cache():
-        yield from responses
+# The prompts that condition the DiT, by kind: their template, and what their text is called.
+CAPTIONS = {"generate": (processing.generation_prompt, "prompt"), "edit": (processing.edit_prompt, "instruction")}
+
+
+def _caption_template(kind: str, text):
+    """The template of ``kind``, once ``text`` is known to be some text for it."""
+    if kind not in CAPTIONS:
+        raise InputError(f"unknown caption kind {kind!r}: expected one of {', '.join(CAPTIONS)}")
+    build, name = CAPTIONS[kind]
+    if not isinstance(text, str):
+        raise InputError(f"the {name} must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"the {name} is empty")
+    return build
+
+
+def _decoded(vae, latents: mx.array, tile: int | None) -> mx.array:
+    """The decode strategy, chosen here only: overlapping tiles when asked, else the whole
+    picture, exactly (the decoder runs its high-resolution blocks in exact row bands)."""
+    if tile is not None:
+        return dcae.decode_tiled(vae, latents, tile=tile)
+    return vae(latents)
 
 
 def _join(responses) -> str:

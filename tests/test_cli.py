@@ -1,4 +1,5 @@
-"""The real `mobileo-mlx` commands on the demo model, in subprocesses as a user runs them."""
+"""The real `mobileo-mlx` commands on the demo model, in subprocesses as a user runs them; and,
+in-process with a stand-in model, that each option of the shared option groups reaches it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
+
+from mobileo_mlx import cli
+from mobileo_mlx.pipeline import DenoiseStep, MobileO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +160,104 @@ def test_ctrl_c_stops_cleanly_and_leaves_nothing_unfinished(env, tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "warm.png")
     assert all(str(tmp_path / name) in said for name in left)
     assert not [name for name in left if "preview" in name or name.startswith(".")]
+
+
+# --- the option groups: each option reaches the model (a stand-in, in-process) ------------------
+
+
+class StandInModel:
+    """Records what a command asks of the model; its pictures are flat."""
+
+    STAGES = MobileO.STAGES
+
+    def __init__(self):
+        self.loads, self.calls = [], []
+
+    def check_size(self, size):
+        return 128 if size is None else size
+
+    def caption_conditioning(self, text, source=None):
+        self.calls.append(("conditioning", text, None if source is None else source.size))
+        return SimpleNamespace(prompt_tokens=3)
+
+    def release(self, *names):
+        pass
+
+    def generate_latents(self, conditioning, **options):
+        self.calls.append(("denoise", options))
+        for index in range(options["steps"]):
+            yield DenoiseStep(index, options["steps"], 999.0, None)
+
+    def decode(self, latents):
+        return [Image.new("RGB", (8, 8), "gray")]
+
+    def ask(self, image, question, **options):
+        self.calls.append(("ask", question, image.size, options))
+        return iter([SimpleNamespace(text="an answer")])
+
+    def chat(self, messages, **options):
+        self.calls.append(("chat", [(m.role, m.content, len(m.images)) for m in messages], options))
+        return iter([SimpleNamespace(text="a reply")])
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    model = StandInModel()
+    monkeypatch.setattr(cli, "_load_model", lambda *args: model.loads.append(args) or model)
+    return model
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_generate_and_edit_pass_every_option_on(stand_in, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (20, 10), "red").save(source)
+    out = tmp_path / "out"
+    shared = ["-o", out / "x.png", "-n", "2", "--seed", "5", "--steps", "3", "--guidance", "2.5", "--size", "64",
+              "--scheduler", "euler", "--force", "--low-memory", "--cpu-matmul", "fp32", "--model", "some/model"]
+    denoise = [("denoise", {"steps": 3, "guidance": 2.5, "size": 64, "seed": seed, "scheduler": "euler"})
+               for seed in (5, 6)]
+    for head, conditioning in [(["generate", "a kite", "--preview-every", "2"], ("conditioning", "a kite", None)),
+                               (["edit", source, "make it red"], ("conditioning", "make it red", (20, 10)))]:
+        stand_in.loads.clear(), stand_in.calls.clear()
+        result = invoke(*head, *shared)
+        assert stand_in.loads == [("some/model", True, "fp32")]
+        assert stand_in.calls == [conditioning, *denoise]
+        assert "seed 5" in result.stdout and "seed 6" in result.stdout
+        assert sorted(p.name for p in out.iterdir()) == ["x-0.png", "x-1.png"]  # --force: edit replaced them
+
+
+def test_generate_and_edit_defaults(stand_in, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (20, 10), "red").save(source)
+    invoke("generate", "a kite", "-o", f"{tmp_path}/")
+    invoke("edit", source, "make it red", "-o", f"{tmp_path}/")
+    assert stand_in.loads == [(None, False, None)] * 2
+    denoise = [options for kind, *rest in stand_in.calls if kind == "denoise" for options in rest]
+    assert [{k: v for k, v in options.items() if k != "seed"} for options in denoise] == [
+        {"steps": 20, "guidance": 1.5, "size": 128, "scheduler": "dpm"}] * 2
+    assert all(isinstance(options["seed"], int) for options in denoise)  # a fresh one, printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "mobileo-edit.png", "mobileo.png"]
+
+
+def test_ask_and_chat_pass_every_option_on(stand_in, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (20, 10), "red").save(source)
+    shared = ["--max-tokens", "7", "-t", "0.5", "--top-p", "0.9", "--top-k", "3", "--repetition-penalty", "1.2",
+              "--system", "Be brief.", "--cpu-matmul", "fp32", "-m", "some/model"]
+    options = {"system": "Be brief.", "stream": True, "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+               "top_k": 3, "repetition_penalty": 1.2}
+    assert invoke("ask", source, "What is it?", *shared).stdout == "an answer\n"
+    assert invoke("chat", "hello", "--image", source, *shared).stdout == "a reply\n"
+    assert stand_in.loads == [("some/model", True, "fp32"), ("some/model", False, "fp32")]
+    assert stand_in.calls == [("ask", "What is it?", (20, 10), options), ("chat", [("user", "hello", 1)], options)]
+    stand_in.calls.clear()
+    invoke("ask", source, "What is it?")
+    invoke("chat", "hello")
+    defaults = {"system": cli.DEFAULT_SYSTEM, "stream": True, "max_tokens": 256, "temperature": 0.0, "top_p": 1.0,
+                "top_k": 0, "repetition_penalty": None}
+    assert stand_in.calls == [("ask", "What is it?", (20, 10), defaults), ("chat", [("user", "hello", 0)], defaults)]

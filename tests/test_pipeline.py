@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import mobileo_mlx
+from mobileo_mlx import platform
 from mobileo_mlx.convert import from_torch
 from mobileo_mlx.kernels import bf16_matmul
 from mobileo_mlx.convert import demo
@@ -142,8 +143,157 @@ def test_bad_input_raises_one_clear_error(model, call, message):
 def test_long_prompts_are_truncated_with_a_warning(model):
     long_prompt = " ".join(["bicycle"] * 600)
     with pytest.warns(UserWarning, match="512-token limit"):
-        conditioning = model.conditioning(model._caption_prompt(mobileo_mlx.processing.generation_prompt, long_prompt))
+        conditioning = model.caption_conditioning(long_prompt)
     assert conditioning.prompt_tokens <= 512
+    with pytest.warns(UserWarning, match="512-token limit"):  # an edit instruction: its picture slot counts
+        prompt = model.caption_prompt(long_prompt, "edit")
+    assert len(model.tokenizer.encode_with_image_sentinel(prompt)) <= 512
+    assert prompt.startswith("<|im_start|>system") and "bicycle bicycle" in prompt
+
+
+def test_caption_prompts_are_the_reference_templates(model):
+    """caption_prompt: the generation and edit templates of docs/reference-model.md §3.1 around the
+    text, the edit one with one picture slot; bad input is one InputError."""
+    from mobileo_mlx import processing
+
+    head, tail = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", \
+        "<|im_end|>\n<|im_start|>assistant\n"
+    assert model.caption_prompt("a kite") == head + "Please generate image based on the following caption: a kite" + tail
+    edit = model.caption_prompt("make it blue", "edit")
+    assert edit == (head + "<image>\nPlease edit the provided image according to the following description: "
+                    "make it blue" + tail)
+    assert model.prompt_ids(edit, pictures=1).count(processing.IMAGE_TOKEN_SENTINEL) == 1
+    with pytest.raises(mobileo_mlx.processing.InputError, match="instruction is empty"):
+        model.caption_prompt("  ", "edit")
+    with pytest.raises(mobileo_mlx.processing.InputError, match="unknown caption kind 'ask'"):
+        model.caption_prompt("x", "ask")
+    with pytest.raises(mobileo_mlx.processing.InputError, match="prompt must be a str, got int"):
+        model.generate(5)
+
+
+def test_generate_and_edit_are_the_documented_pieces(model):
+    """generate / edit give the same bytes as the pieces the README shows: caption_conditioning,
+    the generate_latents loop, decode."""
+    source = picture(5)
+    for call, conditioning in [
+        (lambda: model.generate(PROMPT, steps=3, seed=4), lambda: model.caption_conditioning(PROMPT)),
+        (lambda: model.edit(source, "make it blue", steps=3, seed=4),
+         lambda: model.caption_conditioning("make it blue", source)),
+    ]:
+        whole = np.asarray(call())
+        for step in model.generate_latents(conditioning(), steps=3, seed=4):
+            pass
+        assert np.array_equal(whole, np.asarray(model.decode(step.latents)[0]))
+    assert not np.array_equal(np.asarray(model.generate("make it blue", steps=3, seed=4)),
+                              np.asarray(model.edit(source, "make it blue", steps=3, seed=4)))
+
+
+def test_tiled_decoding_is_chosen_by_tile(model):
+    """decode(tile=None): the whole picture; tile=T: T x T latent tiles (the whole when one covers it)."""
+    latents = model.initial_latents(256, seed=1)  # 8 x 8 latent cells
+    whole = np.asarray(model.decode(latents)[0])
+    assert np.array_equal(np.asarray(model.decode(latents, tile=8)[0]), whole)
+    tiled = np.asarray(model.decode(latents, tile=5)[0])  # 2 x 2 tiles, 2 cells of overlap
+    assert tiled.shape == whole.shape == (256, 256, 3)
+    assert not np.array_equal(tiled, whole)
+
+
+# --- the stage context ---------------------------------------------------------------------
+
+
+def test_the_stages_name_every_component_once():
+    from mobileo_mlx import weights
+    from mobileo_mlx.pipeline import MobileO
+
+    stages = MobileO.STAGES
+    assert {c for stage in stages.values() for c in stage.components} == set(weights.COMPONENTS)
+    assert all(len(set(stage.components)) == len(stage.components) for stage in stages.values())
+
+
+def test_low_memory_frees_each_stage_s_components_when_it_ends(model):
+    lean = mobileo_mlx.load(str(model.folder), low_memory=True)
+    lean.image_features(picture(6))
+    assert lean.loaded == ()
+    conditioning = lean.caption_conditioning("make it blue", picture(6))
+    assert lean.loaded == ()
+    during = []
+    for step in lean.generate_latents(conditioning, steps=3, seed=2):
+        during.append(lean.loaded)
+    assert during == [("dit",)] * 3 and lean.loaded == ()
+    steps = lean.generate_latents(conditioning, steps=3, seed=2)
+    next(steps)
+    steps.close()  # a loop stopped early frees the DiT too
+    assert lean.loaded == ()
+    lean.decode(step.latents)
+    assert lean.loaded == ()
+    assert lean.ask(picture(6), "What is it?", max_tokens=3) is not None
+    assert lean.loaded == ()
+    # Without low_memory the components stay for the next call; the pictures are the same.
+    kept = mobileo_mlx.load(str(model.folder))
+    assert np.array_equal(np.asarray(kept.generate(PROMPT, steps=2, seed=9)),
+                          np.asarray(lean.generate(PROMPT, steps=2, seed=9)))
+    assert set(kept.loaded) == {"language", "mcp", "dit", "vae"} and lean.loaded == ()
+
+
+def _cache_limit() -> int:
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
+@pytest.mark.skipif(platform.backend() != "cpu", reason="the stage buffer cache is for MLX's CPU backend")
+def test_the_buffer_cache_limit_is_raised_for_its_stages_and_restored(model):
+    small = 1 << 20
+    previous = mx.set_cache_limit(small)
+    try:
+        conditioning = model.caption_conditioning(PROMPT)
+        assert _cache_limit() == small
+        during = [_cache_limit() for _ in model.generate_latents(conditioning, steps=3, seed=0)]
+        assert min(during) > small and _cache_limit() == small
+        during = [_cache_limit() for _ in model.chat("Hello", max_tokens=3, stream=True)]
+        assert min(during) > small and _cache_limit() == small
+        with model.stage("vae"):  # the decode keeps the limit it finds
+            assert _cache_limit() == small
+        with pytest.raises(RuntimeError, match="stopped"):
+            with model.stage("conditioning"):
+                assert _cache_limit() > small
+                raise RuntimeError("stopped")
+        assert _cache_limit() == small
+    finally:
+        mx.set_cache_limit(previous)
+
+
+@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
+def test_bf16_products_hold_only_while_a_picture_stage_evaluates(model):
+    """The bf16 switch is process-wide: it must be on inside a picture stage's evaluation and
+    off everywhere else, between the denoising steps (the caller's code) and in the LM's stages."""
+    def bf16_on() -> bool:
+        before = bf16_matmul.products_done()
+        mx.eval(mx.ones((16, 16)) @ mx.ones((16, 16)))
+        return bf16_matmul.products_done() > before
+
+    fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
+    before = bf16_matmul.min_product()
+    bf16_matmul.min_product(0)
+    try:
+        with bf16_matmul.bf16_products():
+            assert bf16_on()  # the probe sees the switch
+        assert not bf16_on()
+        for name in ("vision", "dit", "vae"):
+            with fast.stage(name) as evaluate:
+                assert evaluate(bf16_on) and not bf16_on()
+            with model.stage(name) as evaluate:  # cpu_matmul="fp32" (the suite's)
+                assert not evaluate(bf16_on)
+        for name in ("conditioning", "text"):
+            with fast.stage(name) as evaluate:
+                assert not evaluate(bf16_on)
+        conditioning = fast.caption_conditioning(PROMPT)
+        done = bf16_matmul.products_done()
+        between = [bf16_on() for step in fast.generate_latents(conditioning, steps=3, seed=0)]
+        assert between == [False] * 3 and bf16_matmul.products_done() > done  # the steps ran in bf16
+        assert [bf16_on() for _ in fast.chat("Hello", max_tokens=3, stream=True)] == [False] * 3
+    finally:
+        bf16_matmul.min_product(before)
 
 
 @pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
