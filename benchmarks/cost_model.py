@@ -93,8 +93,8 @@ def vae_decode_flops(vae: dict, size: int = 512) -> float:
             else:
                 branches = 1 + len(scales[i])
                 total += 6 * hw * c * c  # q, k, v
-                for k in scales[i]:
-                    total += 2 * hw * 3 * c * k * k + 2 * hw * 3 * c * 3 * head_dim  # dw kxk, grouped 1x1
+                for k in scales[i]:  # q, k, v together: depthwise kxk, then 1x1 in groups of head_dim
+                    total += 2 * hw * 3 * c * k * k + 2 * hw * 3 * c * head_dim
                 heads = branches * c // head_dim
                 total += heads * 4 * hw * head_dim * (head_dim + 1)  # linear attention (padded v)
                 total += 2 * hw * branches * c * c  # to_out
