@@ -250,9 +250,9 @@ def stage_table(sides: list[str], results: dict, times: dict, target: int, steps
                              ("steps", f"all {target} steps{extrapolated}", "dit"), ("vae", "VAE decode", "vae"),
                              ("total", "total" + (" (extrapolated)" if extrapolated else ""), None)):
         peaks = []
-        if "mlx" in results:
+        if "mlx" in results:  # the stage's own peak; the total's is the highest of them
             mlx_peaks = results["mlx"]["mlx_peak_gb"]
-            peaks = [fmt(mlx_peaks[peak], 2) if peak else fmt(max(mlx_peaks.values()), 2) if key == "total" else ""]
+            peaks = [fmt(mlx_peaks[peak] if peak else max(mlx_peaks.values()), 2) if peak or key == "total" else ""]
         values = {side: times[side][key] for side in sides}
         rows.append((label, values, 3 if key in ("step", "best_step") else 2, False, peaks))
     return report.side_table(sides, rows, suffix=" s", extra_headers=["MLX peak GB"] if "mlx" in results else [])
