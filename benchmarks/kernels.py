@@ -19,12 +19,11 @@ Metal kernels can only be measured on a Mac.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
-import mobileo_mlx  # noqa: F401  (BLAS routing, before mlx.core)
-import mlx.core as mx
+from benchmarks import measure, report
+
+import mlx.core as mx  # noqa: E402  (after mobileo_mlx, imported by benchmarks.measure)
 
 from mobileo_mlx.kernels import _dispatch
 from mobileo_mlx.kernels import depthwise as dw
@@ -62,15 +61,7 @@ QUICK = {"mcp conv1d k3 (CFG batch, 77 tok)", "sana GLUMBConv dw3x3+glu 16x16x57
 
 def _time(fn, args, repeats: int, budget_s: float) -> float:
     mx.eval(fn(*args))  # warm-up: compile, caches
-    best = float("inf")
-    start = time.perf_counter()
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and i >= 1:
-            break
-    return best * 1e3
+    return measure.best_seconds(lambda: mx.eval(fn(*args)), repeats, budget_s) * 1e3
 
 
 def _rel_err(a, b) -> float:
@@ -172,10 +163,8 @@ def main(argv=None) -> int:
                        on_metal, args)
         rows.append(res)
         _print_row(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(backend=backend, device=platform.device_name(), dtype=str(dtype),
-                           mlx=mx.__version__, rows=rows), f, indent=1)
+    report.write_json(args.json, dict(backend=backend, device=platform.device_name(), dtype=str(dtype),
+                                      mlx=mx.__version__, rows=rows))
     return 0
 
 

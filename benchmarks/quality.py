@@ -25,17 +25,18 @@ tell how much quantization perturbs the computation, not how good the pictures o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import cli, inputs, measure, report
+from benchmarks.report import fmt
 
-import mlx.core as mx  # noqa: E402  (after mobileo_mlx, imported by common)
+import mlx.core as mx  # noqa: E402  (after mobileo_mlx, imported by benchmarks.measure)
 import numpy as np  # noqa: E402
 
+SCRIPT = "benchmarks.quality"
 GREEDY_TOKENS = 64
 VELOCITY_TIMESTEP = 499.0
 
@@ -60,7 +61,7 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
 
     # vision features (FastViTHD + projector) of the shared picture
-    picture = common.picture(1024)
+    picture = inputs.picture(1024)
     features = model.image_features(picture)
     mx.eval(features)
     out["vision"] = _np(features)
@@ -71,7 +72,7 @@ def worker(args) -> dict:
     # LM: last-position logits, 64 greedy tokens, teacher-forced argmaxes on the baseline's tokens
     t = time.perf_counter()
     lm = model.component("language")
-    embeddings = model.embed_prompt(processing.understanding_prompt(common.QUESTION), picture)
+    embeddings = model.embed_prompt(processing.understanding_prompt(inputs.QUESTION), picture)
     head = lm.model.embed_tokens.as_linear if lm.args.tie_word_embeddings else lm.lm_head
     cache = make_prompt_cache(lm)
     logits = head(lm.model(None, cache, embeddings)[:, -1])  # the head on the last position only
@@ -92,7 +93,7 @@ def worker(args) -> dict:
 
     # MCP output (the DiT conditioning), LM + MCP end to end
     t = time.perf_counter()
-    conditioning = model.caption_conditioning(common.PROMPT)
+    conditioning = model.caption_conditioning(inputs.PROMPT)
     out["cond"], out["uncond"] = _np(conditioning.cond), _np(conditioning.uncond)
     model.release(*model.STAGES["conditioning"].components)
     timings["mcp"] = time.perf_counter() - t
@@ -100,7 +101,7 @@ def worker(args) -> dict:
     # DiT velocity on the baseline's conditioning: the DiT alone
     t = time.perf_counter()
     dit = model.component("dit")
-    noise = common.noise(model.config, 512)
+    noise = inputs.noise(model.config["vae"], 512)
     latents = model.initial_latents(512, noise=noise).astype(model.dtype)
     cond = mx.array(reference["cond"] if reference is not None else out["cond"])
     uncond = mx.array(reference["uncond"] if reference is not None else out["uncond"])
@@ -132,7 +133,7 @@ def worker(args) -> dict:
     return {"side": args.worker, "dtype": str(model.dtype).split(".")[-1], "cpu_matmul": model.cpu_matmul,
             "backend": platform.backend(),
             "recipe": model.config.get("quantization", {}).get("recipe"), "npz": str(path), "timings": timings,
-            "peak_rss_gb": common.peak_rss_gb(), "mlx_peak_gb": common.mlx_peak_gb(), "load": common.load_average()}
+            "peak_rss_gb": measure.peak_rss_gb(), "mlx_peak_gb": measure.mlx_peak_gb(), "load": measure.load_average()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,32 +181,45 @@ def _err(pair) -> str:
     return f"{rel:.2e} ({cos:.5f})"
 
 
+def quality_table(variants: list[tuple[str, str]], results: dict, runs: dict, sizes: dict, compute: str,
+                  steps: int) -> str:
+    headers = ["recipe (compute dtype)", "size GiB", "vision feat.", "LM logits (last)", "greedy 64: forced / free",
+               "MCP out", "DiT velocity", f"latent ({steps} steps)", "image PSNR dB (max abs diff)", "VAE-only PSNR dB"]
+    rows = []
+    for recipe, matmul in variants:
+        r = results[f"{recipe}/{matmul}"]
+        bf16 = runs.get(f"{recipe}/{matmul}", {}).get("cpu_matmul") == "bf16"
+        label = f"{recipe} ({compute}" + (", bf16 matmuls)" if bf16 else ")")
+        if r is None:
+            rows.append([label, fmt(sizes[recipe], 2), "= baseline", "= baseline", "100% / 64", "= baseline",
+                         "= baseline", "= baseline", "inf (0)", "inf"])
+            continue
+        rows.append([label, fmt(sizes[recipe], 2), _err(r["vision"]),
+                     _err(r["logits"]) + ("" if r["top1_last"] else " top-1 differs"),
+                     f"{100 * r['greedy_forced']:.0f}% / {r['greedy_free']}", _err(r["mcp"]), _err(r["velocity"]),
+                     _err(r["latents"]), f"{r['psnr']:.1f} ({r['max_delta']})", fmt(r.get("psnr_vae_only"), 1)])
+    return report.table(headers, rows)
+
+
 def parent(args) -> int:
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    for recipe in recipes:
-        if recipe not in common.RECIPES:
-            raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(common.RECIPES)}")
-    common.full_checkpoint(args.rebuild)
-    folders = {recipe: common.converted(recipe, args.rebuild) for recipe in sorted(set(recipes) | {"none"})}
-    out = common.bench_dir() / "out" / "quality"
-    print(f"machine: {json.dumps(common.machine())}")
-    print(f"command: python -m benchmarks.quality {' '.join(sys.argv[1:])}")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
     from mobileo_mlx import platform
 
+    recipes = cli.pick(args.recipes, inputs.RECIPES, "recipe")
+    matmuls = cli.pick(args.cpu_matmul, cli.CPU_MATMULS, "CPU matmul")
+    inputs.full_checkpoint(args.rebuild)
+    folders = {recipe: inputs.converted(recipe, args.rebuild) for recipe in sorted(set(recipes) | {"none"})}
+    out = inputs.out_dir("quality")
+    print(report.header(SCRIPT, measure.machine()))
     compute = str(platform.compute_dtype()).split(".")[-1]
     base_npz = out / f"baseline-{args.steps}.npz"
     runs = {}
-    common_args = ["--steps", str(args.steps)]
     if args.reuse_baseline and base_npz.is_file():
-        log_line = f"reusing the baseline {base_npz}"
-        common.log(log_line)
+        measure.log(f"reusing the baseline {base_npz}")
     else:
-        runs["baseline"] = common.run_worker("benchmarks.quality", "baseline",
-                                             ["--folder", str(folders["none"]), "--out", str(base_npz), *common_args])
+        runs["baseline"] = measure.run_worker(SCRIPT, "baseline", cli.forward(
+            args, ("steps",), folder=folders["none"], out=base_npz))
     base = dict(np.load(base_npz))
-    rows, results = [], {}
-    matmuls = [m.strip() for m in args.cpu_matmul.split(",") if m.strip()]
+    results = {}
     variants = [(recipe, matmul) for recipe in recipes for matmul in matmuls]
     for recipe, matmul in variants:
         key = f"{recipe}/{matmul}"
@@ -213,65 +227,41 @@ def parent(args) -> int:
             results[key] = None  # the baseline itself: same weights, same dtype
             continue
         npz = out / f"{recipe}-{matmul}-{args.steps}.npz"
-        runs[key] = common.run_worker("benchmarks.quality", recipe,
-                                      ["--folder", str(folders[recipe]), "--out", str(npz), "--reference", str(base_npz),
-                                       "--cpu-matmul", matmul, *common_args])
+        runs[key] = measure.run_worker(SCRIPT, recipe, cli.forward(
+            args, ("steps",), folder=folders[recipe], out=npz, reference=base_npz, cpu_matmul=matmul))
         results[key] = compare(dict(np.load(npz)), base)
 
     sizes = {r: sum(p.stat().st_size for p in folders[r].glob("*.safetensors")) / 2**30 for r in recipes}
-    headers = ["recipe (compute dtype)", "size GiB", "vision feat.", "LM logits (last)", "greedy 64: forced / free",
-               "MCP out", "DiT velocity", f"latent ({args.steps} steps)", "image PSNR dB (max abs diff)", "VAE-only PSNR dB"]
-    for recipe, matmul in variants:
-        r = results[f"{recipe}/{matmul}"]
-        label = f"{recipe} ({compute}" + (", bf16 matmuls)" if runs.get(f"{recipe}/{matmul}", {}).get("cpu_matmul") == "bf16"
-                                          else ")")
-        if r is None:
-            rows.append([label, common.fmt(sizes[recipe], 2), "= baseline", "= baseline", "100% / 64", "= baseline",
-                         "= baseline", "= baseline", "inf (0)", "inf"])
-            continue
-        rows.append([label, common.fmt(sizes[recipe], 2), _err(r["vision"]),
-                     _err(r["logits"]) + ("" if r["top1_last"] else " top-1 differs"),
-                     f"{100 * r['greedy_forced']:.0f}% / {r['greedy_free']}", _err(r["mcp"]), _err(r["velocity"]),
-                     _err(r["latents"]), f"{r['psnr']:.1f} ({r['max_delta']})",
-                     common.fmt(r.get("psnr_vae_only"), 1)])
     print()
     print(f"quality vs float32 (baseline: recipe none computed in float32); errors: relative L2 (cosine); "
           f"random weights, {args.steps}-step run, guidance 1.5")
-    print(common.table(headers, rows, align="l" + "r" * (len(headers) - 1)))
+    print(quality_table(variants, results, runs, sizes, compute, args.steps))
     print()
     for name, run in runs.items():
         print(f"  {name}: {run['dtype']} on {run['backend']}, peak RSS {run['peak_rss_gb']:.2f} GB, "
               f"stage seconds {json.dumps({k: round(v, 1) for k, v in run['timings'].items()})}, run at {run['load']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "results": results}, indent=1))
+    report.write_json(args.json, {"args": vars(args), "runs": runs, "results": results})
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", default=",".join(common.RECIPES),
+def build_parser():
+    parser = cli.parser(SCRIPT, __doc__)
+    parser.add_argument("--recipes", default=",".join(inputs.RECIPES),
                         help="Comma-separated recipes to compare with float32 (default: all).")
-    parser.add_argument("--steps", type=int, default=20, help="Steps of the full run (default 20).")
+    parser.add_argument("--steps", type=cli.positive_int, default=20, help="Steps of the full run (default 20).")
     parser.add_argument("--reuse-baseline", action="store_true",
                         help="Reuse the cached float32 baseline outputs of an earlier run with the same --steps.")
     parser.add_argument("--cpu-matmul", default="fp32",
                         help="Comma-separated CPU matmul precisions to run each recipe with (fp32, bf16, auto; "
                              "default fp32); the baseline is always fp32.")
-    parser.add_argument("--rebuild", action="store_true", help="Rewrite the cached checkpoint and conversions.")
-    parser.add_argument("--json", default=None, help="Also write the comparisons to this file.")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
+    cli.add_cache_and_json(parser, json_help="the comparisons")
+    cli.add_worker(parser, "folder", "out", "reference")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.worker is None:
-        return parent(args)
-    common.emit(worker(args))
-    return 0
+    return cli.main(build_parser(), parent, {"baseline": worker, **{recipe: worker for recipe in inputs.RECIPES}},
+                    argv)
 
 
 if __name__ == "__main__":
