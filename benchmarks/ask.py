@@ -37,7 +37,7 @@ def mlx_worker(args) -> dict:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mobileo_mlx import platform, processing
+    from mobileo_mlx import backends, platform, processing
     from mobileo_mlx.pipeline import MobileO
 
     model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
@@ -71,7 +71,7 @@ def mlx_worker(args) -> dict:
 
     common.mlx_reset_peak()
     tokens, stamps = [], []
-    with platform.stage_buffer_cache():  # as MobileO.ask
+    with backends.stage():  # as MobileO.ask
         for response in stream_generate(model.component("language"), model.tokenizer.hf,
                                         prompt=mx.array([], dtype=mx.uint32), input_embeddings=embeddings[0],
                                         max_tokens=args.tokens, sampler=make_sampler(temp=0.0)):

@@ -233,7 +233,7 @@ class OpProfiler:
     """Exclusive time per module call and per function of the model code.
 
     Every module class in the model tree and every function of the model's Python modules
-    (``mobileo_mlx.models.sana`` / ``dcae`` / ``activations``, ``kernels.*``) is wrapped: a wrapped
+    (``mobileo_mlx.models.sana`` / ``dcae``, the CPU backend's forms and activations) is wrapped: a wrapped
     call evaluates its inputs first (work charged to its caller), then runs and evaluates its
     output under the clock. Each entry is charged its time minus the time of the wrapped calls
     inside it, so a block's own row is the glue it computes inline (norms, residuals, reshapes).
@@ -325,8 +325,8 @@ def _instrument(profiler: OpProfiler, model) -> None:
     import importlib
 
     profiler.wrap_classes_of(model)
-    for name in ("mobileo_mlx.models.sana", "mobileo_mlx.models.dcae", "mobileo_mlx.models.activations",
-                 "kernels.depthwise", "kernels.linear_attention"):
+    for name in ("mobileo_mlx.models.sana", "mobileo_mlx.models.dcae", "mobileo_mlx.backends.cpu.activations",
+                 "mobileo_mlx.backends.cpu.layers", "mobileo_mlx.kernels.depthwise"):
         try:
             profiler.wrap_functions_of(importlib.import_module(name))
         except ImportError:

@@ -16,6 +16,7 @@ progress bars, cancellation); :meth:`MobileO.decode` turns latents into a pictur
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -28,9 +29,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mobileo_mlx.kernels import bf16_matmul
-
-from . import options, platform, processing, samplers
+from . import backends, decoding, options, platform, processing, samplers
 from .models.fastvit import FastViTConfig
 from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message, MessagesInput
 
@@ -59,10 +58,10 @@ class MobileO:
 
     PICTURE_COMPONENTS = ("vision", "projector")  # a picture -> its features
     CONDITIONING_COMPONENTS = ("language", *PICTURE_COMPONENTS, "mcp")  # a prompt -> the DiT's conditioning
-    # With bf16 CPU matmuls, the stages whose products take bfloat16 inputs (float32 sums): the
-    # picture stages, heavy in FLOPs, whose outputs are pixels or features. The language model
-    # (and the MCP) stay float32: a token choice may flip on a rounding.
-    BF16_STAGES = ("vision", "dit", "vae")
+    # With bf16 CPU matmuls, the components whose products take bfloat16 inputs (float32 sums):
+    # the picture stages, heavy in FLOPs, whose outputs are pixels or features. The language
+    # model (and the MCP) stay float32: a token choice may flip on a rounding.
+    BF16_COMPONENTS = ("vision", "projector", "dit", "vae")
     # The features of this many recent pictures are kept (keyed by content), so a conversation's
     # later turns do not run the vision tower again for its pictures (~1 MB each at full size).
     PICTURE_CACHE_SIZE = 8
@@ -77,9 +76,9 @@ class MobileO:
         self.config = json.loads(config_path.read_text())
         self.low_memory = low_memory
         self.dtype = platform.compute_dtype()
-        # "fp32" or "bf16": how MLX's CPU backend multiplies in BF16_STAGES (GPUs: self.dtype).
+        # "fp32" or "bf16": how MLX's CPU backend multiplies in BF16_COMPONENTS (GPUs: self.dtype).
         try:
-            self.cpu_matmul = bf16_matmul.resolve(cpu_matmul) if platform.backend() == "cpu" else "fp32"
+            self.cpu_matmul = backends.resolve_cpu_matmul(cpu_matmul) if platform.backend() == "cpu" else "fp32"
         except ValueError as error:
             raise InputError(str(error)) from None
         self._weights = weights
@@ -91,22 +90,21 @@ class MobileO:
     def load(cls, model: str | os.PathLike = "Amshaker/Mobile-O-0.5B", *, quantize: str | None = None,
              low_memory: bool = False, cpu_matmul: str | None = None) -> "MobileO":
         """``model``: a converted folder, an original checkpoint folder, a hub id or ``"demo"``.
-        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``BF16_STAGES``."""
+        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``BF16_COMPONENTS``."""
         from .hub import resolve_model
 
         kwargs = {} if quantize is None else {"quantize": quantize}
         return cls(resolve_model(str(model), **kwargs), low_memory=low_memory, cpu_matmul=cpu_matmul)
 
-    def products(self, stage: str):
-        """Context for evaluating ``stage``: bf16 CPU matmuls inside when chosen (a no-op otherwise)."""
-        return bf16_matmul.bf16_products(self.cpu_matmul == "bf16" and stage in self.BF16_STAGES)
-
     # --- components -----------------------------------------------------------------
 
     def component(self, name: str):
-        """The MLX module of ``name`` (vision, projector, language, mcp, dit, vae), loaded once."""
+        """The MLX module of ``name`` (vision, projector, language, mcp, dit, vae), loaded once and
+        made fast for the backend (``backends.accelerate``)."""
         if name not in self._components:
-            self._components[name] = self._weights.load_component(self.folder, name, dtype=self.dtype)
+            model = self._weights.load_component(self.folder, name, dtype=self.dtype)
+            matmul = self.cpu_matmul if name in self.BF16_COMPONENTS else "fp32"
+            self._components[name] = backends.accelerate(model, name, matmul=matmul)
         return self._components[name]
 
     def release(self, *names: str) -> None:
@@ -147,11 +145,8 @@ class MobileO:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
         vision, projector = self.component("vision"), self.component("projector")
-        # Built inside the context too: on the CPU the native GELU and depthwise conv evaluate
-        # their inputs while the graph is being built.
-        with self.products("vision"):
-            features = projector(vision(pixels))
-            mx.eval(features)
+        features = projector(vision(pixels))
+        mx.eval(features)
         if self.low_memory:
             self.release(*self.PICTURE_COMPONENTS)
         return features
@@ -232,7 +227,7 @@ class MobileO:
 
     def conditioning(self, prompt_text: str, image: ImageInput | None = None) -> Conditioning:
         """MCP(last hidden states) for the prompt, and MCP(zeros of the same shape) for CFG."""
-        with platform.stage_buffer_cache():
+        with backends.stage():
             embeddings = self.embed_prompt(prompt_text, image)
             mcp = self.component("mcp")
             layers = int(self.config["mcp"]["num_layers"])
@@ -305,19 +300,18 @@ class MobileO:
         ).astype(self.dtype)
         text = dit.encode_text(context)  # caption projection + every block's cross K/V, once
         state = sampler.initial_state(plan)
-        with platform.stage_buffer_cache():  # the same temporaries every step: keep them cached
+        with backends.stage():  # the same temporaries every step: keep them cached
             for index, timestep in enumerate(plan.timesteps):
-                with self.products("dit"):  # the step built and evaluated inside, not across the yield
-                    model_input = latents.astype(self.dtype)
-                    if use_cfg:
-                        model_input = mx.concatenate([model_input, model_input])
-                    velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
-                    velocity = velocity.astype(mx.float32)
-                    if use_cfg:
-                        v_uncond, v_cond = velocity[:1], velocity[1:]
-                        velocity = v_uncond + guidance * (v_cond - v_uncond)
-                    latents, state = sampler.step(plan, state, index, latents, velocity)
-                    mx.eval(latents)
+                model_input = latents.astype(self.dtype)
+                if use_cfg:
+                    model_input = mx.concatenate([model_input, model_input])
+                velocity = dit(model_input, time=dit.embed_timestep(float(timestep)), text=text)
+                velocity = velocity.astype(mx.float32)
+                if use_cfg:
+                    v_uncond, v_cond = velocity[:1], velocity[1:]
+                    velocity = v_uncond + guidance * (v_cond - v_uncond)
+                latents, state = sampler.step(plan, state, index, latents, velocity)
+                mx.eval(latents)
                 yield DenoiseStep(index, steps, float(timestep), latents)
         if self.low_memory:
             self.release("dit")
@@ -326,13 +320,11 @@ class MobileO:
         """DC-AE decode (latents / scaling factor), then [-1, 1] -> [0, 1] -> PIL images."""
         vae = self.component("vae")
         scaled = (latents / float(self.config["vae"]["scaling_factor"])).astype(self.dtype)
-        with self.products("vae"):  # the decoder evaluates band by band inside
-            if tile is not None and hasattr(vae, "decode_tiled"):
-                images = vae.decode_tiled(scaled, tile=tile)
-            else:
-                images = vae(scaled)
-            images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-            mx.eval(images)
+        # Exact, in row bands (the decoder's peak memory); tiles only when asked for.
+        decode = functools.partial(decoding.decode_in_row_bands, vae)
+        images = decode(scaled) if tile is None else decoding.decode_tiled(decode, scaled, tile=tile)
+        images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        mx.eval(images)
         if self.low_memory:
             self.release("vae")
         return [processing.to_pil(np.array(image)) for image in images]
@@ -422,8 +414,8 @@ class MobileO:
 
 
 def _with_stage_cache(responses):
-    """The prefill and every decoding step reuse the same temporaries (platform.stage_buffer_cache)."""
-    with platform.stage_buffer_cache():
+    """The prefill and every decoding step reuse the same temporaries (backends.stage)."""
+    with backends.stage():
         yield from responses
 
 

@@ -31,12 +31,11 @@ MODES = ("auto", "reference", "small-thresholds")
 # The CPU's size thresholds, lowered for the "small-thresholds" mode: module -> {name: value}.
 # Where a threshold moves, move it here too (same value): the recorded outputs must not change.
 SMALL_THRESHOLDS = {
-    "mobileo_mlx.models.activations": {"_CHUNK": 256, "_ATTENTION_CHUNK": 64, "_ATTENTION_ROWS_CHUNK": 64},
-    "mobileo_mlx.models.dcae": {"BAND_PIXELS": 512},
-    "mobileo_mlx.weights": {"SPLIT_MIN_WEIGHTS": 0},
-    "mobileo_mlx.kernels.depthwise": {"SPLIT_MIN_MACS": 0, "NATIVE_MIN_MACS": 0},
-    "mobileo_mlx.kernels.linear_attention": {"SPLIT_MIN_ELEMENTS": 0},
-    "mobileo_mlx.kernels.gelu": {"MIN_VALUES": 0},
+    "mobileo_mlx.backends.tuning": {
+        "ACTIVATION_CHUNK": 256, "ATTENTION_CHUNK": 64, "ATTENTION_ROWS_CHUNK": 64, "BAND_PIXELS": 512,
+        "SPLIT_MIN_WEIGHTS": 0, "DEPTHWISE_SPLIT_MIN_MACS": 0, "DEPTHWISE_NATIVE_MIN_MACS": 0,
+        "LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS": 0,
+    },
 }
 
 RUN = r"""
