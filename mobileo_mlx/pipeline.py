@@ -145,8 +145,9 @@ class MobileO:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
         vision, projector = self.component("vision"), self.component("projector")
-        features = projector(vision(pixels))
-        mx.eval(features)
+        with backends.stage(0):  # the cache limit as it is; the bf16 GEMM's buffers freed after
+            features = projector(vision(pixels))
+            mx.eval(features)
         if self.low_memory:
             self.release(*self.PICTURE_COMPONENTS)
         return features

@@ -126,8 +126,9 @@ def resolve_cpu_matmul(choice: str | None = None) -> str:
 @contextlib.contextmanager
 def stage(limit: int | None = None):
     """One pipeline stage on the CPU: MLX's buffer-cache limit raised to ``limit`` (default
-    ``tuning.STAGE_CACHE_BYTES``; never lowered), then restored, with what the stage cached
-    and the bf16 GEMM's packing buffers freed. A no-op on GPUs (their cache is already large)."""
+    ``tuning.STAGE_CACHE_BYTES``; never lowered, so 0 leaves it), then restored, with what the
+    stage cached and the bf16 GEMM's packing buffers freed. A no-op on GPUs (their cache is
+    already large)."""
     if platform.backend() != "cpu":
         yield
         return
