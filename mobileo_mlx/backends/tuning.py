@@ -45,13 +45,12 @@ DEPTHWISE_TAPS_PER_KERNEL = 4
 LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS = 1 << 18
 
 # Quantized layers. Up to this many input rows (tokens) the packed weight is multiplied
-# directly (the native GEMV, or MLX's quantized_matmul); above it, dequantize + GEMM. For
-# the LM head, quantized_matmul against dequantize + sgemm: 1 row 0.10 s vs 1.2 s, 16 rows
-# 1.65 s vs 1.25 s: the crossover is near 10 rows for every layer shape tried, and the
-# native kernel keeps one accumulator per row in registers (8 rows).
+# directly (the native GEMV, or MLX's quantized_matmul); above it, dequantize + GEMM:
+# quantized_matmul against dequantize + sgemm crosses over near 10 rows for every layer
+# shape measured, and the native kernel keeps one accumulator per row in registers (8 rows).
 QUANTIZED_MATMUL_MAX_ROWS = 8
 # quantized_matmul runs on one thread: a layer with at least this many weights computes its
-# output columns in two halves, one per stream (1.9x on 2 cores for the LM head).
+# output columns in two halves, one per stream (smaller ones gain less than the join costs).
 SPLIT_MIN_WEIGHTS = 1 << 19
 # With few rows, dequantizing costs as much as the GEMM: up to this many rows a large layer's
 # two weight halves are dequantized on the two streams before the product (an LM prefill).

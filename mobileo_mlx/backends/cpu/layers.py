@@ -294,7 +294,7 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
     def _shortcut(self, x: mx.array, a: int, b: int, out: int) -> mx.array:
         """The channels pixel_shuffle(repeat_interleave(x, r)) puts at output parity (a, b):
         x[..., (4c + 2a + b) // r]; when r divides 4, (4 / r) c + (2a + b) // r, a strided
-        slice (a view; a gather costs ~10 ms a band)."""
+        slice (a view, where a gather would copy)."""
         r = self.repeats
         if 4 % r:
             return mx.take(x, (4 * mx.arange(out) + 2 * a + b) // r, axis=-1)
@@ -338,8 +338,7 @@ class Bf16DCUpBlock2d(DCUpBlock2d):
 
 # ------------------------------------------------------------------ Qwen2 (mlx-lm)
 class Qwen2MLP(qwen2.MLP):
-    """The SiLU gate by the fast form: MLX's CPU sigmoid is a scalar loop (a 308-token
-    prefill's gate: 29 ms a layer with mlx-lm's ``swiglu``, 3.4 ms)."""
+    """The SiLU gate by the fast form: MLX's CPU sigmoid (in mlx-lm's ``swiglu``) is a scalar loop."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(activations.glu_silu(self.up_proj(x), self.gate_proj(x)))

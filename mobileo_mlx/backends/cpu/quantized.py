@@ -58,8 +58,8 @@ def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, 
 # K-major storage of 8-bit weights. MLX's layout keeps each output row's bytes together,
 # [out, K], with one scale per 64 of them: dequantizing broadcasts every scale along the
 # innermost axis, which MLX's CPU kernels do slowly. Stored K-major, [K, out] bytes and
-# [K / 64, out] scales, the scales broadcast along an outer axis instead (a SANA-600M step's
-# 576 M weights: 0.39 -> 0.23 s), bit-identical, and the GEMM x @ W runs as fast. Only for
+# [K / 64, out] scales, the scales broadcast along an outer axis instead: faster, bit-identical,
+# and the GEMM x @ W runs as fast (benchmarks/README.md has the numbers). Only for
 # layers that never see a handful of rows (quantized_matmul needs MLX's layout).
 
 
