@@ -179,9 +179,21 @@ def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     return mx.concatenate(streams.cpu_pieces(2, piece), axis=0 if by_batch else -1)
 
 
+@mx.compile
+def _bias_residual(normed: mx.array, bias: mx.array, x: mx.array) -> mx.array:
+    return x + (normed + bias)
+
+
+def norm_residual(norm: common.RMSNorm, y: mx.array, x: mx.array) -> mx.array:
+    """``norm(y) + x`` with the norm's bias and the residual added in one pass (the same sums)."""
+    return _bias_residual(mx.fast.rms_norm(y, norm.weight, norm.eps), norm.bias, x)
+
+
 class GLUMBConv(sana.GLUMBConv):
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv_point(gated_depthwise(self.conv_inverted(x), self.conv_depth.weight, self.conv_depth.bias))
+        if self.norm is not None and self.residual_connection:
+            return norm_residual(self.norm, h, x)
         if self.norm is not None:
             h = self.norm(h)
         return h + x if self.residual_connection else h
@@ -256,7 +268,7 @@ class ResBlock(dcae.ResBlock):
     def __call__(self, x: mx.array) -> mx.array:
         width = x.shape[2]
         h = self.nonlinearity(conv3x3_wide(x, self.conv1.weight, self.conv1.bias, self.products))[:, :, :width]
-        return self.norm(conv3x3(h, self.conv2.weight, None, self.products)) + x
+        return norm_residual(self.norm, conv3x3(h, self.conv2.weight, None, self.products), x)
 
 
 def _subpixel_weights(weight: mx.array) -> dict:
