@@ -4,11 +4,11 @@
 * ``blas_shim`` (Linux): forwards MLX's ``cblas_sgemm``/``dgemm``/``cgemm`` to OpenBLAS from
   ``scipy-openblas32`` (see ``mobileo_mlx/_blas.py``). macOS needs nothing: MLX uses Accelerate.
 * ``cpu_kernels``: our CPU kernels (quantized matrix-vector products for decoding, the
-  bfloat16 GEMM, GELU, depthwise conv), loaded with ctypes by ``kernels/_native.py``.
-* ``primitives_ext`` (Linux): the same kernels as nodes of MLX's graph (C++ ``Primitive``s,
+  bfloat16 GEMM, GELU, depthwise conv) and their thread pool.
+* ``primitives_ext`` (Linux): those kernels as nodes of MLX's graph (C++ ``Primitive``s,
   ``kernels/native/primitives.cpp``, used by ``kernels/primitives.py``), compiled against the
   headers of the mlx wheel and nanobind's sources (both build requirements), linked to
-  ``libmlx`` and to ``cpu_kernels`` (so one library, one thread pool, serves both).
+  ``libmlx`` and to ``cpu_kernels``.
 
 All optional: without a C/C++ compiler the package still installs and MLX's own operations
 do the work (MLX's reference BLAS instead of OpenBLAS without the shim).

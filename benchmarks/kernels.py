@@ -25,10 +25,10 @@ from benchmarks import measure, report
 
 import mlx.core as mx  # noqa: E402  (after mobileo_mlx, imported by benchmarks.measure)
 
-from mobileo_mlx.kernels import _dispatch
+from mobileo_mlx import backends, platform
+from mobileo_mlx.backends.cpu import layers as cpu_layers
 from mobileo_mlx.kernels import depthwise as dw
-from mobileo_mlx.kernels import linear_attention as la
-from mobileo_mlx import platform
+from mobileo_mlx.models import common
 
 # (name, x shape NHWC (or NLC for conv1d), channel multiplier, k, stride, bias, glu)
 CONV_CASES = [
@@ -74,23 +74,28 @@ def _conv_impls(mult, k, stride, bias, glu, conv1d):
 
     def unfused(x, w, *b):
         if conv1d:
-            return dw.depthwise_conv1d_reference(x, w, b[0] if b else None, pad)
-        y = dw.depthwise_conv2d_reference(x, w, b[0] if b else None, stride, pad)
+            y = mx.conv1d(x, w, padding=pad, groups=x.shape[-1])
+            return y + b[0] if b else y
+        y = dw.reference(x, w, b[0] if b else None, stride, pad)
         return dw.glu(y) if glu else y
 
     def shift(x, w, *b):
         x4, w4 = (x[:, None], w[:, None]) if conv1d else (x, w)
         padding = (0, pad) if conv1d else (pad, pad)
-        y = dw._twin2d(x4, w4, b[0] if b else None, (stride, stride), padding,
-                       "glu" if glu else ("bias" if b else "plain"))
-        return y[:, 0] if conv1d else y
+        y = dw.shift_add(x4, w4, b[0] if b else None, stride, padding)
+        return y[:, 0] if conv1d else (dw.glu(y) if glu else y)
 
-    def public(x, w, *b):  # what models call (dispatch by backend / env)
-        if conv1d:
-            return dw.depthwise_conv1d(x, w, b[0] if b else None)
-        if glu:
-            return dw.glu_depthwise_conv2d(x, w, b[0])
-        return dw.depthwise_conv2d(x, w, b[0] if b else None, stride=stride)
+    def public(x, w, *b):  # what the models run (the backend's form, by MOBILEO_MLX_KERNELS)
+        if glu and platform.backend() == "metal" and backends.kernels_mode() == "auto":
+            return dw.metal_glu(x, w, b[0])
+        if glu and platform.backend() == "cpu":
+            return cpu_layers.gated_depthwise(x, w, b[0])  # the CPU form: SiLU first, two pieces
+        module = common.DepthwiseConv(w.shape[0], w.shape[0], k, stride, pad, bool(b), 1 if conv1d else 2)
+        module.weight = w
+        if b:
+            module.bias = b[0]
+        y = backends.accelerate(module, "vision")(x)
+        return dw.glu(y) if glu else y
 
     return unfused, shift, public
 
@@ -99,15 +104,15 @@ def _with_mode(mode, fn):
     def run(*args):
         import os
 
-        old = os.environ.get(_dispatch.ENV)
-        os.environ[_dispatch.ENV] = mode
+        old = os.environ.get(backends.KERNELS_ENV)
+        os.environ[backends.KERNELS_ENV] = mode
         try:
             return fn(*args)
         finally:
             if old is None:
-                os.environ.pop(_dispatch.ENV, None)
+                os.environ.pop(backends.KERNELS_ENV, None)
             else:
-                os.environ[_dispatch.ENV] = old
+                os.environ[backends.KERNELS_ENV] = old
 
     return run
 
@@ -159,8 +164,9 @@ def main(argv=None) -> int:
             continue
         kq, kk, kv = mx.random.split(key, 3)
         q, kk_, v = (mx.random.normal((B, H, N, d), key=s).astype(dtype) for s in (kq, kk, kv))
-        res = _measure(name, (q, kk_, v), la.relu_linear_attention_reference, None, la.relu_linear_attention,
-                       on_metal, args)
+        plain = lambda q, k, v: common.relu_linear_attention(q, k, v, 1e-15)  # noqa: E731
+        fast = lambda q, k, v: backends.accelerate(common.ReLULinearAttention(1e-15), "dit")(q, k, v)  # noqa: E731
+        res = _measure(name, (q, kk_, v), plain, None, fast, on_metal, args)
         rows.append(res)
         _print_row(res)
     report.write_json(args.json, dict(backend=backend, device=platform.device_name(), dtype=str(dtype),

@@ -18,10 +18,9 @@ import mlx.core as mx
 
 from benchmarks.report import fmt, table
 
-# Python modules whose functions are wrapped (beside every module class of the profiled tree);
-# one that does not exist in this checkout is skipped.
-FUNCTION_MODULES = ("mobileo_mlx.models.sana", "mobileo_mlx.models.dcae", "mobileo_mlx.models.activations",
-                    "mobileo_mlx.backends.cpu.activations")
+# Python modules whose functions are wrapped (beside every module class of the profiled tree).
+FUNCTION_MODULES = ("mobileo_mlx.models.sana", "mobileo_mlx.models.dcae", "mobileo_mlx.backends.cpu.activations",
+                    "mobileo_mlx.backends.cpu.layers", "mobileo_mlx.kernels.depthwise")
 
 
 class OpProfiler:
@@ -116,10 +115,7 @@ def instrument(profiler: OpProfiler, model) -> None:
     """Wrap ``model``'s module classes, the functions of ``FUNCTION_MODULES`` and MLX's fused attention."""
     profiler.wrap_classes_of(model)
     for name in FUNCTION_MODULES:
-        try:
-            profiler.wrap_functions_of(importlib.import_module(name))
-        except ImportError:
-            continue
+        profiler.wrap_functions_of(importlib.import_module(name))
     profiler.wrap_function(mx.fast, "scaled_dot_product_attention", "mx.fast.scaled_dot_product_attention()")
 
 

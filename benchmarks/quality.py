@@ -106,9 +106,9 @@ def worker(args) -> dict:
     cond = mx.array(reference["cond"] if reference is not None else out["cond"])
     uncond = mx.array(reference["uncond"] if reference is not None else out["uncond"])
     text = dit.encode_text(mx.concatenate([uncond, cond]).astype(model.dtype))
-    with model.stage("dit") as evaluate:  # built and evaluated as the pipeline does a step
-        velocity = evaluate(lambda x, text: dit(x, time=dit.embed_timestep(VELOCITY_TIMESTEP), text=text),
-                            mx.concatenate([latents, latents]), text)
+    with model.stage("dit"):  # as the pipeline runs a step
+        velocity = dit(mx.concatenate([latents, latents]), time=dit.embed_timestep(VELOCITY_TIMESTEP), text=text)
+        mx.eval(velocity)
     out["velocity"] = _np(velocity)
     del text, velocity
     timings["dit_velocity"] = time.perf_counter() - t

@@ -67,7 +67,7 @@ COMPONENT_SOURCES = {
     "dit": ("SANA DiT", "model.dit.*"),
     "vae": ("DC-AE decoder", "model.vae.decoder.*"),
 }
-STALE_PREFIX = "base_model."  # PEFT duplicates merge_lora leaves in the root file (SPEC §1.1)
+STALE_PREFIX = "base_model."  # PEFT duplicates merge_lora leaves in the root file (docs/reference-model.md §1.1)
 
 LICENCE_NOTE = (
     "Converted weights of Mobile-O (Amshaker/Mobile-O-0.5B); they remain under the licence "

@@ -34,7 +34,7 @@ Recipes
     * mcp: never quantized (2.4 M params that condition every DiT step).
 
 Quantization is about memory and download size. At run time on CPU, every
-layer computes in float32 (``mobileo_mlx.weights``): a quantized layer pays for
+layer computes in float32 (``mobileo_mlx.backends.cpu.quantized``): a quantized layer pays for
 dequantizing its weight at each call, so ``none`` is the fastest recipe there
 when memory allows (it needs ~6 GB once cast to float32).
 
@@ -63,7 +63,7 @@ NEVER_QUANTIZED = frozenset({"mcp"})
 # no match means "keep the source precision".
 MIXED_RULES: dict[str, tuple[tuple[str, int], ...]] = {
     "language": ((r"(.*\.)?(embed_tokens|lm_head)", 8), (r".*", 4)),
-    "dit": ((r"(.*\.)?blocks\.\d+\..*", 8),),
+    "dit": ((r"transformer_blocks\.\d+\..*", 8),),
     "vae": ((r".*", 8),),
 }
 

@@ -8,8 +8,10 @@ built on, and the node composes with ``mx.compile``, streams (``with mx.stream(s
 the rest of the graph. ``mx.grad`` / ``mx.jvp`` / ``mx.vmap`` work too: they transform the
 kernel's plain-MLX formula (the C has no derivative of its own).
 
-The twin runs instead on other backends, under ``MOBILEO_MLX_KERNELS=twin|reference``, for
-dtypes and shapes a kernel does not take, and where the extension is missing (no C++
+Each kernel has a plain-MLX twin beside it (``gelu_reference``, ``kernels.depthwise.shift_add``,
+``mx.quantized_matmul``, ``bf16_matmul_reference``) and a ``*_supported`` check of the dtypes
+and shapes it takes; the CPU backend (``mobileo_mlx.backends.cpu``) chooses between them, and
+takes the twin under ``MOBILEO_MLX_KERNELS=twin``, and where the extension is missing (no C++
 compiler when the package was built) or was built against another MLX (its C++ ABI is not
 stable between releases): :func:`unavailable_reason` says which.
 """
@@ -20,8 +22,6 @@ import importlib
 import sys
 
 import mlx.core as mx
-
-from mobileo_mlx.kernels._dispatch import mode, on_cpu
 
 _MODULE = "mobileo_mlx.kernels.native.primitives_ext"
 _extension = None
@@ -68,10 +68,9 @@ def unavailable_reason() -> str | None:
     return _error
 
 
-def enabled() -> bool:
-    """The nodes serve this call: MLX's CPU backend, ``MOBILEO_MLX_KERNELS`` unset or ``auto``,
-    the extension loaded."""
-    return mode() == "auto" and on_cpu() and extension() is not None
+def available() -> bool:
+    """Whether the graph nodes can be built here (the extension is loaded)."""
+    return extension() is not None
 
 
 def _float32(*arrays) -> bool:
@@ -84,11 +83,13 @@ def gelu_reference(x: mx.array) -> mx.array:
     return x * (1 + mx.erf(x * 0.7071067811865476)) * 0.5
 
 
-def gelu(x: mx.array, twin=gelu_reference) -> mx.array:
-    """Exact (erf) GELU. Float32 on the CPU: the native kernel, bit for bit
-    ``models.activations.gelu_fast`` (pass that as ``twin``); elsewhere ``twin(x)``."""
-    if not (enabled() and _float32(x)):
-        return twin(x)
+def gelu_supported(x: mx.array) -> bool:
+    return available() and _float32(x)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU by the native kernel, float32: bit for bit the CPU backend's MLX form
+    (``backends.cpu.activations.gelu``), whose algorithm it vectorises."""
     return extension().gelu(x)
 
 
@@ -99,7 +100,7 @@ def _pair(v) -> tuple[int, int]:
 
 def depthwise_supported(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding) -> bool:
     """Whether :func:`depthwise_conv2d` takes this conv natively (else: the twin)."""
-    if not (enabled() and x.ndim == 4 and weight.ndim == 4 and _float32(x, weight, bias)):
+    if not (available() and x.ndim == 4 and weight.ndim == 4 and _float32(x, weight, bias)):
         return False
     channels = x.shape[-1]
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
@@ -112,13 +113,9 @@ def depthwise_supported(x: mx.array, weight: mx.array, bias: mx.array | None, st
 def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None = None, stride=1,
                      padding=None) -> mx.array:
     """Depthwise conv (``groups = C``), NHWC: x [B,H,W,C], weight [C,kh,kw,1], bias [C] or None;
-    ``padding`` defaults to ``kh // 2``. Float32 with C a multiple of 8 on the CPU: the native
-    kernel; otherwise ``kernels.depthwise.depthwise_conv2d_twin``."""
+    ``padding`` defaults to ``kh // 2``; float32, C a multiple of 8 (:func:`depthwise_supported`).
+    Its twin: ``kernels.depthwise.shift_add``."""
     pad = weight.shape[1] // 2 if padding is None else padding
-    if not depthwise_supported(x, weight, bias, stride, pad):
-        from mobileo_mlx.kernels.depthwise import depthwise_conv2d_twin
-
-        return depthwise_conv2d_twin(x, weight, bias, stride, pad)
     return extension().depthwise_conv2d(x, weight, bias, _pair(stride), _pair(pad))
 
 
@@ -127,8 +124,8 @@ MAX_ROWS = 8  # the kernel keeps one accumulator per row in registers
 
 
 def quantized_gemv_supported(x, packed, scales, biases, bits: int, group_size: int) -> bool:
-    """Whether :func:`quantized_gemv` takes this product natively (else: ``mx.quantized_matmul``)."""
-    if not (enabled() and bits in (4, 8) and x.ndim >= 1 and packed.ndim == 2):
+    """Whether :func:`quantized_gemv` takes this product (its twin: ``mx.quantized_matmul``)."""
+    if not (available() and bits in (4, 8) and x.ndim >= 1 and packed.ndim == 2):
         return False
     per_word = 32 // bits
     k = x.shape[-1]
@@ -141,31 +138,37 @@ def quantized_gemv_supported(x, packed, scales, biases, bits: int, group_size: i
 def quantized_gemv(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
                    group_size: int) -> mx.array:
     """``x @ W.T`` for ``W`` quantized in MLX's affine layout (``mx.quantize``): x [..., K] with at
-    most ``MAX_ROWS`` rows, packed [N, K * bits / 32] -> [..., N]."""
-    if not quantized_gemv_supported(x, packed, scales, biases, bits, group_size):
-        return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    most ``MAX_ROWS`` rows, packed [N, K * bits / 32] -> [..., N]; the same products as
+    ``mx.quantized_matmul``, summed in another order."""
     return extension().quantized_gemv(x, packed, scales, biases, bits, group_size)
 
 
 # ------------------------------------------------------------------------------ bfloat16 GEMM
-def bf16_matmul_reference(a: mx.array, b: mx.array) -> mx.array:
-    """The products of the bfloat16-rounded operands, summed in float32, in MLX operations."""
-    return a.astype(mx.bfloat16).astype(mx.float32) @ b.astype(mx.bfloat16).astype(mx.float32)
+def bf16_matmul_reference(a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array:
+    """[c +] the products of the bfloat16-rounded operands, summed in float32, in MLX operations."""
+    product = a.astype(mx.bfloat16).astype(mx.float32) @ b.astype(mx.bfloat16).astype(mx.float32)
+    return product if c is None else c + product
 
 
-def bf16_matmul_supported(a: mx.array, b: mx.array) -> bool:
-    """Whether :func:`bf16_matmul` runs the native kernel (else: its reference)."""
-    return (enabled() and extension().bf16_supported() and _float32(a, b) and a.ndim >= 1 and b.ndim == 2
-            and a.shape[-1] == b.shape[0] and a.size > 0 and b.size > 0)
+def bf16_supported() -> bool:
+    """Whether :func:`bf16_matmul` can run here (the nodes built, a CPU with AVX512-BF16)."""
+    return available() and extension().bf16_supported()
 
 
-def bf16_matmul(a: mx.array, b: mx.array) -> mx.array:
-    """``a @ b`` for float32 a [..., K], b [K, N] with bfloat16 products and float32 sums (the
-    AVX512-BF16 GEMM on the CPU, where there is one; any layout of the operands, a transposed
-    ``b`` such as a Linear layer's ``W.T`` read in place). Elsewhere: :func:`bf16_matmul_reference`."""
-    if not bf16_matmul_supported(a, b):
-        return bf16_matmul_reference(a, b)
-    return extension().bf16_matmul(a, b)
+def bf16_matmul_supported(a: mx.array, b: mx.array, c: mx.array | None = None) -> bool:
+    """Whether :func:`bf16_matmul` takes these operands (its twin: :func:`bf16_matmul_reference`)."""
+    return (bf16_supported() and _float32(a, b, c) and a.ndim >= 1 and b.ndim == 2 and a.shape[-1] == b.shape[0]
+            and a.size > 0 and b.size > 0)
+
+
+def bf16_matmul(a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array:
+    """``[c +] a @ b`` for float32 a [..., K], b [K, N] (c broadcastable to [..., N]) with bfloat16
+    products and float32 sums, by the AVX512-BF16 GEMM; any layout of the operands (a
+    transposed ``b`` such as a Linear layer's ``W.T`` is read in place), and ``c``'s buffer is
+    taken over for the result when no one else holds it."""
+    if c is None:
+        return extension().bf16_matmul(a, b)
+    return extension().bf16_matmul(a, b, c=c)
 
 
 def status() -> str:
@@ -175,7 +178,7 @@ def status() -> str:
 
 
 __all__ = [
-    "MAX_ROWS", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "depthwise_conv2d",
-    "depthwise_supported", "enabled", "extension", "gelu", "gelu_reference", "quantized_gemv",
-    "quantized_gemv_supported", "status", "unavailable_reason",
+    "MAX_ROWS", "available", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
+    "depthwise_conv2d", "depthwise_supported", "extension", "gelu", "gelu_reference", "gelu_supported",
+    "quantized_gemv", "quantized_gemv_supported", "status", "unavailable_reason",
 ]

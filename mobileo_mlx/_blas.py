@@ -78,7 +78,6 @@ def _try_scipy_openblas() -> BlasStatus | None:
     _load_global(str(candidates[0]))
     shim_lib = _load_global(shim)
     shim_lib.mobileo_blas_shim_target.restype = ctypes.c_char_p
-    shim_lib.mobileo_blas_set_sgemm_hook.argtypes = [ctypes.c_void_p]
     global _shim
     _shim = shim_lib
     version = getattr(scipy_openblas32, "__version__", "")
@@ -100,7 +99,7 @@ def _try_system_openblas() -> BlasStatus | None:
 # OpenBLAS's worker threads spin (sched_yield) for 2**28 cycles, ~0.1 s, after every threaded
 # call before they sleep, holding the second core right after each matmul. MLX runs its
 # element-wise work on one thread per CPU stream, and we put independent halves of it on a
-# second stream (platform.cpu_pieces); with spinning BLAS threads that stream gets no core
+# second stream (backends/cpu/streams.py); with spinning BLAS threads that stream gets no core
 # (a CFG DiT step: 8.2 s of CPU for 4.1 s of wall time). 2**4 cycles makes them sleep at once:
 # measured the same GEMM speed, and the second stream's work really runs in parallel.
 # OpenBLAS reads the variable once, when it loads; the user's own setting wins.
@@ -170,23 +169,6 @@ def route_blas() -> BlasStatus:
 
 def status() -> BlasStatus:
     return route_blas()
-
-
-def sgemm_hookable() -> bool:
-    """Whether MLX's ``cblas_sgemm`` goes through our shim (so :func:`set_sgemm_hook` works)."""
-    route_blas()
-    return _shim is not None
-
-
-def set_sgemm_hook(address: int | None) -> bool:
-    """Install (an address) or remove (None) the C function MLX's ``cblas_sgemm`` tries before
-    OpenBLAS (see blas_shim.c). False when our shim does not answer MLX's sgemm (macOS, a
-    system OpenBLAS, the reference BLAS): nothing can be hooked then."""
-    route_blas()
-    if _shim is None:
-        return False
-    _shim.mobileo_blas_set_sgemm_hook(address)
-    return True
 
 
 class _DlInfo(ctypes.Structure):

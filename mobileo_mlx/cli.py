@@ -53,7 +53,7 @@ def doctor(
     """Print the backend, BLAS, a measured matmul speed, memory and cache facts."""
     import mlx.core as mx
 
-    from .kernels import quantized_gemv
+    from .kernels import primitives
 
     from . import _blas, platform
 
@@ -76,7 +76,7 @@ def doctor(
         *([("OPENBLAS_THREAD_TIMEOUT", _blas.thread_timeout_at_load)] if _blas.thread_timeout_at_load else []),
         (f"fp32 matmul {size}^3", f"{platform.matmul_gflops(size):.1f} GFLOP/s"),
         ("bf16 CPU matmuls", _bf16_line(size) if platform.backend() == "cpu" else "not used (GPU)"),
-        ("decoding products", quantized_gemv.status() if platform.backend() == "cpu" else "MLX quantized_matmul"),
+        ("native CPU kernels", primitives.status() if platform.backend() == "cpu" else "not used (GPU)"),
         ("memory limit", f"{limit / 2**30:.1f} GiB" if limit else "unknown"),
         ("cache folder", str(platform.cache_dir())),
     ]
@@ -90,15 +90,14 @@ def doctor(
 
 def _bf16_line(size: int) -> str:
     """doctor's line on bf16 CPU matmuls: why not, or their measured speed."""
-    from .kernels import bf16_matmul
+    from .kernels import primitives
 
-    from . import platform
+    from . import backends, platform
 
-    reason = bf16_matmul.unavailable_reason()
+    reason = backends.bf16_unavailable_reason()
     if reason:
         return f"unavailable ({reason}); --cpu-matmul auto means fp32"
-    with bf16_matmul.bf16_products():
-        speed = platform.matmul_gflops(size)
+    speed = platform.matmul_gflops(size, product=primitives.bf16_matmul)
     return f"available, {speed:.1f} GFLOP/s at {size}^3; --cpu-matmul auto means bf16"
 
 
@@ -304,8 +303,8 @@ def _image_job(output, default_name: str, count, seed, steps, guidance, size, sc
                preview_every=None, force: bool = False, cpu_matmul: Optional[str] = None) -> _ImageJob:
     """Every option of generate / edit checked before any work (the model is not loaded yet):
     InputError with one line for the first bad one."""
+    from . import backends
     from .errors import InputError
-    from .kernels import bf16_matmul
 
     count = options.check_count(count)
     seed = options.check_seed(seed, count)
@@ -315,7 +314,7 @@ def _image_job(output, default_name: str, count, seed, steps, guidance, size, sc
     scheduler = options.check_scheduler(scheduler)
     preview_every = options.check_preview_every(preview_every)
     try:
-        bf16_matmul.resolve(cpu_matmul)
+        backends.resolve_cpu_matmul(cpu_matmul)
     except ValueError as error:
         raise InputError(str(error)) from None
     plan = outputs.plan_outputs(output, default_name, count, force)

@@ -15,13 +15,15 @@ progress bars, cancellation); :meth:`MobileO.decode` turns latents into a pictur
 
 Every stage (a picture's features, the conditioning, the denoising loop, the decode, an
 answer) runs inside :meth:`MobileO.stage`, the one place that says how a stage runs: MLX's
-buffer cache, the precision of its products and the release of its components
-(:attr:`MobileO.STAGES`).
+buffer cache and the release of its components (:attr:`MobileO.STAGES`). How fast a
+component runs on this backend is not the pipeline's concern: ``backends.accelerate`` applies
+it once, when the component is loaded (:meth:`MobileO.component`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -34,10 +36,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mobileo_mlx.kernels import bf16_matmul
-
-from . import options, platform, processing, samplers
-from .models import dcae
+from . import backends, decoding, options, platform, processing, samplers
 from .models.fastvit import FastViTConfig
 from .processing import IMAGE_TOKEN_SENTINEL, ImageInput, InputError, Message, MessagesInput
 
@@ -66,26 +65,26 @@ class Stage:
     """How one stage runs (:meth:`MobileO.stage`)."""
 
     components: tuple[str, ...]  # what it may run; with low_memory they are freed when it ends
-    bf16_products: bool  # with bf16 CPU matmuls, its products take bfloat16 inputs (float32 sums)
-    buffer_cache: bool  # MLX's CPU buffer cache raised while it runs (platform.stage_buffer_cache)
+    buffer_cache: bool  # MLX's CPU buffer cache raised while it runs (backends.stage)
 
 
 class MobileO:
     """A converted Mobile-O model; components load lazily on first use."""
 
     # The stages and the components each runs, named once (the command line and the benchmarks
-    # use them too). bf16 products serve the picture stages, heavy in FLOPs, whose outputs are
-    # pixels or features; the language model and the MCP stay float32: a token choice may flip
-    # on a rounding. The conditioning, the denoising loop and an answer run the same temporaries
+    # use them too). The conditioning, the denoising loop and an answer run the same temporaries
     # over and over (layer after layer, step after step, token after token): they keep them cached.
     STAGES = {
-        "vision": Stage(("vision", "projector"), bf16_products=True, buffer_cache=False),  # a picture -> features
-        "conditioning": Stage(("language", "vision", "projector", "mcp"),  # a prompt -> the DiT's conditioning
-                              bf16_products=False, buffer_cache=True),
-        "dit": Stage(("dit",), bf16_products=True, buffer_cache=True),  # the denoising loop
-        "vae": Stage(("vae",), bf16_products=True, buffer_cache=False),  # latents -> pixels
-        "text": Stage(("language",), bf16_products=False, buffer_cache=True),  # an answer, token by token
+        "vision": Stage(("vision", "projector"), buffer_cache=False),  # a picture -> features
+        "conditioning": Stage(("language", "vision", "projector", "mcp"), buffer_cache=True),  # -> the DiT's conditioning
+        "dit": Stage(("dit",), buffer_cache=True),  # the denoising loop
+        "vae": Stage(("vae",), buffer_cache=False),  # latents -> pixels
+        "text": Stage(("language",), buffer_cache=True),  # an answer, token by token
     }
+    # With bf16 CPU matmuls, the components whose products take bfloat16 inputs (float32 sums):
+    # the picture ones, heavy in FLOPs, whose outputs are pixels or features. The language
+    # model and the MCP stay float32: a token choice may flip on a rounding.
+    BF16_COMPONENTS = ("vision", "projector", "dit", "vae")
     # The features of this many recent pictures are kept (keyed by content), so a conversation's
     # later turns do not run the vision tower again for its pictures (~1 MB each at full size).
     PICTURE_CACHE_SIZE = 8
@@ -100,10 +99,9 @@ class MobileO:
         self.config = json.loads(config_path.read_text())
         self.low_memory = low_memory
         self.dtype = platform.compute_dtype()
-        # "fp32" or "bf16": how MLX's CPU backend multiplies in the stages with bf16_products
-        # (GPUs: self.dtype).
+        # "fp32" or "bf16": how MLX's CPU backend multiplies in BF16_COMPONENTS (GPUs: self.dtype).
         try:
-            self.cpu_matmul = bf16_matmul.resolve(cpu_matmul) if platform.backend() == "cpu" else "fp32"
+            self.cpu_matmul = backends.resolve_cpu_matmul(cpu_matmul) if platform.backend() == "cpu" else "fp32"
         except ValueError as error:
             raise InputError(str(error)) from None
         self._weights = weights
@@ -115,7 +113,7 @@ class MobileO:
     def load(cls, model: str | os.PathLike = "Amshaker/Mobile-O-0.5B", *, quantize: str | None = None,
              low_memory: bool = False, cpu_matmul: str | None = None) -> "MobileO":
         """``model``: a converted folder, an original checkpoint folder, a hub id or ``"demo"``.
-        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``STAGES``."""
+        ``cpu_matmul``: auto (default, or ``$MOBILEO_MLX_CPU_MATMUL``), fp32 or bf16; see ``BF16_COMPONENTS``."""
         from .hub import resolve_model
 
         kwargs = {} if quantize is None else {"quantize": quantize}
@@ -123,28 +121,14 @@ class MobileO:
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Run the stage ``name`` (a key of ``STAGES``) inside: MLX's CPU buffer cache raised
-        for it where its policy says so, then restored; with ``low_memory``, its components
-        freed when it ends (also on an error or when a generator inside is closed).
-
-        Yields ``evaluate(build, *args)``: builds ``build(*args)``, evaluates it with the
-        stage's precision (bf16 CPU products where they apply) and returns it. The precision
-        is process-wide, so it holds only there, never across the caller's code (the
-        denoising loop yields between its steps)."""
+        """Run the stage ``name`` (a key of ``STAGES``) inside: the backend's stage context
+        (``backends.stage``: on the CPU, MLX's buffer cache raised where the policy says so,
+        then restored and emptied); with ``low_memory``, its components freed when it ends
+        (also on an error or when a generator inside is closed)."""
         policy = self.STAGES[name]
-        bf16 = self.cpu_matmul == "bf16" and policy.bf16_products
-
-        def evaluate(build, *args):
-            # Built inside the precision too: on the CPU the native GELU and depthwise conv
-            # evaluate their inputs while the graph is being built.
-            with bf16_matmul.bf16_products(bf16):
-                result = build(*args)
-                mx.eval(result)
-            return result
-
         try:
-            with platform.stage_buffer_cache() if policy.buffer_cache else contextlib.nullcontext():
-                yield evaluate
+            with backends.stage(None if policy.buffer_cache else 0):
+                yield
         finally:
             if self.low_memory:
                 self.release(*policy.components)
@@ -152,9 +136,12 @@ class MobileO:
     # --- components -----------------------------------------------------------------
 
     def component(self, name: str):
-        """The MLX module of ``name`` (vision, projector, language, mcp, dit, vae), loaded once."""
+        """The MLX module of ``name`` (vision, projector, language, mcp, dit, vae), loaded once and
+        made fast for the backend (``backends.accelerate``)."""
         if name not in self._components:
-            self._components[name] = self._weights.load_component(self.folder, name, dtype=self.dtype)
+            model = self._weights.load_component(self.folder, name, dtype=self.dtype)
+            matmul = self.cpu_matmul if name in self.BF16_COMPONENTS else "fp32"
+            self._components[name] = backends.accelerate(model, name, matmul=matmul)
         return self._components[name]
 
     @property
@@ -200,8 +187,10 @@ class MobileO:
         """FastViTHD -> projector: [1, N, hidden] features for one picture."""
         pixels = mx.array(processing.preprocess_image(image, self.vision_size)).astype(self.dtype)
         vision, projector = self.component("vision"), self.component("projector")
-        with self.stage("vision") as evaluate:
-            return evaluate(lambda: projector(vision(pixels)))
+        with self.stage("vision"):
+            features = projector(vision(pixels))
+            mx.eval(features)
+        return features
 
     def _features_of(self, image: ImageInput) -> mx.array:
         """``image_features``, or the cached features of the same picture."""
@@ -290,16 +279,13 @@ class MobileO:
     def conditioning(self, prompt_text: str, image: ImageInput | None = None) -> Conditioning:
         """MCP(last hidden states) for the prompt, and MCP(zeros of the same shape) for CFG.
         ``prompt_text``: a template (``caption_prompt``); ``image``: the picture of its slot."""
-        with self.stage("conditioning") as evaluate:
+        with self.stage("conditioning"):
             embeddings = self.embed_prompt(prompt_text, image)
-            mcp, language = self.component("mcp"), self.component("language")
+            mcp = self.component("mcp")
             layers = int(self.config["mcp"]["num_layers"])
-
-            def mcp_outputs():
-                states = language.hidden_states(embeddings)[-layers:]
-                return mcp(states), mcp([mx.zeros_like(h) for h in states])
-
-            cond, uncond = evaluate(mcp_outputs)
+            states = self.component("language").hidden_states(embeddings)[-layers:]
+            cond, uncond = mcp(states), mcp([mx.zeros_like(h) for h in states])
+            mx.eval(cond, uncond)
         return Conditioning(cond, uncond, embeddings.shape[1])
 
     def initial_latents(self, size: int, seed: int | None = None, noise=None) -> mx.array:
@@ -375,9 +361,10 @@ class MobileO:
             return sampler.step(plan, state, index, latents, velocity)
 
         state = sampler.initial_state(plan)
-        with self.stage("dit") as evaluate:  # the whole loop: its buffer cache, then the DiT's release
+        with self.stage("dit"):  # the whole loop: its buffer cache, then the DiT's release
             for index, timestep in enumerate(plan.timesteps):
-                latents, state = evaluate(step, index, timestep, latents, state)
+                latents, state = step(index, timestep, latents, state)
+                mx.eval(latents)
                 yield DenoiseStep(index, steps, float(timestep), latents)
 
     def decode(self, latents: mx.array, tile: int | None = None) -> list[Image.Image]:
@@ -386,8 +373,9 @@ class MobileO:
         ``tile`` latents, decoded one at a time and blended (an approximation, for memory)."""
         vae = self.component("vae")
         scaled = (latents / float(self.config["vae"]["scaling_factor"])).astype(self.dtype)
-        with self.stage("vae") as evaluate:
-            images = evaluate(lambda: mx.clip(_decoded(vae, scaled, tile).astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        with self.stage("vae"):
+            images = mx.clip(_decoded(vae, scaled, tile).astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+            mx.eval(images)
         return [processing.to_pil(np.array(image)) for image in images]
 
     # --- the four user-facing calls -------------------------------------------------
@@ -493,11 +481,10 @@ def _caption_template(kind: str, text):
 
 
 def _decoded(vae, latents: mx.array, tile: int | None) -> mx.array:
-    """The decode strategy, chosen here only: overlapping tiles when asked, else the whole
-    picture, exactly (the decoder runs its high-resolution blocks in exact row bands)."""
-    if tile is not None:
-        return dcae.decode_tiled(vae, latents, tile=tile)
-    return vae(latents)
+    """The decode strategy, chosen here only: the whole picture, exactly, in row bands (the
+    decoder's peak memory); overlapping tiles only when asked (an approximation)."""
+    decode = functools.partial(decoding.decode_in_row_bands, vae)
+    return decode(latents) if tile is None else decoding.decode_tiled(decode, latents, tile=tile)
 
 
 def _join(responses) -> str:

@@ -1,15 +1,11 @@
 """Backend detection and the facts `mobileo-mlx doctor` prints.
 
-Code picks its path by backend at run time (``backend()``); nothing assumes
-Metal. Import this module through the package so the BLAS routing in
+``backend()`` says where MLX computes; ``mobileo_mlx.backends`` makes each one fast. Import this module through the package so the BLAS routing in
 ``mobileo_mlx/__init__.py`` runs before ``mlx.core`` loads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import os
 import re
 import shutil
@@ -142,16 +138,18 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[str]
     return removed
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 ``n``x``n``x``n`` matmul throughput in GFLOP/s."""
+def matmul_gflops(n: int = 1024, repeats: int = 5, product=None) -> float:
+    """Best-of-``repeats`` ``n``x``n``x``n`` float32 matmul throughput in GFLOP/s (``product(a, b)``:
+    how to multiply, default ``a @ b``)."""
+    product = product or (lambda a, b: a @ b)
     a = mx.random.normal((n, n), key=mx.random.key(0))
     b = mx.random.normal((n, n), key=mx.random.key(1))
     mx.eval(a, b)
-    mx.eval(a @ b)  # warm-up: thread pools, allocator
+    mx.eval(product(a, b))  # warm-up: thread pools, allocator
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        mx.eval(a @ b)
+        mx.eval(product(a, b))
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -171,74 +169,3 @@ def blas_provider() -> str:
     if answering is None:
         return status.provider
     return f"{status.provider}; cblas_sgemm -> {Path(answering).name}"
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_helper_stream() -> mx.Stream:
-    """A second CPU stream (created once). MLX runs each CPU stream on its own thread, and
-    everything but BLAS on that one thread: independent halves of a large single-threaded op
-    (a quantized_matmul, an element-wise activation) put on this stream run in parallel."""
-    return mx.new_stream(mx.cpu)
-
-
-# True inside a piece of work that cpu_pieces placed on one stream: the element-wise helpers
-# must not split it again across the streams (the other stream is busy with the other piece).
-_PINNED = contextvars.ContextVar("mobileo_mlx_pinned_stream", default=False)
-
-
-def may_split_over_streams() -> bool:
-    """Whether a large single-threaded CPU op may split itself over the two CPU streams."""
-    return mx.default_device() == mx.cpu and not _PINNED.get()
-
-
-def cpu_pieces(count: int, build) -> list:
-    """``[build(0), ..., build(count - 1)]``, piece i built on CPU stream i % 2 (the default
-    stream, then :func:`cpu_helper_stream`): MLX runs each CPU stream on its own thread, and
-    all of its work outside BLAS on that thread, so independent pieces of element-wise work
-    (the two images of a CFG batch, two channel halves) run on both cores. ``build`` must
-    create *everything* of its piece, the slicing of its inputs included: an op created
-    outside would run on the default stream and make the helper wait for it. The caller
-    joins the pieces (one join, at the end: a consumer of the helper's output placed earlier
-    makes the default stream wait there and serialises the two).
-
-    Needs OpenBLAS's idle threads to sleep rather than spin (``_blas`` sets
-    ``OPENBLAS_THREAD_TIMEOUT``): a spinning BLAS thread holds the second core after every
-    matmul. Elsewhere than the CPU, or nested, the pieces are built in order on the
-    current stream."""
-    if not may_split_over_streams():
-        return [build(i) for i in range(count)]
-    streams = (mx.default_stream(mx.cpu), cpu_helper_stream())
-    pieces = []
-    for i in range(count):
-        token = _PINNED.set(True)
-        try:
-            with mx.stream(streams[i % 2]):
-                pieces.append(build(i))
-        finally:
-            _PINNED.reset(token)
-    return pieces
-
-
-# MLX's CPU buffer cache keeps 32 MB of freed buffers; past that every temporary is fresh
-# memory, page-faulted (zeroed by the kernel) on first touch. The LLM prefill and the
-# denoising loop reuse the same few temporaries over and over: with 256 MB cached a CFG DiT
-# step takes 4.2 s instead of 4.5 s and the LLM + MCP 0.9 s instead of 1.5 s, for +0.25 GB RSS.
-STAGE_CACHE_BYTES = 256 << 20
-
-
-@contextlib.contextmanager
-def stage_buffer_cache(limit: int = STAGE_CACHE_BYTES):
-    """Raise MLX's buffer-cache limit to ``limit`` on the CPU for one stage, then restore it
-    and free what the stage cached. A no-op on GPUs (their cache is already large)."""
-    if backend() != "cpu":
-        yield
-        return
-    previous = mx.set_cache_limit(limit)  # returns the limit it replaces
-    if previous >= limit:
-        mx.set_cache_limit(previous)
-    try:
-        yield
-    finally:
-        mx.set_cache_limit(previous)
-        mx.clear_cache()
-

@@ -1,5 +1,5 @@
 """Everything between user input and the models: messages, prompt templates, the
-tokenizer, image-token splicing and picture loading (SPEC §3).
+tokenizer, image-token splicing and picture loading (docs/reference-model.md §3).
 
 The reference pipelines (LLaVA-style, `qwen_2` conversation template):
 * a prompt is ``<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{msg}<|im_end|>\\n<|im_start|>assistant\\n``,

@@ -15,14 +15,16 @@ Precision policy
 * The compute dtype is :func:`mobileo_mlx.platform.compute_dtype` (float32 on
   CPU, float16 on GPUs) unless the caller passes ``dtype``; floating-point
   weights are cast to it.
-* Quantized layers keep their packed storage (memory is the point). On GPUs
-  they are MLX's ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding``. On CPU,
-  ``quantized_matmul`` is a slow scalar loop, so they are
-  :class:`DequantizedLinear` / :class:`DequantizedEmbedding`: dequantize the
-  weight on the fly, then an ordinary (sgemm) matmul.
+* Quantized layers keep their packed storage (memory is the point): MLX's
+  ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding``. How a backend multiplies
+  with them (on the CPU: dequantized on the fly) is ``mobileo_mlx.backends``'.
 
-Components load on demand (:class:`ConvertedModel`); each is read and cast
-once, when it is loaded.
+:func:`load_component` builds one component, plain (``backends.accelerate`` makes
+it fast); each is read and cast once, when it is loaded.
+
+``FORMAT_VERSION`` names the layout of the stored names and tensors: a folder written
+under an older one is refused with the command that converts it again (the cache keys
+include it, so cached conversions are redone on first use).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import math
 import os
 import re
 import struct
-import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -46,220 +47,21 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mobileo_mlx.kernels import quantized_gemv as native_gemv
-
 from . import platform
 from .errors import WeightsError
 from .models import MODELS, build
 
 FORMAT = "mobileo-mlx"
-FORMAT_VERSION = 1
+# 2: SANA's parameters under diffusers' names (transformer_blocks.N.attn1.to_q, ...).
+FORMAT_VERSION = 2
 COMPONENTS = tuple(MODELS)  # vision, projector, language, mcp, dit, vae
 CONFIG_SECTIONS = COMPONENTS + ("scheduler",)
 
 
-# ---------------------------------------------------------------------------
-# quantized layers that compute in floating point
-
-# Up to this many input rows (tokens), a quantized layer multiplies the packed weight
-# directly: the native CPU kernel (kernels.quantized_gemv; LM head 151936x896 8-bit, one
-# row: 7 ms), or without it quantized_matmul (0.10 s); above it, dequantize + ordinary
-# matmul. Measured on CPU (MLX 0.32, OpenBLAS), quantized_matmul against dequantize +
-# sgemm for that head: 1 row 0.10 s vs 1.2 s, 16 rows 1.65 s vs 1.25 s, 256 rows 27 s vs
-# 1.9 s; the crossover is near 10 rows for every layer shape tried. The native kernel
-# keeps one accumulator per row in registers, hence its limit of 8 rows too.
-QUANTIZED_MATMUL_MAX_ROWS = 8
-
-
-def _unpack_affine(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
-    """``mx.dequantize`` for affine quantization, written with element-wise ops
-    so that ``mx.compile`` fuses them: 2-3x faster on CPU, bit-identical.
-    MLX packs values from the lowest bits up, so on little-endian machines
-    8-bit values are the packed bytes and 4-bit ones their low then high nibbles."""
-    if bits in (4, 8) and sys.byteorder == "little":
-        values = mx.view(packed, mx.uint8)
-        if bits == 4:
-            values = mx.stack([values & 0xF, values >> 4], axis=-1)
-    else:
-        shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-        values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    values = values.reshape(*packed.shape[:-1], -1, group_size).astype(scales.dtype)
-    return (values * scales[..., None] + biases[..., None]).reshape(*packed.shape[:-1], -1)
-
-
-_UNPACKERS: dict[tuple[int, int], object] = {}
-
-
-def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
-    """Affine dequantization (compiled once per bits / group size)."""
-    if 32 % bits:  # 3, 5, 6 bits straddle words: MLX's own kernel
-        return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
-    unpack = _UNPACKERS.get((bits, group_size))
-    if unpack is None:
-        unpack = _UNPACKERS[(bits, group_size)] = mx.compile(
-            lambda p, s, b: _unpack_affine(p, s, b, bits, group_size)
-        )
-    return unpack(packed, scales, biases)
-
-
-# ---------------------------------------------------------------------------
-# K-major storage of 8-bit weights (CPU, components that always multiply many rows)
-#
-# MLX's layout keeps each output row's bytes together, [out, K], with one scale per 64
-# of them: dequantizing broadcasts every scale along the innermost axis, which MLX's CPU
-# kernels do slowly. Stored K-major, [K, out] bytes and [K / 64, out] scales, the scales
-# broadcast along an outer axis instead: 0.67 -> 0.37 ns a weight (a SANA-600M step's
-# 576 M weights: 0.39 -> 0.23 s), bit-identical, and the GEMM x @ W runs as fast. Only for
-# components whose layers never see a handful of rows (no quantized_matmul, which needs
-# MLX's layout): the DiT and the VAE decoder. Transposed once, at load.
-K_MAJOR_COMPONENTS = ("dit", "vae")
-
-
-@functools.lru_cache(maxsize=None)
-def _k_major_unpacker(group_size: int):
-    def unpack(values: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        groups, outputs = scales.shape
-        grouped = values.reshape(groups, group_size, outputs).astype(scales.dtype)
-        return (grouped * scales[:, None, :] + biases[:, None, :]).reshape(groups * group_size, outputs)
-
-    return mx.compile(unpack)
-
-
-def _dequantize_k_major(values: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
-    """W.T [K, out] from K-major 8-bit values [K, out] (uint8), scales and biases [K / group_size, out]."""
-    return _k_major_unpacker(group_size)(values, scales, biases)
-
-
-def use_k_major(model: nn.Module) -> int:
-    """Store the model's 8-bit :class:`DequantizedLinear` layers K-major (see above), one
-    layer at a time (the transient copy is one layer). Returns how many were converted."""
-    if sys.byteorder != "little":
-        return 0
-    converted = 0
-    for _, layer in model.named_modules():
-        if not isinstance(layer, DequantizedLinear) or layer.bits != 8 or layer.k_major:
-            continue
-        values = mx.contiguous(mx.view(layer["weight"], mx.uint8).T)
-        scales, biases = mx.contiguous(layer["scales"].T), mx.contiguous(layer["biases"].T)
-        mx.eval(values, scales, biases)
-        layer.update({"weight": values, "scales": scales, "biases": biases})
-        layer.k_major = True
-        converted += 1
-    return converted
-
-
-# quantized_matmul runs on one CPU thread. For a large layer its output columns are split
-# in two halves, one per CPU stream (platform.cpu_pieces; MLX runs each stream on its own
-# thread): measured 1.9x faster on 2 cores (LM head 151649x896 8-bit, one row:
-# 117 -> 60 ms; 4864x896 and 896x4864 4-bit: 3.8 -> 2.0 ms). Same products, same result.
-SPLIT_MIN_WEIGHTS = 1 << 19
-
-# With few rows the dequantization costs as much as the GEMM (a 4-bit weight: ~1 ns to
-# dequantize, 2 * rows flops to multiply): up to this many rows the two halves of the
-# weight are dequantized on the two CPU streams, then multiplied. LM prefill, 79 tokens:
-# 0.83 -> 0.72 s; 308 tokens: 2.27 -> 2.14 s. With more rows the GEMM dominates and the
-# join costs what the split saves (a CFG DiT step: no gain).
-SPLIT_DEQUANTIZE_MAX_ROWS = 320
-
-
-def _quantized_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, layer) -> mx.array:
-    return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=layer.group_size,
-                               bits=layer.bits)
-
-
-def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array:
-    """``x @ W.T`` for a quantized ``W`` held by ``layer``."""
-    if getattr(layer, "k_major", False):
-        return x @ _dequantize_k_major(layer["weight"], layer["scales"], layer["biases"], layer.group_size).astype(x.dtype)
-    packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
-    rows = x.size // max(1, x.shape[-1])
-    if rows <= QUANTIZED_MATMUL_MAX_ROWS and native_gemv.supported(x, packed, scales, biases, layer.bits,
-                                                                   layer.group_size):
-        # The CPU kernel (kernels/native/quantized_gemv.c): all cores, ~20x MLX's loop.
-        return native_gemv.quantized_gemv(x, packed, scales, biases, layer.bits, layer.group_size)
-    outputs = packed.shape[0]
-    split = (outputs * packed.shape[1] * 32 // layer.bits >= SPLIT_MIN_WEIGHTS and outputs >= 2
-             and platform.may_split_over_streams())
-    half = outputs // 2
-    halves = (slice(0, half), slice(half, outputs))
-    if rows <= QUANTIZED_MATMUL_MAX_ROWS:
-        if not split:
-            return _quantized_matmul(x, packed, scales, biases, layer)
-        return mx.concatenate(platform.cpu_pieces(2, lambda i: _quantized_matmul(
-            x, packed[halves[i]], scales[halves[i]], biases[halves[i]], layer)), axis=-1)
-    if not split or rows > SPLIT_DEQUANTIZE_MAX_ROWS:
-        weight = dequantize(packed, scales, biases, layer.bits, layer.group_size)
-        return x @ weight.astype(x.dtype).T
-    # Not before the input is ready: a helper stream free to run ahead would dequantize
-    # every layer of the model at once (all of it in float32 in memory).
-    packed, scales, biases = mx.depends([packed, scales, biases], [x])
-    first, second = platform.cpu_pieces(2, lambda i: dequantize(
-        packed[halves[i]], scales[halves[i]], biases[halves[i]], layer.bits, layer.group_size).astype(x.dtype))
-    # Both halves before the first GEMM: OpenBLAS splits a GEMM statically between its
-    # threads, so a core still busy dequantizing would stall the whole product.
-    first = mx.depends(first, second)
-    return mx.concatenate([x @ first.T, x @ second.T], axis=-1)
-
-
-class DequantizedLinear(nn.Module):
-    """A Linear layer with affine-quantized storage that multiplies in floating
-    point: the weight is dequantized on the fly and the product is an ordinary
-    (sgemm) matmul, far faster on CPU than ``quantized_matmul`` except for a
-    handful of rows (token-by-token decoding), where the native CPU kernel
-    ``kernels.quantized_gemv`` (or, without it, ``quantized_matmul``) is used
-    (see ``QUANTIZED_MATMUL_MAX_ROWS``)."""
-
-    def __init__(self, input_dims: int, output_dims: int, bias: bool, group_size: int, bits: int):
-        super().__init__()
-        self.group_size, self.bits = group_size, bits
-        self.k_major = False  # MLX's layout; use_k_major() transposes 8-bit storage
-        self.weight = mx.zeros((output_dims, input_dims * bits // 32), dtype=mx.uint32)
-        self.scales = mx.zeros((output_dims, input_dims // group_size))
-        self.biases = mx.zeros((output_dims, input_dims // group_size))
-        if bias:
-            self.bias = mx.zeros((output_dims,))
-        self.freeze()
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = _quantized_product(x, self)
-        return y + self["bias"] if "bias" in self else y
-
-    def _extra_repr(self) -> str:
-        if self.k_major:
-            in_dims, out_dims = self.weight.shape
-        else:
-            out_dims, packed = self.weight.shape
-            in_dims = packed * 32 // self.bits
-        layout = ", k_major" if self.k_major else ""
-        return f"input_dims={in_dims}, output_dims={out_dims}, bits={self.bits}, group_size={self.group_size}{layout}"
-
-
-class DequantizedEmbedding(nn.Module):
-    """An Embedding with affine-quantized storage: looked-up rows are
-    dequantized; :meth:`as_linear` (tied heads) works as :class:`DequantizedLinear`."""
-
-    def __init__(self, num_embeddings: int, dims: int, group_size: int, bits: int):
-        super().__init__()
-        self.group_size, self.bits = group_size, bits
-        self.weight = mx.zeros((num_embeddings, dims * bits // 32), dtype=mx.uint32)
-        self.scales = mx.zeros((num_embeddings, dims // group_size))
-        self.biases = mx.zeros((num_embeddings, dims // group_size))
-        self.freeze()
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        return dequantize(self["weight"][ids], self["scales"][ids], self["biases"][ids], self.bits, self.group_size)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return _quantized_product(x, self)
-
-
-def quantize_modules(model: nn.Module, layers: Mapping[str, Mapping], dequantize_on_the_fly: bool) -> nn.Module:
+def quantize_modules(model: nn.Module, layers: Mapping[str, Mapping]) -> nn.Module:
     """Replace the Linear / Embedding leaves named in ``layers``
-    (``{path: {"bits", "group_size"}}``) by quantized ones, in place.
-
-    ``dequantize_on_the_fly`` picks :class:`DequantizedLinear` /
-    :class:`DequantizedEmbedding` (CPU) over MLX's quantized modules (GPU).
-    The new modules hold placeholder arrays until weights are loaded.
+    (``{path: {"bits", "group_size"}}``) by MLX's quantized ones, in place.
+    The new modules hold placeholder arrays (never evaluated) until weights are loaded.
     """
     found: set[str] = set()
 
@@ -271,13 +73,9 @@ def quantize_modules(model: nn.Module, layers: Mapping[str, Mapping], dequantize
         bits, group_size = int(spec["bits"]), int(spec["group_size"])
         if isinstance(module, nn.Linear):
             out_dims, in_dims = module.weight.shape
-            if dequantize_on_the_fly:
-                return DequantizedLinear(in_dims, out_dims, "bias" in module, group_size, bits)
             return nn.QuantizedLinear(in_dims, out_dims, "bias" in module, group_size, bits)
         if isinstance(module, nn.Embedding):
             count, dims = module.weight.shape
-            if dequantize_on_the_fly:
-                return DequantizedEmbedding(count, dims, group_size, bits)
             return nn.QuantizedEmbedding(count, dims, group_size, bits)
         raise WeightsError(f"config.json quantizes {path}, which is a {type(module).__name__}, not a Linear/Embedding")
 
@@ -582,6 +380,9 @@ def read_config(folder: str | Path) -> dict:
         raise WeightsError(f"{path}: format_version must be an integer, not {_show(version)}")
     if version > FORMAT_VERSION:
         raise WeightsError(f"{folder} was written by a newer mobileo-mlx (format {version}); upgrade to load it")
+    if version < FORMAT_VERSION:
+        raise WeightsError(f"{folder} was converted by an older mobileo-mlx (format {version}, this one reads "
+                           f"format {FORMAT_VERSION})")
     check_config(config, path)
     return config
 
@@ -636,8 +437,8 @@ def load_component(
     config: dict | None = None,
     materialize: bool = True,
 ):
-    """Build ``component``'s MLX module from the folder's config and load its
-    weights, with strict name and shape checks.
+    """Build ``component``'s MLX module (the plain model, MLX's quantized layers) from the
+    folder's config and load its weights, with strict name and shape checks.
 
     ``mx.load`` maps the file lazily. With ``materialize`` (the default) the
     weights are then read and cast once, here: left lazy, every forward pass
@@ -656,8 +457,7 @@ def load_component(
     except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightsError(f"{folder / 'config.json'}: cannot build the {component} model: {reason}") from None
-    layers = quantized_layers(config, component)
-    quantize_modules(model, layers, dequantize_on_the_fly=platform.backend() == "cpu")
+    quantize_modules(model, quantized_layers(config, component))
 
     file = folder / f"{component}.safetensors"
     if not file.is_file():
@@ -687,57 +487,8 @@ def load_component(
         for name, value in weights.items()
     ]
     model.load_weights(cast, strict=True)
-    del cast, weights  # the file's arrays: the K-major copies below must not coexist with them
+    del cast, weights  # the file's arrays: a backend's re-laid copies must not coexist with them
     model.eval()
     if materialize:
         mx.eval(model.parameters())
-        if component in K_MAJOR_COMPONENTS and platform.backend() == "cpu":
-            use_k_major(model)
     return model
-
-
-class ConvertedModel:
-    """A converted folder: its config, tokenizer path and lazily loaded components.
-
-    >>> converted = load_folder("mobileo-mlx-0.5b")
-    >>> dit = converted["dit"]              # built and loaded on first access
-    """
-
-    def __init__(self, folder: str | Path, dtype: mx.Dtype | None = None):
-        self.path = Path(folder)
-        self.config = read_config(self.path)
-        self.dtype = dtype or platform.compute_dtype()
-        self._modules: dict[str, nn.Module] = {}
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.json"
-
-    @property
-    def components(self) -> tuple[str, ...]:
-        return tuple(c for c in COMPONENTS if c in self.config)
-
-    @property
-    def quantization(self) -> dict:
-        return dict(self.config.get("quantization") or {})
-
-    def component(self, name: str) -> nn.Module:
-        if name not in self._modules:
-            self._modules[name] = load_component(self.path, name, self.dtype, config=self.config)
-        return self._modules[name]
-
-    __getitem__ = component
-
-    def release(self, *names: str) -> None:
-        """Forget loaded components (all when no name is given)."""
-        for name in names or tuple(self._modules):
-            self._modules.pop(name, None)
-        mx.clear_cache()
-
-    def __repr__(self) -> str:
-        recipe = self.quantization.get("recipe", "none")
-        return f"ConvertedModel({str(self.path)!r}, quantization={recipe!r}, loaded={sorted(self._modules)})"
-
-
-def load_folder(folder: str | Path, dtype: mx.Dtype | None = None) -> ConvertedModel:
-    return ConvertedModel(folder, dtype)

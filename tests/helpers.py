@@ -16,9 +16,10 @@ from typing import Mapping
 import mlx.core as mx
 import numpy as np
 
+from mobileo_mlx import backends
 from mobileo_mlx.convert.mapping import load_component
 
-# Copies of shared/reference (keys_full.txt, checkpoint_config.json, the diffusers configs).
+# Copies of the released checkpoint's files (keys_full.txt, checkpoint_config.json, the diffusers configs).
 REFERENCE_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -58,6 +59,15 @@ def convert_state_dict(
         for name, value in mapping.convert(owned, lambda k: to_numpy(state_dict[k]), config)
     }
     return config, arrays
+
+
+# The parity tests run each model twice: plain, and with the backend's forms swapped in.
+SEAMS = ("plain", "accelerated")
+
+
+def seamed(model, component: str, seam: str, matmul: str = "fp32"):
+    """``model`` plain, or made fast for the current backend (``backends.accelerate``, in place)."""
+    return backends.accelerate(model, component, matmul=matmul) if seam == "accelerated" else model
 
 
 def relative_error(actual, expected) -> float:

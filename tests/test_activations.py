@@ -1,6 +1,6 @@
-"""Activations: the CPU forms (``*_fast``) against float64 references over wide ranges,
-against their built-in twins (``*_builtin``, used on GPUs), special values, half
-precision, and the backend dispatch."""
+"""The CPU backend's fast activations (``backends.cpu.activations``) against float64 references
+over wide ranges, against MLX's built-ins (what the plain models call), special values, half
+precision, chunking over the two streams, and the fast softmax attention."""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 
@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mobileo_mlx.models import activations as act
+from mobileo_mlx.backends.cpu import activations as act
 
 FLT_MIN = 2.0**-126
-SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
 def _sigmoid64(x):
@@ -27,29 +26,15 @@ def _gelu64(x):  # erfc form: no cancellation in the tail (torch's own gelu has 
     return (t * 0.5 * torch.special.erfc(-t / math.sqrt(2))).numpy()
 
 
-def _gelu_tanh64(x):
-    t = torch.as_tensor(x, dtype=torch.float64)
-    return (t * torch.sigmoid(2 * SQRT_2_OVER_PI * (t + 0.044715 * t**3))).numpy()
-
-
-# name -> (fast, builtin, float64 reference, the argument of the underflowing factor)
+# name -> (fast, MLX's built-in, float64 reference, the argument of the underflowing factor)
 CASES = {
-    "sigmoid": (act.sigmoid_fast, act.sigmoid_builtin, _sigmoid64, lambda x: x),
-    "silu": (act.silu_fast, act.silu_builtin, lambda x: x * _sigmoid64(x), lambda x: x),
-    "gelu": (act.gelu_fast, act.gelu_builtin, _gelu64, lambda x: x),
-    "gelu_tanh": (
-        act.gelu_tanh_fast, act.gelu_tanh_builtin, _gelu_tanh64,
-        lambda x: 2 * SQRT_2_OVER_PI * (x + 0.044715 * x**3),
-    ),
+    "sigmoid": (act.sigmoid, mx.sigmoid, _sigmoid64, lambda x: x),
+    "silu": (act.silu, nn.silu, lambda x: x * _sigmoid64(x), lambda x: x),
+    "gelu": (act.gelu, nn.gelu, _gelu64, lambda x: x),
 }
 # Where the underflowing factor (sigmoid(w), Phi(x)) is still a normal float32.
-NORMAL_FROM = {"sigmoid": -87.3, "silu": -87.3, "gelu": -13.0, "gelu_tanh": -87.3}
-# Relative error bounds; gelu_tanh's argument 2u (a cubic in x) is itself rounded to
-# float32, which costs ~|2u| ulp in exp(2u) (the float64 reference evaluates it exactly).
-RELATIVE = {
-    "sigmoid": lambda w: 5e-7, "silu": lambda w: 5e-7, "gelu": lambda w: 1e-6,
-    "gelu_tanh": lambda w: 1e-6 + 2e-7 * np.abs(w),
-}
+NORMAL_FROM = {"sigmoid": -87.3, "silu": -87.3, "gelu": -13.0}
+RELATIVE = {"sigmoid": lambda w: 5e-7, "silu": lambda w: 5e-7, "gelu": lambda w: 1e-6}
 
 
 def _inputs() -> np.ndarray:
@@ -82,10 +67,10 @@ def test_glu_silu_is_a_times_silu_g():
     a = rng.standard_normal(100_000).astype(np.float32) * 3
     g = np.concatenate([np.linspace(-87, 90, 50_000), rng.standard_normal(50_000) * 5]).astype(np.float32)
     expected = a.astype(np.float64) * g * _sigmoid64(g.astype(np.float64))
-    actual = np.array(act.glu_silu_fast(mx.array(a), mx.array(g)), dtype=np.float64)
+    actual = np.array(act.glu_silu(mx.array(a), mx.array(g)), dtype=np.float64)
     keep = np.abs(expected) >= FLT_MIN
     assert (np.abs(actual - expected)[keep] / np.abs(expected)[keep]).max() < 5e-7
-    twin = np.array(act.glu_silu_builtin(mx.array(a), mx.array(g)), dtype=np.float64)
+    twin = np.array(mx.array(a) * nn.silu(mx.array(g)), dtype=np.float64)
     np.testing.assert_allclose(actual, twin, rtol=1e-5, atol=1e-30)
 
 
@@ -147,7 +132,7 @@ def test_fast_and_builtin_twins_agree_on_typical_activations(name):
 
 def test_shapes_layouts_and_tracing():
     x = mx.random.normal((6, 10), key=mx.random.key(4))
-    for fast, builtin in [(act.silu_fast, nn.silu), (act.gelu_fast, nn.gelu)]:
+    for fast, builtin in [(act.silu, nn.silu), (act.gelu, nn.gelu)]:
         assert fast(mx.array(0.5)).shape == ()
         assert fast(mx.zeros((0, 3))).shape == (0, 3)
         np.testing.assert_allclose(np.array(fast(x.T)), np.array(builtin(x.T)), rtol=1e-5, atol=1e-7)
@@ -155,38 +140,8 @@ def test_shapes_layouts_and_tracing():
         np.testing.assert_allclose(np.array(traced(x)), 2 * np.array(fast(x)), rtol=1e-6, atol=1e-7)
     gate = x[:1]  # broadcast gate
     np.testing.assert_allclose(
-        np.array(act.glu_silu_fast(x, gate)), np.array(x * nn.silu(gate)), rtol=1e-5, atol=1e-7
+        np.array(act.glu_silu(x, gate)), np.array(x * nn.silu(gate)), rtol=1e-5, atol=1e-7
     )
-
-
-def test_dispatch_by_backend(monkeypatch):
-    x = mx.random.normal((8, 8), key=mx.random.key(5)) * 3
-    pairs = [(act.silu, act.silu_fast, nn.silu), (act.sigmoid, act.sigmoid_fast, mx.sigmoid),
-             (act.gelu, act.gelu_fast, nn.gelu), (act.gelu_tanh, act.gelu_tanh_fast, nn.gelu_approx),
-             (act.softmax, act.softmax_fast, act.softmax_builtin)]
-    assert act.use_fast()  # the test suite runs on the CPU
-    for dispatch, fast, _ in pairs:
-        np.testing.assert_array_equal(np.array(dispatch(x)), np.array(fast(x)))
-    np.testing.assert_array_equal(np.array(act.glu_silu(x, x)), np.array(act.glu_silu_fast(x, x)))
-    for backend in ("metal", "cuda"):
-        monkeypatch.setattr(act.platform, "backend", lambda backend=backend: backend)
-        assert not act.use_fast()
-        for dispatch, _, builtin in pairs:
-            np.testing.assert_array_equal(np.array(dispatch(x)), np.array(builtin(x)))
-        np.testing.assert_array_equal(np.array(act.glu_silu(x, x)), np.array(x * nn.silu(x)))
-        q = x.reshape(1, 2, 4, 8)
-        np.testing.assert_array_equal(np.array(act.scaled_dot_product_attention(q, q, q, 0.3)),
-                                      np.array(mx.fast.scaled_dot_product_attention(q, q, q, scale=0.3)))
-
-
-@pytest.mark.parametrize("name", ["hardswish", "hardsigmoid"])
-def test_piecewise_linear_match_torch(name):
-    x = np.concatenate([np.linspace(-10, 10, 100_001), [-np.inf, np.inf, np.nan]]).astype(np.float32)
-    expected = getattr(torch.nn.functional, name)(torch.from_numpy(x)).numpy()
-    actual = np.array(getattr(act, name)(mx.array(x)))
-    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
-    ok = ~np.isnan(expected)
-    np.testing.assert_allclose(actual[ok], expected[ok], rtol=1e-6, atol=1e-7)
 
 
 def test_large_inputs_run_in_chunks_with_identical_results(monkeypatch):
@@ -197,7 +152,7 @@ def test_large_inputs_run_in_chunks_with_identical_results(monkeypatch):
     whole = [act._silu_whole(x), act._sigmoid_whole(x), act._gelu_whole(x), act._glu_silu_whole(x, g)]
     for limit in (0, 1 << 62):  # chunks / halves
         monkeypatch.setattr(act, "_cache_limit", lambda: limit)
-        split = [act.silu_fast(x), act.sigmoid_fast(x), act.gelu_fast(x), act.glu_silu_fast(x, g)]
+        split = [act.silu(x), act.sigmoid(x), act.gelu(x), act.glu_silu(x, g)]
         for a, b in zip(split, whole):
             assert a.shape == x.shape
             np.testing.assert_array_equal(np.array(a), np.array(b))
@@ -205,23 +160,9 @@ def test_large_inputs_run_in_chunks_with_identical_results(monkeypatch):
     assert act._cache_limit() == act._cache_limit()  # reading the limit leaves it unchanged
 
 
-def test_softmax_and_exp_neg():
-    x = mx.random.normal((4, 7, 300), key=mx.random.key(8)) * 20
-    x = mx.concatenate([x, mx.full((4, 7, 1), -np.inf)], axis=-1)  # a masked column
-    x64 = np.array(x, dtype=np.float64)
-    expected = torch.softmax(torch.from_numpy(x64), dim=-1).numpy()
-    actual = np.array(act.softmax_fast(x), dtype=np.float64)
-    # float32 rounding of max - x costs up to half an ulp of it in the exponent
-    spread = np.nan_to_num(x64.max(axis=-1, keepdims=True) - x64, posinf=0.0)
-    assert np.all(np.abs(actual - expected) <= expected * (1e-6 + 2.0**-24 * spread) + 1e-37)
-    # Over axis 1 the masked column is all -inf: NaN, as MLX's softmax gives.
-    other = np.array(act.softmax_fast(x, axis=1), dtype=np.float64)
-    np.testing.assert_array_equal(np.isnan(other), np.isnan(np.array(mx.softmax(x, axis=1))))
-    expected = torch.softmax(torch.from_numpy(x64[..., :-1]), dim=1).numpy()
-    spread = x64[..., :-1].max(axis=1, keepdims=True) - x64[..., :-1]
-    assert np.all(np.abs(other[..., :-1] - expected) <= expected * (1e-6 + 2.0**-24 * spread) + 1e-37)
+def test_exp_neg():
     a = mx.array(np.array([0.0, 1e-30, 0.5, 1.0, 20.0, 87.0, 88.0, 100.0, np.inf, np.nan], dtype=np.float32))
-    got = np.array(act.exp_neg_fast(a), dtype=np.float64)
+    got = np.array(act.exp_neg(a), dtype=np.float64)
     ref = np.exp(-np.array(a, dtype=np.float64))
     ok = ref > FLT_MIN
     assert np.all(np.abs(got - ref)[ok] <= 3e-7 * ref[ok])
@@ -241,10 +182,10 @@ def test_attention_matches_sdpa(shape, masked):
         keep[0, keys // 2 :] = 0
         mask = mx.array((1 - keep) * -10000.0)[:, None, None, :]
     scale = depth**-0.5
-    expected = act.attention_builtin(q, k, v, scale, mask)
-    np.testing.assert_allclose(np.array(act.attention_fast(q, k, v, scale, mask)), np.array(expected),
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    np.testing.assert_allclose(np.array(act.attention(q, k, v, scale, mask)), np.array(expected),
                                rtol=1e-5, atol=2e-6)
-    half = act.attention_fast(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale, mask)
+    half = act.attention(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale, mask)
     assert half.dtype == mx.float16
     np.testing.assert_allclose(np.array(half.astype(mx.float32)), np.array(expected), rtol=2e-2, atol=2e-2)
 
@@ -252,75 +193,11 @@ def test_attention_matches_sdpa(shape, masked):
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_in_blocks_of_query_rows_matches_sdpa(monkeypatch, masked):
     # A head whose scores exceed the chunk runs in blocks of query rows (10 rows: 3+3+3+1).
-    monkeypatch.setattr(act, "_ATTENTION_CHUNK", 64)
-    monkeypatch.setattr(act, "_ATTENTION_ROWS_CHUNK", 27)
+    monkeypatch.setattr(act.tuning, "ATTENTION_CHUNK", 64)
+    monkeypatch.setattr(act.tuning, "ATTENTION_ROWS_CHUNK", 27)
     q, k, v = (mx.random.normal(shape, key=mx.random.key(i)) for i, shape in
                enumerate([(2, 3, 10, 8), (2, 3, 9, 8), (2, 3, 9, 8)]))
     mask = mx.array(np.where(np.arange(9) < 5, 0.0, -10000.0).astype(np.float32))[None, None, None] if masked else None
-    expected = act.attention_builtin(q, k, v, 8**-0.5, mask)
-    np.testing.assert_allclose(np.array(act.attention_fast(q, k, v, 8**-0.5, mask)), np.array(expected),
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=8**-0.5, mask=mask)
+    np.testing.assert_allclose(np.array(act.attention(q, k, v, 8**-0.5, mask)), np.array(expected),
                                rtol=1e-5, atol=2e-6)
-
-
-# ---------------------------------------------------------------------------
-# The models' CPU paths (taken when activations.use_fast()) against their GPU twins
-# ---------------------------------------------------------------------------
-def _randomized(module, seed: int = 0, scale: float = 0.3):
-    from mlx.utils import tree_flatten
-
-    params = [(k, mx.random.normal(v.shape, key=mx.random.key(seed + i)) * scale)
-              for i, (k, v) in enumerate(tree_flatten(module.parameters()))]
-    module.load_weights(params)
-    return module
-
-
-def _with_twin(monkeypatch, run):
-    fast = run()
-    monkeypatch.setattr(act, "use_fast", lambda: False)
-    twin = run()
-    monkeypatch.undo()
-    return np.array(fast), np.array(twin)
-
-
-def test_sana_glumbconv_cpu_path_matches_its_twin(monkeypatch):
-    from mobileo_mlx.models.sana import GLUMBConv
-
-    ff = _randomized(GLUMBConv(16, 40))
-    x = mx.random.normal((2, 6 * 5, 16), key=mx.random.key(9))
-    fast, twin = _with_twin(monkeypatch, lambda: ff(x, 6, 5))
-    np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-6)
-
-
-def test_dcae_cpu_paths_match_their_twins(monkeypatch):
-    from mobileo_mlx.models.dcae import EfficientViTBlock, ResBlock
-
-    x = mx.random.normal((2, 6, 5, 64), key=mx.random.key(11))
-    for block in (ResBlock(64, "silu"), ResBlock(64, "gelu"), EfficientViTBlock(64, 16, (5,), "rms_norm")):
-        _randomized(block, seed=3, scale=0.2)
-        fast, twin = _with_twin(monkeypatch, lambda: block(x))
-        np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
-
-
-def test_dcae_cpu_convolutions_match_their_twins(monkeypatch):
-    from mobileo_mlx.models.dcae import DCAEDecoder, DCAEDecoderConfig, UpsampleBlock, conv3x3_cpu
-
-    x = mx.random.normal((2, 7, 6, 24), key=mx.random.key(12))
-    weight = mx.random.normal((16, 3, 3, 24), key=mx.random.key(13)) * 0.2
-    bias = mx.random.normal((16,), key=mx.random.key(14))
-    np.testing.assert_allclose(np.array(conv3x3_cpu(x, weight, bias)),
-                               np.array(mx.conv2d(x, weight, padding=1) + bias), rtol=1e-5, atol=1e-5)
-    for cin, cout in [(24, 12), (24, 24), (24, 48), (24, 96)]:  # shortcut repeats 2, 4, 8, 16
-        block = _randomized(UpsampleBlock(cin, cout, True), seed=cout, scale=0.2)
-        fast, twin = _with_twin(monkeypatch, lambda: block(x))
-        assert fast.shape == (2, 14, 12, cout)
-        np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
-    block.conv.weight = block.conv.weight * 2  # new weights: the combined taps follow
-    fast, twin = _with_twin(monkeypatch, lambda: block(x))
-    np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5)
-    config = DCAEDecoderConfig(block_out_channels=(8, 16, 32), block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                               layers_per_block=(1, 1, 1), qkv_multiscales=((), (), (5,)), latent_channels=4,
-                               attention_head_dim=8)
-    decoder = _randomized(DCAEDecoder(config), seed=5, scale=0.2)
-    latents = mx.random.normal((1, 3, 2, 4), key=mx.random.key(15))
-    fast, twin = _with_twin(monkeypatch, lambda: decoder(latents))
-    np.testing.assert_allclose(fast, twin, rtol=1e-4, atol=1e-5)

@@ -125,13 +125,13 @@ def test_bad_input_is_one_clear_line(env, tmp_path, args, fragments):
 def test_cpu_matmul_choices(env, tmp_path):
     """--cpu-matmul fp32 and bf16 (where the CPU has AVX512-BF16) both draw the picture; the
     demo model's products are too small for the bf16 kernel, so both give the same one."""
-    from mobileo_mlx.kernels import bf16_matmul
+    from mobileo_mlx import backends
 
     pictures = {}
     for choice in ("fp32", "bf16"):
         out = tmp_path / f"{choice}.png"
         result = run(env, "generate", "a kite", "-o", str(out), "--seed", "5", "--steps", "2", "--cpu-matmul", choice)
-        if choice == "bf16" and not bf16_matmul.available():
+        if choice == "bf16" and backends.bf16_unavailable_reason() is not None:
             assert_one_line_error(result, "bf16 CPU matmuls are not available")
             continue
         assert result.returncode == 0, result.stderr

@@ -44,9 +44,11 @@ from mobileo_mlx.convert.checkpoint import (
     read_safetensors_header,
     resolve_diffusion_configs,
 )
-from mobileo_mlx import weights
+from mobileo_mlx import backends, weights
+from mobileo_mlx.backends import cpu
+from mobileo_mlx.backends.cpu import quantized as cpu_quantized
 from mobileo_mlx.errors import ConversionError
-from mobileo_mlx.weights import DequantizedEmbedding, DequantizedLinear, load_component, load_folder
+from mobileo_mlx.weights import load_component, read_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -101,18 +103,17 @@ def test_none_keeps_bf16_bits_and_loads_every_component(demo_checkpoint, convert
         expected = source[name].float().numpy()
         np.testing.assert_array_equal(np.array(stored[name].astype(mx.float32)), expected)
 
-    model = load_folder(out)
-    assert model.components == COMPONENTS
-    assert model.tokenizer_path.is_file()
-    assert set(model.config) >= {*COMPONENTS, "scheduler", "quantization", "source", "licence"}
+    config = read_config(out)
+    assert (out / "tokenizer.json").is_file()
+    assert set(config) >= {*COMPONENTS, "scheduler", "quantization", "source", "licence"}
     for component in COMPONENTS:
-        params = tree_flatten(model[component].parameters())
+        params = tree_flatten(load_component(out, component, config=config).parameters())
         assert params and {p.dtype for _, p in params} == {mx.float32}  # CPU compute dtype
     # Unused weights are left out: the VAE encoder and the vision head.
     vae_names = mx.load(str(out / "vae.safetensors"))
     assert not [n for n in vae_names if "encoder" in n]
     assert "head" not in " ".join(mx.load(str(out / "vision.safetensors")))
-    assert model.config["source"]["left_out"]["unused (VAE encoder, vision head, ...)"] > 0
+    assert config["source"]["left_out"]["unused (VAE encoder, vision head, ...)"] > 0
     assert (out / "README.md").read_text().startswith("---")
 
 
@@ -420,7 +421,8 @@ def test_command_line_help_and_errors_in_a_subprocess(demo_checkpoint, tmp_path)
 
 
 def _logits(folder: Path) -> np.ndarray:
-    return np.array(load_component(folder, "language")(mx.array([[3, 17, 250, 511, 42, 7]])))
+    model = backends.accelerate(load_component(folder, "language"), "language")
+    return np.array(model(mx.array([[3, 17, 250, 511, 42, 7]])))
 
 
 @pytest.mark.parametrize("recipe", ["8", "4", "mixed"])
@@ -436,24 +438,24 @@ def test_quantization_recipes(recipe, converted):
         assert layers["language"]["lm_head"]["bits"] == 8
         assert layers["language"]["model.layers.0.mlp.down_proj"]["bits"] == 4
         assert {spec["bits"] for spec in layers["dit"].values()} == {8}
-        assert all(path.startswith("blocks.") for path in layers["dit"])
+        assert all(path.startswith("transformer_blocks.") for path in layers["dit"])
         assert "vision" not in layers and "projector" not in layers
     else:
         assert {spec["bits"] for c in layers for spec in layers[c].values()} == {int(recipe)}
         assert {"language", "dit", "projector"} <= set(layers)
 
     for component in COMPONENTS:
-        module = load_component(out, component)
+        module = backends.accelerate(load_component(out, component), component)
         header = read_safetensors_header(out / f"{component}.safetensors")
         quantized = {p: m for p, m in tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module)
-                     if isinstance(m, (DequantizedLinear, DequantizedEmbedding))}
+                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
         assert set(quantized) == set(layers.get(component, {}))
         for path, spec in layers.get(component, {}).items():
             assert header[path + ".weight"].dtype == "U32" and header[path + ".scales"].dtype == "F16"
             assert quantized[path].bits == spec["bits"]
-            # On CPU the DiT's and VAE's 8-bit layers are stored K-major once loaded.
-            k_major = (mx.default_device() == mx.cpu and component in weights.K_MAJOR_COMPONENTS
-                       and spec["bits"] == 8 and isinstance(quantized[path], DequantizedLinear))
+            # On CPU the DiT's and VAE's 8-bit layers are stored K-major once made fast.
+            k_major = (mx.default_device() == mx.cpu and component in cpu.K_MAJOR_COMPONENTS
+                       and spec["bits"] == 8 and isinstance(quantized[path], nn.QuantizedLinear))
             assert getattr(quantized[path], "k_major", False) == k_major, path
 
     # Every quantized weight is within one quantization step of the source (MLX
@@ -480,7 +482,7 @@ def test_missing_lm_head_ties_to_the_embedding(recipe, demo_checkpoint, tmp_path
     assert convert(checkpoint, "--output", tmp_path / "out", "--quantize", recipe) == 0
     assert weights.read_config(tmp_path / "out")["language"]["tie_word_embeddings"] is True
     assert "lm_head.weight" not in mx.load(str(tmp_path / "out" / "language.safetensors"))
-    model = load_component(tmp_path / "out", "language")
+    model = backends.accelerate(load_component(tmp_path / "out", "language"), "language")
     ids = mx.array([[3, 17, 250, 511, 42, 7, 8, 9, 10]])
     hidden = model.model(ids)
     assert relative_error(model(ids), model.model.embed_tokens.as_linear(hidden)) < 1e-6
@@ -494,122 +496,20 @@ def test_group_size_is_recorded(demo_checkpoint, tmp_path):
     assert {spec["group_size"] for c in layers for spec in layers[c].values()} == {32}
 
 
-def test_gpu_path_uses_mlx_quantized_layers(converted, monkeypatch):
+def test_loading_builds_mlx_quantized_layers_the_cpu_forms_agree(converted):
+    """A loaded component holds MLX's quantized layers (what a GPU runs); the CPU backend's forms
+    of them compute the same logits."""
     out = converted("mixed")
-    cpu = load_component(out, "language")
-    monkeypatch.setattr(weights.platform, "backend", lambda: "metal")
-    gpu = load_component(out, "language", dtype=mx.float32)
-    assert isinstance(gpu.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
-    assert isinstance(gpu.model.embed_tokens, nn.QuantizedEmbedding)
+    plain = load_component(out, "language")
+    assert type(plain.model.layers[0].mlp.up_proj) is nn.QuantizedLinear
+    assert type(plain.model.embed_tokens) is nn.QuantizedEmbedding
     ids = mx.array([[3, 17, 250, 511, 42, 7, 8, 9, 10, 11]])  # > 8 rows: the dequantize + matmul path on CPU
-    assert relative_error(cpu(ids), gpu(ids)) < 1e-5
-    assert relative_error(cpu(ids[:, :2]), gpu(ids[:, :2])) < 1e-5  # few rows: quantized_matmul
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
-def test_dequantize_is_mlx_dequantize(bits):
-    w = mx.random.normal((3, 5, 128), key=mx.random.key(bits))
-    packed, scales, biases = mx.quantize(w, group_size=32, bits=bits)
-    assert mx.array_equal(weights.dequantize(packed, scales, biases, bits, 32),
-                          mx.dequantize(packed, scales, biases, group_size=32, bits=bits))
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_dequantizing_layers_match_mlx_quantized_layers(bits):
-    linear = nn.Linear(128, 48)
-    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=bits)
-    layer = DequantizedLinear(128, 48, True, 64, bits)
-    layer.update(dict(reference.parameters()))
-    for rows in (1, 8, 9, 40):
-        x = mx.random.normal((rows, 128), key=mx.random.key(rows))
-        assert relative_error(layer(x), reference(x)) < 1e-5
-    packed, scales, biases = reference.weight, reference.scales, reference.biases
-    assert mx.array_equal(
-        weights.dequantize(packed, scales, biases, bits, 64),
-        mx.dequantize(packed, scales, biases, group_size=64, bits=bits),
-    )
-    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(50, 64), group_size=64, bits=bits)
-    quantized_embedding = DequantizedEmbedding(50, 64, 64, bits)
-    quantized_embedding.update(dict(embedding.parameters()))
-    ids = mx.array([[0, 7, 49]])
-    assert mx.array_equal(quantized_embedding(ids), embedding(ids))
-    x = mx.random.normal((12, 64), key=mx.random.key(1))
-    assert relative_error(quantized_embedding.as_linear(x), embedding.as_linear(x)) < 1e-5
-
-
-def _wide_4bit_layer(outputs: int):
-    """A 4-bit DequantizedLinear 128 -> outputs and the MLX QuantizedLinear it copies."""
-    reference = nn.QuantizedLinear.from_linear(nn.Linear(128, outputs), group_size=64, bits=4)
-    layer = DequantizedLinear(128, outputs, True, 64, 4)
-    layer.update(dict(reference.parameters()))
-    return reference, layer
-
-
-def _record_streams(monkeypatch, name: str) -> list:
-    """Replace weights.<name> by a wrapper that records the stream each call runs on."""
-    streams, real = [], getattr(weights, name)
-    monkeypatch.setattr(weights, name,
-                        lambda *args: streams.append(str(mx.default_stream(mx.default_device()))) or real(*args))
-    return streams
-
-
-@pytest.mark.parametrize("outputs", [weights.SPLIT_MIN_WEIGHTS // 128, 2 * weights.SPLIT_MIN_WEIGHTS // 128 + 3])
-def test_wide_layers_split_over_two_cpu_streams_give_the_same_result(outputs, monkeypatch):
-    """Few rows through a wide quantized layer (token-by-token decoding) without the native
-    kernel: the output columns are computed in two halves on two streams, equal to one
-    quantized_matmul."""
-    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")  # the MLX path, not kernels.quantized_gemv
-    reference, layer = _wide_4bit_layer(outputs)
-    streams = _record_streams(monkeypatch, "_quantized_matmul")
-    for rows in (1, 3):
-        x = mx.random.normal((1, rows, 128), key=mx.random.key(rows))
-        expected = mx.quantized_matmul(x, reference.weight, reference.scales, reference.biases,
-                                       group_size=64, bits=4) + reference.bias
-        assert mx.allclose(layer(x), expected, rtol=0, atol=1e-6).item()
-    if mx.default_device() == mx.cpu:
-        assert len(streams) == 4 and len(set(streams)) == 2
-
-
-@pytest.mark.parametrize("outputs", [weights.SPLIT_MIN_WEIGHTS // 128, 2 * weights.SPLIT_MIN_WEIGHTS // 128 + 3])
-def test_prefill_rows_dequantize_in_two_halves_on_two_cpu_streams(outputs, monkeypatch):
-    """A few dozen rows (a prompt's prefill) through a wide quantized layer: the weight is
-    dequantized in two halves on two streams, then multiplied: the same products as one
-    dequantize + matmul."""
-    reference, layer = _wide_4bit_layer(outputs)
-    real = weights.dequantize
-    streams = _record_streams(monkeypatch, "dequantize")
-    for rows, halves in ((9, True), (weights.SPLIT_DEQUANTIZE_MAX_ROWS, True), (weights.SPLIT_DEQUANTIZE_MAX_ROWS + 1, False)):
-        streams.clear()
-        x = mx.random.normal((1, rows, 128), key=mx.random.key(rows))
-        whole = real(reference.weight, reference.scales, reference.biases, 4, 64)
-        assert mx.allclose(layer(x), x @ whole.T + reference.bias, rtol=1e-6, atol=1e-6).item()
-        if mx.default_device() == mx.cpu:
-            assert len(streams) == (2 if halves else 1) and len(set(streams)) == len(streams), (rows, streams)
-
-
-def test_k_major_storage_gives_the_same_products():
-    """8-bit layers stored K-major (the DiT and VAE on CPU): the same weights, dequantized in
-    another layout, so the same result for any number of rows; other widths stay as they were."""
-    linear = nn.Linear(192, 80)
-    reference = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=8)
-    layer = DequantizedLinear(192, 80, True, 64, 8)
-    layer.update(dict(reference.parameters()))
-    xs = [mx.random.normal((rows, 192), key=mx.random.key(rows)) for rows in (1, 8, 9, 300, 600)]
-    before = [layer(x) for x in xs]
-    four_bit = DequantizedLinear(192, 80, False, 64, 4)
-    four_bit.update(dict(nn.QuantizedLinear.from_linear(nn.Linear(192, 80, bias=False), group_size=64, bits=4).parameters()))
-    holder = nn.Module()
-    holder.layers = [layer, four_bit]
-    assert weights.use_k_major(holder) == 1
-    assert layer.k_major and layer.weight.shape == (192, 80) and layer.weight.dtype == mx.uint8
-    assert not four_bit.k_major
-    assert "input_dims=192, output_dims=80" in repr(layer) and "k_major" in repr(layer)
-    for x, expected in zip(xs, before):
-        assert mx.allclose(layer(x), expected, rtol=1e-6, atol=1e-6).item()
-    dense = weights.dequantize(reference.weight, reference.scales, reference.biases, 8, 64)
-    k_major = weights._dequantize_k_major(layer.weight, layer.scales, layer.biases, 64)
-    assert mx.array_equal(k_major, dense.T).item()
-    assert weights.use_k_major(holder) == 0  # idempotent
+    expected, few = plain(ids), plain(ids[:, :2])
+    fast = backends.accelerate(load_component(out, "language"), "language")
+    assert isinstance(fast.model.layers[0].mlp.up_proj, cpu_quantized.QuantizedLinear)
+    assert isinstance(fast.model.embed_tokens, cpu_quantized.QuantizedEmbedding)
+    assert relative_error(fast(ids), expected) < 1e-5
+    assert relative_error(fast(ids[:, :2]), few) < 1e-5  # few rows: the GEMV
 
 
 def test_loading_checks_names_and_shapes(converted, tmp_path):
@@ -625,7 +525,7 @@ def test_loading_checks_names_and_shapes(converted, tmp_path):
     with pytest.raises(weights.WeightsError, match="compress.weight has shape"):
         load_component(out, "mcp")
     with pytest.raises(weights.WeightsError, match="not a converted"):
-        load_folder(tmp_path)
+        load_component(tmp_path, "mcp")
 
 
 # ---------------------------------------------------------------------------

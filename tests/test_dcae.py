@@ -1,5 +1,6 @@
-"""DC-AE decoder: parity with diffusers ``AutoencoderDC`` (small random configs, fp32),
-the mapping against the released checkpoint's names, tiled decoding, fp16."""
+"""DC-AE decoder: parity with diffusers ``AutoencoderDC`` (small random configs, fp32; the plain
+decoder and the backend's forms), the mapping against the released checkpoint's names, the
+decode strategies (exact row bands, blended tiles), fp16, bf16 products."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import torch
 from diffusers import AutoencoderDC
 from mlx.utils import tree_flatten
 
+from mobileo_mlx import backends, decoding
 from mobileo_mlx.convert.mapping import dcae as dcae_mapping
 from mobileo_mlx.convert.mapping import map_name
+from mobileo_mlx.decoding import decode_in_row_bands, decode_tiled
+from mobileo_mlx.kernels import primitives
 from mobileo_mlx.models import build
-from mobileo_mlx.models import dcae as dcae_module
-from mobileo_mlx.models.dcae import decode_tiled, relu_quadratic_attention
-from mobileo_mlx.kernels import bf16_matmul
-from mobileo_mlx.kernels.linear_attention import relu_linear_attention
-from tests.helpers import convert_state_dict, relative_error, to_numpy
+from mobileo_mlx.models.common import relu_linear_attention
+from mobileo_mlx.models.dcae import relu_quadratic_attention
+from tests.helpers import SEAMS, convert_state_dict, relative_error, seamed, to_numpy
 
-REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference
+REFERENCE = Path(__file__).resolve().parent / "data"  # copies of the released checkpoint's key list and configs
 
 # Every decoder structure of the Sana DC-AE, shrunk: 3 ResBlock stages + 3
 # EfficientViT stages with a 5x5 multiscale branch, interpolate upsampling,
@@ -65,13 +67,13 @@ def _reference(vae_config: dict, seed: int = 0) -> AutoencoderDC:
     return model
 
 
-def _convert(reference: AutoencoderDC, vae_config: dict):
+def _convert(reference: AutoencoderDC, vae_config: dict, seam: str = "accelerated"):
     state_dict = {f"model.vae.{k}": v for k, v in reference.state_dict().items()}
     config, weights = convert_state_dict("vae", state_dict, {}, {"vae": vae_config})
     model = build("vae", config)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return config, model
+    return config, seamed(model, "vae", seam)
 
 
 def _latents(batch: int, height: int, width: int, channels: int, seed: int = 1) -> torch.Tensor:
@@ -87,10 +89,10 @@ def _decode_both(reference, model, latents: torch.Tensor):
     return np.array(actual), to_numpy(expected)
 
 
-@pytest.fixture(scope="module")
-def small():
+@pytest.fixture(scope="module", params=SEAMS)
+def small(request):
     reference = _reference(SMALL_VAE)
-    config, model = _convert(reference, SMALL_VAE)
+    config, model = _convert(reference, SMALL_VAE, request.param)
     return reference, config, model
 
 
@@ -117,23 +119,23 @@ def test_single_image_matches_diffusers(small):
 
 @pytest.mark.parametrize("band_pixels", [1, 40, 300])
 def test_row_bands_match_diffusers(small, band_pixels, monkeypatch):
-    """Banded high-resolution blocks (the decoder's memory bound) are exact: with tiny
-    bands (one row, odd cuts, bands smaller than the halo) the decode still matches
-    diffusers, and equals the unbanded decode bit for bit."""
+    """Decoding in row bands (the decoder's memory bound) is exact: with tiny bands (one row,
+    odd cuts, bands smaller than the halo) the decode still matches diffusers, and equals the
+    unbanded decode to float32 summation order (BLAS may block a GEMM of fewer rows otherwise)."""
     reference, _, model = small
     latents = _latents(2, 3, 5, SMALL_VAE["latent_channels"])
     whole, expected = _decode_both(reference, model, latents)
-    monkeypatch.setattr(dcae_module, "BAND_PIXELS", band_pixels)
+    monkeypatch.setattr(backends.tuning, "BAND_PIXELS", band_pixels)
     calls = []
-    real = dcae_module.in_row_bands
+    real = decoding.in_row_bands
 
     def counting(fn, x, *args, **kwargs):
         calls.append(x.shape[1])
         return real(fn, x, *args, **kwargs)
 
-    monkeypatch.setattr(dcae_module, "in_row_bands", counting)
-    banded, _ = _decode_both(reference, model, latents)
-    assert calls, "the decoder did not use row bands"
+    monkeypatch.setattr(decoding, "in_row_bands", counting)
+    banded = np.array(decode_in_row_bands(model, mx.array(to_numpy(latents.permute(0, 2, 3, 1)))))
+    assert len(calls) == 1 + sum(1 for stage in model.up_blocks for layer in stage if hasattr(layer, "row_halo"))
     assert relative_error(banded, expected) <= 1e-5
     np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-6)
 
@@ -154,7 +156,7 @@ def test_pixel_shuffle_upsampling_and_per_stage_activations():
 def test_quadratic_and_linear_attention_forms_agree():
     keys = mx.random.split(mx.random.key(0), 3)
     q, k, v = (mx.random.normal((2, 3, 6, 8), key=key) for key in keys)
-    linear = np.array(relu_linear_attention(q, k, v))
+    linear = np.array(relu_linear_attention(q, k, v, 1e-15))
     # Direct definition: out_i = sum_j relu(q_i).relu(k_j) v_j / (sum_j relu(q_i).relu(k_j) + eps)
     qn = np.maximum(np.array(q, np.float64), 0)
     kn = np.maximum(np.array(k, np.float64), 0)
@@ -166,7 +168,7 @@ def test_quadratic_and_linear_attention_forms_agree():
 
 
 def test_float16_stays_finite_and_close(small):
-    reference, _, model = small
+    _, _, model = small
     latents = mx.array(to_numpy(_latents(1, 4, 4, SMALL_VAE["latent_channels"]).permute(0, 2, 3, 1)))
     expected = np.array(model(latents))
     model.set_dtype(mx.float16)
@@ -205,7 +207,7 @@ def test_tiled_blending_is_seamless_for_a_local_decoder():
 def test_tiled_with_one_tile_is_the_plain_decode(small):
     _, _, model = small
     latents = mx.array(to_numpy(_latents(2, 3, 5, SMALL_VAE["latent_channels"]).permute(0, 2, 3, 1)))
-    assert np.array_equal(np.array(model.decode_tiled(latents, tile=5, overlap=2)), np.array(model(latents)))
+    assert np.array_equal(np.array(decode_tiled(model, latents, tile=5, overlap=2)), np.array(model(latents)))
 
 
 def test_tiled_is_close_to_untiled():
@@ -222,7 +224,7 @@ def test_tiled_is_close_to_untiled():
     _, model = _convert(reference, SMALL_VAE)
     latents = mx.array(to_numpy(_latents(1, 10, 10, SMALL_VAE["latent_channels"], seed=7).permute(0, 2, 3, 1)))
     whole = np.array(model(latents))
-    tiled = np.array(model.decode_tiled(latents, tile=8, overlap=6))  # 2 x 2 tiles
+    tiled = np.array(decode_tiled(model, latents, tile=8, overlap=6))  # 2 x 2 tiles
     assert tiled.shape == whole.shape
     error = relative_error(tiled, whole)
     mean_error = float(np.abs(tiled - whole).mean())
@@ -256,7 +258,7 @@ def test_released_names_map_onto_the_full_size_decoder(released):
     config = dcae_mapping.config_from_checkpoint(owned, {}, None)
     model = build("vae", config)
     params = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
-    assert sum(int(np.prod(s)) for s in params.values()) == 159_223_171  # SPEC §2.6
+    assert sum(int(np.prod(s)) for s in params.values()) == 159_223_171  # docs/reference-model.md §2.6
     converted = {}
     for name, shape in owned.items():
         target, transform = map_name(dcae_mapping.RULES, name)
@@ -287,16 +289,17 @@ def test_full_size_decoder_output_shape(released):
     assert np.isfinite(np.array(image)).all()
 
 
-@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
-def test_bf16_cpu_matmuls_stay_close(small):
+@pytest.mark.skipif(backends.bf16_unavailable_reason() is not None,
+                    reason=f"bf16 CPU matmuls unavailable here: {backends.bf16_unavailable_reason()}")
+def test_bf16_cpu_matmuls_stay_close(monkeypatch):
     """The decoder with bf16 CPU matmuls (its 1x1 and 3x3 convs): close to diffusers' float32."""
-    reference, _, model = small
-    before, done = bf16_matmul.min_product(), bf16_matmul.products_done()
-    bf16_matmul.min_product(0)
-    try:
-        with bf16_matmul.bf16_products():
-            actual, expected = _decode_both(reference, model, _latents(1, 4, 4, SMALL_VAE["latent_channels"]))
-    finally:
-        bf16_matmul.min_product(before)
-    assert bf16_matmul.products_done() > done
+    reference = _reference(SMALL_VAE)
+    _, model = _convert(reference, SMALL_VAE, "plain")
+    if backends.platform.backend() != "cpu" or backends.kernels_mode() == "reference":
+        pytest.skip("bf16 products are the CPU backend's forms'")
+    backends.accelerate(model, "vae", matmul="bf16")
+    monkeypatch.setattr(backends.tuning, "BF16_MIN_PRODUCT", 0)
+    done = primitives.extension().bf16_products_done()
+    actual, expected = _decode_both(reference, model, _latents(1, 4, 4, SMALL_VAE["latent_channels"]))
+    assert primitives.extension().bf16_products_done() > done or backends.kernels_mode() == "twin"
     assert 1e-5 < relative_error(actual, expected) <= 3e-2  # reached 1.7e-2 (bf16 keeps 8 bits, fp16 11)

@@ -16,7 +16,7 @@ import pytest
 from mobileo_mlx import demo as cached_demo
 from mobileo_mlx.convert import checkpoint, demo, demo_tokenizer
 
-REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference
+REFERENCE = Path(__file__).resolve().parent / "data"  # copies of the released checkpoint's key list and configs
 TOKENIZER_FILES = {
     "vocab.json",
     "merges.txt",

@@ -317,6 +317,43 @@ def test_broken_folder_outside_the_cache_names_the_command_that_fixes_it(case, c
     weights.check_folder(folder)
 
 
+def test_a_folder_of_an_older_format_is_refused_with_the_command_that_converts_it_again(converted, tmp_path):
+    """Stored names change with the format version (format 2: SANA's diffusers names): a folder
+    written under an older one is never loaded, and the error names the fix."""
+    folder = tmp_path / "old model"
+    shutil.copytree(converted, folder)
+    edit_config(folder, lambda c: c.update(format_version=weights.FORMAT_VERSION - 1))
+    for check in (weights.read_config, lambda f: weights.load_component(f, "dit")):
+        with pytest.raises(WeightsError, match=f"older mobileo-mlx \\(format {weights.FORMAT_VERSION - 1}"):
+            check(folder)
+    with pytest.raises(WeightsError) as error:
+        hub.resolve_model(str(folder), progress=False)
+    assert "\n" not in str(error.value) and "--force" in str(error.value)
+    assert _run_fix_command(str(error.value)) == 0
+    assert weights.read_config(folder)["format_version"] == weights.FORMAT_VERSION
+    assert hub.resolve_model(str(folder), progress=False) == folder
+
+
+def test_a_cache_entry_of_an_older_format_is_converted_again(demo_checkpoint, tmp_path, monkeypatch):
+    """The cache key holds the format version: after an upgrade the demo is converted again into a
+    new entry, and the old one is never loaded."""
+    from mobileo_mlx.convert import from_torch
+
+    monkeypatch.setenv("MOBILEO_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "demo_checkpoint_path", lambda: demo_checkpoint)
+    previous = weights.FORMAT_VERSION - 1
+    with pytest.MonkeyPatch.context() as older:
+        for module in (weights, hub, from_torch):
+            older.setattr(module, "FORMAT_VERSION", previous)
+        old = hub.resolve_model("demo", progress=False)
+    assert json.loads((old / "config.json").read_text())["format_version"] == previous
+    new = hub.resolve_model("demo", progress=False)
+    assert new != old and new.parent == old.parent
+    assert weights.read_config(new)["format_version"] == weights.FORMAT_VERSION
+    with pytest.raises(WeightsError, match="older mobileo-mlx"):
+        weights.check_folder(old)
+
+
 def test_converted_weights_without_a_config_are_not_taken_for_a_checkpoint(converted, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(converted, folder)
@@ -463,7 +500,7 @@ def test_hand_edited_config_gives_a_clean_error_naming_the_key(case, converted, 
     edit, fragment = CONFIG_EDITS[case]
     folder = copy_checkpoint(converted, tmp_path / "model")
     edit_config(folder, edit)
-    for check in (weights.read_config, weights.check_folder, weights.load_folder,
+    for check in (weights.read_config, weights.check_folder, lambda f: weights.load_component(f, "mcp"),
                   lambda f: hub.resolve_model(str(f), progress=False)):
         with pytest.raises(WeightsError) as error:
             check(folder)

@@ -2,15 +2,18 @@
 
 The demo model's picture bytes (generate and edit) and answer tokens (ask, a two-turn chat) are
 recorded in ``tests/data/golden.json``, for the default path, for ``MOBILEO_MLX_KERNELS=reference``
-(the plain models), and with every CPU size threshold lowered so that the demo's small tensors take
-each CPU path the full-size model takes (stream splits, bands, native kernels). Code changes that leave the computation unchanged must reproduce them exactly;
-a change that is meant to change the numbers updates the file in the same commit, saying why:
+(the plain models), with every CPU size threshold lowered so that the demo's small tensors take
+each CPU path the full-size model takes (stream splits, bands, native kernels), and the same with
+bfloat16 CPU products (``bf16``: where the CPU has AVX512-BF16). Code changes that leave the
+computation unchanged must reproduce them exactly; a change that is meant to change the numbers
+updates the file in the same commit, saying why:
 
     .venv/bin/python -m tests.test_golden --update
 
-The pipeline runs in a child process with float32 CPU matmuls and OpenBLAS held to one kernel family
-(``OPENBLAS_CORETYPE=Haswell``: AVX2), so every x86-64 machine sums in the same order. Elsewhere
-(another BLAS) the bytes legitimately differ and the test says so instead of comparing.
+The pipeline runs in a child process with float32 CPU matmuls (but in ``bf16``) and OpenBLAS held
+to one kernel family (``OPENBLAS_CORETYPE=Haswell``: AVX2), so every x86-64 machine sums in the same
+order. Elsewhere (another BLAS) the bytes legitimately differ and the test says so instead of
+comparing.
 """
 
 from __future__ import annotations
@@ -26,18 +29,20 @@ from pathlib import Path
 import pytest
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden.json"
-MODES = ("auto", "reference", "small-thresholds")
+MODES = ("auto", "reference", "small-thresholds", "bf16")
 
 # The CPU's size thresholds, lowered for the "small-thresholds" mode: module -> {name: value}.
 # Where a threshold moves, move it here too (same value): the recorded outputs must not change.
 SMALL_THRESHOLDS = {
-    "mobileo_mlx.models.activations": {"_CHUNK": 256, "_ATTENTION_CHUNK": 64, "_ATTENTION_ROWS_CHUNK": 64},
-    "mobileo_mlx.models.dcae": {"BAND_PIXELS": 512},
-    "mobileo_mlx.weights": {"SPLIT_MIN_WEIGHTS": 0},
-    "mobileo_mlx.kernels.depthwise": {"SPLIT_MIN_MACS": 0, "NATIVE_MIN_MACS": 0},
-    "mobileo_mlx.kernels.linear_attention": {"SPLIT_MIN_ELEMENTS": 0},
-    "mobileo_mlx.kernels.gelu": {"MIN_VALUES": 0},
+    "mobileo_mlx.backends.tuning": {
+        "ACTIVATION_CHUNK": 256, "ATTENTION_CHUNK": 64, "ATTENTION_ROWS_CHUNK": 64, "BAND_PIXELS": 512,
+        "SPLIT_MIN_WEIGHTS": 0, "DEPTHWISE_SPLIT_MIN_MACS": 0, "DEPTHWISE_NATIVE_MIN_MACS": 0,
+        "LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS": 0,
+    },
 }
+# bf16: the small thresholds, and every product of the picture components in bfloat16.
+BF16_THRESHOLDS = {"mobileo_mlx.backends.tuning": {**SMALL_THRESHOLDS["mobileo_mlx.backends.tuning"],
+                                                   "BF16_MIN_PRODUCT": 0}}
 
 RUN = r"""
 import hashlib, importlib, json, os, sys
@@ -69,17 +74,23 @@ def _comparable(mode: str) -> str | None:
     """Why the recorded bytes cannot be compared here, or None."""
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return f"recorded on Linux x86-64 with OpenBLAS; this is {sys.platform} {platform.machine()}"
+    if mode == "bf16":
+        from mobileo_mlx import backends
+
+        reason = backends.bf16_unavailable_reason()
+        if reason is not None:
+            return f"bf16 CPU products need AVX512-BF16 and the native kernels: {reason}"
     return None
 
 
 def run_pipeline(mode: str, cache: Path) -> dict:
-    env = {**os.environ, "MOBILEO_MLX_CACHE": str(cache), "MOBILEO_MLX_CPU_MATMUL": "fp32",
-           "OPENBLAS_CORETYPE": "Haswell"}
+    env = {**os.environ, "MOBILEO_MLX_CACHE": str(cache), "OPENBLAS_CORETYPE": "Haswell",
+           "MOBILEO_MLX_CPU_MATMUL": "bf16" if mode == "bf16" else "fp32"}
     env.pop("MOBILEO_MLX_KERNELS", None)
     if mode == "reference":
         env["MOBILEO_MLX_KERNELS"] = mode
-    if mode == "small-thresholds":
-        env["GOLDEN_THRESHOLDS"] = json.dumps(SMALL_THRESHOLDS)
+    if mode in ("small-thresholds", "bf16"):
+        env["GOLDEN_THRESHOLDS"] = json.dumps(SMALL_THRESHOLDS if mode == "small-thresholds" else BF16_THRESHOLDS)
     result = subprocess.run([sys.executable, "-c", RUN], capture_output=True, text=True, env=env, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]

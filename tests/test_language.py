@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 from mobileo_mlx.convert.mapping import load_component, map_name
 from mobileo_mlx.models import build
 from mobileo_mlx.models.language import LanguageConfig, LanguageModel
-from tests.helpers import convert_state_dict, relative_error
+from tests.helpers import SEAMS, convert_state_dict, relative_error, seamed
 
 TOLERANCE = 1e-4
 VOCAB = 300
@@ -107,21 +107,23 @@ def checkpoint_state_dict(reference: Qwen2ForCausalLM) -> dict:
     return state
 
 
-def convert_reference(reference: Qwen2ForCausalLM, model_type="mobileo_inference"):
+def convert_reference(reference: Qwen2ForCausalLM, model_type="mobileo_inference", seam="accelerated"):
     config, weights = convert_state_dict(
         "language", checkpoint_state_dict(reference), checkpoint_config(model_type)
     )
     model = build("language", json.loads(json.dumps(config)))  # the dict must be JSON-able
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return config, model
+    return config, seamed(model, "language", seam)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+@pytest.fixture(scope="module", params=[(tied, seam) for tied in (False, True) for seam in SEAMS],
+                ids=lambda param: ("tied-" if param[0] else "untied-") + param[1])
 def pair(request):
-    reference = build_reference(tied=request.param)
-    model_type = "mobile_o_inference" if request.param else "mobileo_inference"
-    config, model = convert_reference(reference, model_type)
+    tied, seam = request.param
+    reference = build_reference(tied=tied)
+    model_type = "mobile_o_inference" if tied else "mobileo_inference"
+    config, model = convert_reference(reference, model_type, seam)
     return reference, config, model
 
 
@@ -160,7 +162,7 @@ def test_logits_and_hidden_states_match_transformers(pair):
 
 
 def test_last_hidden_state_is_final_norm_output(pair):
-    """SPEC §6 (1): the last entry is post-norm, not the raw layer output."""
+    """docs/reference-model.md §6 (1): the last entry is post-norm, not the raw layer output."""
     _, _, model = pair
     embeddings = model.embed(mx.array(random_ids(6, seed=2)))
     states = model.hidden_states(embeddings)
@@ -333,7 +335,7 @@ def test_base_model_duplicates_are_ignored():
 
 
 def test_released_checkpoint_names_and_config():
-    folder = Path(__file__).resolve().parent / "data"  # copies of shared/reference
+    folder = Path(__file__).resolve().parent / "data"  # copies of the released checkpoint's key list and configs
     shapes = {}
     for line in (folder / "keys_full.txt").read_text().splitlines():
         if line.startswith("#"):
@@ -374,7 +376,7 @@ def test_full_size_shapes():
                  model.parameters())
     )
     parameter_count = sum(p.size for _, p in tree_flatten(model.parameters()))
-    assert parameter_count == 629_653_120  # SPEC §4: 629.65 M at V = 151649
+    assert parameter_count == 629_653_120  # docs/reference-model.md §4: 629.65 M at V = 151649
 
     ids = mx.array([[151643, 872, 198, 151648, 9707, 151645]])
     embeddings = model.embed(ids)

@@ -32,7 +32,8 @@ LAYERS = [
     ("model resolution", ["mobileo_mlx.hub", "mobileo_mlx.demo"]),
     ("converter", ["mobileo_mlx.convert"]),
     ("loading and processing", ["mobileo_mlx.weights", "mobileo_mlx.processing", "mobileo_mlx.samplers",
-                                "mobileo_mlx.options", "mobileo_mlx.outputs"]),
+                                "mobileo_mlx.options", "mobileo_mlx.outputs", "mobileo_mlx.decoding"]),
+    ("backends", ["mobileo_mlx.backends"]),
     ("models", ["mobileo_mlx.models"]),
     ("kernels", ["mobileo_mlx.kernels"]),
     ("platform", ["mobileo_mlx.platform", "mobileo_mlx._blas", "mobileo_mlx.errors", "mobileo_mlx._version"]),
@@ -138,6 +139,21 @@ def test_dependencies_point_down():
             if mine is not None and theirs is not None and theirs < mine:
                 upward.append(f"{name} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
     assert not upward, "\n".join(sorted(upward))
+
+
+def test_models_import_nothing_of_ours_but_models():
+    # Plain MLX networks: no backend code, no kernels, no platform checks (backends/ holds those).
+    found = [f"{name} imports {target}" for name, imported in GRAPH.items() if name.startswith("mobileo_mlx.models")
+             for target in imported if _ours(target) and not target.startswith("mobileo_mlx.models")]
+    assert not found, "\n".join(found)
+
+
+def test_kernels_import_nothing_of_ours_but_kernels_and_platform():
+    # Kernels offer a kernel and its twin; the backend decides which runs.
+    allowed = ("mobileo_mlx.kernels", "mobileo_mlx.platform", "mobileo_mlx._blas", "mobileo_mlx.errors")
+    found = [f"{name} imports {target}" for name, imported in GRAPH.items() if name.startswith("mobileo_mlx.kernels")
+             for target in imported if _ours(target) and not target.startswith(allowed)]
+    assert not found, "\n".join(found)
 
 
 def test_the_converter_does_not_know_the_runtime_above_it():

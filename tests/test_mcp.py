@@ -1,4 +1,4 @@
-"""Mobile Conditioning Projector: parity with the compact PyTorch reference (SPEC §2.4)
+"""Mobile Conditioning Projector: parity with the compact PyTorch reference (docs/reference-model.md §2.4)
 through the converter's mapping, at a small and at the full size."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from mobileo_mlx.convert.mapping import mcp as mcp_mapping
 from mobileo_mlx.models import build
-from tests.helpers import convert_state_dict, reference_keys, relative_error
+from tests.helpers import SEAMS, convert_state_dict, reference_keys, relative_error, seamed
 from tests.reference.mcp_torch import TorchMobileConditioningProjector
 
 PREFIX = "model.diffusion_connector.fusion."
@@ -41,12 +41,12 @@ def checkpoint_state_dict(model) -> dict:
     return {PREFIX + name: tensor for name, tensor in model.state_dict().items()}
 
 
-def mlx_model(torch_model):
+def mlx_model(torch_model, seam: str = "accelerated"):
     config, weights = convert_state_dict("mcp", checkpoint_state_dict(torch_model))
     model = build("mcp", config)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return model
+    return seamed(model, "mcp", seam)
 
 
 def random_hidden_states(batch: int, length: int, width: int, num_layers: int, seed: int):
@@ -75,7 +75,7 @@ def test_reference_names_and_shapes_equal_the_checkpoint():
     reference = {name: tuple(t.shape) for name, t in checkpoint_state_dict(reference_model(FULL)).items()}
     assert reference == released
     n_params = sum(p.numel() for p in TorchMobileConditioningProjector(**FULL).parameters())
-    assert n_params == 2_440_452  # SPEC §2.4
+    assert n_params == 2_440_452  # docs/reference-model.md §2.4
 
 
 def test_config_from_checkpoint_shapes():
@@ -106,10 +106,11 @@ def test_every_released_tensor_maps_onto_a_runtime_parameter_of_the_same_size():
     assert {name: value.shape for name, value in converted.items()} == runtime
 
 
+@pytest.mark.parametrize("seam", SEAMS)
 @pytest.mark.parametrize("length", [1, 7, 77])
-def test_parity_small(length):
+def test_parity_small(length, seam):
     torch_model = reference_model(SMALL, seed=1)
-    model = mlx_model(torch_model)
+    model = mlx_model(torch_model, seam)
     hidden = random_hidden_states(2, length, SMALL["hidden_size"], SMALL["num_layers"], seed=length)
     actual, expected = run_both(torch_model, model, hidden)
     assert actual.shape == (2, length, SMALL["output_dim"])

@@ -1,4 +1,4 @@
-"""End to end: the runtime against the PyTorch reference pipelines (SPEC §3) with the same
+"""End to end: the runtime against the PyTorch reference pipelines (docs/reference-model.md §3) with the same
 weights. The checkpoint is the demo writer's, in float32, in the released layout; the
 reference reads it as the original code would, the runtime goes through the real converter."""
 
@@ -12,8 +12,11 @@ from PIL import Image
 import mobileo_mlx
 from mobileo_mlx import platform
 from mobileo_mlx.convert import from_torch
-from mobileo_mlx.kernels import bf16_matmul
+from mobileo_mlx import backends
+from mobileo_mlx.backends.cpu import layers as cpu_layers
+from mobileo_mlx.backends.cpu import quantized as cpu_quantized
 from mobileo_mlx.convert import demo
+from mobileo_mlx.kernels import primitives
 from mobileo_mlx.processing import Message
 from tests.reference.fastvit_torch import ReferenceConfig
 from tests.reference.pipeline_torch import ReferenceMobileO
@@ -263,62 +266,29 @@ def test_the_buffer_cache_limit_is_raised_for_its_stages_and_restored(model):
         mx.set_cache_limit(previous)
 
 
-@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
-def test_bf16_products_hold_only_while_a_picture_stage_evaluates(model):
-    """The bf16 switch is process-wide: it must be on inside a picture stage's evaluation and
-    off everywhere else, between the denoising steps (the caller's code) and in the LM's stages."""
-    def bf16_on() -> bool:
-        before = bf16_matmul.products_done()
-        mx.eval(mx.ones((16, 16)) @ mx.ones((16, 16)))
-        return bf16_matmul.products_done() > before
-
-    fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
-    before = bf16_matmul.min_product()
-    bf16_matmul.min_product(0)
-    try:
-        with bf16_matmul.bf16_products():
-            assert bf16_on()  # the probe sees the switch
-        assert not bf16_on()
-        for name in ("vision", "dit", "vae"):
-            with fast.stage(name) as evaluate:
-                assert evaluate(bf16_on) and not bf16_on()
-            with model.stage(name) as evaluate:  # cpu_matmul="fp32" (the suite's)
-                assert not evaluate(bf16_on)
-        for name in ("conditioning", "text"):
-            with fast.stage(name) as evaluate:
-                assert not evaluate(bf16_on)
-        conditioning = fast.caption_conditioning(PROMPT)
-        done = bf16_matmul.products_done()
-        between = [bf16_on() for step in fast.generate_latents(conditioning, steps=3, seed=0)]
-        assert between == [False] * 3 and bf16_matmul.products_done() > done  # the steps ran in bf16
-        assert [bf16_on() for _ in fast.chat("Hello", max_tokens=3, stream=True)] == [False] * 3
-    finally:
-        bf16_matmul.min_product(before)
+needs_bf16 = pytest.mark.skipif(mx.default_device() != mx.cpu or backends.bf16_unavailable_reason() is not None,
+                                reason=f"bf16 CPU matmuls unavailable here: {backends.bf16_unavailable_reason()}")
 
 
-@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
-def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference):
-    """cpu_matmul="bf16": the DiT and VAE products take bfloat16 inputs, the language model's
-    do not (its greedy tokens stay the reference's), and the picture stays close."""
+@needs_bf16
+def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference, monkeypatch):
+    """cpu_matmul="bf16": the vision tower's, projector's, DiT's and VAE's products take bfloat16
+    inputs, the language model's do not (its greedy tokens stay the reference's), and the
+    picture stays close."""
     fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
     assert fast.cpu_matmul == "bf16" and model.cpu_matmul == "fp32"  # the suite pins fp32
-    before = bf16_matmul.min_product()
-    bf16_matmul.min_product(0)  # the demo model's products are all small
-    try:
-        done = bf16_matmul.products_done()
-        question = "What is in this picture?"
-        answer = fast.ask(picture(2), question, max_tokens=8)
-        vision_products = bf16_matmul.products_done() - done
-        assert vision_products > 0  # the vision tower's products
-        done = bf16_matmul.products_done()
-        assert fast.chat([Message("user", "Hello there")], max_tokens=8) == model.chat(
-            [Message("user", "Hello there")], max_tokens=8)
-        assert bf16_matmul.products_done() == done  # the language model: float32 throughout
-        noise = noise_for(model, seed=20)
-        ours = fast.generate(PROMPT, steps=20, guidance=1.5, noise=noise)
-        assert bf16_matmul.products_done() > done
-    finally:
-        bf16_matmul.min_product(before)
+    monkeypatch.setattr(backends.tuning, "BF16_MIN_PRODUCT", 0)  # the demo model's products are all small
+    products = primitives.extension().bf16_products_done
+    done = products()
+    answer = fast.ask(picture(2), "What is in this picture?", max_tokens=8)
+    assert products() > done  # the vision tower's and the projector's products
+    done = products()
+    assert fast.chat([Message("user", "Hello there")], max_tokens=8) == model.chat(
+        [Message("user", "Hello there")], max_tokens=8)
+    assert products() == done  # the language model: float32 throughout
+    noise = noise_for(model, seed=20)
+    ours = fast.generate(PROMPT, steps=20, guidance=1.5, noise=noise)
+    assert products() > done
     from mobileo_mlx import processing
 
     expected = reference.generate(processing.GENERATION_TEMPLATE.format(prompt=PROMPT), noise, 20, 1.5)
@@ -327,30 +297,18 @@ def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference):
     assert isinstance(answer, str)
 
 
-@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
-def test_bf16_products_cover_the_whole_vision_graph(model, monkeypatch):
-    """The native GELU and depthwise conv evaluate their inputs while the graph is built, so
-    the bf16 context must be open while the vision tower is *built*, not only evaluated:
-    image_features must equal the tower built and evaluated entirely inside the context."""
-    from mobileo_mlx.kernels import depthwise, gelu
-    from mobileo_mlx import processing
-
-    monkeypatch.setattr(gelu, "MIN_VALUES", 0)  # the demo tower is small: let the native kernels run
-    monkeypatch.setattr(depthwise, "NATIVE_MIN_MACS", 0)
-    native_gelus = []
-    real_gelu = gelu.gelu_in_place
-    monkeypatch.setattr(gelu, "gelu_in_place", lambda x, twin: native_gelus.append(1) or real_gelu(x, twin))
-    fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
-    before = bf16_matmul.min_product()
-    bf16_matmul.min_product(0)
-    try:
-        source = picture(3)
-        features = fast.image_features(source)
-        pixels = mx.array(processing.preprocess_image(source, fast.vision_size))
-        with bf16_matmul.bf16_products():
-            whole = fast.component("projector")(fast.component("vision")(pixels))
-            mx.eval(whole)
-    finally:
-        bf16_matmul.min_product(before)
-    assert native_gelus  # the native path really ran inside
-    assert np.array_equal(np.array(features), np.array(whole))
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's forms")
+@pytest.mark.parametrize("cpu_matmul", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_components_are_made_fast_once_loaded(model, cpu_matmul):
+    """MobileO.component loads the plain model and swaps in the backend's forms once: bf16
+    products only in the picture components."""
+    fast = mobileo_mlx.load(str(model.folder), cpu_matmul=cpu_matmul)
+    vision, language, dit = fast.component("vision"), fast.component("language"), fast.component("dit")
+    assert fast.component("dit") is dit
+    assert isinstance(vision.act, cpu_layers.GELU)
+    assert isinstance(language.model.layers[0].mlp, cpu_layers.Qwen2MLP)
+    assert isinstance(dit.transformer_blocks[0].ff, cpu_layers.GLUMBConv)
+    head = dit.proj_out  # never quantized
+    assert isinstance(head, cpu_layers.Bf16Linear) == (cpu_matmul == "bf16")
+    assert not isinstance(language.model.layers[0].self_attn.o_proj, (cpu_layers.Bf16Linear,
+                                                                      cpu_quantized.Bf16QuantizedLinear))

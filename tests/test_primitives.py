@@ -1,7 +1,8 @@
 """The native CPU kernels as MLX graph nodes (kernels.primitives, native/primitives.cpp): each
 against its twin or float64, and what a graph node promises: nothing evaluated while the graph
 is built, mx.compile and two CPU streams give the same results, inputs are never written, the
-transformations work, and without the extension (or for what it does not take) the twin runs."""
+transformations work; what a kernel does not take it says so (``*_supported``), and without the
+extension the CPU backend's forms run the twins."""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 
@@ -16,11 +17,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mobileo_mlx.kernels import _native
+from mobileo_mlx.backends.cpu import layers
+from mobileo_mlx.backends.cpu.activations import gelu as gelu_fast
 from mobileo_mlx.kernels import depthwise as dw
 from mobileo_mlx.kernels import primitives as prim
-from mobileo_mlx.kernels import quantized_gemv as ctypes_gemv
-from mobileo_mlx.models.activations import gelu_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "Mobil
 
 def test_the_extension_is_there():
     assert prim.unavailable_reason() is None
-    assert prim.enabled()
+    assert prim.available()
 
 
 def nodes(*outputs) -> set[str]:
@@ -112,7 +112,7 @@ def bf16_rounded(x) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(7,), (1000, 3), (2, 300, 517)])
 def test_gelu_is_bit_identical_to_gelu_fast(shape):
     x = gelu_values(int(np.prod(shape)), seed=len(shape)).reshape(shape)
-    y = prim.gelu(x, gelu_fast)
+    y = prim.gelu(x)
     assert nodes(y) == {"MobileoGelu"}
     assert same_bits(y, gelu_fast(x))
 
@@ -120,9 +120,9 @@ def test_gelu_is_bit_identical_to_gelu_fast(shape):
 def test_gelu_of_strided_views_and_of_a_temporary():
     x = gelu_values(600 * 40, seed=3).reshape(600, 40)
     for view in (x.T, x[::3, 5:]):
-        assert same_bits(prim.gelu(view, gelu_fast), gelu_fast(view))
+        assert same_bits(prim.gelu(view), gelu_fast(view))
     # a temporary no one else holds: its buffer may become the output's (MLX's donation)
-    assert same_bits(prim.gelu(x * 1.0, gelu_fast), gelu_fast(x))
+    assert same_bits(prim.gelu(x * 1.0), gelu_fast(x))
 
 
 def test_gelu_takes_over_a_temporary_input_buffer_only():
@@ -136,7 +136,7 @@ def test_gelu_takes_over_a_temporary_input_buffer_only():
         mx.reset_peak_memory()
         before = mx.get_active_memory()
         temporary = x * one
-        y = prim.gelu(temporary, gelu_fast)
+        y = prim.gelu(temporary)
         if not hold_temporary:
             del temporary
         mx.eval(y)
@@ -153,33 +153,26 @@ def test_gelu_takes_over_a_temporary_input_buffer_only():
     ((1, 33, 31, 24), 3, (2, 2), (1, 1), True),
     ((1, 20, 20, 8), 5, (1, 2), (0, 2), True),
 ])
-def test_depthwise_against_float64_and_the_ctypes_kernel(shape, k, stride, padding, bias):
+def test_depthwise_against_float64(shape, k, stride, padding, bias):
     x, w, b = conv_inputs(shape, k, bias)
     y = prim.depthwise_conv2d(x, w, b, stride, padding)
     assert nodes(y) == {"MobileoDepthwiseConv2d"}
     exact = conv_exact(x, w, b, stride, padding)
     assert y.shape == exact.shape
     assert relative_error(y, exact) < 1e-6
-    library = _native.library()
-    if library is not None:  # the same C through ctypes: the same bits
-        out = np.zeros(exact.shape, np.float32)
-        taps = np.ascontiguousarray(np.asarray(w)[..., 0].transpose(1, 2, 0))
-        library.mobileo_depthwise_conv2d(np.asarray(x).ctypes.data, *shape, taps.ctypes.data, k, k,
-                                         None if b is None else np.asarray(b).ctypes.data, *stride, *padding,
-                                         out.ctypes.data, *exact.shape[1:3])
-        assert same_bits(y, out)
+    assert relative_error(y, dw.shift_add(x, w, b, stride, padding)) < 2e-6  # its twin
 
 
 @pytest.mark.parametrize("rows, bits, group_size", [(1, 4, 64), (3, 4, 128), (8, 8, 64), (2, 8, 32)])
-def test_quantized_gemv_against_float64_and_the_ctypes_kernel(rows, bits, group_size):
+def test_quantized_gemv_against_float64_and_its_twin(rows, bits, group_size):
     packed, scales, biases = quantized(200, 512, bits, group_size, seed=rows)
     x = mx.random.normal((rows, 512), key=mx.random.key(rows + 10))
     y = prim.quantized_gemv(x, packed, scales, biases, bits, group_size)
     assert nodes(y) == {"MobileoQuantizedGemv"}
     exact = gemv_exact(x, packed, scales, biases, bits, group_size)
     assert relative_error(y, exact) < 1e-5
-    if _native.enabled():
-        assert same_bits(y, ctypes_gemv.quantized_gemv(x, packed, scales, biases, bits, group_size))
+    twin = mx.quantized_matmul(x, packed, scales, biases, group_size=group_size, bits=bits)
+    assert relative_error(y, twin) < 1e-5
 
 
 def test_quantized_gemv_keeps_leading_axes():
@@ -214,6 +207,24 @@ def test_bf16_matmul_against_float64_of_the_rounded_operands(layout):
     assert relative_error(a.astype(np.float64) @ b.astype(np.float64), exact) > 1e-4
 
 
+@needs_bf16
+@pytest.mark.parametrize("addend", ["full", "bias row", "held"])
+def test_bf16_matmul_accumulates_into_c(addend):
+    """``c + a @ b`` (the window GEMMs of a 3x3 conv, a Linear's bias): c full or broadcast, its
+    buffer taken over when no one else holds it, read when someone does."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((50, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 40)).astype(np.float32)
+    c = rng.standard_normal((50, 40) if addend != "bias row" else (40,)).astype(np.float32)
+    c_in = mx.array(c)
+    before = np.array(c_in)
+    y = prim.bf16_matmul(mx.array(a), mx.array(b), c_in * 1.0 if addend == "full" else c_in)
+    exact = c.astype(np.float64) + bf16_rounded(a) @ bf16_rounded(b)
+    assert relative_error(y, exact) < 1e-6
+    assert same_bits(c_in, before)  # a held addend is never written
+    assert relative_error(prim.bf16_matmul_reference(mx.array(a), mx.array(b), c_in), exact) < 1e-6
+
+
 # ---------------------------------------------------------------------------- graph behaviour
 def built_lazily(make_inputs, op) -> None:
     """Building ``op`` on lazy inputs allocates nothing (no evaluation); evaluating it does."""
@@ -230,7 +241,7 @@ def built_lazily(make_inputs, op) -> None:
 
 
 def test_building_a_node_evaluates_nothing():
-    built_lazily(lambda: [gelu_values(1 << 16)], lambda x: prim.gelu(x, gelu_fast))
+    built_lazily(lambda: [gelu_values(1 << 16)], lambda x: prim.gelu(x))
     built_lazily(lambda: list(conv_inputs((1, 32, 32, 64), 7)), lambda x, w, b: prim.depthwise_conv2d(x, w, b, 1, 3))
     built_lazily(lambda: [mx.random.normal((1, 512)), *quantized(4096, 512, 4, 64)],
                  lambda x, p, s, b: prim.quantized_gemv(x, p, s, b, 4, 64))
@@ -239,13 +250,13 @@ def test_building_a_node_evaluates_nothing():
 
 
 def test_the_laziness_check_sees_an_evaluation():
-    # what the ctypes kernels do (evaluate their inputs) the check above would catch
+    # what a kernel called outside the graph would do (evaluate its inputs) the check above catches
     x = gelu_values(1 << 16)
     one = mx.array(1.0)
     mx.eval(x, one)
     before = mx.get_active_memory()
     lazy = x * one
-    _native.evaluate(lazy)
+    mx.eval(lazy)
     assert mx.get_active_memory() > before
 
 
@@ -255,7 +266,7 @@ def four_ops():
     cx, cw, cb = conv_inputs((1, 24, 24, 32), 3, seed=6)
     packed, scales, biases = quantized(300, 512, 4, 64, seed=7)
     ops = [
-        (lambda v: prim.gelu(v, gelu_fast), [x]),
+        (prim.gelu, [x]),
         (lambda v, w, b: prim.depthwise_conv2d(v, w, b, 1, 1), [cx, cw, cb]),
         (lambda v, p, s, b: prim.quantized_gemv(v, p, s, b, 4, 64), [x[:2], packed, scales, biases]),
     ]
@@ -301,15 +312,15 @@ def test_inputs_are_never_written():
 def test_gradients_and_vmap_go_through_the_plain_formula():
     x = gelu_values(4096, seed=8).reshape(64, 64)
     x = mx.where(mx.isfinite(x), x, 0.0)
-    grad = mx.grad(lambda v: prim.gelu(v, gelu_fast).sum())(x)
+    grad = mx.grad(lambda v: prim.gelu(v).sum())(x)
     assert relative_error(grad, mx.grad(lambda v: prim.gelu_reference(v).sum())(x)) < 1e-6
-    tangent = mx.jvp(lambda v: prim.gelu(v, gelu_fast), [x], [mx.ones_like(x)])[1][0]
+    tangent = mx.jvp(lambda v: prim.gelu(v), [x], [mx.ones_like(x)])[1][0]
     assert relative_error(tangent, grad) < 1e-6
-    assert same_bits(mx.vmap(lambda v: prim.gelu(v, gelu_fast), in_axes=1)(x), gelu_fast(x).T)
+    assert same_bits(mx.vmap(lambda v: prim.gelu(v), in_axes=1)(x), gelu_fast(x).T)
 
     cx, cw, cb = conv_inputs((2, 12, 12, 16), 3, seed=9)
     conv = lambda v, w: prim.depthwise_conv2d(v, w, cb, 1, 1)  # noqa: E731
-    plain = lambda v, w: dw.depthwise_conv2d_reference(v, w, cb, 1, 1)  # noqa: E731
+    plain = lambda v, w: dw.reference(v, w, cb, 1, 1)  # noqa: E731
     for got, want in zip(mx.grad(lambda v, w: conv(v, w).sum(), argnums=(0, 1))(cx, cw),
                          mx.grad(lambda v, w: plain(v, w).sum(), argnums=(0, 1))(cx, cw)):
         assert relative_error(got, want) < 1e-5
@@ -330,38 +341,35 @@ def test_gradients_and_vmap_go_through_the_plain_formula():
 
 
 # ---------------------------------------------------------------------------------- fallbacks
-def test_what_a_kernel_does_not_take_goes_to_the_twin(monkeypatch):
-    half = gelu_values(1000).astype(mx.float16)
-    assert not nodes(prim.gelu(half, gelu_fast)) and prim.gelu(half, gelu_fast).dtype == mx.float16
+def test_what_a_kernel_does_not_take_it_says():
+    assert not prim.gelu_supported(gelu_values(1000).astype(mx.float16))
     x, w, b = conv_inputs((1, 10, 10, 12), 3)  # channels not a multiple of 8
-    y = prim.depthwise_conv2d(x, w, b, 1, 1)
-    assert not nodes(y) and relative_error(y, conv_exact(x, w, b, (1, 1), (1, 1))) < 1e-6
+    assert not prim.depthwise_supported(x, w, b, 1, 1)
+    x8, w8, b8 = conv_inputs((1, 10, 10, 8), 3)
+    assert prim.depthwise_supported(x8, w8, b8, 1, 1)
+    assert not prim.depthwise_supported(x8, mx.concatenate([w8, w8]), None, 1, 1)  # a channel multiplier
     packed, scales, biases = quantized(64, 256, 4, 64)
     nine = mx.random.normal((9, 256))  # more rows than the kernel keeps in registers
-    y = prim.quantized_gemv(nine, packed, scales, biases, 4, 64)
-    assert not nodes(y) and same_bits(y, mx.quantized_matmul(nine, packed, scales, biases, group_size=64, bits=4))
+    assert not prim.quantized_gemv_supported(nine, packed, scales, biases, 4, 64)
+    assert prim.quantized_gemv_supported(nine[:8], packed, scales, biases, 4, 64)
+    assert not prim.quantized_gemv_supported(nine[:1], *quantized(64, 256, 6, 64), 6, 64)
     a, batched_b = mx.random.normal((2, 8, 16)), mx.random.normal((2, 16, 4))
-    assert not nodes(prim.bf16_matmul(a, batched_b))
-    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
-    assert not nodes(prim.gelu(gelu_values(100), gelu_fast))
+    assert not prim.bf16_matmul_supported(a, batched_b)
 
 
-def test_without_the_extension_every_function_runs_its_twin(monkeypatch):
+def test_without_the_extension_the_cpu_forms_run_the_twins(monkeypatch):
     monkeypatch.setattr(prim, "_extension", None)
     monkeypatch.setattr(prim, "_error", "not built (simulated)")
-    assert not prim.enabled() and prim.status() == "unavailable: not built (simulated)"
+    assert not prim.available() and prim.status() == "unavailable: not built (simulated)"
     x = gelu_values(5000)
-    assert same_bits(prim.gelu(x, gelu_fast), gelu_fast(x))
+    y = layers.GELU()(x)
+    assert same_bits(y, gelu_fast(x)) and not nodes(y)
     cx, cw, cb = conv_inputs((1, 16, 16, 32), 5)
-    y = prim.depthwise_conv2d(cx, cw, cb, 1, 2)
-    assert same_bits(y, dw.depthwise_conv2d_twin(cx, cw, cb, 1, 2))
-    packed, scales, biases = quantized(64, 256, 4, 64)
-    v = mx.random.normal((1, 256))
-    assert same_bits(prim.quantized_gemv(v, packed, scales, biases, 4, 64),
-                     mx.quantized_matmul(v, packed, scales, biases, group_size=64, bits=4))
-    a, b = mx.random.normal((8, 32)), mx.random.normal((32, 16))
-    assert same_bits(prim.bf16_matmul(a, b), prim.bf16_matmul_reference(a, b))
-    assert not nodes(prim.gelu(x), y, prim.bf16_matmul(a, b))
+    y = layers.depthwise_conv2d(cx, cw, cb, (1, 1), (2, 2))
+    assert same_bits(y, dw.shift_add(cx, cw, cb, 1, 2)) and not nodes(y)
+    a, b = mx.random.normal((300, 256)), mx.random.normal((256, 64))
+    monkeypatch.setattr(layers.tuning, "BF16_MIN_PRODUCT", 0)
+    assert same_bits(layers.BF16.matmul(a, b), prim.bf16_matmul_reference(a, b))
 
 
 def test_an_extension_built_for_another_mlx_is_not_used(monkeypatch):
@@ -406,7 +414,7 @@ def source_copy(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("compilers, built", [
     ({"CC": "false", "CXX": "false"}, set()),                        # no compiler at all
-    ({"CXX": "/nonexistent/c++"}, {"blas_shim", "cpu_kernels"}),     # C but no C++: ctypes kernels only
+    ({"CXX": "/nonexistent/c++"}, {"blas_shim", "cpu_kernels"}),     # C but no C++: no graph nodes
 ])
 def test_without_a_compiler_the_package_installs_and_the_twins_run(source_copy, tmp_path, compilers, built):
     # what `pip install` (make demo / make test) does, with a compiler that fails
@@ -419,17 +427,16 @@ def test_without_a_compiler_the_package_installs_and_the_twins_run(source_copy, 
     assert {path.name.split(".")[0] for path in site.rglob("*.so")} == built
     script = """
 import mobileo_mlx, mlx.core as mx
-from mobileo_mlx.kernels import _native, primitives as prim
-from mobileo_mlx.models.activations import gelu_fast
+from mobileo_mlx.kernels import primitives as prim
+from mobileo_mlx.backends.cpu import activations, layers
 assert mobileo_mlx.__file__.startswith(%r), mobileo_mlx.__file__
-assert (_native.library() is not None) == %r
 assert prim.unavailable_reason().startswith("not built"), prim.unavailable_reason()
 x = mx.random.normal((4096,))
-assert mx.array_equal(prim.gelu(x, gelu_fast), gelu_fast(x)).item()
+assert mx.array_equal(layers.GELU()(x), activations.gelu(x)).item()
 w = mx.random.normal((16, 3, 3, 1))
-assert prim.depthwise_conv2d(mx.random.normal((1, 8, 8, 16)), w).shape == (1, 8, 8, 16)
+assert layers.depthwise_conv2d(mx.random.normal((1, 8, 8, 16)), w, None, (1, 1), (1, 1)).shape == (1, 8, 8, 16)
 print("twins ok")
-""" % (str(site), "cpu_kernels" in built)
+""" % str(site)
     run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0 and "twins ok" in run.stdout, run.stderr[-3000:]

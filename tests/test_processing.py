@@ -1,4 +1,4 @@
-"""Prompt templates and image preprocessing against the reference's definitions (SPEC §3)."""
+"""Prompt templates and image preprocessing against the reference's definitions (docs/reference-model.md §3)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from mobileo_mlx.convert.mapping import projector as mapping
 from mobileo_mlx.models.projector import Projector, ProjectorConfig
 from tests.helpers import convert_state_dict, relative_error
 
-# Shapes of the released checkpoint's projector (keys_full.txt, SPEC §1.2).
+# Shapes of the released checkpoint's projector (keys_full.txt, docs/reference-model.md §1.3).
 RELEASED_SHAPES = {
     "model.mm_projector.0.weight": (896, 3072),
     "model.mm_projector.0.bias": (896,),

@@ -1,5 +1,5 @@
 """Samplers: whole trajectories against diffusers' schedulers driven by the same
-deterministic nonlinear fake velocity, and the 20-step grid against SPEC §2.7."""
+deterministic nonlinear fake velocity, and the 20-step grid against docs/reference-model.md §3.3."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from tests.helpers import REFERENCE_DIR, relative_error
 
 SCHEDULER_JSON = REFERENCE_DIR / "Sana_600M_512px_diffusers" / "scheduler" / "scheduler_config.json"
 SANA_SCHEDULER_CONFIG = json.loads(SCHEDULER_JSON.read_text())  # the released file, not our copy of it
-# SPEC §2.7: the 20 integer timesteps of DPM-Solver++ with flow_shift 3 (an independent reference).
-SPEC_TIMESTEPS_20 = [999, 982, 963, 944, 922, 899, 874, 847, 817, 785,
+# docs/reference-model.md §3.3: the 20 integer timesteps of DPM-Solver++ with flow_shift 3 (an independent reference).
+REFERENCE_TIMESTEPS_20 = [999, 982, 963, 944, 922, 899, 874, 847, 817, 785,
                      749, 710, 666, 617, 562, 499, 428, 345, 249, 136]
 TOLERANCE = 1e-5
 STEP_COUNTS = [1, 2, 3, 7, 20]
@@ -84,7 +84,7 @@ def test_config_from_dict_ignores_unknown_keys_and_defaults_are_sana():
 
 def test_dpm_20_step_timesteps_equal_spec():
     plan = dpm_solver_plan(SchedulerConfig(), 20)
-    assert list(plan.timesteps) == SPEC_TIMESTEPS_20
+    assert list(plan.timesteps) == REFERENCE_TIMESTEPS_20
     assert all(isinstance(t, int) for t in plan.timesteps)
     assert plan.sigmas[-1] == 0.0 and len(plan.sigmas) == 21
     assert plan.first_order_only[0] and plan.first_order_only[-1]

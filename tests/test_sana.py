@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SanaTransformer2DModel
-from tests.helpers import convert_state_dict, relative_error
+from tests.helpers import SEAMS, convert_state_dict, relative_error, seamed
 from mlx.utils import tree_flatten
 
+from mobileo_mlx import backends
 from mobileo_mlx.convert.mapping import load_component, map_name
-from mobileo_mlx.kernels import bf16_matmul
+from mobileo_mlx.kernels import primitives
 from mobileo_mlx.models.sana import SanaConfig, SanaTransformer
 
-KEYS_FULL = Path(__file__).resolve().parent / "data" / "keys_full.txt"  # copy of shared/reference
+KEYS_FULL = Path(__file__).resolve().parent / "data" / "keys_full.txt"  # the released checkpoint's key list
 TOLERANCE = 1e-4  # fp32, identical weights; reached 4e-6 (Mobile-O layout), 3e-5 (variant)
 
 # The Mobile-O layout (patch 1, no affine norms, no self-attention bias) at toy size ...
@@ -57,16 +58,18 @@ def randomized_reference(config: dict, seed: int) -> SanaTransformer2DModel:
     return model
 
 
-@pytest.fixture(scope="module", params=["mobileo", "variant"])
+@pytest.fixture(scope="module", params=[(layout, seam) for layout in ("mobileo", "variant") for seam in SEAMS],
+                ids=lambda param: "-".join(param))
 def models(request):
-    config = SMALL if request.param == "mobileo" else VARIANT
+    layout, seam = request.param
+    config = SMALL if layout == "mobileo" else VARIANT
     reference = randomized_reference(config, seed=0)
     state_dict = {"model.dit." + k: v for k, v in reference.state_dict().items()}
     runtime_config, weights = convert_state_dict("dit", state_dict, {}, {"transformer": dict(reference.config)})
     model = SanaTransformer(SanaConfig.from_dict(runtime_config))
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return reference, model
+    return reference, seamed(model, "dit", seam)
 
 
 def make_inputs(height, width, caption_length, with_mask, in_channels=8, seed=1):
@@ -171,6 +174,8 @@ def test_float16_stays_finite_and_close(models):
     half = SanaTransformer(model.config)
     half.load_weights(tree_flatten(model.parameters()), strict=True)
     half.set_dtype(mx.float16)
+    if type(model.transformer_blocks[0].ff) is not type(half.transformer_blocks[0].ff):
+        backends.accelerate(half, "dit")
     latents, caption, mask = make_inputs(6, 10, 77, True)
     out = half(
         mx.array(latents, dtype=mx.float16),
@@ -273,7 +278,7 @@ def test_released_checkpoint_maps_onto_full_model(full_model):
         mapped[target] = transform(np.empty(shape, dtype=np.float32)).shape
     assert mapped == parameters  # every tensor lands on a parameter of the same shape, and vice versa
     assert len(shapes) == 548
-    assert sum(int(np.prod(s)) for s in parameters.values()) == 591_747_872  # SPEC §2.5
+    assert sum(int(np.prod(s)) for s in parameters.values()) == 591_747_872  # docs/reference-model.md §2.5
 
 
 @pytest.mark.slow
@@ -300,19 +305,19 @@ def mobileo_layout():
     return reference, model
 
 
-@pytest.mark.skipif(not bf16_matmul.available(), reason="bf16 CPU matmuls unavailable on this machine")
-def test_bf16_cpu_matmuls_stay_close(mobileo_layout):
-    """With bf16 CPU matmuls (the default where the CPU has AVX512-BF16) every product takes
+@pytest.mark.skipif(backends.bf16_unavailable_reason() is not None,
+                    reason=f"bf16 CPU matmuls unavailable here: {backends.bf16_unavailable_reason()}")
+def test_bf16_cpu_matmuls_stay_close(mobileo_layout, monkeypatch):
+    """With bf16 CPU matmuls (the default where the CPU has AVX512-BF16) the Linear layers take
     bfloat16 inputs: close to diffusers' float32, as half precision on a GPU."""
     reference, model = mobileo_layout
+    if backends.platform.backend() != "cpu" or backends.kernels_mode() == "reference":
+        pytest.skip("bf16 products are the CPU backend's forms'")
+    backends.accelerate(model, "dit", matmul="bf16")
     latents, caption, mask = make_inputs(6, 10, 77, True)
     expected = reference_velocity(reference, latents, caption, mask)
-    before, done = bf16_matmul.min_product(), bf16_matmul.products_done()
-    bf16_matmul.min_product(0)  # the toy model's products are all small
-    try:
-        with bf16_matmul.bf16_products():
-            actual = mlx_velocity(model, latents, caption, mask)
-    finally:
-        bf16_matmul.min_product(before)
-    assert bf16_matmul.products_done() > done
+    monkeypatch.setattr(backends.tuning, "BF16_MIN_PRODUCT", 0)  # the toy model's products are all small
+    done = primitives.extension().bf16_products_done()
+    actual = mlx_velocity(model, latents, caption, mask)
+    assert primitives.extension().bf16_products_done() > done or backends.kernels_mode() == "twin"
     assert 1e-5 < relative_error(actual, expected) <= 1e-2  # reached 6e-3; the fp16 model: 1e-3 to 5e-3

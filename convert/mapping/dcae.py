@@ -1,4 +1,4 @@
-"""DC-AE decoder: diffusers ``AutoencoderDC`` names -> ``DCAEDecoder`` names (SPEC §1.2, §2.6).
+"""DC-AE decoder: diffusers ``AutoencoderDC`` names -> ``DCAEDecoder`` names (docs/reference-model.md §1.3, §2.6).
 
 The checkpoint stores the whole autoencoder under ``model.vae.`` with diffusers'
 names. Only ``model.vae.decoder.*`` is used; the encoder is dropped (IGNORE).

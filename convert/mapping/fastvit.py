@@ -1,4 +1,4 @@
-"""FastViTHD vision tower: checkpoint names -> ``FastViTHD`` names (SPEC §1.2, §2.1).
+"""FastViTHD vision tower: checkpoint names -> ``FastViTHD`` names (docs/reference-model.md §1.3, §2.1).
 
 The checkpoint holds the fused (inference-mode) tower under
 ``model.vision_tower.vision_tower.model.``. Runtime names keep the

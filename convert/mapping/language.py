@@ -1,11 +1,11 @@
-"""Qwen2 language model: checkpoint names -> mlx-lm Qwen2 names (SPEC §1.1, §1.2, §2.3).
+"""Qwen2 language model: checkpoint names -> mlx-lm Qwen2 names (docs/reference-model.md §1.1, §1.3, §2.3).
 
 The checkpoint keeps transformers' ``Qwen2ForCausalLM`` names
 (``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``),
 which are also mlx-lm's, so every tensor is copied under its own name.
 
 This module also owns the stale PEFT duplicates ``base_model.*`` that
-``merge_lora`` leaves in the released file (SPEC §1.1), and drops them, as
+``merge_lora`` leaves in the released file (docs/reference-model.md §1.1), and drops them, as
 ``from_pretrained`` does. Precomputed ``rotary_emb.inv_freq`` buffers (older
 transformers checkpoints) are dropped too: the runtime computes RoPE itself.
 """
@@ -37,7 +37,7 @@ RULES = (
 # The checkpoint's config.json: Qwen2Config plus LLaVA / Mobile-O fields.
 CHECKPOINT_MODEL_TYPES = {"mobileo_inference", "mobile_o_inference", "qwen2", "llava_qwen2"}
 
-# Qwen2-0.5B values (SPEC §1.1), used where config.json lacks a field.
+# Qwen2-0.5B values (docs/reference-model.md §1.1), used where config.json lacks a field.
 DEFAULTS = {
     "num_attention_heads": 14,
     "num_key_value_heads": 2,
@@ -125,7 +125,7 @@ def config_from_checkpoint(
         "rope_scaling": rope_scaling,
         "max_position_embeddings": count("max_position_embeddings"),
         # The released file writes lm_head.weight even though config.json says
-        # tied (SPEC §1.1 / reference README): the tensors decide.
+        # tied (docs/reference-model.md §1.1 / reference README): the tensors decide.
         "tie_word_embeddings": "lm_head.weight" not in shapes,
         "bos_token_id": field("bos_token_id"),
         "eos_token_id": field("eos_token_id"),

@@ -1,4 +1,4 @@
-"""Mobile Conditioning Projector: ``model.diffusion_connector.fusion.*`` (26 tensors, SPEC §2.4).
+"""Mobile Conditioning Projector: ``model.diffusion_connector.fusion.*`` (26 tensors, docs/reference-model.md §2.4).
 
 Original layout: ``layer_weights`` [L], ``temperature`` [] (a buffer),
 ``input_compress.{0: Linear, 1: LayerNorm}``,

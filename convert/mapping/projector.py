@@ -1,4 +1,4 @@
-"""mlp2x_gelu projector: ``model.mm_projector.{0,2}`` -> ``linear_{1,2}`` (SPEC §1.2, §2.2).
+"""mlp2x_gelu projector: ``model.mm_projector.{0,2}`` -> ``linear_{1,2}`` (docs/reference-model.md §1.3, §2.2).
 
 Index 1 of the original ``nn.Sequential`` is the GELU, so it has no tensors.
 """

@@ -1,4 +1,5 @@
-"""SANA DiT: ``model.dit.*`` (diffusers ``SanaTransformer2DModel`` names) -> ``mobileo_mlx.models.sana``.
+"""SANA DiT: ``model.dit.*`` (diffusers ``SanaTransformer2DModel`` names) -> ``mobileo_mlx.models.sana``,
+whose parameters carry the same names without the prefix.
 
 Layout changes: 1x1 convs become Linear weights [O, I]; the patch-embedding
 conv [D, C, p, p] becomes a Linear over (p, p, C)-flattened patches; the
@@ -30,27 +31,16 @@ def patch_conv(w: np.ndarray) -> np.ndarray:
 
 
 _P = re.escape(PREFIX)
-_BLOCK = _P + r"transformer_blocks\.(\d+)\."
+_BLOCK = r"transformer_blocks\.\d+\."
+# Runtime names are diffusers' names without the prefix; only the layouts change.
 RULES = (
-    Rule(_P + r"patch_embed\.proj\.weight", "patch_embed.weight", patch_conv),
-    Rule(_P + r"patch_embed\.proj\.bias", "patch_embed.bias"),
-    Rule(_P + r"time_embed\.emb\.timestep_embedder\.(linear_[12])\.(weight|bias)", r"time_embed.\1.\2"),
-    Rule(_P + r"time_embed\.linear\.(weight|bias)", r"time_embed.modulation.\1"),
-    Rule(_P + r"caption_projection\.(linear_[12])\.(weight|bias)", r"caption_projection.\1.\2"),
-    Rule(_P + r"caption_norm\.weight", "caption_norm.weight"),
-    Rule(_BLOCK + r"attn1\.to_([qkv])\.(weight|bias)", r"blocks.\1.self_attn.\2_proj.\3"),
-    Rule(_BLOCK + r"attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.self_attn.out_proj.\2"),
-    Rule(_BLOCK + r"attn2\.to_([qkv])\.(weight|bias)", r"blocks.\1.cross_attn.\2_proj.\3"),
-    Rule(_BLOCK + r"attn2\.to_out\.0\.(weight|bias)", r"blocks.\1.cross_attn.out_proj.\2"),
-    Rule(_BLOCK + r"norm2\.(weight|bias)", r"blocks.\1.ffn_norm.\2"),  # only with norm_elementwise_affine
-    Rule(_BLOCK + r"ff\.conv_inverted\.weight", r"blocks.\1.ff.conv_inverted.weight", pointwise),
-    Rule(_BLOCK + r"ff\.conv_inverted\.bias", r"blocks.\1.ff.conv_inverted.bias"),
-    Rule(_BLOCK + r"ff\.conv_depth\.weight", r"blocks.\1.ff.conv_depth.weight", conv2d),
-    Rule(_BLOCK + r"ff\.conv_depth\.bias", r"blocks.\1.ff.conv_depth.bias"),
-    Rule(_BLOCK + r"ff\.conv_point\.weight", r"blocks.\1.ff.conv_point.weight", pointwise),
-    Rule(_BLOCK + r"scale_shift_table", r"blocks.\1.scale_shift_table"),
-    Rule(_P + r"scale_shift_table", "scale_shift_table"),
-    Rule(_P + r"proj_out\.(weight|bias)", r"proj_out.\1"),
+    Rule(_P + r"(patch_embed\.proj\.weight)", r"\1", patch_conv),
+    Rule(_P + "(" + _BLOCK + r"ff\.conv_(?:inverted|point)\.weight)", r"\1", pointwise),
+    Rule(_P + "(" + _BLOCK + r"ff\.conv_depth\.weight)", r"\1", conv2d),
+    Rule(_P + "(" + _BLOCK + r"(?:(?:attn[12]\.to_(?:[qkv]|out\.0)|norm2)\.(?:weight|bias)"
+         r"|ff\.conv_(?:inverted|depth)\.bias|scale_shift_table))", r"\1"),
+    Rule(_P + r"((?:patch_embed\.proj|proj_out|time_embed\.linear|time_embed\.emb\.timestep_embedder\.linear_[12]"
+         r"|caption_projection\.linear_[12])\.(?:weight|bias)|caption_norm\.weight|scale_shift_table)", r"\1"),
 )
 
 
@@ -89,7 +79,7 @@ def _check_shapes(config: SanaConfig, shapes: Mapping[str, tuple[int, ...]]) -> 
             state = "has" if not present else "lacks"
             raise ValueError(f"DiT config {field}={present} but the checkpoint {state} {PREFIX + name}")
 
-    block_pattern = re.compile(_BLOCK)
+    block_pattern = re.compile(_P + r"transformer_blocks\.(\d+)\.")
     block_indices = {int(m.group(1)) for m in map(block_pattern.match, shapes) if m}
     if block_indices != set(range(config.num_layers)):
         raise ValueError(

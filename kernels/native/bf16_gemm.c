@@ -4,7 +4,8 @@
  * as they are packed, and every product accumulated in float32 by VDPBF16PS: twice the
  * multiply-adds per instruction of an fp32 FMA. This is what "bfloat16 compute" means on
  * a GPU; here it serves MLX's CPU backend when the user asks for it, on CPUs that have the
- * instructions (Zen 4, Sapphire Rapids, Cooper Lake and later).
+ * instructions (Zen 4, Sapphire Rapids, Cooper Lake and later), as the bf16_matmul node of
+ * MLX's graph (primitives.cpp).
  *
  * Blocking: A is packed whole, in tiles of MR rows ([K/2][MR] pairs of k); each thread
  * packs one NR-column panel of B at a time ([K/2][NR] pairs, in L2) and runs every A tile
@@ -15,26 +16,16 @@
 
 #include "cpu_kernels.h"
 
-void mobileo_bf16_release(void);
-long mobileo_bf16_min_product(long value);
-int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-                       int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
 #if !defined(__x86_64__) || !defined(__GNUC__)
-/* Other architectures: not available (the caller keeps its own sgemm). */
+/* Other architectures: not available (the caller takes the twin). */
 int mobileo_bf16_gemm_supported(void) { return 0; }
 long mobileo_bf16_products_done(void) { return 0; }
-long mobileo_bf16_min_product(long value) { (void)value; return 0; }
 void mobileo_bf16_release(void) {}
-int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-                       int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-  (void)order, (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda;
-  (void)b, (void)ldb, (void)beta, (void)c, (void)ldc;
-  return -1;
-}
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float *c, int ldc) {
-  (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc;
+                      int ldb, float beta, float *c, int ldc) {
+  (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)beta;
+  (void)c, (void)ldc;
   return -1;
 }
 #else
@@ -263,8 +254,8 @@ int mobileo_bf16_gemm_supported(void) {
 /* The packing buffers, kept between calls: a fresh multi-megabyte allocation is mmap-ed and
  * page-faulted every call (measured: the DC-AE's 3x3 convs, 9 products per band, lost more
  * than bf16 gained). Grows to the largest product seen, up to SCRATCH_KEEP bytes (larger
- * ones get their own allocation, freed at the next call), and is freed when the products
- * are switched off (mobileo_bf16_release). */
+ * ones get their own allocation, freed at the next call), and is freed at the end of a
+ * pipeline stage (mobileo_bf16_release). */
 #define SCRATCH_KEEP ((size_t)256 << 20)
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *scratch_memory = NULL;
@@ -292,7 +283,7 @@ static uint32_t *scratch(size_t bytes) {
   return scratch_memory;
 }
 
-/* Frees the packing buffers (when bf16 products are switched off). */
+/* Frees the packing buffers. */
 void mobileo_bf16_release(void) {
   pthread_mutex_lock(&scratch_lock);
   free(scratch_memory);
@@ -301,60 +292,37 @@ void mobileo_bf16_release(void) {
   pthread_mutex_unlock(&scratch_lock);
 }
 
-/* Products smaller than this many multiply-adds go to OpenBLAS (waking threads and packing
- * would cost more than the bf16 instructions save), as do transposed A operands (packed by
- * a scalar loop here; MLX passes them only for small products such as k^T v). Tests lower
- * it to reach small models. */
-static long min_product = 1L << 22;
 static long products_done = 0;
-
-long mobileo_bf16_min_product(long value) {
-  if (value >= 0) __atomic_store_n(&min_product, value, __ATOMIC_RELAXED);
-  return __atomic_load_n(&min_product, __ATOMIC_RELAXED);
-}
 
 long mobileo_bf16_products_done(void) { return __atomic_load_n(&products_done, __ATOMIC_RELAXED); }
 
-/* Packs and multiplies; with wait = 0 it declines (-1) when another thread holds the
- * packing buffers or the pool, with wait = 1 it waits its turn. */
+/* Packs and multiplies; waits its turn for the packing buffers and the pool. */
 static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
-                    const float *b, int ldb, float beta, float *c, int ldc, int wait) {
+                    const float *b, int ldb, float beta, float *c, int ldc) {
   struct gemm g = {m, n, k, (k + 1) / 2, a, b, lda, ldb, trans_a, trans_b,
                    alpha, beta, c, ldc, NULL, NULL, (n + NR - 1) / NR, 0};
   const int tiles = (m + MR - 1) / MR;
   int parts = mobileo_pool_threads(0);
   if (parts > g.panels) parts = g.panels;
   const size_t a_words = (size_t)tiles * g.k2 * MR, panel_words = (size_t)g.k2 * NR;
-  if (wait ? pthread_mutex_lock(&scratch_lock) != 0 : pthread_mutex_trylock(&scratch_lock) != 0) return -1;
+  if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
   uint32_t *buffer = scratch((a_words + (size_t)parts * PANEL_BLOCK * panel_words) * sizeof(uint32_t));
   int code = -1;
   if (buffer) {
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
-    code = mobileo_pool_run(run_part, &g, parts, wait);
+    code = mobileo_pool_run(run_part, &g, parts, 1);
     if (code == 0) __atomic_add_fetch(&products_done, 1, __ATOMIC_RELAXED);
   }
   pthread_mutex_unlock(&scratch_lock);
   return code;
 }
 
-/* The cblas_sgemm interface. Returns 0 when done, -1 when the caller should do it itself:
- * no AVX512-BF16, column-major order, a small product, an allocation failure, or the
- * thread pool busy with another call (MLX's CPU streams run on several threads). */
-int mobileo_bf16_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-                       int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-  if (order != ROW_MAJOR || trans_a != NO_TRANS || m < 1 || n < 1 || k < 1 || (long)m * n * k < __atomic_load_n(&min_product, __ATOMIC_RELAXED) ||
-      !mobileo_bf16_gemm_supported())
-    return -1;
-  return run_gemm(0, trans_b != NO_TRANS, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, 0);
-}
-
-/* The graph node's product (kernels/native/primitives.cpp): every size, A transposed or not
- * (a scalar packing loop then), and it waits for the buffers and the pool instead of
- * declining, since nothing else would compute it. -1: no AVX512-BF16, or no memory. */
+/* The graph node's product (primitives.cpp): every size, A transposed or not (a scalar
+ * packing loop then). -1: no AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float *c, int ldc) {
+                      int ldb, float beta, float *c, int ldc) {
   if (m < 1 || n < 1 || k < 1 || !mobileo_bf16_gemm_supported()) return -1;
-  return run_gemm(trans_a != 0, trans_b != 0, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc, 1);
+  return run_gemm(trans_a != 0, trans_b != 0, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
 }
 #endif

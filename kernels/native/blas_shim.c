@@ -18,19 +18,9 @@ extern void scipy_cblas_cgemm(int, int, int, blas_int, blas_int, blas_int,
                               const void *, const void *, blas_int, const void *,
                               blas_int, const void *, void *, blas_int);
 
-/* An optional handler tried before OpenBLAS (kernels/native/bf16_gemm.c while bfloat16
- * products are on, see kernels/bf16_matmul.py); it returns 0 when it did the product. */
-typedef int (*sgemm_hook)(int, int, int, blas_int, blas_int, blas_int, float, const float *, blas_int,
-                          const float *, blas_int, float, float *, blas_int);
-static sgemm_hook hook = 0;
-
-void mobileo_blas_set_sgemm_hook(sgemm_hook fn) { __atomic_store_n(&hook, fn, __ATOMIC_RELEASE); }
-
 void cblas_sgemm(int order, int ta, int tb, blas_int m, blas_int n, blas_int k,
                  float alpha, const float *a, blas_int lda, const float *b,
                  blas_int ldb, float beta, float *c, blas_int ldc) {
-  const sgemm_hook fn = __atomic_load_n(&hook, __ATOMIC_ACQUIRE);
-  if (fn && fn(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0) return;
   scipy_cblas_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 

@@ -1,6 +1,6 @@
 /* The entry points of the cpu_kernels library (quantized_gemv.c, bf16_gemm.c, gelu.c,
- * depthwise.c), for the C++ graph nodes in primitives.cpp. kernels/_native.py declares the
- * same functions for ctypes. All arrays are float32 (the GEMV's weights uint32), contiguous. */
+ * depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are float32 (the GEMV's
+ * weights uint32), contiguous. */
 #ifndef MOBILEO_CPU_KERNELS_H
 #define MOBILEO_CPU_KERNELS_H
 
@@ -24,11 +24,14 @@ int mobileo_depthwise_conv2d(const float *x, int batch, int height, int width, i
 
 int mobileo_bf16_gemm_supported(void);
 long mobileo_bf16_products_done(void);
+/* Frees the GEMM's packing buffers (kept between products, up to 256 MB). */
+void mobileo_bf16_release(void);
 
-/* c [m, n] = op(a) op(b) with bfloat16 operands and float32 sums (row-major; op transposes when
- * trans_* is set). Takes every size and waits its turn for the pool; -1: no AVX512-BF16, or no memory. */
+/* c [m, n] = op(a) op(b) + beta c with bfloat16 operands and float32 sums (row-major; op transposes
+ * when trans_* is set; c is not read when beta is 0). Takes every size and waits its turn for the
+ * pool; -1: no AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float *c, int ldc);
+                      int ldb, float beta, float *c, int ldc);
 
 #ifdef __cplusplus
 }

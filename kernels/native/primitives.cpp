@@ -12,6 +12,7 @@
 // Bound with nanobind in MLX's domain (NB_DOMAIN=mlx), so mx.array crosses in and out as
 // the same Python type mlx.core uses.
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <stdexcept>
@@ -305,43 +306,57 @@ class Bf16Matmul : public Kernel {
     return {{inputs[0].shape(0), inputs[1].shape(1)}};
   }
 
-  // inputs: a [M, K], b [K, N]; the products of the bfloat16-rounded operands, summed in float32
+  // inputs: a [M, K], b [K, N] (, c [M, N]); [c +] the products of the bfloat16-rounded
+  // operands, summed in float32
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
-    return {mx::matmul(rounded(in[0]), rounded(in[1]), s)};
+    auto product = mx::matmul(rounded(in[0]), rounded(in[1]), s);
+    return {in.size() > 2 ? mx::add(in[2], product, s) : product};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &a = inputs[0], &b = inputs[1];
     auto &out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const bool accumulate = inputs.size() > 2;
+    if (accumulate && inputs[2].is_donatable()) {
+      out.copy_shared_buffer(inputs[2]);  // c is row-contiguous [M, N] (mx::contiguous in the op)
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
     const int m = a.shape(0), k = a.shape(1), n = b.shape(1);
     // Each operand is row- or column-contiguous (mx::contiguous in the op): a column-
     // contiguous one (a transposed view, e.g. a Linear layer's W.T) is read transposed in place.
     const bool trans_a = !a.flags().row_contiguous, trans_b = !b.flags().row_contiguous;
     auto &enc = encoder(inputs, outputs);
-    enc.dispatch([left = a.data<float>(), right = b.data<float>(), result = out.data<float>(), m, n, k, trans_a,
-                  trans_b]() {
-      if (mobileo_bf16_gemm(trans_a, trans_b, m, n, k, left, trans_a ? m : k, right, trans_b ? k : n, result, n) != 0)
+    enc.dispatch([left = a.data<float>(), right = b.data<float>(), result = out.data<float>(),
+                  addend = accumulate ? inputs[2].data<float>() : nullptr, m, n, k, trans_a, trans_b]() {
+      if (addend != nullptr && addend != result) std::memcpy(result, addend, (size_t)m * n * sizeof(float));
+      if (mobileo_bf16_gemm(trans_a, trans_b, m, n, k, left, trans_a ? m : k, right, trans_b ? k : n,
+                            addend != nullptr ? 1.0f : 0.0f, result, n) != 0)
         throw std::runtime_error("MobileoBf16Matmul: no AVX512-BF16 here, or out of memory");
     });
   }
 };
 
-mx::array bf16_matmul(const mx::array &a, const mx::array &b, const mx::StreamOrDevice &where) {
+mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optional<mx::array> &c,
+                      const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "bf16_matmul");
   require(mobileo_bf16_gemm_supported(), "mobileo bf16_matmul: this CPU has no AVX512-BF16");
-  require(a.dtype() == mx::float32 && b.dtype() == mx::float32, "mobileo bf16_matmul: float32 only");
+  require(a.dtype() == mx::float32 && b.dtype() == mx::float32 && (!c || c->dtype() == mx::float32),
+          "mobileo bf16_matmul: float32 only");
   require(a.ndim() >= 1 && b.ndim() == 2 && a.shape(-1) == b.shape(0), "mobileo bf16_matmul: a [..., K] and b [K, N]");
   const int k = b.shape(0), n = b.shape(1);
   const int m = k > 0 ? (int)(a.size() / k) : 0;
   require(m >= 1 && n >= 1 && k >= 1, "mobileo bf16_matmul: empty product");
-  auto rows = mx::contiguous(mx::reshape(a, {m, k}, stream), true, stream);
-  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream),
-                           {rows, mx::contiguous(b, true, stream)});
   auto shape = a.shape();
   shape.back() = n;
+  Arrays inputs = {mx::contiguous(mx::reshape(a, {m, k}, stream), true, stream), mx::contiguous(b, true, stream)};
+  if (c) {
+    // c broadcast to the product's shape, as one row-contiguous [M, N] block (no copy when it is one)
+    inputs.push_back(mx::contiguous(mx::reshape(mx::broadcast_to(*c, shape, stream), {m, n}, stream), false, stream));
+  }
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream), std::move(inputs));
   return mx::reshape(product, shape, stream);
 }
 
@@ -354,10 +369,12 @@ NB_MODULE(primitives_ext, m) {
   m.def("ndim", [](const mx::array &a) { return a.ndim(); });
   m.def("bf16_supported", []() { return mobileo_bf16_gemm_supported() != 0; });
   m.def("bf16_products_done", []() { return mobileo_bf16_products_done(); });
+  m.def("bf16_release", []() { mobileo_bf16_release(); });
   m.def("gelu", &gelu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("depthwise_conv2d", &depthwise_conv2d, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(),
         nb::arg("stride"), nb::arg("padding"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("quantized_gemv", &quantized_gemv, nb::arg("x"), nb::arg("packed"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("bits"), nb::arg("group_size"), nb::kw_only(), nb::arg("stream") = nb::none());
-  m.def("bf16_matmul", &bf16_matmul, nb::arg("a"), nb::arg("b"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("bf16_matmul", &bf16_matmul, nb::arg("a"), nb::arg("b"), nb::kw_only(), nb::arg("c").none() = nb::none(),
+        nb::arg("stream") = nb::none());
 }

@@ -1,4 +1,5 @@
-"""FastViTHD vision encoder ("MCi", MobileCLIP-L), in its fused inference form (SPEC §2.1).
+"""FastViTHD vision encoder ("MCi", MobileCLIP-L), in its fused inference form
+(docs/reference-model.md §2.1).
 
 Images are NHWC in [0, 1]. The output is the ``conv_exp`` feature map
 flattened row-major, ``[B, (H/64)·(W/64), mm_hidden_size]`` (256 tokens of
@@ -14,24 +15,13 @@ mapping static.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs
 
-from mobileo_mlx.kernels.depthwise import depthwise_conv2d
-
-from . import activations
-
-# Exact (erf) GELU, ~0.4 G values per 1024^2 image: models.activations.gelu (fast fp32
-# kernels on the CPU, relative error < 1e-6; MLX's nn.gelu on GPUs). Every call here takes
-# a fresh temporary (a layer's output), so the CPU's native kernel may overwrite it.
-def gelu(x: mx.array) -> mx.array:
-    return activations.gelu(x, overwrite=True)
-
+from .common import BaseModelArgs, DepthwiseConv, ScaledDotProductAttention
 
 # FastViT's layer-scale initial value (randomly initialised models only).
 LAYER_SCALE_INIT = 1e-5
@@ -39,7 +29,7 @@ LAYER_SCALE_INIT = 1e-5
 
 @dataclass
 class FastViTConfig(BaseModelArgs):
-    """FastViTHD sizes (defaults: the released MobileCLIP-L tower, SPEC §2.1)."""
+    """FastViTHD sizes (defaults: the released MobileCLIP-L tower, docs/reference-model.md §2.1)."""
 
     image_size: int = 1024
     widths: List[int] = field(default_factory=lambda: [96, 192, 384, 768, 1536])
@@ -73,41 +63,25 @@ class FastViTConfig(BaseModelArgs):
         return (self.image_size // 64) ** 2
 
 
-class DepthwiseConv2d(nn.Module):
-    """Conv with ``groups = in_channels`` (``out_channels`` a multiple of it), same padding."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True):
-        super().__init__()
-        if out_channels % in_channels:
-            raise ValueError(f"{out_channels} output channels are not a multiple of {in_channels} groups")
-        scale = math.sqrt(1.0 / (kernel_size * kernel_size))
-        self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, kernel_size, 1))
-        if bias:
-            self.bias = mx.zeros((out_channels,))
-        self.stride = stride
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return depthwise_conv2d(x, self.weight, self.get("bias"), stride=self.stride)
-
-
 class ConvFFN(nn.Module):
     """Depthwise conv (its BatchNorm folded in by the converter) -> 1x1 up -> GELU -> 1x1 down."""
 
     def __init__(self, dims: int, hidden_dims: int, kernel_size: int):
         super().__init__()
-        self.conv = DepthwiseConv2d(dims, dims, kernel_size)
+        self.conv = DepthwiseConv(dims, dims, kernel_size)
         self.fc1 = nn.Linear(dims, hidden_dims)
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu(self.fc1(self.conv(x))))
+        return self.fc2(self.act(self.fc1(self.conv(x))))
 
 
 class RepMixerBlock(nn.Module):
     def __init__(self, dims: int, hidden_dims: int, config: FastViTConfig):
         super().__init__()
         # Fused x + ls·(mixer(x) − norm(x)): one depthwise conv that replaces x.
-        self.token_mixer = DepthwiseConv2d(dims, dims, config.mixer_kernel_size)
+        self.token_mixer = DepthwiseConv(dims, dims, config.mixer_kernel_size)
         self.convffn = ConvFFN(dims, hidden_dims, config.ffn_kernel_size)
         self.layer_scale = mx.full((dims,), LAYER_SCALE_INIT)
 
@@ -127,13 +101,14 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dims, 3 * dims, bias=False)
         self.proj = nn.Linear(dims, dims)
+        self.attention = ScaledDotProductAttention()
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         # qkv channels are laid out [3, heads, head_dim].
         qkv = self.qkv(x.reshape(B, H * W, C)).reshape(B, H * W, 3, self.num_heads, -1)
         queries, keys, values = qkv.transpose(2, 0, 3, 1, 4)
-        out = activations.scaled_dot_product_attention(queries, keys, values, scale=self.scale)
+        out = self.attention(queries, keys, values, self.scale)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, H, W, C))
 
 
@@ -157,11 +132,12 @@ class Downsample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
-        self.conv = DepthwiseConv2d(in_channels, out_channels, kernel_size, stride=2)
+        self.conv = DepthwiseConv(in_channels, out_channels, kernel_size, stride=2)
         self.pointwise = nn.Linear(out_channels, out_channels)
+        self.act = nn.GELU()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu(self.pointwise(gelu(self.conv(x))))
+        return self.act(self.pointwise(self.act(self.conv(x))))
 
 
 class ConvPositionEncoding(nn.Module):
@@ -169,7 +145,7 @@ class ConvPositionEncoding(nn.Module):
 
     def __init__(self, dims: int, kernel_size: int):
         super().__init__()
-        self.conv = DepthwiseConv2d(dims, dims, kernel_size)
+        self.conv = DepthwiseConv(dims, dims, kernel_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(x)
@@ -180,12 +156,13 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         self.reduce = nn.Linear(dims, reduced_dims)
         self.expand = nn.Linear(reduced_dims, dims)
+        self.gate = nn.Sigmoid()
 
     def __call__(self, x: mx.array) -> mx.array:
         # Spatial mean, accumulated in fp32. (The reference pools with a fixed
         # 16x16 window, which is the full map at its 1024² input.)
         pooled = mx.mean(x.astype(mx.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
-        return x * activations.sigmoid(self.expand(nn.relu(self.reduce(pooled))))
+        return x * self.gate(self.expand(nn.relu(self.reduce(pooled))))
 
 
 class ConvExpansion(nn.Module):
@@ -193,11 +170,12 @@ class ConvExpansion(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, se_width: int):
         super().__init__()
-        self.conv = DepthwiseConv2d(in_channels, out_channels, kernel_size)
+        self.conv = DepthwiseConv(in_channels, out_channels, kernel_size)
         self.se = SqueezeExcite(out_channels, se_width)
+        self.act = nn.GELU()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu(self.se(self.conv(x)))
+        return self.act(self.se(self.conv(x)))
 
 
 def build_network(config: FastViTConfig) -> list:
@@ -224,9 +202,10 @@ class FastViTHD(nn.Module):
         # MobileOne stem (fused): full conv s2, depthwise conv s2, 1x1; GELU after each.
         self.patch_embed = [
             nn.Conv2d(3, stem_width, k, stride=2, padding=k // 2),
-            DepthwiseConv2d(stem_width, stem_width, k, stride=2),
+            DepthwiseConv(stem_width, stem_width, k, stride=2),
             nn.Linear(stem_width, stem_width),
         ]
+        self.act = nn.GELU()  # after each stem layer
         self.network = build_network(config)
         self.conv_exp = ConvExpansion(
             config.widths[-1], config.mm_hidden_size, config.expansion_kernel_size, config.se_width
@@ -236,7 +215,7 @@ class FastViTHD(nn.Module):
         """``pixels`` [B, H, W, 3] in [0, 1] -> features [B, (H/64)·(W/64), mm_hidden_size]."""
         x = pixels.astype(self.patch_embed[0].weight.dtype)
         for layer in self.patch_embed:
-            x = gelu(layer(x))
+            x = self.act(layer(x))
         for entry in self.network:
             if isinstance(entry, list):
                 for block in entry:

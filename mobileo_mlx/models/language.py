@@ -1,6 +1,6 @@
-"""Qwen2 language model (SPEC §2.3), built on mlx-lm's Qwen2 modules.
+"""Qwen2 language model (docs/reference-model.md §2.3): mlx-lm's Qwen2 ``Model``.
 
-``LanguageModel`` *is* an ``mlx_lm.models.qwen2.Model``: its parameter names
+``LanguageModel`` *is* an ``mlx_lm.models.qwen2.Model``: its modules, parameter names
 (``model.embed_tokens``, ``model.layers.N...``, ``model.norm``, ``lm_head``),
 its ``__call__(inputs, cache=None, input_embeddings=None) -> logits``, its
 ``layers`` and ``sanitize`` are mlx-lm's, so it works unchanged with
@@ -24,17 +24,13 @@ from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.qwen2 import MLP as Qwen2MLP
-from mlx_lm.models.qwen2 import Attention as Qwen2Attention
 from mlx_lm.models.qwen2 import Model as Qwen2ForCausalLM
 from mlx_lm.models.qwen2 import ModelArgs as Qwen2Args
-
-from . import activations
 
 
 @dataclass
 class LanguageConfig(Qwen2Args):
-    """mlx-lm's Qwen2 ``ModelArgs`` with Qwen2-0.5B defaults (SPEC §1.1) and
+    """mlx-lm's Qwen2 ``ModelArgs`` with Qwen2-0.5B defaults (docs/reference-model.md §1.2) and
     the special token ids. ``from_dict`` ignores unknown keys."""
 
     model_type: str = "qwen2"
@@ -54,82 +50,12 @@ class LanguageConfig(Qwen2Args):
     eos_token_id: Optional[Union[int, List[int]]] = 151645
 
 
-class GatedMLP(Qwen2MLP):
-    """mlx-lm's Qwen2 MLP (same parameters) with the gate from ``models.activations``:
-    on CPU MLX's sigmoid is slow (SiLU gate of a 308-token prefill: 29 ms per layer with
-    mlx-lm's ``swiglu``, 3.4 ms with ``glu_silu``); on GPUs it is the same built-in."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(activations.glu_silu(self.up_proj(x), self.gate_proj(x)))
-
-
-def _additive_mask(mask, queries: int, keys: int) -> Optional[mx.array]:
-    """mlx-lm's attention masks (None, "causal", boolean or additive arrays) as an additive
-    float32 mask; "causal" aligns the last query with the last key (a prompt cache's offset)."""
-    if mask is None:
-        return None
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unsupported attention mask {mask!r}")
-        rows = mx.arange(keys - queries, keys)[:, None]
-        return mx.where(rows >= mx.arange(keys)[None, :], 0.0, -mx.inf)
-    if mask.dtype == mx.bool_:
-        return mx.where(mask, 0.0, -mx.inf)
-    return mask.astype(mx.float32)
-
-
-# Above this many scores per image (heads x queries x keys; 64 MB in float32), a long prompt's
-# masks and scores would cost memory: mlx-lm's fused call takes it.
-FAST_ATTENTION_MAX_SCORES = 1 << 24
-
-
-class FastAttention(Qwen2Attention):
-    """mlx-lm's Qwen2 attention (same parameters, RoPE and cache handling) whose softmax
-    attention over several query rows runs, on the CPU, through ``activations.attention_fast``:
-    MLX's CPU ``scaled_dot_product_attention`` evaluates its exponentials with a scalar loop
-    (14 heads x 308 x 308, a prefill's layer: 19.5 ms, 6.7 ms here). One query row
-    (decoding), quantized KV caches and GPUs keep mlx-lm's call."""
-
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        batch, length, _ = x.shape
-        offset = cache.offset if cache is not None else 0
-        if (length == 1 or not activations.use_fast() or hasattr(cache, "bits")
-                or self.n_heads * length * (offset + length) > FAST_ATTENTION_MAX_SCORES):
-            return super().__call__(x, mask, cache)
-        queries = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
-        keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-        output = self._grouped_attention(queries, keys, values, mask)
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
-
-    def _grouped_attention(self, queries, keys, values, mask) -> mx.array:
-        """Grouped-query attention as one attention per KV head: that head's query heads are
-        stacked along the rows, [B, kv, rep * L, d], so keys and values are not repeated."""
-        batch, heads, length, depth = queries.shape
-        kv_heads, keys_length = keys.shape[1], keys.shape[2]
-        repeats = heads // kv_heads
-        additive = _additive_mask(mask, length, keys_length)
-        if additive is not None:  # [B or 1, H, L, S] -> [B or 1, kv, rep * L, S], as the stacked rows
-            lead = batch if additive.ndim == 4 and additive.shape[0] == batch else 1
-            additive = mx.broadcast_to(additive, (lead, heads, length, keys_length))
-            additive = additive.reshape(lead, kv_heads, repeats * length, keys_length)
-        stacked = queries.reshape(batch, kv_heads, repeats * length, depth)
-        output = activations.attention_fast(stacked, keys, values, self.scale, additive)
-        return output.reshape(batch, heads, length, -1)
-
-
 class LanguageModel(Qwen2ForCausalLM):
     """Qwen2 causal LM with ``embed`` and ``hidden_states`` entry points."""
 
     def __init__(self, config: LanguageConfig):
         super().__init__(config)
         self.config = config
-        for layer in self.model.layers:
-            layer.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
-            layer.self_attn = FastAttention(config)
 
     def embed(self, ids: mx.array) -> mx.array:
         """Token embeddings ``[..., hidden_size]`` of integer ``ids``."""

@@ -1,6 +1,6 @@
 """Mobile Conditioning Projector (MCP): the last LM hidden states -> DiT caption features.
 
-SPEC §2.4. The last ``num_layers`` hidden states of the language model are fused
+docs/reference-model.md §2.4. The last ``num_layers`` hidden states of the language model are fused
 with ``softmax(layer_weights / temperature)`` (both read from the checkpoint),
 compressed (Linear -> LayerNorm -> Hardswish), refined by a few sequence
 refinement blocks and projected to the DiT caption width (Linear -> LayerNorm).
@@ -9,18 +9,17 @@ Sequences are [B, S, C]; any S works and nothing is padded.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mobileo_mlx.kernels.depthwise import depthwise_conv1d
+from .common import BaseModelArgs, DepthwiseConv
 
 
 @dataclass
-class MCPConfig:
+class MCPConfig(BaseModelArgs):
     hidden_size: int = 896  # LM hidden size (input width)
     compress_dim: int = 512  # width inside the refiners
     output_dim: int = 2304  # DiT caption_channels
@@ -30,26 +29,10 @@ class MCPConfig:
     kernel_size: int = 3  # depthwise conv over the sequence
     layer_norm_eps: float = 1e-5
 
-    @classmethod
-    def from_dict(cls, params: dict) -> "MCPConfig":
-        fields = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in params.items() if k in fields})
-
 
 def hardsigmoid(x: mx.array) -> mx.array:
     """relu6(x + 3) / 6."""
     return mx.minimum(mx.maximum(x + 3, 0), 6) / 6
-
-
-class DepthwiseConv1d(nn.Module):
-    """Depthwise conv over the sequence axis, no bias, 'same' padding."""
-
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__()
-        self.weight = mx.zeros((channels, kernel_size, 1))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return depthwise_conv1d(x, self.weight)
 
 
 class ChannelAttention(nn.Module):
@@ -71,7 +54,7 @@ class SequenceRefinementBlock(nn.Module):
 
     def __init__(self, channels: int, reduction: int, kernel_size: int, eps: float):
         super().__init__()
-        self.depthwise = DepthwiseConv1d(channels, kernel_size)
+        self.depthwise = DepthwiseConv(channels, channels, kernel_size, bias=False, dims=1)  # over the sequence
         self.pointwise = nn.Linear(channels, channels, bias=False)
         self.conv_norm = nn.LayerNorm(channels, eps=eps)
         self.channel_attention = ChannelAttention(channels, reduction)

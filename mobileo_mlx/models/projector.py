@@ -1,4 +1,4 @@
-"""``mlp2x_gelu`` multimodal projector (SPEC §2.2): vision features -> LLM embeddings.
+"""``mlp2x_gelu`` multimodal projector (docs/reference-model.md §2.2): vision features -> LLM embeddings.
 
 ``Linear(mm_hidden_size, hidden_size) -> GELU (erf) -> Linear(hidden_size, hidden_size)``,
 applied per token: 256 FastViTHD tokens of 3072 become 256 Qwen2 embeddings of 896.
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs
+
+from .common import BaseModelArgs
 
 
 @dataclass

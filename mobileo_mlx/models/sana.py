@@ -1,16 +1,21 @@
-"""SANA DiT (diffusers ``SanaTransformer2DModel`` semantics), latents in NHWC.
+"""SANA DiT: diffusers' ``SanaTransformer2DModel``, latents in NHWC.
 
-One forward pass predicts the flow velocity of ``latents`` at ``timestep``
-conditioned on caption tokens (SPEC.md §2.5):
+Module structure and parameter paths are diffusers' (``transformer_blocks.N.attn1.to_q``,
+``attn2``, ``norm2``, ``ff.conv_inverted``, ``time_embed.emb.timestep_embedder.linear_1``,
+...), so a fix in diffusers' sana_transformer.py has its place here. Layout differs where
+MLX wants it: the 1x1 convs are Linears over channels (weight [O, I]), the patch conv a
+Linear over flattened (p, p, C) patches, the depthwise conv OHWI.
+
+One forward pass predicts the flow velocity of ``latents`` at ``timestep`` conditioned on
+caption tokens (docs/reference-model.md §2.5):
 
     patch embed -> N x [AdaLN-modulated ReLU linear self-attention,
                         softmax cross-attention on the raw stream,
                         AdaLN-modulated GLUMBConv Mix-FFN]
                 -> AdaLN-modulated final norm -> projection -> unpatchify
 
-Speed: during one generation the caption tokens never change and the timestep
-is shared by the CFG pair, so the conditioning can be hoisted out of the
-denoising loop:
+During one generation the caption tokens never change and the timestep is shared by the
+CFG pair, so the conditioning can be hoisted out of the denoising loop:
 
     text = dit.encode_text(encoder_hidden_states, encoder_attention_mask)  # once
     for t in timesteps:
@@ -23,18 +28,14 @@ denoising loop:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mobileo_mlx.kernels.depthwise import depthwise_conv2d
-from mobileo_mlx.kernels.linear_attention import relu_linear_attention
-
-from . import activations
-from .gated_conv import gated_depthwise_cpu
+from .common import BaseModelArgs, DepthwiseConv, RMSNorm, ReLULinearAttention, ScaledDotProductAttention
 
 TIMESTEP_CHANNELS = 256  # sinusoid width of the AdaLN-single timestep embedding
 LINEAR_ATTENTION_EPS = 1e-15  # diffusers' SanaLinearAttnProcessor2_0
@@ -44,7 +45,7 @@ MASKED_KEY_BIAS = -10000.0  # diffusers turns a 0/1 key mask into this additive 
 
 
 @dataclass
-class SanaConfig:
+class SanaConfig(BaseModelArgs):
     """diffusers' transformer ``config.json`` fields (defaults: SANA-600M 512px)."""
 
     in_channels: int = 32
@@ -84,11 +85,6 @@ class SanaConfig:
                 f"num_attention_heads*attention_head_dim={self.inner_dim}"
             )
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "SanaConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
-
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
@@ -122,17 +118,9 @@ def _gated_residual(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
     return x + gate * update
 
 
-@mx.compile
-def _glu(values: mx.array, gate: mx.array) -> mx.array:
-    return values * nn.silu(gate)
-
-
-def _layer_norm(x: mx.array, eps: float) -> mx.array:
-    return mx.fast.layer_norm(x, None, None, eps)
-
-
 def timestep_sinusoid(timestep: mx.array, channels: int = TIMESTEP_CHANNELS) -> mx.array:
-    """[B] -> [B, channels] float32, order [cos | sin], frequencies exp(-ln(1e4) i / (channels/2))."""
+    """diffusers' ``Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)``:
+    [B] -> [B, channels] float32, order [cos | sin], frequencies exp(-ln(1e4) i / (channels/2))."""
     half = channels // 2
     # Frequencies in float32 exactly as diffusers computes them: the arguments
     # reach ~1000, so a one-ulp difference here would show in the output.
@@ -142,31 +130,70 @@ def timestep_sinusoid(timestep: mx.array, channels: int = TIMESTEP_CHANNELS) -> 
     return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
 
 
-class TimestepEmbedder(nn.Module):
-    """AdaLN-single: sinusoid -> MLP -> ``embedding``; SiLU -> Linear -> 6 modulation vectors."""
-
-    def __init__(self, dim: int):
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, time_embed_dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(TIMESTEP_CHANNELS, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-        self.modulation = nn.Linear(dim, 6 * dim)
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def __call__(self, sample: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(sample)))
+
+
+class PixArtAlphaCombinedTimestepSizeEmbeddings(nn.Module):
+    """The timestep part only (SANA uses no additional size conditions)."""
+
+    def __init__(self, embedding_dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(TIMESTEP_CHANNELS, embedding_dim)
+
+    def __call__(self, timestep: mx.array, dtype: mx.Dtype) -> mx.array:
+        return self.timestep_embedder(timestep_sinusoid(timestep).astype(dtype))
+
+
+class AdaLayerNormSingle(nn.Module):
+    """AdaLN-single: ``embedded = emb(timestep)``; 6 modulation vectors = linear(silu(embedded))."""
+
+    def __init__(self, embedding_dim: int):
+        super().__init__()
+        self.emb = PixArtAlphaCombinedTimestepSizeEmbeddings(embedding_dim)
+        self.linear = nn.Linear(embedding_dim, 6 * embedding_dim)
 
     def __call__(self, timestep: mx.array, dtype: mx.Dtype) -> TimeConditioning:
-        # Tiny ([B, D]); MLX's built-in SiLU keeps the half-precision rounding of the
-        # conditioning that test_sana's float16 check was tuned on.
-        embedding = self.linear_2(nn.silu(self.linear_1(timestep_sinusoid(timestep).astype(dtype))))
-        modulation = self.modulation(nn.silu(embedding))
-        return TimeConditioning(modulation.reshape(modulation.shape[0], 6, -1), embedding)
+        embedded = self.emb(timestep, dtype)
+        modulation = self.linear(nn.silu(embedded))
+        return TimeConditioning(modulation.reshape(modulation.shape[0], 6, -1), embedded)
 
 
-class CaptionProjection(nn.Module):
-    def __init__(self, caption_channels: int, dim: int):
+class PixArtAlphaTextProjection(nn.Module):
+    def __init__(self, in_features: int, hidden_size: int):
         super().__init__()
-        self.linear_1 = nn.Linear(caption_channels, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def __call__(self, caption: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu_approx(self.linear_1(caption)))  # GELU, tanh form (once per prompt)
+        return self.linear_2(nn.gelu_approx(self.linear_1(caption)))  # act_1: GELU, tanh form
+
+
+class PatchEmbed(nn.Module):
+    """The p x p stride-p patch conv ``proj``, as a Linear over each flattened (p, p, C) patch
+    (no positional embedding: interpolation_scale is None)."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(patch_size * patch_size * in_channels, embed_dim)
+
+    def __call__(self, latents: mx.array) -> mx.array:
+        """[B, H, W, C] -> [B, (H/p)(W/p), D]."""
+        batch, height, width, channels = latents.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not a multiple of patch_size {p}")
+        if p == 1:
+            return self.proj(latents.reshape(batch, height * width, channels))
+        x = latents.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        return self.proj(x.reshape(batch, (height // p) * (width // p), p * p * channels))
 
 
 def _split_heads(x: mx.array, heads: int) -> mx.array:
@@ -180,97 +207,88 @@ def _merge_heads(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_dim)
 
 
-class LinearSelfAttention(nn.Module):
-    """ReLU linear attention (fp32, no 1/sqrt(d) scaling) over the image tokens."""
+class SanaLinearAttention(nn.Module):
+    """``attn1``: diffusers' ``Attention`` with ``SanaLinearAttnProcessor2_0``: ReLU linear
+    attention (float32, no 1/sqrt(d) scaling) over the image tokens."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
-        self.q_proj = nn.Linear(dim, inner, bias=bias)
-        self.k_proj = nn.Linear(dim, inner, bias=bias)
-        self.v_proj = nn.Linear(dim, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, dim)
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(dim, inner, bias=bias)
+        self.to_v = nn.Linear(dim, inner, bias=bias)
+        self.to_out = [nn.Linear(inner, dim)]
+        self.attention = ReLULinearAttention(LINEAR_ATTENTION_EPS)
 
     def __call__(self, x: mx.array) -> mx.array:
-        q, k, v = (_split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(_merge_heads(relu_linear_attention(q, k, v, eps=LINEAR_ATTENTION_EPS)))
+        q, k, v = (_split_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        return self.to_out[0](_merge_heads(self.attention(q, k, v)))
 
 
-class CrossAttention(nn.Module):
-    """Softmax attention from the image tokens to the caption tokens (all projections biased)."""
+class SanaCrossAttention(nn.Module):
+    """``attn2``: diffusers' ``Attention`` with ``SanaAttnProcessor2_0``: softmax attention from
+    the image tokens to the caption tokens (all projections biased)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
         super().__init__()
         self.heads = heads
         self.scale = head_dim**-0.5
         inner = heads * head_dim
-        self.q_proj = nn.Linear(dim, inner)
-        self.k_proj = nn.Linear(context_dim, inner)
-        self.v_proj = nn.Linear(context_dim, inner)
-        self.out_proj = nn.Linear(inner, dim)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(context_dim, inner)
+        self.to_v = nn.Linear(context_dim, inner)
+        self.to_out = [nn.Linear(inner, dim)]
+        self.attention = ScaledDotProductAttention()
 
     def keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
         """K, V [B, heads, L, head_dim] of the projected caption (hoistable)."""
-        return _split_heads(self.k_proj(context), self.heads), _split_heads(self.v_proj(context), self.heads)
+        return _split_heads(self.to_k(context), self.heads), _split_heads(self.to_v(context), self.heads)
 
     def __call__(self, x: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
-        q = _split_heads(self.q_proj(x), self.heads)
-        out = activations.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=key_bias)
-        return self.out_proj(_merge_heads(out))
-
-
-class DepthwiseConv(nn.Module):
-    """Depthwise 3x3 conv with bias; weight [C, 3, 3, 1] (MLX layout)."""
-
-    def __init__(self, channels: int, kernel_size: int = 3):
-        super().__init__()
-        self.weight = mx.zeros((channels, kernel_size, kernel_size, 1))
-        self.bias = mx.zeros((channels,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return depthwise_conv2d(x, self.weight, self.bias)
+        q = _split_heads(self.to_q(x), self.heads)
+        return self.to_out[0](_merge_heads(self.attention(q, keys, values, self.scale, key_bias)))
 
 
 class GLUMBConv(nn.Module):
-    """Mix-FFN: 1x1 expand to 2H (+b) -> SiLU -> depthwise 3x3 (+b) -> a*SiLU(g) -> 1x1 to D (no bias).
-    The 1x1 convs are Linears over the channel axis (quantizable).
+    """diffusers' ``GLUMBConv`` (SANA's Mix-FFN, and the DC-AE's, with ``norm_type="rms_norm"``
+    and the residual connection): 1x1 expand to 2H (+b) -> SiLU -> depthwise 3x3 (+b) ->
+    a * SiLU(g) -> 1x1 to C_out (no bias) [-> RMSNorm] [+ x]. NHWC; the 1x1 convs are
+    Linears over the channel axis."""
 
-    On the CPU the element-wise middle runs as ``gated_conv.gated_depthwise_cpu`` (two
-    pieces, one per CPU stream); the GPU path (the plain twin) convolves all channels and
-    splits after."""
-
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 4,
+                 norm_type: str | None = None, residual_connection: bool = True):
         super().__init__()
-        self.conv_inverted = nn.Linear(dim, 2 * hidden)
-        self.conv_depth = DepthwiseConv(2 * hidden)
-        self.conv_point = nn.Linear(hidden, dim, bias=False)
+        hidden_channels = int(expand_ratio * in_channels)
+        self.residual_connection = residual_connection
+        self.nonlinearity = nn.SiLU()
+        self.conv_inverted = nn.Linear(in_channels, hidden_channels * 2)
+        self.conv_depth = DepthwiseConv(hidden_channels * 2, hidden_channels * 2, 3)
+        self.conv_point = nn.Linear(hidden_channels, out_channels, bias=False)
+        if norm_type not in (None, "rms_norm"):
+            raise ValueError(f"unsupported norm type {norm_type!r} (only 'rms_norm')")
+        self.norm = RMSNorm(out_channels) if norm_type == "rms_norm" else None
 
-    def __call__(self, x: mx.array, height: int, width: int) -> mx.array:
-        batch, tokens, _ = x.shape
-        h = self.conv_inverted(x).reshape(batch, height, width, -1)
-        if activations.use_fast():
-            gated = gated_depthwise_cpu(h, self.conv_depth.weight, self.conv_depth.bias)
-        else:
-            values, gate = mx.split(self.conv_depth(activations.silu(h)), 2, axis=-1)
-            gated = _glu(values, gate)
-        return self.conv_point(gated.reshape(batch, tokens, -1))
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv_depth(self.nonlinearity(self.conv_inverted(x)))
+        h, gate = mx.split(h, 2, axis=-1)
+        h = self.conv_point(h * self.nonlinearity(gate))
+        if self.norm is not None:
+            h = self.norm(h)
+        return h + x if self.residual_connection else h
 
 
-class SanaBlock(nn.Module):
+class SanaTransformerBlock(nn.Module):
     def __init__(self, config: SanaConfig):
         super().__init__()
         dim = config.inner_dim
-        self.norm_eps = config.norm_eps
-        self.self_attn = LinearSelfAttention(
-            dim, config.num_attention_heads, config.attention_head_dim, config.attention_bias
-        )
-        self.cross_attn = CrossAttention(
-            dim, config.cross_attention_dim, config.num_cross_attention_heads, config.cross_attention_head_dim
-        )
-        # Only the FFN's norm can carry affine parameters (diffusers' norm2).
-        self.ffn_norm = nn.LayerNorm(dim, eps=config.norm_eps, affine=config.norm_elementwise_affine)
-        self.ff = GLUMBConv(dim, config.ffn_hidden_dim)
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps, affine=False)
+        self.attn1 = SanaLinearAttention(dim, config.num_attention_heads, config.attention_head_dim,
+                                         config.attention_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps, affine=config.norm_elementwise_affine)
+        self.attn2 = SanaCrossAttention(dim, config.cross_attention_dim, config.num_cross_attention_heads,
+                                        config.cross_attention_head_dim)
+        self.ff = GLUMBConv(dim, dim, config.mlp_ratio, norm_type=None, residual_connection=False)
         self.scale_shift_table = mx.zeros((6, dim))
 
     def __call__(
@@ -286,26 +304,40 @@ class SanaBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mx.split(
             self.scale_shift_table + modulation, 6, axis=1
         )  # each [B, 1, D]
-        h = _modulate(_layer_norm(x, self.norm_eps), shift_msa, scale_msa)
-        x = _gated_residual(x, gate_msa, self.self_attn(h))
+        h = _modulate(self.norm1(x), shift_msa, scale_msa)
+        x = _gated_residual(x, gate_msa, self.attn1(h))
         # The cross-attention query is the raw stream: no norm, no modulation, no gate.
-        x = x + self.cross_attn(x, keys, values, key_bias)
-        h = _modulate(self.ffn_norm(x), shift_mlp, scale_mlp)
-        return _gated_residual(x, gate_mlp, self.ff(h, height, width))
+        x = x + self.attn2(x, keys, values, key_bias)
+        h = _modulate(self.norm2(x), shift_mlp, scale_mlp)
+        batch, tokens, dim = h.shape
+        ff = self.ff(h.reshape(batch, height, width, dim)).reshape(batch, tokens, dim)
+        return _gated_residual(x, gate_mlp, ff)
+
+
+class SanaModulatedNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps, affine=False)
+
+    def __call__(self, x: mx.array, embedding: mx.array, scale_shift_table: mx.array) -> mx.array:
+        shift, scale = mx.split(scale_shift_table + embedding[:, None, :], 2, axis=1)
+        return _modulate(self.norm(x), shift, scale)
 
 
 class SanaTransformer(nn.Module):
+    """diffusers' ``SanaTransformer2DModel``."""
+
     def __init__(self, config: SanaConfig):
         super().__init__()
         self.config = config
         dim, patch = config.inner_dim, config.patch_size
-        # The p x p stride-p patch conv as a Linear over each flattened (p, p, C_in) patch.
-        self.patch_embed = nn.Linear(patch * patch * config.in_channels, dim)
-        self.time_embed = TimestepEmbedder(dim)
-        self.caption_projection = CaptionProjection(config.caption_channels, dim)
+        self.patch_embed = PatchEmbed(patch, config.in_channels, dim)
+        self.time_embed = AdaLayerNormSingle(dim)
+        self.caption_projection = PixArtAlphaTextProjection(config.caption_channels, dim)
         self.caption_norm = nn.RMSNorm(dim, eps=CAPTION_NORM_EPS)
-        self.blocks = [SanaBlock(config) for _ in range(config.num_layers)]
+        self.transformer_blocks = [SanaTransformerBlock(config) for _ in range(config.num_layers)]
         self.scale_shift_table = mx.zeros((2, dim))
+        self.norm_out = SanaModulatedNorm(dim, eps=OUTPUT_NORM_EPS)
         self.proj_out = nn.Linear(dim, patch * patch * config.out_channels)
 
     @property
@@ -327,22 +359,13 @@ class SanaTransformer(nn.Module):
             # diffusers: (1 - mask) * -10000 added to the scores of every head and query.
             key_bias = (1 - encoder_attention_mask.astype(self.dtype)) * MASKED_KEY_BIAS
             key_bias = key_bias[:, None, None, :]
-        return TextConditioning(tuple(block.cross_attn.keys_values(context) for block in self.blocks), key_bias)
+        return TextConditioning(tuple(block.attn2.keys_values(context) for block in self.transformer_blocks),
+                                key_bias)
 
     def embed_timestep(self, timestep: mx.array | int | float) -> TimeConditioning:
         """AdaLN-single embedding of a [B] (or scalar, shared by the batch) timestep."""
         timestep = mx.array(timestep) if not isinstance(timestep, mx.array) else timestep
         return self.time_embed(timestep.reshape(-1), self.dtype)
-
-    def _patchify(self, latents: mx.array) -> mx.array:
-        batch, height, width, channels = latents.shape
-        p = self.config.patch_size
-        if height % p or width % p:
-            raise ValueError(f"latent size {height}x{width} is not a multiple of patch_size {p}")
-        if p == 1:
-            return latents.reshape(batch, height * width, channels)
-        x = latents.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(batch, (height // p) * (width // p), p * p * channels)
 
     def _unpatchify(self, x: mx.array, height: int, width: int) -> mx.array:
         batch, p = x.shape[0], self.config.patch_size
@@ -377,12 +400,10 @@ class SanaTransformer(nn.Module):
         if time is None:
             time = self.embed_timestep(timestep)
 
-        batch, height, width, _ = latents.shape
+        _, height, width, _ = latents.shape
         p = self.config.patch_size
-        x = self.patch_embed(self._patchify(latents.astype(self.dtype)))
-        for block, (keys, values) in zip(self.blocks, text.cross_kv):
+        x = self.patch_embed(latents.astype(self.dtype))
+        for block, (keys, values) in zip(self.transformer_blocks, text.cross_kv):
             x = block(x, height // p, width // p, time.modulation, keys, values, text.key_bias)
-
-        shift, scale = mx.split(self.scale_shift_table + time.embedding[:, None, :], 2, axis=1)
-        x = self.proj_out(_modulate(_layer_norm(x, OUTPUT_NORM_EPS), shift, scale))
+        x = self.proj_out(self.norm_out(x, time.embedding, self.scale_shift_table))
         return self._unpatchify(x, height // p, width // p)

@@ -1,1 +1,1 @@
-"""Compact PyTorch references written from SPEC.md (FastViTHD, MCP), used only by tests."""
+"""Compact PyTorch references written from docs/reference-model.md (FastViTHD, MCP), used only by tests."""

@@ -1,4 +1,4 @@
-"""Compact PyTorch FastViTHD in the checkpoint's fused form, written from SPEC §2.1.
+"""Compact PyTorch FastViTHD in the checkpoint's fused form, written from docs/reference-model.md §2.1.
 
 NCHW, as the original. ``state_dict()`` names are exactly the checkpoint's
 (after ``model.vision_tower.vision_tower.model.``), including the unused

@@ -1,4 +1,4 @@
-"""Compact PyTorch Mobile Conditioning Projector written from SPEC.md §2.4.
+"""Compact PyTorch Mobile Conditioning Projector written from docs/reference-model.md §2.4.
 
 Its ``state_dict()`` keys are the checkpoint's names after the
 ``model.diffusion_connector.fusion.`` prefix (``temperature`` is a persistent

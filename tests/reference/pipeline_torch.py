@@ -1,4 +1,4 @@
-"""The Mobile-O pipelines in PyTorch, written from SPEC §3, on the reference classes:
+"""The Mobile-O pipelines in PyTorch, written from docs/reference-model.md §3, on the reference classes:
 transformers' Qwen2ForCausalLM and slow Qwen2Tokenizer, diffusers' SanaTransformer2DModel,
 AutoencoderDC and DPMSolverMultistepScheduler, and the test-side FastViTHD and MCP.
 

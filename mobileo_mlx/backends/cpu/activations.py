@@ -1,10 +1,10 @@
-"""Activations: fast and accurate on MLX's CPU backend, MLX's built-ins on GPUs.
+"""Fast float32 activations for MLX's CPU backend: SiLU, sigmoid, ``a * silu(g)``, the
+exact (erf) GELU, ``exp(-a)`` and softmax attention.
 
-``silu``, ``sigmoid``, ``gelu`` (exact, erf form), ``gelu_tanh``, ``glu_silu``
-(``a * silu(g)``), ``hardswish`` and ``hardsigmoid``. Each dispatches on
-``platform.backend()``: on ``cpu`` the ``*_fast`` forms below run, on Metal and CUDA
-the ``*_builtin`` twins (``nn.silu``, ``mx.sigmoid``, ``nn.gelu``, ``nn.gelu_approx``).
-The tests hold both forms to each other and to float64 references.
+The CPU forms of the models' modules (backends/cpu/layers.py) call these where the plain
+models call MLX's built-ins (``nn.silu``, ``mx.sigmoid``, ``nn.gelu``,
+``mx.fast.scaled_dot_product_attention``); tests/test_activations.py holds each to float64
+references and to the built-in.
 
 Why the CPU needs its own forms (MLX 0.32, x86-64):
 
@@ -31,8 +31,7 @@ kernels over contiguous arrays:
    the final quotient, and the sign handled arithmetically (``m = 1 + (bits >> 31)``).
 
 Accuracy (float32, tested against float64): relative error < 3e-7 for ``silu``,
-``sigmoid`` and ``glu_silu``, < 1e-6 for ``gelu``, < 1e-6 + 2e-7 |2u| for ``gelu_tanh``
-(its cubic argument 2u is rounded to float32), wherever the underflowing factor
+``sigmoid`` and ``glu_silu``, < 1e-6 for ``gelu``, wherever the underflowing factor
 (sigmoid, Phi) is a normal float; past that the result flushes to (signed) zero, as MLX's
 built-ins do. ``inf``/``nan`` as the built-ins and IEEE arithmetic (``silu(-inf)`` and
 ``gelu(-inf)`` are NaN, as in PyTorch; ``gelu(inf) = inf``). float16/bfloat16 inputs are
@@ -46,20 +45,10 @@ import math
 from functools import lru_cache
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from mobileo_mlx import platform
-from mobileo_mlx.kernels import gelu as native_gelu
-
-__all__ = [
-    "silu", "sigmoid", "gelu", "gelu_tanh", "glu_silu", "hardswish", "hardsigmoid",
-    "silu_fast", "sigmoid_fast", "gelu_fast", "gelu_tanh_fast", "glu_silu_fast",
-    "silu_builtin", "sigmoid_builtin", "gelu_builtin", "gelu_tanh_builtin", "glu_silu_builtin",
-    "softmax", "softmax_fast", "softmax_builtin", "exp_neg_fast",
-    "scaled_dot_product_attention", "attention_fast", "attention_builtin",
-    "use_fast",
-]
+from mobileo_mlx.backends import tuning
+from mobileo_mlx.backends.cpu import streams
 
 _LOG2E = 1.4426950408889634
 # Cody-Waite split of ln 2 (Cephes expf): n * _LN2_HI is exact for |n| < 2**15.
@@ -71,11 +60,6 @@ _INF_BITS = 0x7F800000
 
 def _float_bits(value: float) -> int:
     return int(np.array(value, dtype=np.float32).view(np.int32))
-
-
-def use_fast() -> bool:
-    """True where the CPU forms run (MLX's default device is the CPU)."""
-    return platform.backend() == "cpu"
 
 
 # ---------------------------------------------------------------------------
@@ -159,12 +143,8 @@ def _logistic_parts(x32: mx.array):
 
 
 # --- chunking ------------------------------------------------------------------
-# Each CPU activation writes 3-5 full-size temporaries. MLX's CPU buffer cache is 32 MB
-# by default: past that every temporary is fresh memory, page-faulted at ~0.3 ms/MB
-# (more than the arithmetic). Large inputs therefore run in 64K-element chunks (their
-# temporaries are recycled and stay in cache) unless the cache limit holds them anyway.
-_CHUNK = 1 << 16
-_TEMPORARIES = 6  # full-size float32 arrays alive in the longest kernel chain
+# Each activation writes 3-5 full-size temporaries; large inputs run in chunks whose
+# temporaries stay in MLX's buffer cache (tuning.ACTIVATION_CHUNK), on both CPU streams.
 
 
 def _cache_limit() -> int:
@@ -176,19 +156,18 @@ def _cache_limit() -> int:
 
 
 def _chunked(fn, *arrays: mx.array) -> mx.array:
-    """fn over same-shape arrays of more than two chunks, split flat: in 64K-element chunks
-    when the whole call's temporaries would not fit MLX's buffer cache, else in two halves;
-    the pieces alternate between two CPU streams and are concatenated. fn(*arrays) otherwise,
-    and inside a piece of ``platform.cpu_pieces`` (already on one of the two streams)."""
+    """fn over same-shape arrays of more than two chunks, split flat: in chunks of
+    ``tuning.ACTIVATION_CHUNK`` values when the whole call's temporaries would not fit MLX's
+    buffer cache, else in two halves; the pieces alternate between the two CPU streams and are
+    concatenated. fn(*arrays) otherwise, and inside a piece of ``streams.cpu_pieces``."""
     shape, size = arrays[0].shape, arrays[0].size
-    if size <= 2 * _CHUNK or any(a.shape != shape for a in arrays) or not platform.may_split_over_streams():
+    chunk_size = tuning.ACTIVATION_CHUNK
+    if size <= 2 * chunk_size or any(a.shape != shape for a in arrays) or not streams.may_split():
         return fn(*arrays)
-    # When the whole call's temporaries fit the cache: two halves, else 64K chunks; either
-    # way alternately on a second CPU stream, which MLX runs on its own thread (the
-    # element-wise work gets two cores instead of one).
-    chunk = -(-size // 2) if size * 4 * _TEMPORARIES <= _cache_limit() else _CHUNK
+    fits = size * 4 * tuning.ACTIVATION_TEMPORARIES <= _cache_limit()
+    chunk = -(-size // 2) if fits else chunk_size
     flats = [a.reshape(-1) for a in arrays]
-    parts = platform.cpu_pieces(-(-size // chunk), lambda n: fn(*(f[n * chunk : (n + 1) * chunk] for f in flats)))
+    parts = streams.cpu_pieces(-(-size // chunk), lambda n: fn(*(f[n * chunk : (n + 1) * chunk] for f in flats)))
     return mx.concatenate(parts).reshape(shape)
 
 
@@ -207,15 +186,15 @@ def _glu_silu_whole(a: mx.array, g: mx.array) -> mx.array:
     return _back(_glu_out(_f32(a), g32, *_logistic_parts(g32)), a.dtype)
 
 
-def sigmoid_fast(x: mx.array) -> mx.array:
+def sigmoid(x: mx.array) -> mx.array:
     return _chunked(_sigmoid_whole, x)
 
 
-def silu_fast(x: mx.array) -> mx.array:
+def silu(x: mx.array) -> mx.array:
     return _chunked(_silu_whole, x)
 
 
-def glu_silu_fast(a: mx.array, g: mx.array) -> mx.array:
+def glu_silu(a: mx.array, g: mx.array) -> mx.array:
     """a * silu(g) (GLUMBConv's gate); g broadcastable to a."""
     return _chunked(_glu_silu_whole, a, g)
 
@@ -280,7 +259,8 @@ def _gelu_out(x, bits, half_erfcx, r, scale):
     return x * (positive + (1.0 - 2.0 * positive) * tail)  # Phi(x) = 1 - tail for x >= 0
 
 
-def gelu_fast(x: mx.array) -> mx.array:
+def gelu(x: mx.array) -> mx.array:
+    """Exact GELU; the twin of the native kernel (``kernels.primitives.gelu``), bit for bit."""
     return _chunked(_gelu_whole, x)
 
 
@@ -294,62 +274,31 @@ def _gelu_whole(x: mx.array) -> mx.array:
     return _back(out, x.dtype)
 
 
-# --- GELU, tanh form: 0.5 x (1 + tanh(u)) = x * sigmoid(2u) --------------------
-_TANH_C1 = 2.0 * math.sqrt(2.0 / math.pi)
-_TANH_C3 = _TANH_C1 * 0.044715
-
-
-@mx.compile
-def _gelu_tanh_arg(x):
-    return x * (_TANH_C1 + _TANH_C3 * (x * x))  # 2u
-
-
-def gelu_tanh_fast(x: mx.array) -> mx.array:
-    x32 = _f32(x)
-    w = _gelu_tanh_arg(x32)
-    return _back(_silu_out(x32, *_logistic_parts(w)), x.dtype)
-
-
-# --- exp(-a), softmax and softmax attention ------------------------------------
+# --- exp(-a) and softmax attention ---------------------------------------------
 @mx.compile
 def _exp_neg_out(r, scale):
     num, den = _pade(r)
     return scale * num / den
 
 
-def exp_neg_fast(a: mx.array) -> mx.array:
+def exp_neg(a: mx.array) -> mx.array:
     """exp(-a) for a >= 0 (float32; +inf -> 0, NaN -> NaN), relative error < 2e-7."""
     bits = _clamped_abs(_SIGMOID_BOUND)(_f32(a).view(mx.int32))
     scale_bits, r = _exp_neg_parts(bits.view(mx.float32))
     return _exp_neg_out(r, scale_bits.view(mx.float32))
 
 
-def softmax_fast(x: mx.array, axis: int = -1) -> mx.array:
-    x32 = _f32(x)
-    e = exp_neg_fast(mx.max(x32, axis=axis, keepdims=True) - x32)
-    return _back(e / mx.sum(e, axis=axis, keepdims=True), x.dtype)
-
-
-# Score elements per chunk of heads (4 MB temporaries: they come from MLX's buffer cache
-# instead of fresh, page-faulted memory); when a chunk would hold a single head, its query
-# rows run in blocks of _ATTENTION_ROWS_CHUNK scores instead: FastViTHD's 12 x 1024 x 1024
-# attention takes 80-111 ms in whole heads, 61 ms in 512-row blocks (its vision tower at
-# 1024²: ~0.35 s faster).
-_ATTENTION_CHUNK = 1 << 20
-_ATTENTION_ROWS_CHUNK = 1 << 19
-
-
 def _attention_core(q, k, v, scale, mask):
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = scores + mask
-    weights = exp_neg_fast(mx.max(scores, axis=-1, keepdims=True) - scores)
+    weights = exp_neg(mx.max(scores, axis=-1, keepdims=True) - scores)
     return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
 
 
-def attention_fast(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
     """softmax(q k^T * scale + mask) v for q [..., N, d], k/v [..., L, d] (the same leading
-    axes; heads in them): scores by GEMM, the exponentials by ``exp_neg_fast``, the
+    axes; heads in them): scores by GEMM, the exponentials by ``exp_neg``, the
     normalisation applied to the [N, d] output instead of the [N, L] weights. Float32
     inside; additive ``mask`` broadcastable to the scores. Long score matrices run a few
     heads (or a block of query rows) at a time, so their temporaries stay in cache (and
@@ -360,8 +309,8 @@ def attention_fast(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx
     q32, k32, v32 = _f32(q), _f32(k), _f32(v)
     mask32 = None if mask is None else mask.astype(mx.float32)
     heads = math.prod(lead)
-    step = max(1, _ATTENTION_CHUNK // max(1, tokens * keys))
-    rows = tokens if step > 1 else max(1, _ATTENTION_ROWS_CHUNK // max(1, keys))  # query rows per chunk
+    step = max(1, tuning.ATTENTION_CHUNK // max(1, tokens * keys))
+    rows = tokens if step > 1 else max(1, tuning.ATTENTION_ROWS_CHUNK // max(1, keys))  # query rows per chunk
     if heads <= step and rows >= tokens:
         return _back(_attention_core(q32, k32, v32, scale, mask32), dtype)
     q3 = q32.reshape(heads, tokens, depth)
@@ -377,92 +326,3 @@ def attention_fast(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx
         ]
         parts.append(blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=1))
     return _back(mx.concatenate(parts, axis=0).reshape(*lead, tokens, v.shape[-1]), dtype)
-
-
-# ---------------------------------------------------------------------------
-# Built-in twins (GPUs)
-# ---------------------------------------------------------------------------
-def silu_builtin(x: mx.array) -> mx.array:
-    return nn.silu(x)
-
-
-def sigmoid_builtin(x: mx.array) -> mx.array:
-    return mx.sigmoid(x)
-
-
-def gelu_builtin(x: mx.array) -> mx.array:
-    return nn.gelu(x)
-
-
-def gelu_tanh_builtin(x: mx.array) -> mx.array:
-    return nn.gelu_approx(x)
-
-
-@mx.compile
-def glu_silu_builtin(a: mx.array, g: mx.array) -> mx.array:
-    return a * nn.silu(g)
-
-
-def softmax_builtin(x: mx.array, axis: int = -1) -> mx.array:
-    return mx.softmax(x, axis=axis, precise=True)
-
-
-def attention_builtin(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-
-# ---------------------------------------------------------------------------
-# Dispatch
-# ---------------------------------------------------------------------------
-def silu(x: mx.array) -> mx.array:
-    return silu_fast(x) if use_fast() else silu_builtin(x)
-
-
-def sigmoid(x: mx.array) -> mx.array:
-    return sigmoid_fast(x) if use_fast() else sigmoid_builtin(x)
-
-
-def gelu(x: mx.array, overwrite: bool = False) -> mx.array:
-    """Exact (erf) GELU, torch ``nn.GELU()``. ``overwrite=True``: ``x`` is a temporary the
-    caller hands over, so on the CPU the native kernel (``kernels.gelu``: the same algorithm,
-    bit for bit, vectorised on every core) may write the result into its buffer."""
-    if not use_fast():
-        return gelu_builtin(x)
-    if overwrite:
-        return native_gelu.gelu_in_place(x, gelu_fast)
-    return gelu_fast(x)
-
-
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU, tanh approximation (torch ``approximate="tanh"``)."""
-    return gelu_tanh_fast(x) if use_fast() else gelu_tanh_builtin(x)
-
-
-def glu_silu(a: mx.array, g: mx.array) -> mx.array:
-    """a * silu(g)."""
-    return glu_silu_fast(a, g) if use_fast() else glu_silu_builtin(a, g)
-
-
-def softmax(x: mx.array, axis: int = -1) -> mx.array:
-    return softmax_fast(x, axis) if use_fast() else softmax_builtin(x, axis)
-
-
-def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                                 mask: mx.array | None = None) -> mx.array:
-    """``mx.fast.scaled_dot_product_attention`` (additive mask) with a fast CPU form: MLX's
-    CPU fallback evaluates the softmax with its scalar ``exp``."""
-    return attention_fast(q, k, v, scale, mask) if use_fast() else attention_builtin(q, k, v, scale, mask)
-
-
-# Piecewise-linear activations: plain arithmetic, the same on every backend (torch's
-# formulas and operation order).
-@mx.compile
-def hardsigmoid(x: mx.array) -> mx.array:
-    """relu6(x + 3) / 6."""
-    return mx.clip(x + 3, 0, 6) / 6
-
-
-@mx.compile
-def hardswish(x: mx.array) -> mx.array:
-    """x * relu6(x + 3) / 6."""
-    return x * mx.clip(x + 3, 0, 6) / 6

@@ -1,0 +1,409 @@
+"""CPU forms of the models' modules: subclasses of the plain ones with the same parameters,
+swapped in at load time (``backends.cpu.table``). Each computes what its plain module
+computes, in the form MLX's CPU backend runs fast:
+
+* activations by the fast float32 forms of ``backends.cpu.activations`` (the exact GELU by the
+  native kernel, a node of MLX's graph, where it is built);
+* depthwise convs by the native kernel or the shift-and-add twin, large ones over two streams;
+* attention cores with the fast softmax, linear attention of a CFG pair over two streams;
+* GLUMBConv's gated middle in two pieces, one per stream;
+* the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
+  upsampling convs in sub-pixel form;
+* mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
+* Linear layers of the components that multiply in bfloat16 (``matmul="bf16"``) through the
+  bf16 GEMM node.
+
+The quantized layers are in ``backends.cpu.quantized``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen2
+
+from mobileo_mlx.backends import kernels_mode, tuning
+from mobileo_mlx.backends.cpu import activations, streams
+from mobileo_mlx.kernels import depthwise as depthwise_kernels
+from mobileo_mlx.kernels import primitives
+from mobileo_mlx.models import common, dcae, sana
+
+
+def use_kernels() -> bool:
+    """Whether the native kernels serve (``MOBILEO_MLX_KERNELS=auto``), else their twins."""
+    return kernels_mode() == "auto"
+
+
+# ------------------------------------------------------------------ products
+class Products:
+    """How a CPU form multiplies: float32 (OpenBLAS), or bfloat16 operands with float32 sums
+    (the bf16 GEMM node) for products of at least ``tuning.BF16_MIN_PRODUCT`` multiply-adds."""
+
+    def __init__(self, bf16: bool):
+        self.bf16 = bf16
+
+    def __repr__(self) -> str:
+        return "BF16" if self.bf16 else "FP32"
+
+    def matmul(self, a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array:
+        """``[c +] a @ b`` for a [..., K], b [K, N]."""
+        if self.bf16 and (a.size // max(1, a.shape[-1])) * b.shape[0] * b.shape[1] >= tuning.BF16_MIN_PRODUCT:
+            if use_kernels() and primitives.bf16_matmul_supported(a, b, c):
+                return primitives.bf16_matmul(a, b, c)
+            return primitives.bf16_matmul_reference(a, b, c)
+        return a @ b if c is None else mx.addmm(c, a, b)
+
+
+FP32, BF16 = Products(False), Products(True)
+
+
+class Bf16Linear(nn.Linear):
+    """``nn.Linear`` with bfloat16 products (float32 sums)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return BF16.matmul(x, self["weight"].T, self.get("bias"))
+
+
+# ------------------------------------------------------------------ activations
+class SiLU(nn.SiLU):
+    def __call__(self, x: mx.array) -> mx.array:
+        return activations.silu(x)
+
+
+class Sigmoid(nn.Sigmoid):
+    def __call__(self, x: mx.array) -> mx.array:
+        return activations.sigmoid(x)
+
+
+class GELU(nn.GELU):
+    """The exact GELU: the native kernel (float32), else its bit-identical MLX form."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._approx != "none":
+            return super().__call__(x)
+        if use_kernels() and primitives.gelu_supported(x):
+            return primitives.gelu(x)
+        return activations.gelu(x)
+
+
+# ------------------------------------------------------------------ depthwise convs
+def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding) -> mx.array:
+    """A ``groups = C`` conv (weight [C*m, kh, kw, 1]) on the CPU: the native kernel for large
+    float32 convs with one output channel per input channel, else the shift-and-add twin, as
+    two channel halves on the two streams when large; inside a piece of ``streams.cpu_pieces``
+    the twin, whole (the other stream is busy with the other piece)."""
+    kh, kw = weight.shape[1], weight.shape[2]
+    (sh, sw) = stride if isinstance(stride, tuple) else (stride, stride)
+    steps = sh * sw
+    if (use_kernels() and streams.may_split() and x.size * kh * kw // steps >= tuning.DEPTHWISE_NATIVE_MIN_MACS
+            and depthwise_kernels.native_supported(x, weight, bias, stride, padding)):
+        return depthwise_kernels.native(x, weight, bias, stride, padding)
+    channels = x.shape[-1]
+    m = weight.shape[0] // channels
+    taps = tuning.DEPTHWISE_TAPS_PER_KERNEL
+    if (channels < 2 or x.size * m * kh * kw // steps < tuning.DEPTHWISE_SPLIT_MIN_MACS
+            or not streams.may_split()):
+        return depthwise_kernels.shift_add(x, weight, bias, stride, padding, taps)
+
+    def half(part: slice) -> mx.array:
+        outputs = slice(part.start * m, part.stop * m)
+        return depthwise_kernels.shift_add(x[..., part], weight[outputs], None if bias is None else bias[outputs],
+                                           stride, padding, taps)
+
+    return streams.split_in_two(half, channels, axis=-1)
+
+
+class DepthwiseConv(common.DepthwiseConv):
+    def __call__(self, x: mx.array) -> mx.array:
+        bias = self.get("bias")
+        if self.weight.ndim == 3:  # over a sequence [B, L, C]: a 1 x k conv of [B, 1, L, C]
+            x4, w4 = x[:, None], self.weight[:, None]
+            if not depthwise_kernels.shift_add_supported(x4, w4):
+                return super().__call__(x)
+            return depthwise_conv2d(x4, w4, bias, (1, self.stride), (0, self.padding))[:, 0]
+        if not depthwise_kernels.shift_add_supported(x, self.weight):
+            return super().__call__(x)
+        return depthwise_conv2d(x, self.weight, bias, (self.stride, self.stride), (self.padding, self.padding))
+
+
+# ------------------------------------------------------------------ attention
+class ScaledDotProductAttention(common.ScaledDotProductAttention):
+    """MLX's CPU fallback evaluates the softmax with its scalar ``exp``: the fast form instead."""
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+        return activations.attention(q, k, v, scale, mask)
+
+
+class ReLULinearAttention(common.ReLULinearAttention):
+    """An even batch (SANA's CFG pair) as two halves, one per stream; splitting the heads of one
+    image (the DC-AE's LiteMLA) was slower, so a single image runs whole."""
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        batch = q.shape[0]
+        if (batch % 2 or q.size + k.size + v.size < tuning.LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS
+                or not streams.may_split()):
+            return common.relu_linear_attention(q, k, v, self.eps)
+        return streams.split_in_two(lambda part: common.relu_linear_attention(q[part], k[part], v[part], self.eps),
+                                    batch, axis=0)
+
+
+# ------------------------------------------------------------------ GLUMBConv
+def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """GLUMBConv's middle: SiLU -> depthwise conv (+ bias) over 2C channels -> values * SiLU(gate),
+    C channels each; h [B, H, W, 2C] (before the SiLU), weight [2C, k, k, 1] -> [B, H, W, C].
+
+    Two independent pieces, one per stream: the two halves of an even batch (the CFG pair),
+    otherwise two channel halves, each with its matching value and gate channels. The conv
+    runs on the value and gate channels separately (its weights sliced), so both come out
+    contiguous for the fused ``glu_silu``."""
+    batch, hidden = h.shape[0], h.shape[-1] // 2
+    by_batch = batch % 2 == 0
+    half = batch // 2 if by_batch else hidden // 2
+    size = (1, 1), (weight.shape[1] // 2, weight.shape[2] // 2)
+
+    def piece(i: int) -> mx.array:
+        # Measured: SiLU over a contiguous batch half, then the channel slices, is fastest
+        # for a batch split; for a channel split, SiLU on the strided slices themselves.
+        if by_batch:
+            h_i = activations.silu(h[i * half : (i + 1) * half])
+            values, gate = h_i[..., :hidden], h_i[..., hidden:]
+            value_channels, gate_channels = slice(0, hidden), slice(hidden, None)
+        else:
+            lo, hi = i * half, (hidden if i else half)
+            value_channels, gate_channels = slice(lo, hi), slice(hidden + lo, hidden + hi)
+            values, gate = activations.silu(h[..., value_channels]), activations.silu(h[..., gate_channels])
+        values = depthwise_conv2d(values, weight[value_channels], bias[value_channels], *size)
+        gate = depthwise_conv2d(gate, weight[gate_channels], bias[gate_channels], *size)
+        return activations.glu_silu(values, gate)
+
+    return mx.concatenate(streams.cpu_pieces(2, piece), axis=0 if by_batch else -1)
+
+
+@mx.compile
+def _bias_residual(normed: mx.array, bias: mx.array, x: mx.array) -> mx.array:
+    return x + (normed + bias)
+
+
+def norm_residual(norm: common.RMSNorm, y: mx.array, x: mx.array) -> mx.array:
+    """``norm(y) + x`` with the norm's bias and the residual added in one pass (the same sums)."""
+    return _bias_residual(mx.fast.rms_norm(y, norm.weight, norm.eps), norm.bias, x)
+
+
+class GLUMBConv(sana.GLUMBConv):
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv_point(gated_depthwise(self.conv_inverted(x), self.conv_depth.weight, self.conv_depth.bias))
+        if self.norm is not None and self.residual_connection:
+            return norm_residual(self.norm, h, x)
+        if self.norm is not None:
+            h = self.norm(h)
+        return h + x if self.residual_connection else h
+
+
+# ------------------------------------------------------------------ the DC-AE's convolutions
+# MLX's CPU conv2d lowers a 3x3 conv to one GEMM over a 9x im2col buffer (1.2 GB at
+# 512^2 x 128, page-faulted every call). These forms build no im2col at all: in the
+# zero-padded map flattened to rows of width W+2, the input of tap (dy, dx) for every
+# output pixel is one contiguous window of the flat map, offset by dy*(W+2) + dx. So a
+# 3x3 conv is nine GEMMs (K = C) on views, accumulated in place (bias first), computed on
+# the padded width: the two extra columns per row are wrap-around garbage that the caller
+# crops (for free, inside its next copy). Same products, summed in another order.
+
+
+def _padded_rows(x: mx.array) -> mx.array:
+    """[B,H,W,C] -> zero-padded [B, (H+3)*(W+2), C]: one pixel around, and a spare row at
+    the bottom for the last windows' wrap-around."""
+    batch, height, width, channels = x.shape
+    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)])
+    return padded.reshape(batch, (height + 3) * (width + 2), channels)
+
+
+def _taps_gemm(rows: mx.array, taps, height: int, width: int, init: mx.array | None,
+               products: Products) -> mx.array:
+    """init + sum over (offset, weight [O, C]) of rows[:, offset : offset + H*(W+2)] @ weight.T:
+    [B, H*(W+2), O] on the padded width."""
+    span = height * (width + 2)
+    y = init
+    for offset, weight in taps:
+        y = products.matmul(rows[:, offset : offset + span], weight.T, y)
+    return y
+
+
+def conv3x3_wide(x: mx.array, weight: mx.array, bias: mx.array | None, products: Products = FP32) -> mx.array:
+    """3x3 conv, stride 1, padding 1, on the padded width: x [B,H,W,C], weight [O,3,3,C]
+    (MLX layout), bias [O] -> [B, H, W+2, O] (contiguous); columns W, W+1 are garbage."""
+    batch, height, width, _ = x.shape
+    out = weight.shape[0]
+    taps = mx.contiguous(weight.transpose(1, 2, 0, 3))  # [dy, dx, O, C], each tap row-contiguous
+    offsets = [(dy * (width + 2) + dx, taps[dy, dx]) for dy in range(3) for dx in range(3)]
+    y = _taps_gemm(_padded_rows(x), offsets, height, width, bias, products)
+    return y.reshape(batch, height, width + 2, out)
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, products: Products = FP32) -> mx.array:
+    """3x3 conv, stride 1, padding 1 (a cropped view of :func:`conv3x3_wide`)."""
+    return conv3x3_wide(x, weight, bias, products)[:, :, : x.shape[2]]
+
+
+def _is_conv3x3(conv: nn.Conv2d) -> bool:
+    return (conv.weight.shape[1:3] == (3, 3) and tuple(conv.padding) == (1, 1) and tuple(conv.stride) == (1, 1)
+            and conv.groups == 1 and conv.dilation in (1, (1, 1)))
+
+
+class Conv2d(nn.Conv2d):
+    """A 3x3 / stride 1 / padding 1 conv as window GEMMs; other convs as MLX's."""
+
+    products = FP32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _is_conv3x3(self):
+            return super().__call__(x)
+        return conv3x3(x, self.weight, self.get("bias"), self.products)
+
+
+class ResBlock(dcae.ResBlock):
+    """Both convs as window GEMMs; the first one's garbage columns cropped after the activation."""
+
+    products = FP32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        width = x.shape[2]
+        h = self.nonlinearity(conv3x3_wide(x, self.conv1.weight, self.conv1.bias, self.products))[:, :, :width]
+        return norm_residual(self.norm, conv3x3(h, self.conv2.weight, None, self.products), x)
+
+
+def _subpixel_weights(weight: mx.array) -> dict:
+    """Nearest x2 then a 3x3 conv equals, at each output parity (a, b), a 2x2 conv of the
+    low-resolution input whose taps sum the 3x3 taps that read the same input pixel:
+    parity 0 reads rows/cols (-1, 0) with taps (w0, w1 + w2), parity 1 reads (0, +1) with
+    (w0 + w1, w2). Returns {(a, b): [2 (dy), 2 (dx), O, C]}, contiguous (sums in float32)."""
+    w = weight.astype(mx.float32)
+
+    def pairs(t, axis):  # the two combined taps of parity 0 and 1 along ``axis``
+        take = lambda i: mx.take(t, mx.array([i]), axis=axis)  # noqa: E731
+        return {0: (take(0), take(1) + take(2)), 1: (take(0) + take(1), take(2))}
+
+    out = {}
+    for a, (r0, r1) in pairs(w, 1).items():
+        rows = mx.concatenate([r0, r1], axis=1)  # [O, 2, 3, C]
+        for b, (c0, c1) in pairs(rows, 2).items():
+            wab = mx.concatenate([c0, c1], axis=2)  # [O, 2, 2, C]
+            out[a, b] = mx.contiguous(wab.transpose(1, 2, 0, 3).astype(weight.dtype))  # [dy, dx, O, C]
+    return out
+
+
+class DCUpBlock2d(dcae.DCUpBlock2d):
+    """Nearest x2 -> 3x3 conv (+ bias + shortcut) as four 2x2 convs of the low-resolution input,
+    one per output parity (2.25x fewer products than convolving the upsampled map), each four
+    window GEMMs starting from the bias + shortcut, then one copy that interleaves the parities
+    and crops. The combined taps are computed once (:meth:`prepare`), again when the conv's
+    weight is replaced."""
+
+    products = FP32
+
+    def prepare(self) -> None:
+        self._subpixel = (self.conv.weight, _subpixel_weights(self.conv.weight))
+
+    def _shortcut(self, x: mx.array, a: int, b: int, out: int) -> mx.array:
+        """The channels pixel_shuffle(repeat_interleave(x, r)) puts at output parity (a, b):
+        x[..., (4c + 2a + b) // r]; when r divides 4, (4 / r) c + (2a + b) // r, a strided
+        slice (a view, where a gather would copy)."""
+        r = self.repeats
+        if 4 % r:
+            return mx.take(x, (4 * mx.arange(out) + 2 * a + b) // r, axis=-1)
+        step, first = 4 // r, (2 * a + b) // r
+        return x[..., first : first + step * (out - 1) + 1 : step]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.interpolate:
+            return super().__call__(x)
+        if self._subpixel[0] is not self.conv.weight:
+            self.prepare()
+        taps = self._subpixel[1]
+        batch, height, width, _ = x.shape
+        out = self.conv.weight.shape[0]
+        rows = _padded_rows(x)
+        pitch = width + 2
+        parts = []
+        for a in (0, 1):
+            for b in (0, 1):
+                init = self._shortcut(x, a, b, out) + self.conv.bias
+                init = mx.pad(init, [(0, 0), (0, 0), (0, 2), (0, 0)]).reshape(batch, height * pitch, out)
+                # Parity 0 reads rows / columns (-1, 0) = padded offsets (0, 1); parity 1 (1, 2).
+                offsets = [((a + dy) * pitch + (b + dx), taps[a, b][dy, dx]) for dy in (0, 1) for dx in (0, 1)]
+                y = _taps_gemm(rows, offsets, height, width, init, self.products)
+                parts.append(y.reshape(batch, height, pitch, out))
+        y = mx.stack(parts, axis=1).reshape(batch, 2, 2, height, pitch, out)[:, :, :, :, :width]
+        return y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, 2 * height, 2 * width, out)
+
+
+class Bf16Conv2d(Conv2d):
+    products = BF16
+
+
+class Bf16ResBlock(ResBlock):
+    products = BF16
+
+
+class Bf16DCUpBlock2d(DCUpBlock2d):
+    products = BF16
+
+
+# ------------------------------------------------------------------ Qwen2 (mlx-lm)
+class Qwen2MLP(qwen2.MLP):
+    """The SiLU gate by the fast form: MLX's CPU sigmoid (in mlx-lm's ``swiglu``) is a scalar loop."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(activations.glu_silu(self.up_proj(x), self.gate_proj(x)))
+
+
+def _additive_mask(mask, queries: int, keys: int) -> mx.array | None:
+    """mlx-lm's attention masks (None, "causal", boolean or additive arrays) as an additive
+    float32 mask; "causal" aligns the last query with the last key (a prompt cache's offset)."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unsupported attention mask {mask!r}")
+        rows = mx.arange(keys - queries, keys)[:, None]
+        return mx.where(rows >= mx.arange(keys)[None, :], 0.0, -mx.inf)
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, 0.0, -mx.inf)
+    return mask.astype(mx.float32)
+
+
+class Qwen2Attention(qwen2.Attention):
+    """mlx-lm's Qwen2 attention whose softmax over several query rows (a prefill) runs through the
+    fast form: MLX's CPU ``scaled_dot_product_attention`` evaluates its exponentials with a
+    scalar loop. Written out as mlx-lm's ``Attention.__call__`` is, with that one call
+    replaced; one query row (decoding), quantized KV caches and very long prompts
+    (``tuning.LANGUAGE_ATTENTION_MAX_SCORES``) keep mlx-lm's own call."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        batch, length, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        if (length == 1 or hasattr(cache, "bits")
+                or self.n_heads * length * (offset + length) > tuning.LANGUAGE_ATTENTION_MAX_SCORES):
+            return super().__call__(x, mask, cache)
+        queries = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        output = self._grouped_attention(queries, keys, values, mask)
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+    def _grouped_attention(self, queries, keys, values, mask) -> mx.array:
+        """Grouped-query attention as one attention per KV head: that head's query heads are
+        stacked along the rows, [B, kv, rep * L, d], so keys and values are not repeated."""
+        batch, heads, length, depth = queries.shape
+        kv_heads, keys_length = keys.shape[1], keys.shape[2]
+        repeats = heads // kv_heads
+        additive = _additive_mask(mask, length, keys_length)
+        if additive is not None:  # [B or 1, H, L, S] -> [B or 1, kv, rep * L, S], as the stacked rows
+            lead = batch if additive.ndim == 4 and additive.shape[0] == batch else 1
+            additive = mx.broadcast_to(additive, (lead, heads, length, keys_length))
+            additive = additive.reshape(lead, kv_heads, repeats * length, keys_length)
+        stacked = queries.reshape(batch, kv_heads, repeats * length, depth)
+        output = activations.attention(stacked, keys, values, self.scale, additive)
+        return output.reshape(batch, heads, length, -1)
