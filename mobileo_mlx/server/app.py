@@ -43,7 +43,8 @@ from .settings import Settings
 
 log = logging.getLogger("mobileo_mlx.server")
 
-LOG_KEY = "mobileo_mlx.log"  # scope entry the handlers annotate for the request's log line
+LOG_KEY = "mobileo_mlx.log"
+FINAL_WORDS_S = 5.0  # after the shutdown deadline, for cancelled requests to send their last event  # scope entry the handlers annotate for the request's log line
 
 
 # --- middleware (plain ASGI) ---------------------------------------------------------------
@@ -337,12 +338,13 @@ async def _until_done(job, request: Request, on_event=None):
             if getter not in done:
                 getter.cancel()
                 job.cancel()
-                request.scope[LOG_KEY]["outcome"] = "cancelled (client went away)"
+                request.scope[LOG_KEY]["outcome"] = "cancelled (the client went away)"
                 return Response(status_code=499)
             event = getter.result()
             if isinstance(event, Failed):
                 raise _failure(event)
             if isinstance(event, Cancelled):
+                request.scope[LOG_KEY]["outcome"] = f"cancelled ({event.reason})"
                 raise APIError(503, f"the request was cancelled: {event.reason}", "server_error", "cancelled")
             if isinstance(event, (ChatDone, ImagesDone)):
                 return event
@@ -373,16 +375,19 @@ async def _chat_stream(job, request: Request, served: str, include_usage: bool):
                 yield _sse(api.chat_chunk(job, served, {}, event.finish_reason))
                 if include_usage:
                     yield _sse(api.usage_chunk(job, served, event))
-            else:  # Failed or Cancelled: the status line is sent already, the error goes in the stream
-                error = _failure(event) if isinstance(event, Failed) else APIError(503, event.reason, "server_error")
-                yield _sse(error.body())
+            elif isinstance(event, Failed):  # the status line is sent already: the error goes in the stream
+                yield _sse(_failure(event).body())
+            else:
+                request.scope[LOG_KEY]["outcome"] = f"cancelled ({event.reason})"
+                yield _sse(APIError(503, f"the request was cancelled: {event.reason}", "server_error",
+                                    "cancelled").body())
             finished = True
             yield "data: [DONE]\n\n"
             return
     finally:
         if not finished:
             job.cancel()
-            request.scope[LOG_KEY]["outcome"] = "cancelled (client went away)"
+            request.scope[LOG_KEY]["outcome"] = "cancelled (the client went away)"
 
 
 # --- running -------------------------------------------------------------------------------
@@ -394,9 +399,10 @@ class _Server(uvicorn.Server):
     cancelled. A second signal cancels everything at once. The signal is not raised again
     afterwards (uvicorn's default): :func:`serve` returns 128 + its number."""
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace: float):
         super().__init__(config)
         self.scheduler = scheduler
+        self.grace = grace
         self.signal: Optional[int] = None
 
     @contextlib.contextmanager
@@ -419,7 +425,12 @@ class _Server(uvicorn.Server):
         else:
             self.signal = number
             log.info("%s: finishing the requests in flight (up to %gs; again to cancel them)",
-                     signal.Signals(number).name, self.config.timeout_graceful_shutdown)
+                     signal.Signals(number).name, self.grace)
+            # At the deadline the work is cancelled, so each request still ends with an answer
+            # (a 503, or an error event in its stream); uvicorn cancels what is left a little later.
+            timer = threading.Timer(self.grace, self.scheduler.cancel_all)
+            timer.daemon = True
+            timer.start()
         self.should_exit = True
 
 
@@ -432,8 +443,8 @@ def serve(model, settings: Settings) -> int:
     try:
         app = create_app(scheduler, settings)
         config = uvicorn.Config(app, access_log=False, log_level=settings.log_level, lifespan="on",
-                                timeout_graceful_shutdown=settings.shutdown_timeout, log_config=None)
-        server = _Server(config, scheduler)
+                                timeout_graceful_shutdown=settings.shutdown_timeout + FINAL_WORDS_S, log_config=None)
+        server = _Server(config, scheduler, settings.shutdown_timeout)
         listener = _listen(settings.host, settings.port)
         host, port = listener.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -58,10 +58,13 @@ class StopText:
 
     def _release(self, final: bool) -> tuple[str, bool]:
         if self._stops:
+            # The stop string that ends first (then the longest of those ending there) ends the
+            # answer, however the text was cut into tokens.
             start = max(0, self._searched - self._hold)
-            hits = [at for at in (self.text.find(stop, start) for stop in self._stops) if at >= 0]
+            hits = [(at + len(stop), at) for at, stop in ((self.text.find(stop, start), stop) for stop in self._stops)
+                    if at >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                self.text = self.text[:min(hits)[1]]
                 delta, self._sent = self.text[self._sent:], len(self.text)
                 return delta, True
             self._searched = len(self.text)

@@ -80,6 +80,7 @@ class Job:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._events: Optional[asyncio.Queue] = None
         self.ended = threading.Event()  # set by the scheduler once, with the last event
+        self.cancel_reason = ""
 
     # handler side
 
@@ -91,8 +92,10 @@ class Job:
     async def next_event(self):
         return await self._events.get()
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "the client went away") -> None:
         """Ask the worker to drop this job at its next unit of work (safe from any thread)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
         self._cancelled.set()
 
     @property

@@ -99,10 +99,10 @@ class Scheduler:
         with self._lock:
             self._accepting = False
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, reason: str = "the server is shutting down") -> None:
         with self._lock:
             for job in self._all_jobs():
-                job.cancel()
+                job.cancel(reason)
             self._lock.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -111,7 +111,7 @@ class Scheduler:
             self._accepting = False
             self._stopping = True
             for job in self._all_jobs():
-                job.cancel()
+                job.cancel("the server is shutting down")
             self._lock.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -210,18 +210,18 @@ class Scheduler:
         gone = [job for job in self._prefill_line if job.cancelled]
         for job in gone:
             self._prefill_line.remove(job)
-            self._end(job, Cancelled("client went away"), "cancelled")
+            self._end(job, Cancelled(job.cancel_reason), "cancelled")
         decoding = [job for job in self._batch.jobs() if job.cancelled]
         if decoding:
             self._batch.remove(decoding)
             for job in decoding:
-                self._end(job, Cancelled("client went away"), "cancelled")
+                self._end(job, Cancelled(job.cancel_reason), "cancelled")
         for job in [job for job in self._image_line if job.cancelled]:
             if job is self._image_line[0]:
                 self._close_image_work()
                 self._release("dit", "vae")
             self._image_line.remove(job)
-            self._end(job, Cancelled("client went away"), "cancelled")
+            self._end(job, Cancelled(job.cancel_reason), "cancelled")
 
     def _image_unit(self) -> None:
         if not self._image_line:
