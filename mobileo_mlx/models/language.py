@@ -88,12 +88,13 @@ class FastAttention(Qwen2Attention):
     attention over several query rows runs, on the CPU, through ``activations.attention_fast``:
     MLX's CPU ``scaled_dot_product_attention`` evaluates its exponentials with a scalar loop
     (14 heads x 308 x 308, a prefill's layer: 19.5 ms, 6.7 ms here). One query row
-    (decoding), quantized KV caches and GPUs keep mlx-lm's call."""
+    (decoding), quantized KV caches, batched caches (a position per sequence: mlx-lm's batched
+    prefill) and GPUs keep mlx-lm's call."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         batch, length, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        if (length == 1 or not activations.use_fast() or hasattr(cache, "bits")
+        if (length == 1 or not activations.use_fast() or hasattr(cache, "bits") or not isinstance(offset, int)
                 or self.n_heads * length * (offset + length) > FAST_ATTENTION_MAX_SCORES):
             return super().__call__(x, mask, cache)
         queries = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)

@@ -407,15 +407,21 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
+        # Handled by the event loop (its wakeup fd), whatever thread the signal lands on.
+        # SIGINT is lost while MLX compiles a CPU kernel: glibc's system(), which MLX calls to
+        # run the compiler, ignores SIGINT in the whole process meanwhile (SIGTERM is not).
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {number: signal.signal(number, self.handle_exit) for number in (signal.SIGINT, signal.SIGTERM)}
+        loop = asyncio.get_running_loop()
+        numbers = (signal.SIGINT, signal.SIGTERM)
+        for number in numbers:
+            loop.add_signal_handler(number, self.handle_exit, number, None)
         try:
             yield
         finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+            for number in numbers:
+                loop.remove_signal_handler(number)
 
     def handle_exit(self, number, frame) -> None:
         self.scheduler.drain()

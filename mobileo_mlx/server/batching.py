@@ -4,12 +4,14 @@ Every chat answer in flight shares each decoding step: one forward pass of the l
 model over a batch of one token per sequence (the quantized products read each weight
 once for up to 8 rows), so the aggregate tokens/s grows with the number of clients.
 
-A request joins in two parts. Its prompt, with the features of its pictures spliced in, is
-prefilled here into a fresh KV cache, all but the last position, a chunk at a time (so a
-long prompt does not stall the others' decoding for its whole length); then its last token
-and that cache are inserted into the generator, which merges the cache into the batch (left
-padded). A sequence leaves the batch at the end of its turn, at ``max_tokens``, at a stop
-string, or when its client goes away.
+A request joins the batch in one of two ways. A prompt of text only goes to the generator as
+its token ids: the generator prefills all the prompts that arrived together in one batched
+pass (on the CPU a prefill's cost is mostly dequantizing the weights once, whatever the
+number of prompts). A prompt with pictures is prefilled here, as embeddings with the features
+of its pictures spliced in, into a fresh KV cache, all but the last position, a chunk at a
+time; then its last token and that cache are inserted, and the generator merges the cache into
+the batch (left padded). A sequence leaves the batch at the end of its turn, at
+``max_tokens``, at a stop string, or when its client goes away.
 
 Sampling is per request. ``temperature`` 0 is greedy (one batched argmax for all greedy
 sequences); otherwise each request samples with its own random key, from ``seed`` or a fresh
@@ -149,10 +151,13 @@ class ChatBatch:
     # --- joining ------------------------------------------------------------------------
 
     def prefill(self, job: ChatJob) -> bool:
-        """One unit of ``job``'s prompt: its embeddings first (the vision tower runs here for
-        its pictures), then a chunk of the prefill. True once the job can be inserted."""
+        """One unit of ``job``'s prompt with pictures: its embeddings first (the vision tower
+        runs here), then a chunk of the prefill. True once the job can be inserted (at once for
+        a prompt of text only, which the generator prefills)."""
         from mlx_lm.models.cache import make_prompt_cache
 
+        if not job.pictures and job.cache is None:
+            return True
         language = self.model.component("language")
         if job.embeddings is None:
             job.embeddings = self.model.embed_prompt(job.prompt, job.pictures)
@@ -179,7 +184,8 @@ class ChatBatch:
                                              prefill_batch_size=self.max_sequences,
                                              stream=mx.new_stream(mx.default_device()))
         sampling = job.sampling
-        (uid,) = self._generator.insert([[job.last_token]], max_tokens=[sampling.max_tokens], caches=[job.cache],
+        prompt = job.prompt_ids if job.cache is None else [job.last_token]
+        (uid,) = self._generator.insert([prompt], max_tokens=[sampling.max_tokens], caches=[job.cache],
                                         samplers=[make_sampler(sampling)],
                                         logits_processors=[make_logits_processors(sampling)])
         job.embeddings = job.cache = None

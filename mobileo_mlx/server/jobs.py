@@ -139,6 +139,7 @@ class ChatJob(Job):
         super().__init__()
         self.prompt = prompt  # a processing.Prompt
         self.pictures = list(pictures)
+        self.prompt_ids = prompt_ids  # -200 at each picture slot
         self.last_token = prompt_ids[-1]  # the template's last token: text, never a picture slot
         self.prompt_tokens = prompt_tokens  # text + features of every picture
         self.sampling = sampling

@@ -6,9 +6,11 @@ queued without bound. The worker loops over three kinds of units, one of each pe
 
 1. a unit of the image job at the head of the image line: its conditioning, one denoising
    step, or one decode (image jobs run one at a time, in order);
-2. a unit of the chat at the head of the prefill line: its embeddings (the vision tower runs
-   for its pictures) or a chunk of its prefill, once the batch has room for it;
-3. one decoding step of the chat batch (every answer in flight gains a token).
+2. the chats waiting for the batch, in order, while it has room: those of text only join at
+   once; one with pictures takes a unit (its embeddings, the vision tower running for its
+   pictures, or a chunk of its prefill) and joins when prefilled;
+3. one decoding step of the chat batch (every answer in flight gains a token; the prompts
+   that just joined are prefilled together first).
 
 So chat never waits for a whole image, only for one of its units, and an image advances while
 answers stream. Between two turns the worker drops the jobs whose clients went away
@@ -37,6 +39,7 @@ from typing import Optional
 
 from .. import platform
 from ..errors import MobileOError
+from ..processing import IMAGE_TOKEN_SENTINEL
 from . import images
 from .batching import ChatBatch
 from .jobs import Cancelled, ChatJob, Failed, ImageJob, Job, QueueFull, ShuttingDown
@@ -147,6 +150,7 @@ class Scheduler:
             for name in PRELOAD:
                 self.model.component(name)
             self._batch = ChatBatch(self.model, **self._batch_options)
+            self._warm_up()
         except BaseException as error:  # reported by start()
             self._startup_error = error
             self._ready.set()
@@ -177,6 +181,21 @@ class Scheduler:
         finally:
             if busy is not None:
                 busy.__exit__(None, None, None)
+
+    def _warm_up(self) -> None:
+        """A two-token answer before the first request: MLX compiles its CPU kernels for the
+        prefill and the decoding now rather than in a client's time (and while it compiles,
+        glibc's system(), which MLX calls to run the compiler, ignores SIGINT)."""
+        from .. import processing
+        from .jobs import ChatJob, Sampling
+
+        prompt = processing.chat_prompt([processing.Message("user", "Hello")])
+        ids = self.model.prompt_ids(prompt)
+        job = ChatJob(prompt, [], ids, len(ids), Sampling(max_tokens=2))
+        self._batch.insert(job)
+        while len(self._batch):
+            self._batch.step()
+        self._batch.steps = self._batch.tokens = 0
 
     def _has_work(self) -> bool:
         return bool(self._prefill_line or self._image_line or len(self._batch))
@@ -249,20 +268,25 @@ class Scheduler:
             self._image_work = None
 
     def _prefill_unit(self) -> None:
-        if not self._prefill_line or not self._batch.has_room(self._prefill_line[0]):
-            return
-        job = self._prefill_line[0]
-        try:
-            vision = job.needs_vision
-            ready = self._batch.prefill(job)
-            self._vision_loaded |= vision
-            if ready:
+        """One unit of the prompt at the head of the line; prompts of text only cost no unit
+        here, so every one that fits joins at once (the generator prefills them together)."""
+        while self._prefill_line and self._batch.has_room(self._prefill_line[0]):
+            job = self._prefill_line[0]
+            try:
+                vision = job.needs_vision
+                ready = self._batch.prefill(job)
+                self._vision_loaded |= vision
+                if not ready:
+                    return
                 self._prefill_line.popleft()
                 self._batch.insert(job)
-        except Exception as error:
-            job.embeddings = job.cache = None
-            self._prefill_line.popleft()
-            self._end(job, Failed(error), "failed")
+            except Exception as error:
+                job.embeddings = job.cache = None
+                self._prefill_line.popleft()
+                self._end(job, Failed(error), "failed")
+                return
+            if job.prompt_ids.count(IMAGE_TOKEN_SENTINEL):
+                return  # that one took a unit of its own
 
     def _decode_unit(self) -> None:
         if not len(self._batch):
