@@ -424,10 +424,20 @@ def test_a_disconnect_cancels_the_work(server):
     server.wait_for(lambda s: s["decoding"] == 1, what="the request to decode")
     raw.close()
     server.wait_for(lambda s: s["cancelled"] == before + 2 and s["in_flight"] == 0, what="the second cancellation")
+    # An image request whose client hangs up: dropped at its next denoising step.
+    body = json.dumps({"model": "demo", "prompt": "a very slow lighthouse", "size": "64x64", "steps": 1000})
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    raw.sendall((f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.key}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+    completed = server.wait_for(lambda s: s["images"] == 1, what="the image request to start")["completed"]
+    raw.close()
+    stats = server.wait_for(lambda s: s["cancelled"] == before + 3 and s["in_flight"] == 0,
+                            what="the image's cancellation")
+    assert stats["images"] == 0 and stats["completed"] == completed
     deadline = time.monotonic() + 10
-    while sum("cancelled (the client went away)" in line for line in server.lines) < 2 and time.monotonic() < deadline:
+    while sum("cancelled (the client went away)" in line for line in server.lines) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sum("cancelled (the client went away)" in line for line in server.lines) == 2, server.log
+    assert sum("cancelled (the client went away)" in line for line in server.lines) == 3, server.log
 
 
 # --- queue and signals ---------------------------------------------------------------------------
