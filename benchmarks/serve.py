@@ -4,17 +4,17 @@ What it measures, on the full-size model (``--recipe``, the cached conversion of
 ``benchmarks.common``) unless ``--model`` names another (``--model demo`` checks the harness
 in seconds):
 
-* chat with 1, 4 and 8 concurrent clients (``--clients``), each sending ``--rounds`` streamed
-  greedy requests one after the other, every prompt distinct: latency p50/p95, time to first
-  token p50/p95, aggregate tokens/s (all completion tokens / the phase's wall time) and the
-  tokens/s one client sees;
+* chat with 1, 4 and 8 concurrent clients (``--clients``): time to first token p50/p95 (a
+  1-token request from each client at once), then ``--rounds`` streamed greedy requests from
+  each, one after the other, every prompt distinct: latency p50/p95, aggregate tokens/s (all
+  completion tokens / the phase's wall time) and the tokens/s of one request;
 * a chat with a 1024x1024 picture; an image generation and an edit (512x512, ``--steps``);
   then an image generation while 4 chat clients stream (how much chat slows an image, and an
   image chat);
 * the server's peak RSS (``VmHWM``) after it served all of that;
 * the same chat load on ``mlx_lm.server`` serving the same language weights (the converted LM
   exported as an mlx-lm model folder: same parameter names, the per-layer quantization in its
-  config), unless ``--no-mlx-lm``.
+  config); ``--sides`` picks the servers.
 
 Both servers run as child processes on 127.0.0.1 with a free port, driven with the official
 openai client; the machine's load average is printed beside the results.
@@ -133,14 +133,21 @@ def stream_chat(port: int, model: str, messages: list, max_tokens: int) -> dict:
 
 
 def chat_phase(port: int, model: str, clients: int, rounds: int, max_tokens: int, offset: int = 0) -> dict:
-    """``clients`` threads, each sending ``rounds`` requests in turn; distinct prompts."""
+    """``clients`` threads at once. First each sends one 1-token request: its latency is the
+    time to the first token (prefill included; measured so because the full-size benchmark
+    model is random, and most of its tokens have no text to stream). Then each sends
+    ``rounds`` ``max_tokens`` requests one after the other. Every prompt is distinct."""
+    def prompt(number: int) -> list:
+        topic = TOPICS[number % len(TOPICS)]
+        return [{"role": "user", "content": f"Write a long essay about {topic}, request {number}."}]
+
+    with ThreadPoolExecutor(clients) as pool:
+        first = list(pool.map(lambda number: stream_chat(port, model, prompt(offset + 1000 + number), 1),
+                              range(clients)))
+
     def one_client(number: int) -> list[dict]:
-        results = []
-        for round_ in range(rounds):
-            topic = TOPICS[(offset + number * rounds + round_) % len(TOPICS)]
-            prompt = f"Write a long essay about {topic}, request {offset + number * rounds + round_}."
-            results.append(stream_chat(port, model, [{"role": "user", "content": prompt}], max_tokens))
-        return results
+        return [stream_chat(port, model, prompt(offset + number * rounds + round_), max_tokens)
+                for round_ in range(rounds)]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -153,11 +160,11 @@ def chat_phase(port: int, model: str, clients: int, rounds: int, max_tokens: int
         "wall_s": wall,
         "tokens": tokens,
         "aggregate_tok_s": tokens / wall,
-        "per_client_tok_s": statistics.median(r["tokens"] / max(r["latency"] - r["ttft"], 1e-9) for r in results),
+        "request_tok_s": statistics.median(r["tokens"] / r["latency"] for r in results),
         "latency_p50": _percentile([r["latency"] for r in results], 50),
         "latency_p95": _percentile([r["latency"] for r in results], 95),
-        "ttft_p50": _percentile([r["ttft"] for r in results], 50),
-        "ttft_p95": _percentile([r["ttft"] for r in results], 95),
+        "ttft_p50": _percentile([r["latency"] for r in first], 50),
+        "ttft_p95": _percentile([r["latency"] for r in first], 95),
     }
 
 
@@ -266,26 +273,29 @@ def run_mlx_lm(args, folder: Path, env: dict) -> dict:
 
 def chat_table(rows: list[dict]) -> str:
     return common.table(
-        ["clients", "requests", "aggregate tok/s", "tok/s a client sees", "latency p50 s", "latency p95 s",
+        ["clients", "requests", "aggregate tok/s", "tok/s of a request", "latency p50 s", "latency p95 s",
          "TTFT p50 s", "TTFT p95 s"],
-        [[r["clients"], r["requests"], common.fmt(r["aggregate_tok_s"], 1), common.fmt(r["per_client_tok_s"], 1),
+        [[r["clients"], r["requests"], common.fmt(r["aggregate_tok_s"], 1), common.fmt(r["request_tok_s"], 1),
           common.fmt(r["latency_p50"]), common.fmt(r["latency_p95"]), common.fmt(r["ttft_p50"]),
           common.fmt(r["ttft_p95"])] for r in rows])
 
 
 def report(args, ours: dict, theirs: dict | None) -> str:
     lines = [f"model {args.model or 'full-size ' + args.recipe}, {args.tokens} tokens a request, "
-             f"{args.rounds} request(s) per client, load average before: {args.load_before}", "",
-             f"mobileo-mlx serve (started in {ours['start_s']:.1f} s):", chat_table(ours["chat"])]
-    if "generation_s" in ours:
+             f"{args.rounds} request(s) per client, load average before: {args.load_before}, "
+             f"after: {common.load_average()}"]
+    if ours is not None:
+        lines += ["", f"mobileo-mlx serve (started in {ours['start_s']:.1f} s):", chat_table(ours["chat"])]
+    if ours is not None and "generation_s" in ours:
         lines += ["",
-                  f"picture chat (1024x1024): TTFT {ours['picture_chat']['ttft']:.2f} s, "
-                  f"{ours['picture_chat']['tokens']} tokens in {ours['picture_chat']['latency']:.2f} s",
+                  f"picture chat (1024x1024): {ours['picture_chat']['tokens']} tokens in "
+                  f"{ours['picture_chat']['latency']:.2f} s",
                   f"image generation {args.size}x{args.size}, {args.steps} steps: {ours['generation_s']:.1f} s; "
                   f"edit: {ours['edit_s']:.1f} s",
                   f"generation while 4 chat clients stream: {ours['generation_with_chat_s']:.1f} s; the chat meanwhile:",
                   chat_table([ours["chat_during_image"]])]
-    lines += ["", f"peak RSS of the server after all of the above: {ours['peak_rss_gb']:.2f} GB"]
+    if ours is not None:
+        lines += ["", f"peak RSS of the server after all of the above: {ours['peak_rss_gb']:.2f} GB"]
     if theirs is not None:
         lines += ["", f"mlx_lm.server, same language weights (started in {theirs['start_s']:.1f} s, "
                       f"peak RSS {theirs['peak_rss_gb']:.2f} GB):", chat_table(theirs["chat"])]
@@ -302,7 +312,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the image requests")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--no-images", action="store_true", help="chat only")
-    parser.add_argument("--no-mlx-lm", action="store_true", help="skip mlx_lm.server")
+    parser.add_argument("--sides", nargs="+", choices=("ours", "mlx-lm"), default=["ours", "mlx-lm"],
+                        help="which servers to measure")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.load_before = common.load_average()
@@ -315,8 +326,8 @@ def main(argv=None) -> int:
         folder = Path(args.model)
     else:
         folder = common.converted(args.recipe)
-    ours = run_ours(args, folder, env)
-    theirs = None if args.no_mlx_lm else run_mlx_lm(args, folder, env)
+    ours = run_ours(args, folder, env) if "ours" in args.sides else None
+    theirs = run_mlx_lm(args, folder, env) if "mlx-lm" in args.sides else None
     text = report(args, ours, theirs)
     print(text)
     if args.json:
