@@ -292,7 +292,8 @@ def report(args, ours: dict, theirs: dict | None) -> str:
                   f"{ours['picture_chat']['latency']:.2f} s",
                   f"image generation {args.size}x{args.size}, {args.steps} steps: {ours['generation_s']:.1f} s; "
                   f"edit: {ours['edit_s']:.1f} s",
-                  f"generation while 4 chat clients stream: {ours['generation_with_chat_s']:.1f} s; the chat meanwhile:",
+                  f"generation while 4 chat clients stream: {ours['generation_with_chat_s']:.1f} s; "
+                  "the chat meanwhile:",
                   chat_table([ours["chat_during_image"]])]
     if ours is not None:
         lines += ["", f"peak RSS of the server after all of the above: {ours['peak_rss_gb']:.2f} GB"]

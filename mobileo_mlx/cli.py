@@ -601,7 +601,8 @@ def serve(
             _fail(f"--log-level must be debug, info, warning or error, got {log_level!r}")
         spec = model if model is not None else (os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
         served = Path(spec).name if Path(spec).is_dir() else spec  # a folder is listed by its name only
-        settings = Settings(model_id=served, host=host, port=port, api_key=api_key or Settings.api_key_from_environment(),
+        settings = Settings(model_id=served, host=host, port=port,
+                            api_key=api_key or Settings.api_key_from_environment(),
                             max_queue=max_queue, max_batch=max_batch, max_batch_tokens=max_batch_tokens,
                             default_max_tokens=max_tokens, max_body_bytes=int(max_body_mb * 2**20),
                             allow_remote_images=allow_remote_images, shutdown_timeout=shutdown_timeout,

@@ -278,7 +278,9 @@ def test_every_error_class(server):
                  "end with a user message")
     assert_error(lambda: chat(model="demo", messages=[{"role": "user", "content": "x" * 70000}]),
                  openai.BadRequestError, "characters")
-    picture = lambda url: [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]  # noqa: E731
+    def picture(url):
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
     assert_error(lambda: chat(model="demo", messages=picture("https://example.com/cat.png")), openai.BadRequestError,
                  "--allow-remote-images")
     assert_error(lambda: chat(model="demo", messages=picture("/etc/passwd")), openai.BadRequestError, "data: URL")
@@ -457,7 +459,8 @@ def test_queue_full_answers_503(cache, library):
         assert status == 503
         stream.close()
         server.wait_for(lambda s: s["in_flight"] == 0, what="the slot to free")
-        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "now"}], max_tokens=2)
+        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "now"}],
+                                               max_tokens=2)
         assert reply.choices[0].message.content is not None
         assert server.health()["refused"] == 2
     finally:
@@ -551,3 +554,23 @@ def test_stop_strings_cut_the_answer_and_are_never_streamed(pieces, stops):
     expected = whole[:min(ends)[1]] if ends else whole
     assert sent == text.text == expected
     assert stopped == bool(ends)
+
+
+def test_serve_options_are_checked_before_the_model_loads(cache):
+    env = {**os.environ, "MOBILEO_MLX_CACHE": str(cache)}
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "mobileo_mlx", "serve", "--model", "demo", *args],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+    for args, message in ((["--max-queue", "0"], "error: --max-queue must be between 1 and 10000, got 0"),
+                          (["--max-body-mb", "-1"], "error: --max-body-mb must be in (0, 4096], got -1"),
+                          (["--log-level", "loud"], "error: --log-level must be debug, info, warning or error")):
+        result = serve(*args)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    with socket.socket() as taken:  # a port already in use: one line, no traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = serve("--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot listen on 127.0.0.1:"), result.stderr

@@ -43,8 +43,8 @@ from .settings import Settings
 
 log = logging.getLogger("mobileo_mlx.server")
 
-LOG_KEY = "mobileo_mlx.log"
-FINAL_WORDS_S = 5.0  # after the shutdown deadline, for cancelled requests to send their last event  # scope entry the handlers annotate for the request's log line
+LOG_KEY = "mobileo_mlx.log"  # scope entry the handlers annotate for the request's log line
+FINAL_WORDS_S = 5.0  # after the shutdown deadline, for cancelled requests to send their last event
 
 
 # --- middleware (plain ASGI) ---------------------------------------------------------------
@@ -220,9 +220,9 @@ def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if scheduler.stats()["accepting"] else "stopping", "model": served,
-                "version": __version__, "uptime_s": round(time.time() - scheduler.started, 1),
-                "requests": scheduler.stats()}
+        stats = scheduler.stats()
+        return {"status": "ok" if stats["accepting"] else "stopping", "model": served, "version": __version__,
+                "uptime_s": round(time.time() - scheduler.started, 1), "requests": stats}
 
     @app.get("/v1/models")
     async def list_models():
@@ -245,7 +245,7 @@ def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
             return StreamingResponse(_chat_stream(job, request, served, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts = []
-        event = await _until_done(job, request, on_event=lambda e: texts.append(e.text) if isinstance(e, TextDelta) else None)
+        event = await _until_done(job, request, on_event=lambda delta: texts.append(delta.text))
         if isinstance(event, Response):
             return event
         return api.chat_completion(job, "".join(texts), event, served)
@@ -269,14 +269,16 @@ def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
         try:
             files = form.getlist("image") + form.getlist("image[]")
             if len(files) != 1 or isinstance(files[0], str):
-                raise APIError(400, f"send exactly one picture as the file field 'image' (got {len(files)})", param="image")
+                raise APIError(400, f"send exactly one picture as the file field 'image' (got {len(files)})",
+                               param="image")
             if form.get("mask") is not None:
                 raise APIError(400, "masks are not supported: the model edits the whole picture from the prompt",
                                param="mask")
             api.check_model(form.get("model") or None, served)
             data = await files[0].read()
             fields = {name: api.form_number(form, name) for name in ("n", "seed", "steps", "guidance")}
-            text = {name: form.get(name) for name in ("prompt", "size", "response_format", "output_format", "scheduler")}
+            text = {name: form.get(name)
+                    for name in ("prompt", "size", "response_format", "output_format", "scheduler")}
             if any(value is not None and not isinstance(value, str) for value in text.values()):
                 raise APIError(400, "prompt, size, response_format, output_format and scheduler are text fields")
             if text["prompt"] is None:
@@ -348,7 +350,7 @@ async def _until_done(job, request: Request, on_event=None):
                 raise APIError(503, f"the request was cancelled: {event.reason}", "server_error", "cancelled")
             if isinstance(event, (ChatDone, ImagesDone)):
                 return event
-            if on_event is not None:
+            if on_event is not None and isinstance(event, TextDelta):
                 on_event(event)
     finally:
         watcher.cancel()

@@ -178,10 +178,13 @@ class ChatBatch:
         from mlx_lm.generate import BatchGenerator
 
         if self._generator is None:
-            # The stream is created here, on the worker thread that uses it.
+            # The stream is created here, on the worker thread that uses it. Prompts are
+            # prefilled in chunks of prefill_chunk positions, as ours are: on the CPU the
+            # attention scores of a chunk (batch x heads x chunk x keys) are held whole.
             self._generator = BatchGenerator(self.model.component("language"), stop_tokens=[[self._eos]],
                                              completion_batch_size=self.max_sequences,
                                              prefill_batch_size=self.max_sequences,
+                                             prefill_step_size=self.prefill_chunk,
                                              stream=mx.new_stream(mx.default_device()))
         sampling = job.sampling
         prompt = job.prompt_ids if job.cache is None else [job.last_token]
