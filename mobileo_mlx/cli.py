@@ -609,7 +609,11 @@ def serve(
                             keep_loaded=keep_loaded, log_level=log_level.lower())
         mobile_o = _load_model(spec, False, cpu_matmul)
         code = run_server(mobile_o, settings)
-    raise typer.Exit(code)
+    # Out without the interpreter's teardown: MLX's stream threads, started from the server's
+    # worker thread, sometimes abort the process in MLX's own (std::terminate) once all is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:

@@ -442,6 +442,24 @@ def test_a_disconnect_cancels_the_work(server):
     assert sum("cancelled (the client went away)" in line for line in server.lines) == 3, server.log
 
 
+def test_chat_answers_while_an_image_is_made(server, library):
+    """Chat shares the worker with a long image request: it is answered (correctly) long before
+    the image is done."""
+    body = json.dumps({"model": "demo", "prompt": "a slow harbour", "size": "64x64", "steps": 1000})
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        raw.sendall((f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        server.wait_for(lambda s: s["images"] == 1, what="the image request to start")
+        reply = server.client().chat.completions.create(model="demo", max_tokens=16,
+                                                        messages=[{"role": "user", "content": "Meanwhile?"}])
+        assert server.health()["images"] == 1  # still denoising
+        assert reply.choices[0].message.content == library_answer(library, "Meanwhile?", 16)
+    finally:
+        raw.close()
+    server.wait_for(lambda s: s["in_flight"] == 0, what="the image's cancellation")
+
+
 # --- queue and signals ---------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -163,7 +164,8 @@ class BodyLimit:
 # --- the app -------------------------------------------------------------------------------
 
 
-def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
+def create_app(scheduler: Scheduler, settings: Settings, url: str = "") -> FastAPI:
+    """The app; ``url``, where it listens, is logged once it is ready (signals handled)."""
     model = scheduler.model
     served = settings.model_id
     started = int(time.time())
@@ -171,6 +173,7 @@ def create_app(scheduler: Scheduler, settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        log.info("serving %s on %s (OpenAI API under /v1, docs at /docs)", served, url)
         yield
         await run_in_threadpool(scheduler.stop, 10.0)
 
@@ -405,6 +408,7 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.scheduler = scheduler
         self.grace = grace
+        self.deadline: Optional[threading.Timer] = None
         self.signal: Optional[int] = None
 
     @contextlib.contextmanager
@@ -436,33 +440,38 @@ class _Server(uvicorn.Server):
                      signal.Signals(number).name, self.grace)
             # At the deadline the work is cancelled, so each request still ends with an answer
             # (a 503, or an error event in its stream); uvicorn cancels what is left a little later.
-            timer = threading.Timer(self.grace, self.scheduler.cancel_all)
-            timer.daemon = True
-            timer.start()
+            self.deadline = threading.Timer(self.grace, self.scheduler.cancel_all)
+            self.deadline.daemon = True
+            self.deadline.start()
         self.should_exit = True
 
 
 def serve(model, settings: Settings) -> int:
     """Load what every request needs, listen, serve until SIGINT/SIGTERM; the exit status."""
     _configure_logging(settings.log_level)
+    listener = _listen(settings.host, settings.port)  # a taken port is refused before any work
+    host, port = listener.getsockname()[:2]
     scheduler = Scheduler(model, max_queue=settings.max_queue, max_batch=settings.max_batch,
                           max_batch_tokens=settings.max_batch_tokens, keep_loaded=settings.keep_loaded)
-    scheduler.start()
+    server = None
     try:
-        app = create_app(scheduler, settings)
-        config = uvicorn.Config(app, access_log=False, log_level=settings.log_level, lifespan="on",
-                                timeout_graceful_shutdown=settings.shutdown_timeout + FINAL_WORDS_S, log_config=None)
+        scheduler.start()
+        app = create_app(scheduler, settings, f"http://{f'[{host}]' if ':' in host else host}:{port}")
+        config = uvicorn.Config(app, access_log=False, log_level=settings.log_level, lifespan="on", log_config=None,
+                                timeout_graceful_shutdown=settings.shutdown_timeout + FINAL_WORDS_S)
         server = _Server(config, scheduler, settings.shutdown_timeout)
-        listener = _listen(settings.host, settings.port)
-        host, port = listener.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        log.info("serving %s on http://%s:%s (OpenAI API under /v1, docs at /docs)", settings.model_id, shown, port)
         if not settings.api_key and host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("listening beyond this machine without an API key: anyone who reaches port %s can use it "
                         "(--api-key or $%s)", port, limits.API_KEY_ENV)
         server.run(sockets=[listener])
     finally:
         scheduler.stop(5.0)
+        listener.close()
+        if server is not None and server.deadline is not None:
+            server.deadline.cancel()
+        # MLX's garbage freed now, on this thread, while MLX is whole: collected at exit by
+        # whatever thread runs the collector, after MLX's own teardown, it aborts the process.
+        gc.collect()
     counts = scheduler.counts
     log.info("stopped: %d completed, %d cancelled, %d failed, %d refused", counts["completed"], counts["cancelled"],
              counts["failed"], counts["refused"])

@@ -6,14 +6,14 @@ queued without bound. The worker loops over three kinds of units, one of each pe
 
 1. a unit of the image job at the head of the image line: its conditioning, one denoising
    step, or one decode (image jobs run one at a time, in order);
-2. the chats waiting for the batch, in order, while it has room: those of text only join at
-   once; one with pictures takes a unit (its embeddings, the vision tower running for its
-   pictures, or a chunk of its prefill) and joins when prefilled;
-3. one decoding step of the chat batch (every answer in flight gains a token; the prompts
-   that just joined are prefilled together first).
+2. then, for as long as that unit took (at least once), chat: the chats waiting for the batch
+   join it, in order, while it has room (those of text only at once; one with pictures takes
+   a unit: its embeddings, the vision tower running for its pictures, or a chunk of its
+   prefill), and the batch takes a decoding step (every answer in flight gains a token; the
+   prompts that just joined are prefilled together first).
 
-So chat never waits for a whole image, only for one of its units, and an image advances while
-answers stream. Between two turns the worker drops the jobs whose clients went away
+So chat never waits for a whole image, only for one of its units, and when both have work
+each gets about half of the worker's time. Between two turns the worker drops the jobs whose clients went away
 (:meth:`Job.cancel`): cancellation takes effect at the next token or denoising step.
 
 An error in a job's unit fails that job alone (its client gets the error); an error in a
@@ -174,10 +174,21 @@ class Scheduler:
                     busy = platform.stage_buffer_cache()
                     busy.__enter__()
                 self._drop_cancelled()
-                self._image_unit()
-                self._prefill_unit()
-                self._decode_unit()
-                self._settle_memory()
+                # As much time for chat as the image's unit took (when chat has work): each
+                # goes at about half speed while the other has work too.
+                share = self._image_unit()
+                deadline = time.perf_counter() + share
+                while True:
+                    self._prefill_unit()
+                    self._decode_unit()
+                    self._settle_memory()
+                    if time.perf_counter() >= deadline or not (self._prefill_line or len(self._batch)):
+                        break
+                    with self._lock:
+                        self._take_inbox()
+                        if self._stopping:
+                            break
+                    self._drop_cancelled()
         finally:
             if busy is not None:
                 busy.__exit__(None, None, None)
@@ -242,9 +253,11 @@ class Scheduler:
             self._image_line.remove(job)
             self._end(job, Cancelled(job.cancel_reason), "cancelled")
 
-    def _image_unit(self) -> None:
+    def _image_unit(self) -> float:
+        """One unit of the image job at the head of the line: the seconds it took."""
         if not self._image_line:
-            return
+            return 0.0
+        started = time.perf_counter()
         job = self._image_line[0]
         if self._image_work is None:
             self._image_work = images.work(self.model, job, release=not self.keep_loaded)
@@ -261,6 +274,7 @@ class Scheduler:
             self._release("dit", "vae")
             self._image_line.popleft()
             self._end(job, Failed(error), "failed")
+        return time.perf_counter() - started
 
     def _close_image_work(self) -> None:
         if self._image_work is not None:
