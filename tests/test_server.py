@@ -212,6 +212,25 @@ def test_chat_streamed(server, library):
     assert body.rstrip().endswith("data: [DONE]")
 
 
+def test_chat_sampling_options(server, library):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about rivers"}]
+    answer = library_answer(library, messages, 24)
+    stop = answer[6:9]
+    assert stop.strip(), answer  # the demo model's gibberish has text there
+    cut = client.chat.completions.create(model="demo", messages=messages, max_tokens=24, stop=[stop, "never-there"])
+    assert cut.choices[0].message.content == answer[:answer.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    # A seed makes sampling reproducible: the same request twice, the same answer.
+    sampled = [client.chat.completions.create(model="demo", messages=messages, max_tokens=24, temperature=0.9,
+                                              top_p=0.9, seed=11).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    penalised = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, frequency_penalty=1.5,
+                                               presence_penalty=-0.5, extra_body={"top_k": 5,
+                                                                                  "repetition_penalty": 1.2})
+    assert penalised.usage.completion_tokens >= 1
+
+
 def test_chat_with_pictures_and_history(server, library):
     first, second = png_bytes(1), png_bytes(2, (30, 50))
     messages = [
@@ -270,6 +289,8 @@ def test_every_error_class(server):
     assert_error(lambda: chat(model="demo", messages=hello, temperature=50), openai.BadRequestError, "temperature")
     assert_error(lambda: chat(model="demo", messages=hello, max_tokens=0), openai.BadRequestError, "max_tokens")
     assert_error(lambda: chat(model="demo", messages=hello, n=2), openai.BadRequestError, "n must be 1")
+    assert_error(lambda: chat(model="demo", messages=hello, presence_penalty=3), openai.BadRequestError,
+                 "presence_penalty")
     assert_error(lambda: chat(model="demo", messages=hello, stop=["a", "b", "c", "d", "e"]), openai.BadRequestError,
                  "stop")
     assert_error(lambda: chat(model="demo", messages=hello, tools=[{"type": "function", "function": {"name": "f"}}]),
