@@ -52,7 +52,8 @@ def check_wheel_contents(wheel: Path) -> None:
     strays = {t for t in top if t != "mobileo_mlx" and not t.endswith(".dist-info")}
     if strays:
         sys.exit(f"wheel check failed: {wheel.name} installs top-level {sorted(strays)} beside mobileo_mlx")
-    needed = ["mobileo_mlx/convert/from_torch.py", "mobileo_mlx/kernels/depthwise.py", "mobileo_mlx/cli.py"]
+    needed = ["mobileo_mlx/convert/from_torch.py", "mobileo_mlx/kernels/depthwise.py", "mobileo_mlx/cli.py",
+              "mobileo_mlx/server/app.py"]
     if sys.platform.startswith("linux"):
         needed += ["mobileo_mlx/kernels/native/blas_shim", "mobileo_mlx/kernels/native/cpu_kernels"]
     missing = [n for n in needed if not any(name.startswith(n) for name in names)]
@@ -107,6 +108,15 @@ def main() -> None:
         for command in ([cli, "convert", "--help"], [bin_dir / "python", "-m", "mobileo_mlx.convert", "--help"]):
             if "--quantize" not in run(*command, cwd=user, env=env, capture=True):
                 sys.exit(f"wheel check failed: {' '.join(map(str, command))} shows no converter options")
+        # Without the `server` extra, serve names the extra to install (one line, status 2).
+        has_server = run(bin_dir / "python", "-c", "import importlib.util as u; print(bool(u.find_spec('fastapi')))",
+                         cwd=user, env=env, capture=True).strip() == "True"
+        if not has_server:
+            serve = subprocess.run([str(cli), "serve", "--model", "demo"], cwd=user, env=env, text=True,
+                                   capture_output=True, timeout=300)
+            if serve.returncode != 2 or "mobileo-mlx[server]" not in serve.stderr:
+                sys.exit(f"wheel check failed: serve without its extra exited {serve.returncode}: "
+                         f"{serve.stderr[-300:]}")
         doctor = run(cli, "doctor", "--size", "256", cwd=user, env=env, capture=True)
         print(doctor)
         if sys.platform.startswith("linux") and ("OpenBLAS" not in doctor or "native kernel" not in doctor):

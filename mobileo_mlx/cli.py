@@ -605,6 +605,66 @@ def _cached_models(root) -> list[tuple[str, str]]:
     ]
 
 
+@app.command()
+@_with_option_groups
+def serve(
+    loading: ModelOptions = ModelOptions(),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; "
+                             "set an API key then)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free one, printed)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require Authorization: Bearer KEY on /v1/ "
+                                          "routes. Default: $MOBILEO_MLX_API_KEY, else none.", show_default=False),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests held at once (working or waiting); more get 503."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Chat answers decoding together."),
+    max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens",
+                                         help="KV-cache positions of the decoding batch (size x longest sequence)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="max_tokens of a chat request that does not say."),
+    max_body_mb: float = typer.Option(25.0, "--max-body-mb", help="Largest request body in MiB (413 beyond)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
+                                             help="Fetch http(s) image_url pictures (default: data: URLs only)."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout",
+                                           help="Seconds the requests in flight get to finish after SIGINT/SIGTERM."),
+    keep_loaded: bool = typer.Option(False, "--keep-loaded", help="Keep every component loaded once used (faster "
+                                     "image requests, ~1 GB more at full size)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat with pictures, image generation and edits)."""
+    try:
+        from .server.app import serve as run_server
+        from .server.settings import Settings
+    except ModuleNotFoundError as error:
+        from .server import EXTRA_MODULES
+
+        if (error.name or "").split(".")[0] not in EXTRA_MODULES:
+            raise
+        _fail(f"the server needs its extra (no module {error.name}): pip install \"mobileo-mlx[server]\"")
+    with _user_errors():
+        bounds = {"--port": (port, 0, 65535), "--max-queue": (max_queue, 1, 10000), "--max-batch": (max_batch, 1, 256),
+                  "--max-batch-tokens": (max_batch_tokens, 1, 2**24),
+                  "--max-tokens": (max_tokens, 1, options.MAX_NEW_TOKENS)}
+        for name, (value, low, high) in bounds.items():
+            options.integer_in(name, value, low, high)
+        options.real_in("--max-body-mb", max_body_mb, 0.0, 4096.0, low_open=True)
+        options.real_in("--shutdown-timeout", shutdown_timeout, 0.0, 86400.0)
+        if log_level.lower() not in ("debug", "info", "warning", "error"):
+            _fail(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+        spec = loading.model if loading.model is not None else (os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
+        served = Path(spec).name if Path(spec).is_dir() else spec  # a folder is listed by its name only
+        settings = Settings(model_id=served, host=host, port=port,
+                            api_key=api_key or Settings.api_key_from_environment(),
+                            max_queue=max_queue, max_batch=max_batch, max_batch_tokens=max_batch_tokens,
+                            default_max_tokens=max_tokens, max_body_bytes=int(max_body_mb * 2**20),
+                            allow_remote_images=allow_remote_images, shutdown_timeout=shutdown_timeout,
+                            keep_loaded=keep_loaded, log_level=log_level.lower())
+        mobile_o = _load_model(spec, False, loading.cpu_matmul)
+        code = run_server(mobile_o, settings)
+    # Out without the interpreter's teardown: MLX's stream threads, started from the server's
+    # worker thread, sometimes abort the process in MLX's own (std::terminate) once all is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
     try:
         app()

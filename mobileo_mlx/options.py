@@ -26,6 +26,8 @@ Why these bounds:
   the reference uses 1.5 and pictures burn out long before 30.
 * previews (``--preview-every K``): every K steps, so 1 up to the most steps there can be.
 * schedulers: the samplers of :mod:`mobileo_mlx.samplers`, by name.
+* presence and frequency penalties (the server's OpenAI options): OpenAI's range, -2 to 2;
+  they are added to logits, where a few units already decide between two tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MAX_NEW_TOKENS = MAX_CHAT_TOKENS
 MAX_PROMPT_CHARS = 16 * MAX_CHAT_TOKENS
 MAX_TEMPERATURE = 10.0
 MAX_REPETITION_PENALTY = 10.0
+MAX_ADDITIVE_PENALTY = 2.0
 SEED_LIMIT = 2**64  # seeds are 0 <= seed < SEED_LIMIT
 
 
@@ -148,6 +151,11 @@ def check_sampling(*, max_tokens, temperature=0.0, top_p=1.0, top_k=0, repetitio
         "repetition_penalty": None if repetition_penalty is None else real_in(
             "repetition_penalty", repetition_penalty, 0.0, MAX_REPETITION_PENALTY, low_open=True),
     }
+
+
+def check_additive_penalty(name: str, value) -> float | None:
+    """A presence or frequency penalty: None (off) or a number from -2 to 2."""
+    return None if value is None else real_in(name, value, -MAX_ADDITIVE_PENALTY, MAX_ADDITIVE_PENALTY)
 
 
 def check_chat_tokens(count: int, limit: int = MAX_CHAT_TOKENS) -> int:

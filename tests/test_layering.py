@@ -27,7 +27,7 @@ FOLDERS = {
 
 # Top to bottom. A module belongs to the first layer with a matching prefix.
 LAYERS = [
-    ("command line", ["mobileo_mlx.cli", "mobileo_mlx.__main__"]),
+    ("command line", ["mobileo_mlx.cli", "mobileo_mlx.__main__", "mobileo_mlx.server"]),
     ("pipeline", ["mobileo_mlx.pipeline"]),
     ("model resolution", ["mobileo_mlx.hub", "mobileo_mlx.demo"]),
     ("converter", ["mobileo_mlx.convert"]),

@@ -375,13 +375,14 @@ class Qwen2Attention(qwen2.Attention):
     """mlx-lm's Qwen2 attention whose softmax over several query rows (a prefill) runs through the
     fast form: MLX's CPU ``scaled_dot_product_attention`` evaluates its exponentials with a
     scalar loop. Written out as mlx-lm's ``Attention.__call__`` is, with that one call
-    replaced; one query row (decoding), quantized KV caches and very long prompts
+    replaced; one query row (decoding), quantized KV caches, batched caches (a position per
+    sequence: mlx-lm's batched prefill, as the server runs it) and very long prompts
     (``tuning.LANGUAGE_ATTENTION_MAX_SCORES``) keep mlx-lm's own call."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         batch, length, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        if (length == 1 or hasattr(cache, "bits")
+        if (length == 1 or hasattr(cache, "bits") or not isinstance(offset, int)
                 or self.n_heads * length * (offset + length) > tuning.LANGUAGE_ATTENTION_MAX_SCORES):
             return super().__call__(x, mask, cache)
         queries = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
