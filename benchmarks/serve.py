@@ -1,7 +1,7 @@
 """``python -m benchmarks.serve``: `mobileo-mlx serve` under load, and mlx-lm's server beside it.
 
 What it measures, on the full-size model (``--recipe``, the cached conversion of
-``benchmarks.common``) unless ``--model`` names another (``--model demo`` checks the harness
+``benchmarks.inputs``) unless ``--model`` names another (``--model demo`` checks the harness
 in seconds):
 
 * chat with 1, 4 and 8 concurrent clients (``--clients``): time to first token p50/p95 (a
@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import inputs, measure, report
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"serving \S+ on http://127\.0\.0\.1:(\d+)")
@@ -176,7 +176,7 @@ def _percentile(values: list[float], percent: float) -> float:
 
 def picture_png(size: int) -> bytes:
     buffer = io.BytesIO()
-    common.picture(size).save(buffer, "PNG")
+    inputs.picture(size).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -185,7 +185,7 @@ def image_request(port: int, model: str, steps: int, size: int, edit_png: bytes 
     api = client(port)
     extra = {"seed": 0, "steps": steps}
     if edit_png is None:
-        api.images.generate(model=model, prompt=common.PROMPT, size=f"{size}x{size}", extra_body=extra)
+        api.images.generate(model=model, prompt=inputs.PROMPT, size=f"{size}x{size}", extra_body=extra)
     else:
         api.images.edit(model=model, image=("picture.png", edit_png, "image/png"), prompt="make it night time",
                         size=f"{size}x{size}", extra_body=extra)
@@ -224,19 +224,19 @@ def run_ours(args, folder: Path, env: dict) -> dict:
     try:
         stream_chat(server.port, model, [{"role": "user", "content": "warm up"}], 4)
         for count in args.clients:
-            common.log(f"ours: chat with {count} client(s)")
+            measure.log(f"ours: chat with {count} client(s)")
             results["chat"].append(chat_phase(server.port, model, count, args.rounds, args.tokens, offset=count * 10))
         if not args.no_images:
-            common.log("ours: chat with a 1024x1024 picture")
+            measure.log("ours: chat with a 1024x1024 picture")
             url = "data:image/png;base64," + base64.b64encode(picture_png(1024)).decode()
-            picture = [{"role": "user", "content": [{"type": "text", "text": common.QUESTION},
+            picture = [{"role": "user", "content": [{"type": "text", "text": inputs.QUESTION},
                                                     {"type": "image_url", "image_url": {"url": url}}]}]
             results["picture_chat"] = stream_chat(server.port, model, picture, args.tokens)
-            common.log(f"ours: image generation ({args.steps} steps)")
+            measure.log(f"ours: image generation ({args.steps} steps)")
             results["generation_s"] = image_request(server.port, model, args.steps, args.size)
-            common.log("ours: image edit")
+            measure.log("ours: image edit")
             results["edit_s"] = image_request(server.port, model, args.steps, args.size, picture_png(args.size))
-            common.log("ours: an image generation while 4 chat clients stream")
+            measure.log("ours: an image generation while 4 chat clients stream")
             with ThreadPoolExecutor(1) as pool:
                 image = pool.submit(image_request, server.port, model, args.steps, args.size)
                 time.sleep(1.0)
@@ -250,8 +250,8 @@ def run_ours(args, folder: Path, env: dict) -> dict:
 
 
 def run_mlx_lm(args, folder: Path, env: dict) -> dict:
-    common.bench_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=common.bench_dir()) as scratch:
+    inputs.bench_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=inputs.bench_dir()) as scratch:
         exported = export_for_mlx_lm(folder, Path(scratch) / "mlx-lm-language")
         port = _free_port()
         command = [sys.executable, "-m", "mlx_lm.server", "--model", str(exported), "--port", str(port),
@@ -262,7 +262,7 @@ def run_mlx_lm(args, folder: Path, env: dict) -> dict:
         try:
             stream_chat(port, "default_model", [{"role": "user", "content": "warm up"}], 4)
             for count in args.clients:
-                common.log(f"mlx_lm.server: chat with {count} client(s)")
+                measure.log(f"mlx_lm.server: chat with {count} client(s)")
                 results["chat"].append(chat_phase(port, "default_model", count, args.rounds, args.tokens,
                                                   offset=count * 10))
             results["peak_rss_gb"] = server.peak_rss_gb()
@@ -272,18 +272,18 @@ def run_mlx_lm(args, folder: Path, env: dict) -> dict:
 
 
 def chat_table(rows: list[dict]) -> str:
-    return common.table(
+    return report.table(
         ["clients", "requests", "aggregate tok/s", "tok/s of a request", "latency p50 s", "latency p95 s",
          "TTFT p50 s", "TTFT p95 s"],
-        [[r["clients"], r["requests"], common.fmt(r["aggregate_tok_s"], 1), common.fmt(r["request_tok_s"], 1),
-          common.fmt(r["latency_p50"]), common.fmt(r["latency_p95"]), common.fmt(r["ttft_p50"]),
-          common.fmt(r["ttft_p95"])] for r in rows])
+        [[r["clients"], r["requests"], report.fmt(r["aggregate_tok_s"], 1), report.fmt(r["request_tok_s"], 1),
+          report.fmt(r["latency_p50"]), report.fmt(r["latency_p95"]), report.fmt(r["ttft_p50"]),
+          report.fmt(r["ttft_p95"])] for r in rows])
 
 
-def report(args, ours: dict, theirs: dict | None) -> str:
+def results_text(args, ours: dict, theirs: dict | None) -> str:
     lines = [f"model {args.model or 'full-size ' + args.recipe}, {args.tokens} tokens a request, "
              f"{args.rounds} request(s) per client, load average before: {args.load_before}, "
-             f"after: {common.load_average()}"]
+             f"after: {measure.load_average()}"]
     if ours is not None:
         lines += ["", f"mobileo-mlx serve (started in {ours['start_s']:.1f} s):", chat_table(ours["chat"])]
     if ours is not None and "generation_s" in ours:
@@ -305,7 +305,7 @@ def report(args, ours: dict, theirs: dict | None) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="mixed", choices=common.RECIPES)
+    parser.add_argument("--recipe", default="mixed", choices=inputs.RECIPES)
     parser.add_argument("--model", help="a converted folder or 'demo' instead of the full-size conversion")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends in turn")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                         help="which servers to measure")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    args.load_before = common.load_average()
+    args.load_before = measure.load_average()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.model == "demo":
         from mobileo_mlx.hub import resolve_model
@@ -326,10 +326,10 @@ def main(argv=None) -> int:
     elif args.model:
         folder = Path(args.model)
     else:
-        folder = common.converted(args.recipe)
+        folder = inputs.converted(args.recipe)
     ours = run_ours(args, folder, env) if "ours" in args.sides else None
     theirs = run_mlx_lm(args, folder, env) if "mlx-lm" in args.sides else None
-    text = report(args, ours, theirs)
+    text = results_text(args, ours, theirs)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"ours": ours, "mlx_lm": theirs, "load_before": args.load_before}, indent=1))

@@ -336,11 +336,6 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
 
-def truncate_prompt_ids(ids: list[int], limit: int = MAX_PROMPT_TOKENS) -> tuple[list[int], bool]:
-    """Keep the first ``limit`` ids, as the reference tokenizer does (model_max_length)."""
-    return (ids[:limit], True) if len(ids) > limit else (ids, False)
-
-
 # --- pictures -----------------------------------------------------------------------
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

@@ -1,11 +1,18 @@
 """The benchmark harness (benchmarks/): the cost model's FLOP counts against PyTorch's own counter
 on the reference networks, the parent -> worker hand-over of options, and the comparison tables.
 
-The benchmarks themselves never run here (full-size models); these are the parts whose mistakes
-would silently skew every reported number.
+The benchmarks themselves never run here on the full-size model; these are the parts whose
+mistakes would silently skew every reported number, and the serving benchmark's harness on the
+demo model (it drives two servers: drift there shows only when it is run).
 """
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import ask, cli, cost_model, generate, quality, report
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _counted_flops(run) -> int:
@@ -116,3 +126,18 @@ def test_fewer_steps_are_extrapolated_at_the_median_step():
     assert times["steps"] == 10.0 + 17 * 3.0 and times["best_step"] == 2.0
     assert times["total"] == 1.0 + 61.0 + 4.0
     assert generate.stage_times(result, target_steps=3)["steps"] == 10.0
+
+
+def test_the_serving_benchmark_runs_end_to_end_on_the_demo_model(tmp_path):
+    """benchmarks.serve against both servers on the demo model (one client, one short request):
+    the harness still drives them and reports every phase with the tokens it asked for."""
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "MOBILEO_MLX_CACHE": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "benchmarks.serve", "--model", "demo", "--clients", "1", "--rounds", "1",
+                    "--tokens", "4", "--steps", "1", "--size", "64", "--json", str(out)],
+                   cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
+    results = json.loads(out.read_text())
+    for side in ("ours", "mlx_lm"):
+        (phase,) = results[side]["chat"]
+        assert phase["clients"] == 1 and phase["requests"] == 1 and phase["aggregate_tok_s"] > 0
+    assert results["ours"]["peak_rss_gb"] > 0
