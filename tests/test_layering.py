@@ -215,3 +215,14 @@ def test_top_level_folders_are_not_importable_packages(folder):
     # find ours instead of PyPI's (Hugging Face's `kernels` is a transformers dependency).
     assert not (ROOT / folder / "__init__.py").exists()
     assert (ROOT / "mobileo_mlx" / folder).resolve() == (ROOT / folder).resolve()
+
+
+def test_every_package_of_the_namespace_is_in_the_wheel():
+    """pyproject lists the packages setuptools installs: a new subpackage missing there works
+    in a checkout and is absent from the wheel (found by CI's wheel check, minutes later)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name.rsplit(".", 1)[0] for name in MODULES if "." in name}  # where each module lives
+    assert packages == listed, (f"pyproject.toml [tool.setuptools] packages: add {sorted(packages - listed)}, "
+                                f"remove {sorted(listed - packages)}")
