@@ -11,6 +11,7 @@ ask with the demo model, the converter's help, doctor; both ``kernels`` packages
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,9 @@ def main() -> None:
                          f"{serve.stderr[-300:]}")
         doctor = run(cli, "doctor", "--size", "256", cwd=user, env=env, capture=True)
         print(doctor)
-        if sys.platform.startswith("linux") and ("OpenBLAS" not in doctor or "native kernel" not in doctor):
+        native = re.search(r"^native CPU kernels\s+(.*)$", doctor, re.M)
+        if sys.platform.startswith("linux") and ("OpenBLAS" not in doctor or not native
+                                                 or native.group(1) != "MLX graph nodes"):
             sys.exit("wheel check failed: the installed wheel lacks its BLAS routing or its native kernels")
     print(f"wheel check passed in {time.perf_counter() - started:.0f} s")
 
