@@ -75,18 +75,22 @@ def converted(recipe: str, rebuild: bool = False) -> Path:
 
     source = full_checkpoint()
     target = bench_dir() / f"mlx-{recipe}"
+    # Beside the folder, not in it: the converter's --force replaces only a folder of its own files.
+    stamp_file = bench_dir() / f"mlx-{recipe}.stamp.json"
     stamp = {"checkpoint": _read_json(source / "bench-stamp.json"), "recipe": recipe, "group_size": GROUP_SIZE,
              "format_version": FORMAT_VERSION}
-    if not rebuild and _read_json(target / "bench-stamp.json") == stamp and (target / "config.json").is_file():
+    if not rebuild and _read_json(stamp_file) == stamp and (target / "config.json").is_file():
         return target
     log(f"converting the checkpoint with --quantize {recipe} into {target} (once)")
+    stamp_file.unlink(missing_ok=True)
+    (target / "bench-stamp.json").unlink(missing_ok=True)  # where earlier versions of this harness kept it
     started = time.perf_counter()
     command = [sys.executable, "-m", "convert.from_torch", str(source), "--output", str(target),
                "--quantize", recipe, "--group-size", str(GROUP_SIZE), "--force", "--quiet"]
     result = subprocess.run(command, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"conversion failed ({' '.join(command)})")
-    (target / "bench-stamp.json").write_text(json.dumps(stamp))
+    stamp_file.write_text(json.dumps(stamp))
     log(f"  converted in {time.perf_counter() - started:.0f} s")
     return target
 
