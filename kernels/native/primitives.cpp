@@ -369,6 +369,9 @@ NB_MODULE(primitives_ext, m) {
   m.def("ndim", [](const mx::array &a) { return a.ndim(); });
   m.def("bf16_supported", []() { return mobileo_bf16_gemm_supported() != 0; });
   m.def("bf16_products_done", []() { return mobileo_bf16_products_done(); });
+  m.def("bf16_amx_products_done", []() { return mobileo_bf16_amx_products_done(); });
+  m.def("bf16_amx_available", []() { return mobileo_bf16_amx_available() != 0; });
+  m.def("bf16_kernel", []() { return std::string(mobileo_bf16_gemm_kernel()); });
   m.def("bf16_release", []() { mobileo_bf16_release(); });
   m.def("gelu", &gelu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("depthwise_conv2d", &depthwise_conv2d, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(),
