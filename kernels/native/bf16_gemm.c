@@ -50,6 +50,10 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
 #define MR 12
 #define NR 32
 #define PANEL_BLOCK 4 /* B panels held together (in L2) while the A tiles stream past */
+/* AMX: as many panels as fit in AMX_BLOCK_BYTES, up to AMX_PANEL_BLOCK: its tiles consume A four
+ * times as fast as the register tile, so A is streamed from memory once per more columns. */
+#define AMX_BLOCK_BYTES ((size_t)1 << 20)
+#define AMX_PANEL_BLOCK 16
 #define ROW_MAJOR 101
 #define NO_TRANS 111
 
@@ -79,7 +83,8 @@ struct gemm {
   float *c;
   int ldc;
   uint32_t *packed_a;           /* [tiles][k2][MR] */
-  uint32_t *panel_buffers;      /* PANEL_BLOCK [k2][NR] panels of B per part */
+  uint32_t *panel_buffers;      /* panel_block [b_rows][NR] panels of B per part */
+  int panel_block;              /* panels packed together: PANEL_BLOCK, or more with AMX */
   int panels;                   /* NR-column panels of B */
   int packed_parts;             /* parts done packing A (a barrier) */
 };
@@ -414,9 +419,9 @@ AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
   }
   _tile_loadconfig(&config);
   const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
-  uint32_t *block = g->panel_buffers + (size_t)part * PANEL_BLOCK * g->b_rows * NR;
-  for (int p0 = first; p0 < last; p0 += PANEL_BLOCK) {
-    const int count = last - p0 < PANEL_BLOCK ? last - p0 : PANEL_BLOCK;
+  uint32_t *block = g->panel_buffers + (size_t)part * g->panel_block * g->b_rows * NR;
+  for (int p0 = first; p0 < last; p0 += g->panel_block) {
+    const int count = last - p0 < g->panel_block ? last - p0 : g->panel_block;
     for (int i = 0; i < count; i++) pack_b_panel(g, p0 + i, block + (size_t)i * g->b_rows * NR);
     __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the panels */
     for (int t = 0; t < tiles; t += 2)
@@ -534,14 +539,20 @@ static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, 
                     const float *b, int ldb, float beta, float *c, int ldc) {
   const int amx = kernel() == KERNEL_AMX && (m >= AMX_MIN_ROWS || amx_every_size);
   const int k2 = (k + 1) / 2;
-  struct gemm g = {m, n, k, k2, amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2, amx, a, b, lda, ldb,
-                   trans_a, trans_b, alpha, beta, c, ldc, NULL, NULL, (n + NR - 1) / NR, 0};
+  struct gemm g = {.m = m, .n = n, .k = k, .k2 = k2, .b_rows = amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2,
+                   .amx = amx, .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
+                   .alpha = alpha, .beta = beta, .c = c, .ldc = ldc, .panels = (n + NR - 1) / NR};
   const int tile_rows = amx ? AMX_ROWS : MR, tiles = (m + tile_rows - 1) / tile_rows;
   int parts = mobileo_pool_threads(0);
   if (parts > g.panels) parts = g.panels;
   const size_t a_words = (size_t)tiles * g.b_rows * tile_rows, panel_words = (size_t)g.b_rows * NR;
+  g.panel_block = PANEL_BLOCK;
+  if (amx) {
+    const size_t fit = AMX_BLOCK_BYTES / (panel_words * sizeof(uint32_t));
+    g.panel_block = fit < 1 ? 1 : fit > AMX_PANEL_BLOCK ? AMX_PANEL_BLOCK : (int)fit;
+  }
   if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
-  uint32_t *buffer = scratch((a_words + (size_t)parts * PANEL_BLOCK * panel_words) * sizeof(uint32_t));
+  uint32_t *buffer = scratch((a_words + (size_t)parts * g.panel_block * panel_words) * sizeof(uint32_t));
   int code = -1;
   if (buffer) {
     g.packed_a = buffer;
