@@ -87,6 +87,9 @@ def run_pipeline(mode: str, cache: Path) -> dict:
     env = {**os.environ, "MOBILEO_MLX_CACHE": str(cache), "OPENBLAS_CORETYPE": "Haswell",
            "MOBILEO_MLX_CPU_MATMUL": "bf16" if mode == "bf16" else "fp32"}
     env.pop("MOBILEO_MLX_KERNELS", None)
+    env.pop("MOBILEO_MLX_BF16_GEMM", None)
+    if mode == "bf16":  # recorded with the AVX512-BF16 kernel; AMX sums in another order
+        env["MOBILEO_MLX_BF16_GEMM"] = "avx512"
     if mode == "reference":
         env["MOBILEO_MLX_KERNELS"] = mode
     if mode in ("small-thresholds", "bf16"):
