@@ -55,6 +55,8 @@ CASES = [
     (96, 160, 1100, "b transposed", None),      # 35 panels: more than one block per thread
     (40, 2500, 520, "plain", None),             # a long K: 6 panels per block, 17 panels
     (37, 50, 33, "a transposed", None),
+    (200, 130, 45, "plain", "full"),            # many rows, a small B: the parts split the rows
+    (161, 33, 70, "b transposed", None),        # the same, an odd last tile
 ]
 
 

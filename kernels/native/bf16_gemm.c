@@ -294,10 +294,9 @@ struct tile_config {
 
 #define AMX_CHUNK_WORDS (AMX_ROWS * AMX_PAIRS) /* one A tile: 16 rows x one 32-k chunk */
 
-/* A tile t (rows t*16 ...) into [b_rows / 16][16 rows][16 pairs]: each 32-k chunk of the
+/* A tile t (rows t*16 ...) into dst [b_rows / 16][16 rows][16 pairs]: each 32-k chunk of the
  * tile is one contiguous 1 KB tile load. Rows past M and pairs past K are zero. */
-BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile) {
-  uint32_t *dst = g->packed_a + (size_t)tile * (g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS;
+BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst) {
   for (int r = 0; r < AMX_ROWS; r++) {
     const int row = tile * AMX_ROWS + r;
     uint32_t *out = dst + r * AMX_PAIRS;
@@ -400,16 +399,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   }
 }
 
-/* run_part with AMX tiles: A in 16-row tiles, C in 32 x 32 blocks (16 x 32 for an odd last
- * tile). The tile configuration is loaded once per part and released at its end. */
-AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
-  struct gemm *g = arg;
-  const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS;
-  const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS;
-  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
-    pack_a_amx_tile(g, t);
-  __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
-  while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
+AMX_TARGET static void load_tile_config(void) {
   struct tile_config config;
   memset(&config, 0, sizeof config);
   config.palette = 1;
@@ -418,6 +408,19 @@ AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
     config.rows[i] = AMX_ROWS;
   }
   _tile_loadconfig(&config);
+}
+
+/* run_part with AMX tiles: A in 16-row tiles, C in 32 x 32 blocks (16 x 32 for an odd last
+ * tile). The tile configuration is loaded once per part and released at its end. */
+AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
+  struct gemm *g = arg;
+  const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS;
+  const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS;
+  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
+    pack_a_amx_tile(g, t, g->packed_a + (size_t)t * tile_words);
+  __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
+  while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
+  load_tile_config();
   const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
   uint32_t *block = g->panel_buffers + (size_t)part * g->panel_block * g->b_rows * NR;
   for (int p0 = first; p0 < last; p0 += g->panel_block) {
@@ -432,6 +435,33 @@ AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
         else
           amx_block(g, a, 1, b, t * AMX_ROWS, (p0 + i) * NR);
       }
+  }
+  _tile_release();
+}
+
+/* AMX with the parts split over A's rows instead, when all of B fits in one block (the DC-AE's
+ * window GEMMs: tens of thousands of rows, K and N of 128-512): each part packs all of B, then
+ * packs two A tiles at a time into a buffer of its own and runs them against every panel, so
+ * packed A never leaves the L1 cache (the panel split writes it whole and reads it once per part). */
+AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
+  struct gemm *g = arg;
+  const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS, pairs = (tiles + 1) / 2;
+  const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS, panel_words = (size_t)g->b_rows * NR;
+  uint32_t *a = g->packed_a + (size_t)part * 2 * tile_words;
+  uint32_t *panels = g->panel_buffers + (size_t)part * g->panels * panel_words;
+  for (int p = 0; p < g->panels; p++) pack_b_panel(g, p, panels + (size_t)p * panel_words);
+  load_tile_config();
+  for (int pair = (int)((long)pairs * part / parts); pair < (int)((long)pairs * (part + 1) / parts); pair++) {
+    const int t = 2 * pair, two = t + 1 < tiles;
+    pack_a_amx_tile(g, t, a);
+    if (two) pack_a_amx_tile(g, t + 1, a + tile_words);
+    __asm__ volatile("" ::: "memory");
+    for (int p = 0; p < g->panels; p++) {
+      if (two)
+        amx_block(g, a, 2, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
+      else
+        amx_block(g, a, 1, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
+    }
   }
   _tile_release();
 }
@@ -543,22 +573,33 @@ static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, 
                    .amx = amx, .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
                    .alpha = alpha, .beta = beta, .c = c, .ldc = ldc, .panels = (n + NR - 1) / NR};
   const int tile_rows = amx ? AMX_ROWS : MR, tiles = (m + tile_rows - 1) / tile_rows;
-  int parts = mobileo_pool_threads(0);
-  if (parts > g.panels) parts = g.panels;
-  const size_t a_words = (size_t)tiles * g.b_rows * tile_rows, panel_words = (size_t)g.b_rows * NR;
+  const int threads = mobileo_pool_threads(0);
+  const size_t panel_words = (size_t)g.b_rows * NR;
   g.panel_block = PANEL_BLOCK;
   if (amx) {
     const size_t fit = AMX_BLOCK_BYTES / (panel_words * sizeof(uint32_t));
     g.panel_block = fit < 1 ? 1 : fit > AMX_PANEL_BLOCK ? AMX_PANEL_BLOCK : (int)fit;
   }
+  /* AMX over rows: B in one block, and a pair of A tiles for every part (and more). */
+  const int by_rows = amx && g.panels <= g.panel_block && (tiles + 1) / 2 >= 2 * threads;
+  int parts = threads;
+  if (!by_rows && parts > g.panels) parts = g.panels;
+  size_t a_words, b_words;
+  if (by_rows) {
+    a_words = (size_t)parts * 2 * g.b_rows * AMX_ROWS;
+    b_words = (size_t)parts * g.panels * panel_words;
+  } else {
+    a_words = (size_t)tiles * g.b_rows * tile_rows;
+    b_words = (size_t)parts * g.panel_block * panel_words;
+  }
   if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
-  uint32_t *buffer = scratch((a_words + (size_t)parts * g.panel_block * panel_words) * sizeof(uint32_t));
+  uint32_t *buffer = scratch((a_words + b_words) * sizeof(uint32_t));
   int code = -1;
   if (buffer) {
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
 #ifdef HAVE_AMX
-    code = mobileo_pool_run(amx ? run_part_amx : run_part, &g, parts, 1);
+    code = mobileo_pool_run(by_rows ? run_part_amx_rows : amx ? run_part_amx : run_part, &g, parts, 1);
 #else
     code = mobileo_pool_run(run_part, &g, parts, 1);
 #endif
