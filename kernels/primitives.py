@@ -158,8 +158,8 @@ def bf16_supported() -> bool:
 def bf16_kernel() -> str | None:
     """The bf16 GEMM's kernel in this process: ``"amx"`` (AMX tiles) or ``"avx512-bf16"`` (the
     AVX512-BF16 register tile); None where :func:`bf16_matmul` cannot run. Chosen once, at the
-    first product, by ``$MOBILEO_MLX_BF16_GEMM`` (``auto``: AMX where the CPU has AMX-BF16 and
-    Linux grants the tile state; ``amx``: the same, for every product size; ``avx512``: never AMX)."""
+    first product, by ``$MOBILEO_MLX_BF16_GEMM``: ``auto`` (the default) or ``amx``, AMX where the
+    CPU has AMX-BF16 and Linux grants the tile state; ``avx512``, never AMX."""
     return extension().bf16_kernel() if bf16_supported() else None
 
 

@@ -530,21 +530,17 @@ static long products_done = 0, amx_products_done = 0;
 long mobileo_bf16_products_done(void) { return __atomic_load_n(&products_done, __ATOMIC_RELAXED); }
 long mobileo_bf16_amx_products_done(void) { return __atomic_load_n(&amx_products_done, __ATOMIC_RELAXED); }
 
-/* Below this many rows of A a product keeps the AVX512 kernel under MOBILEO_MLX_BF16_GEMM=auto:
- * an AMX block of 32 rows would be mostly padding, and the register tile's 12 rows waste less. */
-#define AMX_MIN_ROWS 32
-
 /* The kernel, chosen once per process: AMX where the CPU has it and Linux grants the tile
- * state, unless MOBILEO_MLX_BF16_GEMM=avx512 (any other value: auto). With =amx every product
- * takes AMX where it can run, whatever its size (the tests reach the tails that way). */
+ * state, unless MOBILEO_MLX_BF16_GEMM=avx512 (amx, auto or anything else: AMX where it runs).
+ * AMX takes every size: measured from one row up (K 512-4096), it beat the register tile at
+ * each, since the packing of B, shared by both, is most of a small product's time. */
 enum { KERNEL_AVX512 = 1, KERNEL_AMX = 2 };
 static pthread_once_t kernel_once = PTHREAD_ONCE_INIT;
-static int kernel_choice = KERNEL_AVX512, amx_every_size = 0, amx_here = 0;
+static int kernel_choice = KERNEL_AVX512, amx_here = 0;
 
 static void choose_kernel(void) {
   const char *wanted = getenv("MOBILEO_MLX_BF16_GEMM");
   amx_here = amx_permitted();
-  amx_every_size = wanted != NULL && strcmp(wanted, "amx") == 0;
   kernel_choice = amx_here && !(wanted != NULL && strcmp(wanted, "avx512") == 0) ? KERNEL_AMX : KERNEL_AVX512;
 }
 
@@ -567,7 +563,7 @@ const char *mobileo_bf16_gemm_kernel(void) {
 /* Packs and multiplies; waits its turn for the packing buffers and the pool. */
 static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                     const float *b, int ldb, float beta, float *c, int ldc) {
-  const int amx = kernel() == KERNEL_AMX && (m >= AMX_MIN_ROWS || amx_every_size);
+  const int amx = kernel() == KERNEL_AMX;
   const int k2 = (k + 1) / 2;
   struct gemm g = {.m = m, .n = n, .k = k, .k2 = k2, .b_rows = amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2,
                    .amx = amx, .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
