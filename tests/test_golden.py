@@ -4,10 +4,10 @@ The demo model's picture bytes (generate and edit) and answer tokens (ask, a two
 recorded in ``tests/data/golden.json``, for the default path, for ``MOBILEO_MLX_KERNELS=reference``
 (the plain models), with every CPU size threshold lowered so that the demo's small tensors take
 each CPU path the full-size model takes (stream splits, bands, native kernels), and the same with
-bfloat16 CPU products (``bf16``: where the CPU has AVX512-BF16; the AVX512-BF16 kernel, also where the
-CPU has AMX, whose tiles sum in another order). Code changes that leave the
-computation unchanged must reproduce them exactly; a change that is meant to change the numbers
-updates the file in the same commit, saying why:
+bfloat16 CPU products (``bf16``: where the CPU has AVX512-BF16; by the AVX512-BF16 kernel also where
+the CPU has AMX, whose tiles sum in another order). Code changes that leave the computation unchanged
+must reproduce them exactly; a change that is meant to change the numbers updates the file in the
+same commit, saying why:
 
     .venv/bin/python -m tests.test_golden --update
 
