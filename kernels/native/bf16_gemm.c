@@ -76,13 +76,12 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
 struct gemm {
   int m, n, k, k2;              /* k2: pairs of k (K rounded up to even, halved) */
   int b_rows;                   /* rows of a packed B panel: k2, or k2 up to whole AMX chunks */
-  int amx;                      /* AMX tiles (else the AVX512 register tile) */
   const float *a, *b;
   int lda, ldb, trans_a, trans_b;
   float alpha, beta;
   float *c;
   int ldc;
-  uint32_t *packed_a;           /* [tiles][k2][MR] */
+  uint32_t *packed_a;           /* [tiles][k2][MR]; AMX: [tiles][b_rows / 16][16][16], or two tiles per part */
   uint32_t *panel_buffers;      /* panel_block [b_rows][NR] panels of B per part */
   int panel_block;              /* panels packed together: PANEL_BLOCK, or more with AMX */
   int panels;                   /* NR-column panels of B */
@@ -455,7 +454,7 @@ AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
     const int t = 2 * pair, two = t + 1 < tiles;
     pack_a_amx_tile(g, t, a);
     if (two) pack_a_amx_tile(g, t + 1, a + tile_words);
-    __asm__ volatile("" ::: "memory");
+    __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the tiles */
     for (int p = 0; p < g->panels; p++) {
       if (two)
         amx_block(g, a, 2, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
@@ -566,7 +565,7 @@ static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, 
   const int amx = kernel() == KERNEL_AMX;
   const int k2 = (k + 1) / 2;
   struct gemm g = {.m = m, .n = n, .k = k, .k2 = k2, .b_rows = amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2,
-                   .amx = amx, .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
+                   .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
                    .alpha = alpha, .beta = beta, .c = c, .ldc = ldc, .panels = (n + NR - 1) / NR};
   const int tile_rows = amx ? AMX_ROWS : MR, tiles = (m + tile_rows - 1) / tile_rows;
   const int threads = mobileo_pool_threads(0);
