@@ -155,6 +155,14 @@ def bf16_supported() -> bool:
     return available() and extension().bf16_supported()
 
 
+def bf16_kernel() -> str | None:
+    """The bf16 GEMM's kernel in this process: ``"amx"`` (AMX tiles) or ``"avx512-bf16"`` (the
+    AVX512-BF16 register tile); None where :func:`bf16_matmul` cannot run. Chosen once, at the
+    first product, by ``$MOBILEO_MLX_BF16_GEMM``: ``auto`` (the default) or ``amx``, AMX where the
+    CPU has AMX-BF16 and Linux grants the tile state; ``avx512``, never AMX."""
+    return extension().bf16_kernel() if bf16_supported() else None
+
+
 def bf16_matmul_supported(a: mx.array, b: mx.array, c: mx.array | None = None) -> bool:
     """Whether :func:`bf16_matmul` takes these operands (its twin: :func:`bf16_matmul_reference`)."""
     return (bf16_supported() and _float32(a, b, c) and a.ndim >= 1 and b.ndim == 2 and a.shape[-1] == b.shape[0]
@@ -163,7 +171,7 @@ def bf16_matmul_supported(a: mx.array, b: mx.array, c: mx.array | None = None) -
 
 def bf16_matmul(a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array:
     """``[c +] a @ b`` for float32 a [..., K], b [K, N] (c broadcastable to [..., N]) with bfloat16
-    products and float32 sums, by the AVX512-BF16 GEMM; any layout of the operands (a
+    products and float32 sums, by the AMX or AVX512-BF16 GEMM (:func:`bf16_kernel`); any layout of the operands (a
     transposed ``b`` such as a Linear layer's ``W.T`` is read in place), and ``c``'s buffer is
     taken over for the result when no one else holds it."""
     if c is None:
@@ -174,11 +182,14 @@ def bf16_matmul(a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array
 def status() -> str:
     """One line for ``mobileo-mlx doctor``."""
     reason = unavailable_reason()
-    return "MLX graph nodes" if reason is None else f"unavailable: {reason}"
+    if reason is not None:
+        return f"unavailable: {reason}"
+    kernel = bf16_kernel()
+    return "MLX graph nodes" if kernel is None else f"MLX graph nodes (bf16 GEMM: {kernel})"
 
 
 __all__ = [
-    "MAX_ROWS", "available", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
+    "MAX_ROWS", "available", "bf16_kernel", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
     "depthwise_conv2d", "depthwise_supported", "extension", "gelu", "gelu_reference", "gelu_supported",
     "quantized_gemv", "quantized_gemv_supported", "status", "unavailable_reason",
 ]

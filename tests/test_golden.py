@@ -4,9 +4,10 @@ The demo model's picture bytes (generate and edit) and answer tokens (ask, a two
 recorded in ``tests/data/golden.json``, for the default path, for ``MOBILEO_MLX_KERNELS=reference``
 (the plain models), with every CPU size threshold lowered so that the demo's small tensors take
 each CPU path the full-size model takes (stream splits, bands, native kernels), and the same with
-bfloat16 CPU products (``bf16``: where the CPU has AVX512-BF16). Code changes that leave the
-computation unchanged must reproduce them exactly; a change that is meant to change the numbers
-updates the file in the same commit, saying why:
+bfloat16 CPU products (``bf16``: where the CPU has AVX512-BF16; by the AVX512-BF16 kernel also where
+the CPU has AMX, whose tiles sum in another order). Code changes that leave the computation unchanged
+must reproduce them exactly; a change that is meant to change the numbers updates the file in the
+same commit, saying why:
 
     .venv/bin/python -m tests.test_golden --update
 
@@ -87,6 +88,9 @@ def run_pipeline(mode: str, cache: Path) -> dict:
     env = {**os.environ, "MOBILEO_MLX_CACHE": str(cache), "OPENBLAS_CORETYPE": "Haswell",
            "MOBILEO_MLX_CPU_MATMUL": "bf16" if mode == "bf16" else "fp32"}
     env.pop("MOBILEO_MLX_KERNELS", None)
+    env.pop("MOBILEO_MLX_BF16_GEMM", None)
+    if mode == "bf16":  # recorded with the AVX512-BF16 kernel; AMX sums in another order
+        env["MOBILEO_MLX_BF16_GEMM"] = "avx512"
     if mode == "reference":
         env["MOBILEO_MLX_KERNELS"] = mode
     if mode in ("small-thresholds", "bf16"):

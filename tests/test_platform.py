@@ -169,7 +169,11 @@ def test_doctor_reports_backend_blas_and_cache(tmp_path):
         assert "OpenBLAS" in lines["BLAS"]
         expected = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")
         assert lines["OPENBLAS_THREAD_TIMEOUT"].startswith(expected + " ("), lines
-        assert lines["native CPU kernels"] == "MLX graph nodes", lines
+        from mobileo_mlx.kernels import primitives
+
+        kernel = primitives.bf16_kernel()  # amx or avx512-bf16 where the bf16 GEMM runs
+        assert lines["native CPU kernels"] == ("MLX graph nodes" if kernel is None
+                                               else f"MLX graph nodes (bf16 GEMM: {kernel})"), lines
     from mobileo_mlx import backends
 
     if platform.backend() == "cpu":

@@ -225,6 +225,63 @@ def test_bf16_matmul_accumulates_into_c(addend):
     assert relative_error(prim.bf16_matmul_reference(mx.array(a), mx.array(b), c_in), exact) < 1e-6
 
 
+def _strided_operands(layout: str):
+    """(a as passed, b as passed, a's values, b's values) for a layout of the operands."""
+    rng = np.random.default_rng(11)
+    big = rng.standard_normal((300, 130)).astype(np.float32)
+    a, b = big[37:107, :64], big[150:214, 7:52]  # [70, 64] @ [64, 45]
+    a_in, b_in = mx.array(a), mx.array(b)
+    source = mx.array(big)
+    if layout == "a a window of a larger array":  # the DC-AE's window GEMMs: rows[:, offset : offset + span]
+        a_in = source[None, :, :64][:, 37:107]
+    elif layout == "a every other row":
+        a = big[0:140:2, :64]
+        a_in = source[0:140:2, :64]
+    elif layout == "a rows reversed":
+        a = big[106:36:-1, :64]
+        a_in = source[106:36:-1, :64]
+    elif layout == "a one row broadcast":
+        a = np.broadcast_to(big[5, :64], (70, 64))
+        a_in = mx.broadcast_to(source[5, :64], (70, 64))
+    elif layout == "a every other column":
+        a = big[37:107, 0:128:2]
+        a_in = source[37:107, 0:128:2]
+    elif layout == "a transposed batch":  # [2, 35, 64] from a [64, 2, 35] array
+        a_in = mx.array(np.ascontiguousarray(a.reshape(2, 35, 64).transpose(2, 0, 1))).transpose(1, 2, 0)
+    elif layout == "b a window of a larger array":
+        b_in = source[150:214, 7:52]
+    elif layout == "b a transposed window":  # W.T of rows 10..55 of a larger W
+        b = big[10:55, 20:84].T
+        b_in = source[10:55, 20:84].T
+    return a_in, b_in, a, b
+
+
+@needs_bf16
+@pytest.mark.parametrize("layout", ["a a window of a larger array", "a every other row", "a rows reversed",
+                                    "a one row broadcast", "a every other column", "a transposed batch",
+                                    "b a window of a larger array", "b a transposed window"])
+def test_bf16_matmul_reads_strided_operands(layout):
+    """Operands whose rows (or columns) are evenly spaced are read in place through their strides;
+    any other layout is gathered first: the same product either way."""
+    a_in, b_in, a, b = _strided_operands(layout)
+    y = prim.bf16_matmul(a_in, b_in)
+    exact = bf16_rounded(a) @ bf16_rounded(b)
+    assert relative_error(np.asarray(y).reshape(exact.shape), exact) < 1e-6
+
+
+@needs_bf16
+def test_bf16_matmul_reads_a_window_without_copying_it():
+    rows = mx.random.normal((1, 5000, 256))
+    weight = mx.random.normal((16, 256))
+    mx.eval(rows, weight)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    y = prim.bf16_matmul(rows[:, 1000:4000], weight.T)
+    mx.eval(y)
+    assert mx.get_peak_memory() - before == y.nbytes  # only the output: the window was not copied
+
+
 # ---------------------------------------------------------------------------- graph behaviour
 def built_lazily(make_inputs, op) -> None:
     """Building ``op`` on lazy inputs allocates nothing (no evaluation); evaluating it does."""

@@ -10,6 +10,12 @@
  * Blocking: A is packed whole, in tiles of MR rows ([K/2][MR] pairs of k); each thread
  * packs one NR-column panel of B at a time ([K/2][NR] pairs, in L2) and runs every A tile
  * against it with the full K in registers, so C is written once.
+ *
+ * AMX (Sapphire Rapids and later): the same B panels, zero-padded to whole 32-k chunks, are
+ * exactly TDPBF16PS's B operand (16 k-pairs x 16 columns, a 128-byte stride); A is packed in
+ * tiles of 16 rows, each 32-k chunk of a tile 1 KB contiguous ([K/32][16][16] pairs). A
+ * 32 x 32 block of C is four 16 x 16 float32 tiles accumulated over the full K from two A
+ * and two B tiles. Chosen once per process (choose_kernel below).
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -21,6 +27,9 @@
 /* Other architectures: not available (the caller takes the twin). */
 int mobileo_bf16_gemm_supported(void) { return 0; }
 long mobileo_bf16_products_done(void) { return 0; }
+long mobileo_bf16_amx_products_done(void) { return 0; }
+int mobileo_bf16_amx_available(void) { return 0; }
+const char *mobileo_bf16_gemm_kernel(void) { return "none"; }
 void mobileo_bf16_release(void) {}
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
                       int ldb, float beta, float *c, int ldc) {
@@ -29,6 +38,7 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
   return -1;
 }
 #else
+#include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
 #include <sched.h>
@@ -40,20 +50,40 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
 #define MR 12
 #define NR 32
 #define PANEL_BLOCK 4 /* B panels held together (in L2) while the A tiles stream past */
+/* AMX: as many panels as fit in AMX_BLOCK_BYTES, up to AMX_PANEL_BLOCK: its tiles consume A four
+ * times as fast as the register tile, so A is streamed from memory once per more columns. */
+#define AMX_BLOCK_BYTES ((size_t)1 << 20)
+#define AMX_PANEL_BLOCK 16
 #define ROW_MAJOR 101
 #define NO_TRANS 111
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+/* The AMX path needs a compiler that knows the tile instructions (GCC 11, clang 12). */
+#if defined(__has_include)
+#if __has_include(<amxbf16intrin.h>)
+#define HAVE_AMX 1
+#endif
+#endif
+#ifdef HAVE_AMX
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#define AMX_ROWS 16    /* rows of an A tile and of a C tile */
+#define AMX_PAIRS 16   /* k pairs of a 32-k chunk: one tile row of A, the rows of a B tile */
+
 struct gemm {
   int m, n, k, k2;              /* k2: pairs of k (K rounded up to even, halved) */
+  int b_rows;                   /* rows of a packed B panel: k2, or k2 up to whole AMX chunks */
   const float *a, *b;
   int lda, ldb, trans_a, trans_b;
   float alpha, beta;
   float *c;
   int ldc;
-  uint32_t *packed_a;           /* [tiles][k2][MR] */
-  uint32_t *panel_buffers;      /* PANEL_BLOCK [k2][NR] panels of B per part */
+  uint32_t *packed_a;           /* [tiles][k2][MR]; AMX: [tiles][b_rows / 16][16][16], or two tiles per part */
+  uint32_t *panel_buffers;      /* panel_block [b_rows][NR] panels of B per part */
+  int panel_block;              /* panels packed together: PANEL_BLOCK, or more with AMX */
   int panels;                   /* NR-column panels of B */
   int packed_parts;             /* parts done packing A (a barrier) */
 };
@@ -143,7 +173,7 @@ BF16_TARGET static inline void transpose16(__m512i rows[16]) {
 }
 
 /* B panel p (columns p*NR ...) into dst [k2][NR] pairs; columns past N are zero. */
-BF16_TARGET static void pack_b_panel(const struct gemm *g, int panel, uint32_t *dst) {
+BF16_TARGET static void pack_b_rows(const struct gemm *g, int panel, uint32_t *dst) {
   const int col0 = panel * NR;
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
   if (!g->trans_b && cols == NR) {
@@ -192,6 +222,12 @@ BF16_TARGET static void pack_b_panel(const struct gemm *g, int panel, uint32_t *
     }
 }
 
+/* pack_b_rows, then the AMX chunks' padding rows (pairs past k2) zeroed. */
+BF16_TARGET static void pack_b_panel(const struct gemm *g, int panel, uint32_t *dst) {
+  pack_b_rows(g, panel, dst);
+  if (g->b_rows > g->k2) memset(dst + (size_t)g->k2 * NR, 0, (size_t)(g->b_rows - g->k2) * NR * sizeof(uint32_t));
+}
+
 /* One MR x NR tile of C from a packed A tile and a packed B panel. */
 BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, const uint32_t *b, int row0, int col0) {
   __m512 acc[MR][2];
@@ -233,7 +269,7 @@ static void run_part(void *arg, int part, int parts) {
   __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
   while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
   const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
-  uint32_t *block = g->panel_buffers + (size_t)part * PANEL_BLOCK * g->k2 * NR;
+  uint32_t *block = g->panel_buffers + (size_t)part * PANEL_BLOCK * g->b_rows * NR;
   /* PANEL_BLOCK panels at a time against each A tile: the tile is read from cache once per
    * block instead of once per panel (A can be megabytes: 16 K rows x K = 192 in FastViTHD). */
   for (int p0 = first; p0 < last; p0 += PANEL_BLOCK) {
@@ -244,6 +280,202 @@ static void run_part(void *arg, int part, int parts) {
         tile_kernel(g, g->packed_a + (size_t)t * g->k2 * MR, block + (size_t)i * g->k2 * NR, t * MR, (p0 + i) * NR);
   }
 }
+
+#ifdef HAVE_AMX
+/* TDPBF16PS's operands are tiles of 16 rows x 64 bytes: C 16 x 16 float32, A 16 rows x 16
+ * k-pairs, B 16 k-pairs x 16 columns. Every tile register is configured so. */
+struct tile_config {
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+#define AMX_CHUNK_WORDS (AMX_ROWS * AMX_PAIRS) /* one A tile: 16 rows x one 32-k chunk */
+
+/* A tile t (rows t*16 ...) into dst [b_rows / 16][16 rows][16 pairs]: each 32-k chunk of the
+ * tile is one contiguous 1 KB tile load. Rows past M and pairs past K are zero. */
+BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst) {
+  for (int r = 0; r < AMX_ROWS; r++) {
+    const int row = tile * AMX_ROWS + r;
+    uint32_t *out = dst + r * AMX_PAIRS;
+#define AT(kp) out[(size_t)((kp) / AMX_PAIRS) * AMX_CHUNK_WORDS + (kp) % AMX_PAIRS]
+    int kp = 0;
+    if (row < g->m && !g->trans_a) {
+      const float *src = g->a + (size_t)row * g->lda;
+      for (; 2 * kp + 32 <= g->k; kp += AMX_PAIRS) convert_pairs(src + 2 * kp, &AT(kp));
+      for (; 2 * kp + 1 < g->k; kp++) AT(kp) = pair(src[2 * kp], src[2 * kp + 1]);
+      if (kp < g->k2) {
+        AT(kp) = pair(src[2 * kp], 0.0f);
+        kp++;
+      }
+    } else if (row < g->m) {
+      for (; kp < g->k2; kp++) {
+        const float lo = get(g->a, g->lda, 1, row, 2 * kp);
+        const float hi = 2 * kp + 1 < g->k ? get(g->a, g->lda, 1, row, 2 * kp + 1) : 0.0f;
+        AT(kp) = pair(lo, hi);
+      }
+    }
+    for (; kp < g->b_rows; kp++) AT(kp) = 0;
+#undef AT
+  }
+}
+
+/* A block of C, rows row0 .. row0 + 16 * a_tiles, columns col0 .. col0 + 32, from the A tile
+ * at a (and the next one) and the B panel b over the full K: tmm0-3 hold C, tmm4-5 A, tmm6-7
+ * the panel's two 16-column halves. A whole block with alpha 1 and beta 0 or 1 goes straight
+ * between C and the tiles; the others (M or N tails, other scalars) through a buffer. */
+AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const struct gemm *g, const uint32_t *a,
+                                                                        const int a_tiles, const uint32_t *b,
+                                                                        int row0, int col0) {
+  const int chunks = g->b_rows / AMX_PAIRS;
+  const size_t a_next = (size_t)chunks * AMX_CHUNK_WORDS;
+  const int rows = g->m - row0 < AMX_ROWS * a_tiles ? g->m - row0 : AMX_ROWS * a_tiles;
+  const int cols = g->n - col0 < NR ? g->n - col0 : NR;
+  const int direct = rows == AMX_ROWS * a_tiles && cols == NR && g->alpha == 1.0f &&
+                     (g->beta == 0.0f || g->beta == 1.0f);
+  float *c = g->c + (size_t)row0 * g->ldc + col0;
+  float *c_low = c + (size_t)AMX_ROWS * g->ldc;
+  const long c_stride = (long)g->ldc * (long)sizeof(float);
+  if (direct && g->beta == 1.0f) {
+    _tile_loadd(0, c, c_stride);
+    _tile_loadd(1, c + 16, c_stride);
+    if (a_tiles == 2) {
+      _tile_loadd(2, c_low, c_stride);
+      _tile_loadd(3, c_low + 16, c_stride);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (a_tiles == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+  for (int chunk = 0; chunk < chunks; chunk++) {
+    const uint32_t *bk = b + (size_t)chunk * AMX_PAIRS * NR, *ak = a + (size_t)chunk * AMX_CHUNK_WORDS;
+    _tile_loadd(6, bk, NR * sizeof(uint32_t));
+    _tile_loadd(7, bk + 16, NR * sizeof(uint32_t));
+    _tile_loadd(4, ak, AMX_PAIRS * sizeof(uint32_t));
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (a_tiles == 2) {
+      _tile_loadd(5, ak + a_next, AMX_PAIRS * sizeof(uint32_t));
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  if (direct) {
+    _tile_stored(0, c, c_stride);
+    _tile_stored(1, c + 16, c_stride);
+    if (a_tiles == 2) {
+      _tile_stored(2, c_low, c_stride);
+      _tile_stored(3, c_low + 16, c_stride);
+    }
+    return;
+  }
+  float acc[4][AMX_ROWS * 16] __attribute__((aligned(64)));  /* [row tile][column half] */
+  _tile_stored(0, acc[0], 64);
+  _tile_stored(1, acc[1], 64);
+  if (a_tiles == 2) {
+    _tile_stored(2, acc[2], 64);
+    _tile_stored(3, acc[3], 64);
+  }
+  const __mmask16 mask0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+  const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
+  for (int r = 0; r < rows; r++) {
+    float *out = c + (size_t)r * g->ldc;
+    const float *sums = acc[2 * (r / AMX_ROWS)] + (r % AMX_ROWS) * 16;
+    __m512 v0 = _mm512_mul_ps(alpha, _mm512_load_ps(sums));
+    __m512 v1 = _mm512_mul_ps(alpha, _mm512_load_ps(sums + AMX_ROWS * 16));
+    if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
+      v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, out), v0);
+      v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, out + 16), v1);
+    }
+    _mm512_mask_storeu_ps(out, mask0, v0);
+    _mm512_mask_storeu_ps(out + 16, mask1, v1);
+  }
+}
+
+AMX_TARGET static void load_tile_config(void) {
+  struct tile_config config;
+  memset(&config, 0, sizeof config);
+  config.palette = 1;
+  for (int i = 0; i < 8; i++) {
+    config.colsb[i] = 64;
+    config.rows[i] = AMX_ROWS;
+  }
+  _tile_loadconfig(&config);
+}
+
+/* run_part with AMX tiles: A in 16-row tiles, C in 32 x 32 blocks (16 x 32 for an odd last
+ * tile). The tile configuration is loaded once per part and released at its end. */
+AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
+  struct gemm *g = arg;
+  const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS;
+  const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS;
+  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
+    pack_a_amx_tile(g, t, g->packed_a + (size_t)t * tile_words);
+  __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
+  while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
+  load_tile_config();
+  const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
+  uint32_t *block = g->panel_buffers + (size_t)part * g->panel_block * g->b_rows * NR;
+  for (int p0 = first; p0 < last; p0 += g->panel_block) {
+    const int count = last - p0 < g->panel_block ? last - p0 : g->panel_block;
+    for (int i = 0; i < count; i++) pack_b_panel(g, p0 + i, block + (size_t)i * g->b_rows * NR);
+    __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the panels */
+    for (int t = 0; t < tiles; t += 2)
+      for (int i = 0; i < count; i++) {
+        const uint32_t *a = g->packed_a + (size_t)t * tile_words, *b = block + (size_t)i * g->b_rows * NR;
+        if (t + 1 < tiles)
+          amx_block(g, a, 2, b, t * AMX_ROWS, (p0 + i) * NR);
+        else
+          amx_block(g, a, 1, b, t * AMX_ROWS, (p0 + i) * NR);
+      }
+  }
+  _tile_release();
+}
+
+/* AMX with the parts split over A's rows instead, when all of B fits in one block (the DC-AE's
+ * window GEMMs: tens of thousands of rows, K and N of 128-512): each part packs all of B, then
+ * packs two A tiles at a time into a buffer of its own and runs them against every panel, so
+ * packed A never leaves the L1 cache (the panel split writes it whole and reads it once per part). */
+AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
+  struct gemm *g = arg;
+  const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS, pairs = (tiles + 1) / 2;
+  const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS, panel_words = (size_t)g->b_rows * NR;
+  uint32_t *a = g->packed_a + (size_t)part * 2 * tile_words;
+  uint32_t *panels = g->panel_buffers + (size_t)part * g->panels * panel_words;
+  for (int p = 0; p < g->panels; p++) pack_b_panel(g, p, panels + (size_t)p * panel_words);
+  load_tile_config();
+  for (int pair = (int)((long)pairs * part / parts); pair < (int)((long)pairs * (part + 1) / parts); pair++) {
+    const int t = 2 * pair, two = t + 1 < tiles;
+    pack_a_amx_tile(g, t, a);
+    if (two) pack_a_amx_tile(g, t + 1, a + tile_words);
+    __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the tiles */
+    for (int p = 0; p < g->panels; p++) {
+      if (two)
+        amx_block(g, a, 2, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
+      else
+        amx_block(g, a, 1, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
+    }
+  }
+  _tile_release();
+}
+
+/* CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24), and Linux's leave to use the tile
+ * data (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; process-wide, asked once). */
+static int amx_permitted(void) {
+  unsigned int eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+  if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return 0;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#else
+static int amx_permitted(void) { return 0; }
+#endif
 
 int mobileo_bf16_gemm_supported(void) {
   __builtin_cpu_init();
@@ -292,27 +524,82 @@ void mobileo_bf16_release(void) {
   pthread_mutex_unlock(&scratch_lock);
 }
 
-static long products_done = 0;
+static long products_done = 0, amx_products_done = 0;
 
 long mobileo_bf16_products_done(void) { return __atomic_load_n(&products_done, __ATOMIC_RELAXED); }
+long mobileo_bf16_amx_products_done(void) { return __atomic_load_n(&amx_products_done, __ATOMIC_RELAXED); }
+
+/* The kernel, chosen once per process: AMX where the CPU has it and Linux grants the tile
+ * state, unless MOBILEO_MLX_BF16_GEMM=avx512 (amx, auto or anything else: AMX where it runs).
+ * AMX takes every size: measured from one row up (K 512-4096), it beat the register tile at
+ * each, since the packing of B, shared by both, is most of a small product's time. */
+enum { KERNEL_AVX512 = 1, KERNEL_AMX = 2 };
+static pthread_once_t kernel_once = PTHREAD_ONCE_INIT;
+static int kernel_choice = KERNEL_AVX512, amx_here = 0;
+
+static void choose_kernel(void) {
+  const char *wanted = getenv("MOBILEO_MLX_BF16_GEMM");
+  amx_here = amx_permitted();
+  kernel_choice = amx_here && !(wanted != NULL && strcmp(wanted, "avx512") == 0) ? KERNEL_AMX : KERNEL_AVX512;
+}
+
+static int kernel(void) {
+  pthread_once(&kernel_once, choose_kernel);
+  return kernel_choice;
+}
+
+int mobileo_bf16_amx_available(void) {
+  if (!mobileo_bf16_gemm_supported()) return 0;
+  pthread_once(&kernel_once, choose_kernel);
+  return amx_here;
+}
+
+const char *mobileo_bf16_gemm_kernel(void) {
+  if (!mobileo_bf16_gemm_supported()) return "none";
+  return kernel() == KERNEL_AMX ? "amx" : "avx512-bf16";
+}
 
 /* Packs and multiplies; waits its turn for the packing buffers and the pool. */
 static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                     const float *b, int ldb, float beta, float *c, int ldc) {
-  struct gemm g = {m, n, k, (k + 1) / 2, a, b, lda, ldb, trans_a, trans_b,
-                   alpha, beta, c, ldc, NULL, NULL, (n + NR - 1) / NR, 0};
-  const int tiles = (m + MR - 1) / MR;
-  int parts = mobileo_pool_threads(0);
-  if (parts > g.panels) parts = g.panels;
-  const size_t a_words = (size_t)tiles * g.k2 * MR, panel_words = (size_t)g.k2 * NR;
+  const int amx = kernel() == KERNEL_AMX;
+  const int k2 = (k + 1) / 2;
+  struct gemm g = {.m = m, .n = n, .k = k, .k2 = k2, .b_rows = amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2,
+                   .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
+                   .alpha = alpha, .beta = beta, .c = c, .ldc = ldc, .panels = (n + NR - 1) / NR};
+  const int tile_rows = amx ? AMX_ROWS : MR, tiles = (m + tile_rows - 1) / tile_rows;
+  const int threads = mobileo_pool_threads(0);
+  const size_t panel_words = (size_t)g.b_rows * NR;
+  g.panel_block = PANEL_BLOCK;
+  if (amx) {
+    const size_t fit = AMX_BLOCK_BYTES / (panel_words * sizeof(uint32_t));
+    g.panel_block = fit < 1 ? 1 : fit > AMX_PANEL_BLOCK ? AMX_PANEL_BLOCK : (int)fit;
+  }
+  /* AMX over rows: B in one block, and a pair of A tiles for every part (and more). */
+  const int by_rows = amx && g.panels <= g.panel_block && (tiles + 1) / 2 >= 2 * threads;
+  int parts = threads;
+  if (!by_rows && parts > g.panels) parts = g.panels;
+  size_t a_words, b_words;
+  if (by_rows) {
+    a_words = (size_t)parts * 2 * g.b_rows * AMX_ROWS;
+    b_words = (size_t)parts * g.panels * panel_words;
+  } else {
+    a_words = (size_t)tiles * g.b_rows * tile_rows;
+    b_words = (size_t)parts * g.panel_block * panel_words;
+  }
   if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
-  uint32_t *buffer = scratch((a_words + (size_t)parts * PANEL_BLOCK * panel_words) * sizeof(uint32_t));
+  uint32_t *buffer = scratch((a_words + b_words) * sizeof(uint32_t));
   int code = -1;
   if (buffer) {
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
+#ifdef HAVE_AMX
+    code = mobileo_pool_run(by_rows ? run_part_amx_rows : amx ? run_part_amx : run_part, &g, parts, 1);
+#else
     code = mobileo_pool_run(run_part, &g, parts, 1);
+#endif
     if (code == 0) __atomic_add_fetch(&products_done, 1, __ATOMIC_RELAXED);
+    if (code == 0 && amx) __atomic_add_fetch(&amx_products_done, 1, __ATOMIC_RELAXED);
   }
   pthread_mutex_unlock(&scratch_lock);
   return code;

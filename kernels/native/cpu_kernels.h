@@ -24,12 +24,20 @@ int mobileo_depthwise_conv2d(const float *x, int batch, int height, int width, i
 
 int mobileo_bf16_gemm_supported(void);
 long mobileo_bf16_products_done(void);
+/* Products the AMX path computed (a subset of mobileo_bf16_products_done). */
+long mobileo_bf16_amx_products_done(void);
+/* Whether this CPU has AMX-BF16 and Linux grants the tile state (whatever was chosen). */
+int mobileo_bf16_amx_available(void);
+/* The GEMM's kernel, chosen once per process (MOBILEO_MLX_BF16_GEMM=auto|amx|avx512):
+ * "amx", "avx512-bf16", or "none" (no AVX512-BF16). */
+const char *mobileo_bf16_gemm_kernel(void);
 /* Frees the GEMM's packing buffers (kept between products, up to 256 MB). */
 void mobileo_bf16_release(void);
 
 /* c [m, n] = op(a) op(b) + beta c with bfloat16 operands and float32 sums (row-major; op transposes
- * when trans_* is set; c is not read when beta is 0). Takes every size and waits its turn for the
- * pool; -1: no AVX512-BF16, or no memory. */
+ * when trans_* is set; c is not read when beta is 0) by AMX tiles or the AVX512-BF16 register tile
+ * (mobileo_bf16_gemm_kernel). Takes every size and waits its turn for the pool; -1: no
+ * AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
                       int ldb, float beta, float *c, int ldc);
 

@@ -297,21 +297,66 @@ mx::array quantized_gemv(const mx::array &x, const mx::array &packed, const mx::
 }
 
 // ------------------------------------------------------------------------------ bfloat16 GEMM
+// How the GEMM reads an operand of `rows` x `cols` (an N-D one's leading axes merged into rows):
+// in place when its rows are evenly spaced with unit element stride (a window of a larger
+// array, as the DC-AE's window GEMMs slice, which mx::contiguous would copy), or when its
+// columns are (a transposed view such as a Linear layer's W.T); else gathered row-major into a
+// temporary when the kernel runs.
+struct Operand {
+  bool in_place, trans;
+  int64_t ld;
+};
+
+Operand operand_layout(const mx::array &x, int64_t rows, int64_t cols) {
+  const auto &shape = x.shape();
+  const auto &strides = x.strides();
+  bool evenly = cols == 1 || strides.back() == 1;
+  int64_t row_stride = cols, outer = -1;  // outer: the stride the next non-unit leading axis must have
+  for (int i = (int)x.ndim() - 2; i >= 0 && evenly; i--) {
+    if (shape[i] == 1) continue;
+    if (outer < 0)
+      row_stride = strides[i];
+    else
+      evenly = strides[i] == outer;
+    outer = strides[i] * shape[i];
+  }
+  if (evenly && (rows == 1 || row_stride >= cols)) return {true, false, rows == 1 ? cols : row_stride};
+  if (x.ndim() == 2 && (shape[0] == 1 || strides[0] == 1) && (cols == 1 || strides[1] >= rows))
+    return {true, true, cols == 1 ? rows : strides[1]};
+  return {false, false, cols};
+}
+
+// x's elements in row-major order into dst (any strides).
+void gather(const float *x, const mx::Shape &shape, const mx::Strides &strides, float *dst, size_t count) {
+  const int ndim = (int)shape.size();
+  std::vector<int> index(ndim, 0);
+  int64_t offset = 0;
+  for (size_t i = 0; i < count; i++) {
+    dst[i] = x[offset];
+    for (int d = ndim - 1; d >= 0; d--) {
+      offset += strides[d];
+      if (++index[d] < shape[d]) break;
+      offset -= strides[d] * shape[d];
+      index[d] = 0;
+    }
+  }
+}
+
 class Bf16Matmul : public Kernel {
  public:
   using Kernel::Kernel;
   const char *name() const override { return "MobileoBf16Matmul"; }
   bool is_equivalent(const mx::Primitive &) const override { return true; }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
-    return {{inputs[0].shape(0), inputs[1].shape(1)}};
+    return {{(int)(inputs[0].size() / inputs[1].shape(0)), inputs[1].shape(1)}};
   }
 
-  // inputs: a [M, K], b [K, N] (, c [M, N]); [c +] the products of the bfloat16-rounded
-  // operands, summed in float32
+  // inputs: a [..., K], b [K, N] (, c [M, N]); [c +] the products of the bfloat16-rounded
+  // operands, summed in float32, as [M, N]
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
-    auto product = mx::matmul(rounded(in[0]), rounded(in[1]), s);
+    auto product = mx::matmul(mx::reshape(rounded(in[0]), {-1, in[1].shape(0)}, s), rounded(in[1]), s);
     return {in.size() > 2 ? mx::add(in[2], product, s) : product};
   }
 
@@ -324,16 +369,25 @@ class Bf16Matmul : public Kernel {
     } else {
       out.set_data(mx::allocator::malloc(out.nbytes()));
     }
-    const int m = a.shape(0), k = a.shape(1), n = b.shape(1);
-    // Each operand is row- or column-contiguous (mx::contiguous in the op): a column-
-    // contiguous one (a transposed view, e.g. a Linear layer's W.T) is read transposed in place.
-    const bool trans_a = !a.flags().row_contiguous, trans_b = !b.flags().row_contiguous;
+    const int k = b.shape(0), n = b.shape(1), m = (int)(a.size() / k);
+    const Operand left = operand_layout(a, m, k), right = operand_layout(b, k, n);
     auto &enc = encoder(inputs, outputs);
-    enc.dispatch([left = a.data<float>(), right = b.data<float>(), result = out.data<float>(),
-                  addend = accumulate ? inputs[2].data<float>() : nullptr, m, n, k, trans_a, trans_b]() {
+    // An operand read neither way is gathered into a temporary the encoder keeps alive.
+    auto staging = [&](const mx::array &x, const Operand &layout) -> float * {
+      if (layout.in_place) return nullptr;
+      mx::array copy(mx::allocator::malloc(x.nbytes()), x.shape(), mx::float32);
+      enc.add_temporary(copy);
+      return copy.data<float>();
+    };
+    enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy = staging(a, left),
+                  b_data = b.data<float>(), b_shape = b.shape(), b_strides = b.strides(), b_copy = staging(b, right),
+                  result = out.data<float>(), addend = accumulate ? inputs[2].data<float>() : nullptr, m, n, k,
+                  left, right]() {
+      if (a_copy != nullptr) gather(a_data, a_shape, a_strides, a_copy, (size_t)m * k);
+      if (b_copy != nullptr) gather(b_data, b_shape, b_strides, b_copy, (size_t)k * n);
       if (addend != nullptr && addend != result) std::memcpy(result, addend, (size_t)m * n * sizeof(float));
-      if (mobileo_bf16_gemm(trans_a, trans_b, m, n, k, left, trans_a ? m : k, right, trans_b ? k : n,
-                            addend != nullptr ? 1.0f : 0.0f, result, n) != 0)
+      if (mobileo_bf16_gemm(left.trans, right.trans, m, n, k, a_copy ? a_copy : a_data, (int)left.ld,
+                            b_copy ? b_copy : b_data, (int)right.ld, addend != nullptr ? 1.0f : 0.0f, result, n) != 0)
         throw std::runtime_error("MobileoBf16Matmul: no AVX512-BF16 here, or out of memory");
     });
   }
@@ -351,7 +405,8 @@ mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optiona
   require(m >= 1 && n >= 1 && k >= 1, "mobileo bf16_matmul: empty product");
   auto shape = a.shape();
   shape.back() = n;
-  Arrays inputs = {mx::contiguous(mx::reshape(a, {m, k}, stream), true, stream), mx::contiguous(b, true, stream)};
+  // a and b as they are: the node reads them in place through their strides, or gathers them
+  Arrays inputs = {a, b};
   if (c) {
     // c broadcast to the product's shape, as one row-contiguous [M, N] block (no copy when it is one)
     inputs.push_back(mx::contiguous(mx::reshape(mx::broadcast_to(*c, shape, stream), {m, n}, stream), false, stream));
@@ -369,6 +424,9 @@ NB_MODULE(primitives_ext, m) {
   m.def("ndim", [](const mx::array &a) { return a.ndim(); });
   m.def("bf16_supported", []() { return mobileo_bf16_gemm_supported() != 0; });
   m.def("bf16_products_done", []() { return mobileo_bf16_products_done(); });
+  m.def("bf16_amx_products_done", []() { return mobileo_bf16_amx_products_done(); });
+  m.def("bf16_amx_available", []() { return mobileo_bf16_amx_available() != 0; });
+  m.def("bf16_kernel", []() { return std::string(mobileo_bf16_gemm_kernel()); });
   m.def("bf16_release", []() { mobileo_bf16_release(); });
   m.def("gelu", &gelu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("depthwise_conv2d", &depthwise_conv2d, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(),

@@ -1,0 +1,141 @@
+"""The bf16 GEMM's AMX path (kernels/native/bf16_gemm.c): the kernel is chosen once per process
+(``MOBILEO_MLX_BF16_GEMM=auto|amx|avx512``), so each choice runs in a child process. Pinned to AMX,
+the node equals the float64 product of the bf16-rounded operands for every tail the tiles have
+(M, N, K not multiples of 16 / 32, K odd, K < 32, one row, a transposed ``b`` as the Linear layers
+pass ``W.T``, a transposed ``a``, the accumulating ``c`` form, several B panel blocks), and agrees
+with the AVX512-BF16 kernel; the choice is what ``primitives.bf16_kernel`` and the products
+counter say."""
+
+import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mobileo_mlx.kernels import primitives as prim
+from tests.test_primitives import bf16_rounded, relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _no_amx_reason() -> str | None:
+    if mx.default_device() != mx.cpu:
+        return "the graph nodes serve MLX's CPU backend"
+    if prim.extension() is None:
+        return f"graph nodes {prim.unavailable_reason()}"
+    if not prim.bf16_supported():
+        return "this CPU has no AVX512-BF16 (the bf16 GEMM does not run)"
+    if not prim.extension().bf16_amx_available():
+        return "this CPU has no AMX-BF16 / AMX-TILE, or Linux does not grant the tile state"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_no_amx_reason() is not None, reason=f"no AMX path: {_no_amx_reason()}")
+
+# (rows of a, K, N, layout, addend)
+CASES = [
+    (1, 1, 1, "plain", None),
+    (1, 64, 48, "b transposed", None),          # one row: a tile of 15 padding rows
+    (16, 32, 32, "plain", None),                # exactly one A tile, one 32-k chunk, one panel
+    (32, 64, 64, "b transposed", "full"),       # whole 32 x 32 blocks: C loaded into the tiles
+    (33, 129, 45, "plain", None),               # every dimension a tail, K odd
+    (70, 129, 45, "b transposed", None),
+    (17, 31, 17, "b transposed", "full"),       # K < 32 and odd
+    (64, 64, 64, "plain", "bias row"),
+    (100, 7, 200, "b transposed", "full"),
+    (5, 700, 300, "b transposed", None),
+    (48, 1152, 96, "b transposed", None),       # the DiT's K
+    (513, 3, 77, "plain", "full"),
+    (96, 160, 1100, "b transposed", None),      # 35 panels: more than one block per thread
+    (40, 2500, 520, "plain", None),             # a long K: 6 panels per block, 17 panels
+    (37, 50, 33, "a transposed", None),
+    (200, 130, 45, "plain", "full"),            # many rows, a small B: the parts split the rows
+    (161, 33, 70, "b transposed", None),        # the same, an odd last tile
+]
+
+
+def case_operands(index: int):
+    """The operands of CASES[index] as NumPy float32 (a, b, c or None), the same in every process."""
+    m, k, n, _, addend = CASES[index]
+    rng = np.random.default_rng(100 + index)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = None if addend is None else rng.standard_normal((m, n) if addend == "full" else (n,)).astype(np.float32)
+    return a, b, c
+
+
+def run_cases(folder: str) -> None:
+    """In the child: every case through the node, outputs saved in ``folder``; prints the kernel
+    and how many AMX products each case took."""
+    extension = prim.extension()
+    amx_products = []
+    for index, (_, _, _, layout, _) in enumerate(CASES):
+        a, b, c = case_operands(index)
+        a_in = mx.array(np.ascontiguousarray(a.T)).T if layout == "a transposed" else mx.array(a)
+        b_in = mx.array(np.ascontiguousarray(b.T)).T if layout == "b transposed" else mx.array(b)
+        before = extension.bf16_amx_products_done()
+        y = prim.bf16_matmul(a_in, b_in, None if c is None else mx.array(c))
+        mx.eval(y)
+        amx_products.append(extension.bf16_amx_products_done() - before)
+        np.save(os.path.join(folder, f"{index}.npy"), np.array(y))
+    large = prim.bf16_matmul(mx.random.normal((256, 256)), mx.random.normal((256, 256)))
+    before = extension.bf16_amx_products_done()
+    mx.eval(large)
+    print(json.dumps({"kernel": prim.bf16_kernel(), "amx_products": amx_products,
+                      "large_on_amx": extension.bf16_amx_products_done() - before}))
+
+
+def products(choice: str, folder: Path) -> dict:
+    """Runs CASES in a child process with ``MOBILEO_MLX_BF16_GEMM=choice``."""
+    folder.mkdir()
+    env = {**os.environ, "MOBILEO_MLX_BF16_GEMM": choice}
+    code = f"from tests.test_bf16_amx import run_cases; run_cases({str(folder)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["outputs"] = [np.load(folder / f"{index}.npy") for index in range(len(CASES))]
+    return report
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16-gemm")
+    return {choice: products(choice, root / choice) for choice in ("amx", "avx512")}
+
+
+def exact(index: int) -> np.ndarray:
+    a, b, c = case_operands(index)
+    product = bf16_rounded(a) @ bf16_rounded(b)
+    return product if c is None else c.astype(np.float64) + product
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:3])) + (
+    f"-{CASES[i][3]}" if CASES[i][3] != "plain" else "") + (f"-c {CASES[i][4]}" if CASES[i][4] else ""))
+def test_amx_against_float64_of_the_rounded_operands_and_the_avx512_kernel(both, index):
+    amx, avx512 = both["amx"], both["avx512"]
+    assert amx["amx_products"][index] == 1  # the AMX tiles computed it
+    assert avx512["amx_products"][index] == 0
+    want = exact(index)
+    got = amx["outputs"][index]
+    assert got.shape == want.shape
+    # float32 sums: the error grows with K (the AVX512 kernel's running sum: 1.5e-6 at K = 2500)
+    tolerance = 1e-6 if CASES[index][1] <= 1152 else 3e-6
+    assert relative_error(got, want) < tolerance
+    assert relative_error(avx512["outputs"][index], want) < tolerance
+    assert relative_error(got, avx512["outputs"][index]) < tolerance
+
+
+def test_the_choice_is_read_once_per_process_and_reported(both, tmp_path):
+    assert both["amx"]["kernel"] == "amx"
+    assert both["avx512"]["kernel"] == "avx512-bf16"
+    assert both["avx512"]["large_on_amx"] == 0
+    auto = products("auto", tmp_path / "auto")  # the default: AMX where it runs
+    assert auto["kernel"] == "amx"
+    assert auto["large_on_amx"] == 1
