@@ -39,7 +39,7 @@ if sys.platform.startswith("linux"):
 ext_modules.append(
     Extension(
         KERNELS,
-        sources=[f"{NATIVE}/{name}.c" for name in ("quantized_gemv", "bf16_gemm", "gelu", "depthwise", "pool")],
+        sources=[f"{NATIVE}/{name}.c" for name in ("quantized_gemv", "dequantize", "bf16_gemm", "gelu", "depthwise", "pool")],
         depends=[f"{NATIVE}/pool.h", f"{NATIVE}/vec8.h", f"{NATIVE}/cpu_kernels.h"],
         # no fused multiply-adds: gelu.c rounds as the MLX form it mirrors
         extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],

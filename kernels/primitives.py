@@ -143,6 +143,22 @@ def quantized_gemv(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.a
     return extension().quantized_gemv(x, packed, scales, biases, bits, group_size)
 
 
+# ------------------------------------------------------------------------------ dequantize
+def dequantize_supported(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> bool:
+    """Whether :func:`dequantize` takes these weights (its twin: ``mx.dequantize``)."""
+    if not (available() and bits in (4, 8) and packed.ndim == 2 and packed.dtype == mx.uint32):
+        return False
+    k = packed.shape[1] * (32 // bits)
+    return (group_size > 0 and group_size % 8 == 0 and k % group_size == 0 and _float32(scales, biases)
+            and scales.shape == biases.shape == (packed.shape[0], k // group_size))
+
+
+def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
+    """``mx.dequantize`` of MLX's affine 4- or 8-bit layout into float32 [N, K], every core working
+    (the multiply and the add rounded separately, as MLX's formula)."""
+    return extension().dequantize(packed, scales, biases, bits, group_size)
+
+
 # ------------------------------------------------------------------------------ bfloat16 GEMM
 def bf16_matmul_reference(a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array:
     """[c +] the products of the bfloat16-rounded operands, summed in float32, in MLX operations."""
@@ -190,6 +206,7 @@ def status() -> str:
 
 __all__ = [
     "MAX_ROWS", "available", "bf16_kernel", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
+    "dequantize", "dequantize_supported",
     "depthwise_conv2d", "depthwise_supported", "extension", "gelu", "gelu_reference", "gelu_supported",
     "quantized_gemv", "quantized_gemv_supported", "status", "unavailable_reason",
 ]

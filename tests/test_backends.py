@@ -354,9 +354,11 @@ def test_wide_layers_split_over_two_cpu_streams_give_the_same_result(outputs, mo
 @on_cpu
 @pytest.mark.parametrize("outputs", [tuning.SPLIT_MIN_WEIGHTS // 128, 2 * tuning.SPLIT_MIN_WEIGHTS // 128 + 3])
 def test_prefill_rows_dequantize_in_two_halves_on_two_cpu_streams(outputs, monkeypatch):
-    """A few dozen rows (a prompt's prefill) through a wide quantized layer: the weight is
-    dequantized in two halves on two streams, then multiplied: the same products as one
-    dequantize + matmul."""
+    """Without the dequantize node (twin mode, or no extension), a few dozen rows (a prompt's
+    prefill) through a wide quantized layer: the weight is dequantized in two halves on two
+    streams, then multiplied: the same products as one dequantize + matmul. (The node uses
+    every core by itself: tests/test_primitives.py.)"""
+    monkeypatch.setenv(backends.KERNELS_ENV, "twin")
     reference, layer = _wide_4bit_layer(outputs)
     real = quantized.dequantize
     found = _record_streams(monkeypatch, "dequantize")

@@ -34,7 +34,7 @@ pytestmark = [
 needs_bf16 = pytest.mark.skipif(prim.extension() is None or not prim.extension().bf16_supported(),
                                 reason="this CPU has no AVX512-BF16")
 
-NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul")
+NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoDequantize", "MobileoBf16Matmul")
 
 
 def test_the_extension_is_there():
@@ -184,6 +184,37 @@ def test_quantized_gemv_keeps_leading_axes():
 
 
 @needs_bf16
+@pytest.mark.parametrize("n, k, bits, group_size", [(1, 64, 4, 64), (3, 256, 4, 32), (4864, 896, 4, 64),
+                                                    (896, 4864, 8, 64), (5, 128, 8, 128), (2, 1024, 8, 32)])
+def test_dequantize_is_bit_identical_to_mx_dequantize(n, k, bits, group_size):
+    packed, scales, biases = quantized(n, k, bits, group_size, seed=n)
+    got = prim.dequantize(packed, scales, biases, bits, group_size)
+    assert nodes(got) == {"MobileoDequantize"} and got.shape == (n, k) and got.dtype == mx.float32
+    assert same_bits(got, mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits))
+    # views of the weights (a prefill's halves, the rows a layer slices) are read as they are
+    assert same_bits(prim.dequantize(packed[1:], scales[1:], biases[1:], bits, group_size), got[1:])
+
+
+def test_a_prefill_s_quantized_products_dequantize_with_the_node():
+    """Many rows: the CPU form dequantizes through the node (every core), with the same
+    values as the plain layer's, so the same products."""
+    from mlx import nn
+
+    from mobileo_mlx.backends import cpu
+
+    plain = nn.QuantizedLinear(512, 1024, bias=True, group_size=64, bits=4)
+    plain.update({"bias": mx.random.normal((1024,))})
+    form = cpu.table("language")[nn.QuantizedLinear]
+    fast = form.__new__(form)
+    dict.update(fast, plain)
+    fast.__dict__.update(plain.__dict__)
+    x = mx.random.normal((1, 300, 512))
+    y = fast(x)
+    assert "MobileoDequantize" in nodes(y)
+    weight = mx.dequantize(plain["weight"], plain["scales"], plain["biases"], group_size=64, bits=4)
+    assert same_bits(y, x @ weight.T + plain["bias"])
+
+
 @pytest.mark.parametrize("layout", ["plain", "b transposed", "a transposed", "batched a"])
 def test_bf16_matmul_against_float64_of_the_rounded_operands(layout):
     rng = np.random.default_rng(len(layout))
@@ -302,6 +333,7 @@ def test_building_a_node_evaluates_nothing():
     built_lazily(lambda: list(conv_inputs((1, 32, 32, 64), 7)), lambda x, w, b: prim.depthwise_conv2d(x, w, b, 1, 3))
     built_lazily(lambda: [mx.random.normal((1, 512)), *quantized(4096, 512, 4, 64)],
                  lambda x, p, s, b: prim.quantized_gemv(x, p, s, b, 4, 64))
+    built_lazily(lambda: list(quantized(4096, 512, 8, 64)), lambda p, s, b: prim.dequantize(p, s, b, 8, 64))
     if prim.extension().bf16_supported():
         built_lazily(lambda: [mx.random.normal((64, 256)), mx.random.normal((256, 512))], prim.bf16_matmul)
 
@@ -410,6 +442,9 @@ def test_what_a_kernel_does_not_take_it_says():
     assert not prim.quantized_gemv_supported(nine, packed, scales, biases, 4, 64)
     assert prim.quantized_gemv_supported(nine[:8], packed, scales, biases, 4, 64)
     assert not prim.quantized_gemv_supported(nine[:1], *quantized(64, 256, 6, 64), 6, 64)
+    assert prim.dequantize_supported(packed, scales, biases, 4, 64)
+    assert not prim.dequantize_supported(*quantized(64, 256, 6, 64), 6, 64)  # values straddle words
+    assert not prim.dequantize_supported(packed, scales.astype(mx.float16), biases, 4, 64)
     a, batched_b = mx.random.normal((2, 8, 16)), mx.random.normal((2, 16, 4))
     assert not prim.bf16_matmul_supported(a, batched_b)
 
@@ -424,6 +459,11 @@ def test_without_the_extension_the_cpu_forms_run_the_twins(monkeypatch):
     cx, cw, cb = conv_inputs((1, 16, 16, 32), 5)
     y = layers.depthwise_conv2d(cx, cw, cb, (1, 1), (2, 2))
     assert same_bits(y, dw.shift_add(cx, cw, cb, 1, 2)) and not nodes(y)
+    from mobileo_mlx.backends.cpu import quantized as cpu_quantized
+
+    packed, scales, biases = quantized(64, 256, 4, 64)
+    y = cpu_quantized.dequantize(packed, scales, biases, 4, 64)
+    assert same_bits(y, mx.dequantize(packed, scales, biases, group_size=64, bits=4)) and not nodes(y)
     a, b = mx.random.normal((300, 256)), mx.random.normal((256, 64))
     monkeypatch.setattr(layers.tuning, "BF16_MIN_PRODUCT", 0)
     assert same_bits(layers.BF16.matmul(a, b), prim.bf16_matmul_reference(a, b))

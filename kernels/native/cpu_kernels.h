@@ -1,4 +1,4 @@
-/* The entry points of the cpu_kernels library (quantized_gemv.c, bf16_gemm.c, gelu.c,
+/* The entry points of the cpu_kernels library (quantized_gemv.c, dequantize.c, bf16_gemm.c, gelu.c,
  * depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are float32 (the GEMV's
  * weights uint32), contiguous. */
 #ifndef MOBILEO_CPU_KERNELS_H
@@ -13,6 +13,11 @@ extern "C" {
 /* x [rows, k] times the affine-quantized W [n, k] transposed into out [rows, n]; -1: shape not taken. */
 int mobileo_quantized_gemv(const float *x, int rows, int k, const uint32_t *packed, const float *scales,
                            const float *biases, int n, int bits, int group, float *out);
+
+/* out [n, k] = the affine-quantized W [n, k] (4 or 8 bits, MLX's packing) in float32; -1: not taken
+ * (other bits, groups not a multiple of 8). */
+int mobileo_dequantize(const uint32_t *packed, const float *scales, const float *biases, int n, int k, int bits,
+                       int group, float *out);
 
 /* out[i] = gelu(x[i]) (exact erf form; out may be x). Returns 0. */
 int mobileo_gelu(const float *x, float *out, long count);

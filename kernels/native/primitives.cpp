@@ -3,7 +3,7 @@
 // Building an operation only records a node (nothing is evaluated); MLX evaluates it on the
 // CPU stream it was built on, where eval_cpu allocates the output (or takes over an input
 // buffer MLX says no one else holds, as MLX's own element-wise operations do) and queues
-// the C kernel (cpu_kernels: quantized_gemv.c, bf16_gemm.c, gelu.c, depthwise.c) on that
+// the C kernel (cpu_kernels: quantized_gemv.c, dequantize.c, bf16_gemm.c, gelu.c, depthwise.c) on that
 // stream's thread. So the kernels compose with mx.compile, with streams and with the rest
 // of the graph. Gradients, forward derivatives and vmap transform the plain-MLX formula of
 // each kernel (Kernel::reference), not the C. The GPU has no body here: eval_gpu raises,
@@ -296,6 +296,57 @@ mx::array quantized_gemv(const mx::array &x, const mx::array &packed, const mx::
   return mx::reshape(product, shape, stream);
 }
 
+// ------------------------------------------------------------------------------ dequantize
+class Dequantize : public Kernel {
+ public:
+  Dequantize(mx::Stream stream, int bits, int group_size) : Kernel(stream), bits_(bits), group_size_(group_size) {}
+  const char *name() const override { return "MobileoDequantize"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    const auto &o = static_cast<const Dequantize &>(other);
+    return bits_ == o.bits_ && group_size_ == o.group_size_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    return {{inputs[0].shape(0), inputs[0].shape(1) * (32 / bits_)}};
+  }
+
+  // inputs: packed [N, K * bits / 32], scales and biases [N, K / group_size]
+  Arrays reference(const Arrays &in) override {
+    return {mx::dequantize(in[0], in[1], in[2], group_size_, bits_, "affine", std::nullopt, std::nullopt, stream())};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([packed = inputs[0].data<uint32_t>(), scales = inputs[1].data<float>(),
+                  biases = inputs[2].data<float>(), result = out.data<float>(), n = out.shape(0), k = out.shape(1),
+                  bits = bits_, group = group_size_]() {
+      if (mobileo_dequantize(packed, scales, biases, n, k, bits, group, result) != 0)
+        throw std::runtime_error("MobileoDequantize: shape not taken by the kernel");
+    });
+  }
+
+ private:
+  int bits_, group_size_;
+};
+
+mx::array dequantize(const mx::array &packed, const mx::array &scales, const mx::array &biases, int bits,
+                     int group_size, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "dequantize");
+  require(bits == 4 || bits == 8, "mobileo dequantize: 4 or 8 bits");
+  require(group_size > 0 && group_size % 8 == 0, "mobileo dequantize: group_size must be a multiple of 8");
+  require(packed.ndim() == 2 && packed.dtype() == mx::uint32, "mobileo dequantize: packed [N, K * bits / 32] uint32");
+  const int n = packed.shape(0), k = packed.shape(1) * (32 / bits);
+  require(k % group_size == 0, "mobileo dequantize: K must be a multiple of group_size");
+  const mx::Shape groups = {n, k / group_size};
+  require(scales.dtype() == mx::float32 && biases.dtype() == mx::float32 && scales.shape() == groups &&
+              biases.shape() == groups,
+          "mobileo dequantize: float32 scales and biases [N, K / group_size]");
+  return mx::array({n, k}, mx::float32, std::make_shared<Dequantize>(stream, bits, group_size),
+                   {mx::contiguous(packed, false, stream), mx::contiguous(scales, false, stream),
+                    mx::contiguous(biases, false, stream)});
+}
+
 // ------------------------------------------------------------------------------ bfloat16 GEMM
 // How the GEMM reads an operand of `rows` x `cols` (an N-D one's leading axes merged into rows):
 // in place when its rows are evenly spaced with unit element stride (a window of a larger
@@ -433,6 +484,8 @@ NB_MODULE(primitives_ext, m) {
         nb::arg("stride"), nb::arg("padding"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("quantized_gemv", &quantized_gemv, nb::arg("x"), nb::arg("packed"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("bits"), nb::arg("group_size"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("dequantize", &dequantize, nb::arg("packed"), nb::arg("scales"), nb::arg("biases"), nb::arg("bits"),
+        nb::arg("group_size"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("bf16_matmul", &bf16_matmul, nb::arg("a"), nb::arg("b"), nb::kw_only(), nb::arg("c").none() = nb::none(),
         nb::arg("stream") = nb::none());
 }

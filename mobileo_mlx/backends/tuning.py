@@ -52,8 +52,9 @@ QUANTIZED_MATMUL_MAX_ROWS = 8
 # quantized_matmul runs on one thread: a layer with at least this many weights computes its
 # output columns in two halves, one per stream (smaller ones gain less than the join costs).
 SPLIT_MIN_WEIGHTS = 1 << 19
-# With few rows, dequantizing costs as much as the GEMM: up to this many rows a large layer's
-# two weight halves are dequantized on the two streams before the product (an LM prefill).
+# With few rows, dequantizing costs as much as the GEMM: without the dequantize node (it uses
+# every core itself), up to this many rows a large layer's two weight halves are dequantized
+# on the two streams before the product (an LM prefill).
 # With more rows the GEMM dominates and the join costs what the split saves.
 SPLIT_DEQUANTIZE_MAX_ROWS = 320
 

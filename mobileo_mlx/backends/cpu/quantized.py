@@ -6,9 +6,9 @@ thread:
 * a handful of rows (token-by-token decoding, up to ``tuning.QUANTIZED_MATMUL_MAX_ROWS``): the
   native GEMV node (all cores, ~20x MLX's loop) where it takes the shape, else
   ``quantized_matmul``, the output columns of a large layer in two halves on the two streams;
-* more rows: the weight dequantized on the fly (compiled element-wise, bit-identical to
-  ``mx.dequantize``), then an ordinary GEMM; a prefill's large layers dequantize their two
-  halves on the two streams first;
+* more rows: the weight dequantized on the fly (the native node on every core, else compiled
+  element-wise; both bit-identical to ``mx.dequantize``), then an ordinary GEMM; without the
+  node, a prefill's large layers dequantize their two halves on the two streams first;
 * the DiT's and the VAE's 8-bit layers (never a handful of rows) store their weights K-major
   (:class:`KMajorQuantizedLinear`), which dequantizes faster.
 """
@@ -49,7 +49,10 @@ def _unpacker(bits: int, group_size: int):
 
 
 def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
-    """Affine dequantization (compiled once per bits / group size)."""
+    """Affine dequantization: the native node on every core where it takes the weights, else
+    the MLX form (compiled once per bits / group size); the same values either way."""
+    if use_kernels() and primitives.dequantize_supported(packed, scales, biases, bits, group_size):
+        return primitives.dequantize(packed, scales, biases, bits, group_size)
     if 32 % bits:  # 3, 5, 6 bits straddle words: MLX's own kernel
         return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
     return _unpacker(bits, group_size)(packed, scales, biases)
@@ -102,7 +105,8 @@ def quantized_product(x: mx.array, layer: nn.Module, products: Products = FP32) 
             return _quantized_matmul(x, packed, scales, biases, layer)
         return streams.split_in_two(
             lambda part: _quantized_matmul(x, packed[part], scales[part], biases[part], layer), outputs, axis=-1)
-    if not split or rows > tuning.SPLIT_DEQUANTIZE_MAX_ROWS:
+    native = use_kernels() and primitives.dequantize_supported(packed, scales, biases, bits, group_size)
+    if native or not split or rows > tuning.SPLIT_DEQUANTIZE_MAX_ROWS:  # the node uses every core already
         weight = dequantize(packed, scales, biases, bits, group_size)
         return products.matmul(x, weight.astype(x.dtype).T)
     # Not before the input is ready: a helper stream free to run ahead would dequantize
