@@ -226,6 +226,27 @@ def test_bf16_matmul_accumulates_into_c(addend):
     assert relative_error(prim.bf16_matmul_reference(mx.array(a), mx.array(b), c_in), exact) < 1e-6
 
 
+@needs_bf16
+@pytest.mark.parametrize("row_shape", ["[N]", "[1, N]"])
+def test_bf16_matmul_adds_a_bias_row_as_it_stores_the_product(row_shape):
+    """A bias row (a Linear layer's) is added after the sums as the kernel stores the result: the
+    bits of the product followed by ``+ bias``, and no [M, N] copy of the row is made."""
+    rng = np.random.default_rng(12)
+    a = mx.array(rng.standard_normal((300, 192)).astype(np.float32))
+    b = mx.array(rng.standard_normal((192, 70)).astype(np.float32))
+    bias = mx.array(rng.standard_normal((70,) if row_shape == "[N]" else (1, 70)).astype(np.float32))
+    mx.eval(a, b, bias)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    y = prim.bf16_matmul(a, b, bias)
+    mx.eval(y)
+    assert mx.get_peak_memory() - before == y.nbytes  # only the output
+    assert same_bits(y, prim.bf16_matmul(a, b) + bias)
+    exact = bf16_rounded(a) @ bf16_rounded(b) + np.asarray(bias, np.float64)
+    assert relative_error(y, exact) < 1e-6
+
+
 def _strided_operands(layout: str):
     """(a as passed, b as passed, a's values, b's values) for a layout of the operands."""
     rng = np.random.default_rng(11)

@@ -32,9 +32,9 @@ int mobileo_bf16_amx_available(void) { return 0; }
 const char *mobileo_bf16_gemm_kernel(void) { return "none"; }
 void mobileo_bf16_release(void) {}
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float beta, float *c, int ldc) {
+                      int ldb, float beta, float *c, int ldc, const float *bias) {
   (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)beta;
-  (void)c, (void)ldc;
+  (void)c, (void)ldc, (void)bias;
   return -1;
 }
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
@@ -661,12 +661,12 @@ static int run_gemm(struct gemm g) {
 }
 
 /* The graph node's product (primitives.cpp): every size, A transposed or not (a scalar
- * packing loop then). -1: no AVX512-BF16, or no memory. */
+ * packing loop then), a bias row (or NULL) added as C is stored. -1: no AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float beta, float *c, int ldc) {
+                      int ldb, float beta, float *c, int ldc, const float *bias) {
   if (m < 1 || n < 1 || k < 1 || !mobileo_bf16_gemm_supported()) return -1;
   const struct gemm g = {.m = m, .n = n, .k = k, .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a != 0,
-                         .trans_b = trans_b != 0, .alpha = 1.0f, .beta = beta, .c = c, .ldc = ldc};
+                         .trans_b = trans_b != 0, .alpha = 1.0f, .beta = beta, .c = c, .ldc = ldc, .bias = bias};
   return run_gemm(g);
 }
 

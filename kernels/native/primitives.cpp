@@ -344,26 +344,31 @@ void gather(const float *x, const mx::Shape &shape, const mx::Strides &strides, 
 
 class Bf16Matmul : public Kernel {
  public:
-  using Kernel::Kernel;
+  // bias_row: the third input is a row [N] added in the kernel's store, not a full [M, N] addend
+  Bf16Matmul(mx::Stream stream, bool bias_row) : Kernel(stream), bias_row_(bias_row) {}
   const char *name() const override { return "MobileoBf16Matmul"; }
-  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return bias_row_ == static_cast<const Bf16Matmul &>(other).bias_row_;
+  }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     return {{(int)(inputs[0].size() / inputs[1].shape(0)), inputs[1].shape(1)}};
   }
 
-  // inputs: a [..., K], b [K, N] (, c [M, N]); [c +] the products of the bfloat16-rounded
-  // operands, summed in float32, as [M, N]
+  // inputs: a [..., K], b [K, N] (, c [M, N] or a bias row [N]); [c +] the products of the
+  // bfloat16-rounded operands, summed in float32, as [M, N] (+ bias)
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
     auto product = mx::matmul(mx::reshape(rounded(in[0]), {-1, in[1].shape(0)}, s), rounded(in[1]), s);
-    return {in.size() > 2 ? mx::add(in[2], product, s) : product};
+    if (in.size() < 3) return {product};
+    return {bias_row_ ? mx::add(product, in[2], s) : mx::add(in[2], product, s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &a = inputs[0], &b = inputs[1];
     auto &out = outputs[0];
-    const bool accumulate = inputs.size() > 2;
+    const bool accumulate = inputs.size() > 2 && !bias_row_;
+    const float *bias = inputs.size() > 2 && bias_row_ ? inputs[2].data<float>() : nullptr;
     if (accumulate && inputs[2].is_donatable()) {
       out.copy_shared_buffer(inputs[2]);  // c is row-contiguous [M, N] (mx::contiguous in the op)
     } else {
@@ -381,16 +386,20 @@ class Bf16Matmul : public Kernel {
     };
     enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy = staging(a, left),
                   b_data = b.data<float>(), b_shape = b.shape(), b_strides = b.strides(), b_copy = staging(b, right),
-                  result = out.data<float>(), addend = accumulate ? inputs[2].data<float>() : nullptr, m, n, k,
-                  left, right]() {
+                  result = out.data<float>(), addend = accumulate ? inputs[2].data<float>() : nullptr, bias, m, n,
+                  k, left, right]() {
       if (a_copy != nullptr) gather(a_data, a_shape, a_strides, a_copy, (size_t)m * k);
       if (b_copy != nullptr) gather(b_data, b_shape, b_strides, b_copy, (size_t)k * n);
       if (addend != nullptr && addend != result) std::memcpy(result, addend, (size_t)m * n * sizeof(float));
       if (mobileo_bf16_gemm(left.trans, right.trans, m, n, k, a_copy ? a_copy : a_data, (int)left.ld,
-                            b_copy ? b_copy : b_data, (int)right.ld, addend != nullptr ? 1.0f : 0.0f, result, n) != 0)
+                            b_copy ? b_copy : b_data, (int)right.ld, addend != nullptr ? 1.0f : 0.0f, result, n,
+                            bias) != 0)
         throw std::runtime_error("MobileoBf16Matmul: no AVX512-BF16 here, or out of memory");
     });
   }
+
+ private:
+  bool bias_row_;
 };
 
 mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optional<mx::array> &c,
@@ -407,11 +416,18 @@ mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optiona
   shape.back() = n;
   // a and b as they are: the node reads them in place through their strides, or gathers them
   Arrays inputs = {a, b};
+  // c that is one row repeated (a Linear layer's bias): added after the sums as the kernel stores
+  // C, with no [M, N] copy of it and no pass over C before the product
+  bool bias_row = false;
   if (c) {
-    // c broadcast to the product's shape, as one row-contiguous [M, N] block (no copy when it is one)
-    inputs.push_back(mx::contiguous(mx::reshape(mx::broadcast_to(*c, shape, stream), {m, n}, stream), false, stream));
+    bias_row = c->ndim() >= 1 && c->ndim() <= shape.size() && c->shape(-1) == n && c->size() == (size_t)n;
+    if (bias_row)
+      inputs.push_back(mx::contiguous(mx::reshape(*c, {n}, stream), false, stream));
+    else  // c broadcast to the product's shape, as one row-contiguous [M, N] block (no copy when it is one)
+      inputs.push_back(
+          mx::contiguous(mx::reshape(mx::broadcast_to(*c, shape, stream), {m, n}, stream), false, stream));
   }
-  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream), std::move(inputs));
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream, bias_row), std::move(inputs));
   return mx::reshape(product, shape, stream);
 }
 
