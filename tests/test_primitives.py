@@ -324,9 +324,9 @@ def q8_weight(values, scales, biases, group_size: int = 64) -> np.ndarray:
     return product + biases[groups]
 
 
-def q8_exact(x, values, scales, biases, row) -> np.ndarray:
+def q8_exact(x, values, scales, biases, row, group_size: int = 64) -> np.ndarray:
     """float64 product of the bf16-rounded x and float32 W, plus the bias."""
-    product = bf16_rounded(x) @ bf16_rounded(q8_weight(values, scales, biases))
+    product = bf16_rounded(x) @ bf16_rounded(q8_weight(values, scales, biases, group_size))
     return product if row is None else product + row.astype(np.float64)
 
 
@@ -362,6 +362,18 @@ def test_bf16_matmul_q8_equals_its_twin_and_float64(shape, bias):
     if shape[1] * shape[2] >= 100:  # the dequantized weight is really rounded to bfloat16
         float32_product = x.astype(np.float64) @ q8_weight(values, scales, biases).astype(np.float64)
         assert relative_error(float32_product, exact) > 1e-4
+
+
+@needs_bf16
+@pytest.mark.parametrize("group_size", [3, 32, 128])
+def test_bf16_matmul_q8_other_group_sizes(group_size):
+    """Any group size dividing K, an odd one too (a k pair then straddles two groups)."""
+    k = 4 * group_size if group_size > 3 else 21
+    x, values, scales, biases, row = q8_operands(9, k, 37, True, seed=group_size, group_size=group_size)
+    args = [mx.array(v) for v in (x, values, scales, biases)]
+    y = prim.bf16_matmul_q8(*args, group_size, mx.array(row))
+    assert same_bits(y, q8_twin(*args, mx.array(row), group_size))
+    assert relative_error(y, q8_exact(x, values, scales, biases, row, group_size)) < 1e-6
 
 
 @needs_bf16

@@ -185,13 +185,11 @@ BF16_TARGET static inline void transpose16(__m512i rows[16]) {
   }
 }
 
-/* Row k, columns col0 .. col0 + 16 (mask: those before N) of the 8-bit B dequantized in float32:
- * value * scale, then + bias, two roundings, as the plain MLX form computes it (this file is built
- * without fused multiply-adds). Columns past N are zero. */
-BF16_TARGET static inline __m512 dequantized_row(const struct gemm *g, int k, int col, __mmask16 mask) {
-  const size_t group = (size_t)(k / g->q_group) * g->n + col;
-  const __m512 scale = _mm512_maskz_loadu_ps(mask, g->q_scales + group);
-  const __m512 bias = _mm512_maskz_loadu_ps(mask, g->q_biases + group);
+/* Row k, columns col .. col + 16 (mask: those before N) of the 8-bit B dequantized in float32
+ * with its group's scale and bias: value * scale, then + bias, two roundings, as the plain MLX
+ * form computes it (this file is built without fused multiply-adds). Columns past N are zero. */
+BF16_TARGET static inline __m512 dequantized_row(const struct gemm *g, int k, int col, __mmask16 mask, __m512 scale,
+                                                 __m512 bias) {
   const __m128i bytes = _mm_maskz_loadu_epi8(mask, g->q_values + (size_t)k * g->n + col);
   const __m512 value = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
   return _mm512_add_ps(_mm512_mul_ps(value, scale), bias);
@@ -206,9 +204,21 @@ BF16_TARGET static void pack_b_q8(const struct gemm *g, int panel, uint32_t *dst
                               cols >= 32 ? (__mmask16)0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1)};
   for (int kp = 0; kp < g->k2; kp++)
     for (int half = 0; half < 2; half++) {
-      const int col = col0 + 16 * half;
-      const __m512 lo = dequantized_row(g, 2 * kp, col, masks[half]);
-      const __m512 hi = 2 * kp + 1 < g->k ? dequantized_row(g, 2 * kp + 1, col, masks[half]) : _mm512_setzero_ps();
+      const int col = col0 + 16 * half, k0 = 2 * kp;
+      const __mmask16 mask = masks[half];
+      const size_t group = (size_t)(k0 / g->q_group) * g->n + col;
+      __m512 scale = _mm512_maskz_loadu_ps(mask, g->q_scales + group);
+      __m512 bias = _mm512_maskz_loadu_ps(mask, g->q_biases + group);
+      const __m512 lo = dequantized_row(g, k0, col, mask, scale, bias);
+      __m512 hi = _mm512_setzero_ps();
+      if (k0 + 1 < g->k) {
+        if ((k0 + 1) % g->q_group == 0) {  /* an odd group size: the pair straddles two groups */
+          const size_t next = group + (size_t)g->n;
+          scale = _mm512_maskz_loadu_ps(mask, g->q_scales + next);
+          bias = _mm512_maskz_loadu_ps(mask, g->q_biases + next);
+        }
+        hi = dequantized_row(g, k0 + 1, col, mask, scale, bias);
+      }
       _mm512_storeu_si512((void *)(dst + (size_t)kp * NR + 16 * half), interleave_rows(lo, hi));
     }
 }
