@@ -533,6 +533,12 @@ def test_gradients_and_vmap_go_through_the_plain_formula():
         for got, want in zip(mx.grad(lambda p, q: prim.bf16_matmul(p, q).sum(), argnums=(0, 1))(a, b),
                              mx.grad(lambda p, q: prim.bf16_matmul_reference(p, q).sum(), argnums=(0, 1))(a, b)):
             assert relative_error(got, want) < 1e-6
+        u, values, scales, biases, row = (mx.array(v) for v in q8_operands(8, 128, 40, True, seed=13))
+        got = mx.grad(lambda p: prim.bf16_matmul_q8(p, values, scales, biases, 64, row).sum())(u)
+        want = mx.grad(lambda p: prim.bf16_matmul_q8_reference(p, values, scales, biases, 64, row).sum())(u)
+        assert relative_error(got, want) < 1e-6
+        batched = mx.vmap(lambda p: prim.bf16_matmul_q8(p, values, scales, biases, 64, row))(u.reshape(2, 4, 128))
+        assert relative_error(batched.reshape(8, 40), prim.bf16_matmul_q8(u, values, scales, biases, 64, row)) < 1e-6
 
 
 # ---------------------------------------------------------------------------------- fallbacks
