@@ -9,7 +9,7 @@ the rest of the graph. ``mx.grad`` / ``mx.jvp`` / ``mx.vmap`` work too: they tra
 kernel's plain-MLX formula (the C has no derivative of its own).
 
 Each kernel has a plain-MLX twin beside it (``gelu_reference``, ``kernels.depthwise.shift_add``,
-``mx.quantized_matmul``, ``bf16_matmul_reference``) and a ``*_supported`` check of the dtypes
+``mx.quantized_matmul``, ``bf16_matmul_reference``, ``bf16_matmul_q8_reference``) and a ``*_supported`` check of the dtypes
 and shapes it takes; the CPU backend (``mobileo_mlx.backends.cpu``) chooses between them, and
 takes the twin under ``MOBILEO_MLX_KERNELS=twin``, and where the extension is missing (no C++
 compiler when the package was built) or was built against another MLX (its C++ ABI is not
@@ -195,6 +195,47 @@ def bf16_matmul(a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array
     return extension().bf16_matmul(a, b, c=c)
 
 
+# ---------------------------------------------------------------- bfloat16 GEMM, 8-bit weights
+def dequantize_k_major_reference(values: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    """W [K, N] = values * scales + biases for K-major 8-bit values [K, N] (uint8), scales and biases
+    [K / group_size, N], in float32 MLX operations (the product, then the bias: two roundings)."""
+    groups, outputs = scales.shape
+    grouped = values.reshape(groups, group_size, outputs).astype(mx.float32)
+    return (grouped * scales[:, None, :] + biases[:, None, :]).reshape(groups * group_size, outputs)
+
+
+def bf16_matmul_q8_reference(x: mx.array, values: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                             bias: mx.array | None = None) -> mx.array:
+    """What :func:`bf16_matmul_q8` computes, in MLX operations: the weight dequantized, the
+    products of the bfloat16-rounded operands summed in float32, then the bias."""
+    product = bf16_matmul_reference(x, dequantize_k_major_reference(values, scales, biases, group_size))
+    return product if bias is None else product + bias
+
+
+def bf16_matmul_q8_supported(x: mx.array, values: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                             bias: mx.array | None = None) -> bool:
+    """Whether :func:`bf16_matmul_q8` takes these operands (its twin: :func:`bf16_matmul_q8_reference`)."""
+    if not (bf16_supported() and x.ndim >= 1 and values.ndim == 2 and values.dtype == mx.uint8
+            and _float32(x, scales, biases, bias)):
+        return False
+    k, n = values.shape
+    return (x.shape[-1] == k and x.size > 0 and n > 0 and group_size > 0 and k % group_size == 0
+            and scales.shape == biases.shape == (k // group_size, n) and (bias is None or bias.shape == (n,)))
+
+
+def bf16_matmul_q8(x: mx.array, values: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                   bias: mx.array | None = None) -> mx.array:
+    """``x @ W [+ bias]`` for float32 x [..., K] and W [K, N] stored K-major in 8 bits
+    (``values * scales + biases``: values [K, N] uint8, scales and biases [K / group_size, N]),
+    with bfloat16 products and float32 sums, by the AMX or AVX512-BF16 GEMM: each panel of W is
+    dequantized and rounded to bfloat16 as the kernel packs it (no float32 W is ever made) and
+    the bias row is added as the result is stored. The bits of :func:`bf16_matmul` on the
+    dequantized W followed by ``+ bias``."""
+    if bias is None:
+        return extension().bf16_matmul_q8(x, values, scales, biases, group_size)
+    return extension().bf16_matmul_q8(x, values, scales, biases, group_size, bias=bias)
+
+
 def status() -> str:
     """One line for ``mobileo-mlx doctor``."""
     reason = unavailable_reason()
@@ -205,8 +246,9 @@ def status() -> str:
 
 
 __all__ = [
-    "MAX_ROWS", "available", "bf16_kernel", "bf16_matmul", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
-    "dequantize", "dequantize_supported",
+    "MAX_ROWS", "available", "bf16_kernel", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
+    "bf16_matmul_q8_supported", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
+    "dequantize", "dequantize_k_major_reference", "dequantize_supported",
     "depthwise_conv2d", "depthwise_supported", "extension", "gelu", "gelu_reference", "gelu_supported",
     "quantized_gemv", "quantized_gemv_supported", "status", "unavailable_reason",
 ]

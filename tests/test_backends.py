@@ -25,7 +25,7 @@ from tests.helpers import relative_error
 on_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's forms")
 needs_bf16 = pytest.mark.skipif(backends.bf16_unavailable_reason() is not None,
                                 reason=f"bf16 CPU matmuls unavailable here: {backends.bf16_unavailable_reason()}")
-NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul")
+NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul", "MobileoBf16MatmulQ8")
 
 # Small configs of every component.
 SMALL_CONFIGS = {
@@ -424,6 +424,38 @@ def test_bf16_forms_round_the_operands_of_their_products(monkeypatch):
     monkeypatch.setenv(backends.KERNELS_ENV, "auto")
     monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 30 * 64 * 48 + 1)  # small products stay float32
     assert same_bits(fast(x), linear(x))
+
+
+@on_cpu
+@needs_bf16
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+def test_bf16_k_major_layers_take_the_8bit_node(monkeypatch, bias):
+    """The DiT's 8-bit layers with bf16 products run the 8-bit GEMM node (no float32 weight): the
+    bits of the form it replaced (the weight dequantized, the float bf16 node, then the bias), close
+    to the plain QuantizedLinear; twin mode keeps the MLX form, small products stay float32."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    reference = nn.QuantizedLinear.from_linear(randomized(nn.Linear(192, 80, bias=bias), seed=9), group_size=64,
+                                               bits=8)
+    holder = nn.Module()
+    holder.layers = [rebuild(reference)]
+    backends.accelerate(holder, "dit", matmul="bf16")
+    layer = holder.layers[0]
+    assert type(layer) is quantized.Bf16KMajorQuantizedLinear and layer.k_major
+    for shape in ((9, 192), (2, 150, 192), (1, 192)):
+        x = mx.random.normal(shape, key=mx.random.key(shape[0]))
+        out = layer(x)
+        assert nodes(out) == {"MobileoBf16MatmulQ8"}
+        weight = quantized.dequantize_k_major(layer.weight, layer.scales, layer.biases, 64)
+        replaced = primitives.bf16_matmul(x, weight)
+        assert same_bits(out, replaced + layer.bias if bias else replaced)
+        assert 1e-6 < relative_error(out, reference(x)) < 1e-2
+        monkeypatch.setenv(backends.KERNELS_ENV, "twin")
+        twin = layer(x)
+        assert not nodes(twin) and relative_error(out, twin) < 1e-6
+        monkeypatch.setenv(backends.KERNELS_ENV, "auto")
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 9 * 192 * 80 + 1)  # small products stay float32
+    x = mx.random.normal((9, 192), key=mx.random.key(1))
+    assert not nodes(layer(x)) and relative_error(layer(x), reference(x)) < 1e-5
 
 
 @on_cpu

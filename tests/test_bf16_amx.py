@@ -4,7 +4,7 @@ the node equals the float64 product of the bf16-rounded operands for every tail 
 (M, N, K not multiples of 16 / 32, K odd, K < 32, one row, a transposed ``b`` as the Linear layers
 pass ``W.T``, a transposed ``a``, the accumulating ``c`` form, several B panel blocks), and agrees
 with the AVX512-BF16 kernel; the choice is what ``primitives.bf16_kernel`` and the products
-counter say."""
+counter say. The 8-bit node (``bf16_matmul_q8``) is checked on both kernels the same way."""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mobileo_mlx.kernels import primitives as prim
-from tests.test_primitives import bf16_rounded, relative_error
+from tests.test_primitives import bf16_rounded, q8_exact, q8_operands, q8_twin, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,19 @@ CASES = [
 ]
 
 
+# The 8-bit node (rows of x, K, N, bias): M and N tails, one row, the DiT's shapes
+Q8_CASES = [
+    (1, 64, 1, False),
+    (1, 1152, 1152, True),
+    (17, 192, 45, True),
+    (70, 1152, 100, False),
+    (512, 1152, 1152, True),     # the DiT's attention at a CFG pair of 256 tokens
+    (200, 128, 96, True),        # many rows, a small B: the AMX parts split the rows
+    (2048, 2880, 40, True),      # the DiT's FFN out K, 2048 rows
+    (2048, 256, 520, False),     # 17 panels: more than one block
+]
+
+
 def case_operands(index: int):
     """The operands of CASES[index] as NumPy float32 (a, b, c or None), the same in every process."""
     m, k, n, _, addend = CASES[index]
@@ -84,6 +97,15 @@ def run_cases(folder: str) -> None:
         mx.eval(y)
         amx_products.append(extension.bf16_amx_products_done() - before)
         np.save(os.path.join(folder, f"{index}.npy"), np.array(y))
+    for index, (m, k, n, bias) in enumerate(Q8_CASES):
+        args = [None if v is None else mx.array(v) for v in q8_operands(m, k, n, bias, seed=200 + index)]
+        before = extension.bf16_amx_products_done()
+        y = prim.bf16_matmul_q8(*args[:4], 64, args[4])
+        twin = q8_twin(*args)
+        mx.eval(y, twin)
+        amx_products.append(extension.bf16_amx_products_done() - before)
+        np.save(os.path.join(folder, f"q8-{index}.npy"), np.array(y))
+        np.save(os.path.join(folder, f"q8-twin-{index}.npy"), np.array(twin))
     large = prim.bf16_matmul(mx.random.normal((256, 256)), mx.random.normal((256, 256)))
     before = extension.bf16_amx_products_done()
     mx.eval(large)
@@ -101,6 +123,8 @@ def products(choice: str, folder: Path) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     report["outputs"] = [np.load(folder / f"{index}.npy") for index in range(len(CASES))]
+    report["q8"] = [np.load(folder / f"q8-{index}.npy") for index in range(len(Q8_CASES))]
+    report["q8 twin"] = [np.load(folder / f"q8-twin-{index}.npy") for index in range(len(Q8_CASES))]
     return report
 
 
@@ -139,3 +163,23 @@ def test_the_choice_is_read_once_per_process_and_reported(both, tmp_path):
     auto = products("auto", tmp_path / "auto")  # the default: AMX where it runs
     assert auto["kernel"] == "amx"
     assert auto["large_on_amx"] == 1
+
+
+@pytest.mark.parametrize("index", range(len(Q8_CASES)), ids=lambda i: "x".join(map(str, Q8_CASES[i][:3])) + (
+    "-bias" if Q8_CASES[i][3] else ""))
+def test_the_8bit_node_on_both_kernels(both, index):
+    """bf16_matmul_q8 pinned to each kernel: the bits of the float node on the dequantized weight
+    plus the bias (its twin, the same kernel), the float64 product of the rounded operands, and the
+    other kernel's result, to float32 summation error."""
+    amx, avx512 = both["amx"], both["avx512"]
+    assert amx["amx_products"][len(CASES) + index] == 2  # the node's product and its twin's, on the tiles
+    assert avx512["amx_products"][len(CASES) + index] == 0
+    m, k, n, bias = Q8_CASES[index]
+    want = q8_exact(*q8_operands(m, k, n, bias, seed=200 + index))
+    tolerance = 2e-6 if k <= 1152 else 4e-6  # float32 sums over K (the register tile's running sum)
+    for run in (amx, avx512):
+        got = run["q8"][index]
+        assert got.shape == want.shape
+        assert np.array_equal(got.view(np.uint32), run["q8 twin"][index].view(np.uint32))
+        assert relative_error(got, want) < tolerance
+    assert relative_error(amx["q8"][index], avx512["q8"][index]) < tolerance

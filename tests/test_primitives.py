@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mobileo_mlx.backends.cpu import layers
+from mobileo_mlx.backends.cpu import quantized as cpu_quantized
 from mobileo_mlx.backends.cpu.activations import gelu as gelu_fast
 from mobileo_mlx.kernels import depthwise as dw
 from mobileo_mlx.kernels import primitives as prim
@@ -34,7 +35,8 @@ pytestmark = [
 needs_bf16 = pytest.mark.skipif(prim.extension() is None or not prim.extension().bf16_supported(),
                                 reason="this CPU has no AVX512-BF16")
 
-NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoDequantize", "MobileoBf16Matmul")
+NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoDequantize", "MobileoBf16Matmul",
+         "MobileoBf16MatmulQ8")
 
 
 def test_the_extension_is_there():
@@ -256,6 +258,27 @@ def test_bf16_matmul_accumulates_into_c(addend):
     assert relative_error(prim.bf16_matmul_reference(mx.array(a), mx.array(b), c_in), exact) < 1e-6
 
 
+@needs_bf16
+@pytest.mark.parametrize("row_shape", ["[N]", "[1, N]"])
+def test_bf16_matmul_adds_a_bias_row_as_it_stores_the_product(row_shape):
+    """A bias row (a Linear layer's) is added after the sums as the kernel stores the result: the
+    bits of the product followed by ``+ bias``, and no [M, N] copy of the row is made."""
+    rng = np.random.default_rng(12)
+    a = mx.array(rng.standard_normal((300, 192)).astype(np.float32))
+    b = mx.array(rng.standard_normal((192, 70)).astype(np.float32))
+    bias = mx.array(rng.standard_normal((70,) if row_shape == "[N]" else (1, 70)).astype(np.float32))
+    mx.eval(a, b, bias)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    y = prim.bf16_matmul(a, b, bias)
+    mx.eval(y)
+    assert mx.get_peak_memory() - before == y.nbytes  # only the output
+    assert same_bits(y, prim.bf16_matmul(a, b) + bias)
+    exact = bf16_rounded(a) @ bf16_rounded(b) + np.asarray(bias, np.float64)
+    assert relative_error(y, exact) < 1e-6
+
+
 def _strided_operands(layout: str):
     """(a as passed, b as passed, a's values, b's values) for a layout of the operands."""
     rng = np.random.default_rng(11)
@@ -311,6 +334,122 @@ def test_bf16_matmul_reads_a_window_without_copying_it():
     y = prim.bf16_matmul(rows[:, 1000:4000], weight.T)
     mx.eval(y)
     assert mx.get_peak_memory() - before == y.nbytes  # only the output: the window was not copied
+
+
+# ------------------------------------------------------------- bfloat16 GEMM, 8-bit weights
+def q8_operands(m: int, k: int, n: int, bias: bool, seed: int = 0, group_size: int = 64):
+    """NumPy operands of an 8-bit K-major layer: x [m, k], values [k, n] uint8, scales and biases
+    [k / group_size, n] (as a converted layer holds them), the bias row or None."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    values = rng.integers(0, 256, (k, n), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, (k // group_size, n)).astype(np.float32)
+    biases = (-128 * scales * rng.uniform(0.8, 1.2, scales.shape)).astype(np.float32)
+    row = rng.standard_normal(n).astype(np.float32) if bias else None
+    return x, values, scales, biases, row
+
+
+def q8_weight(values, scales, biases, group_size: int = 64) -> np.ndarray:
+    """W [K, N] = values * scales + biases in float32 (NumPy: each operation rounded once)."""
+    groups = np.arange(values.shape[0]) // group_size
+    product = values.astype(np.float32) * scales[groups]
+    return product + biases[groups]
+
+
+def q8_exact(x, values, scales, biases, row, group_size: int = 64) -> np.ndarray:
+    """float64 product of the bf16-rounded x and float32 W, plus the bias."""
+    product = bf16_rounded(x) @ bf16_rounded(q8_weight(values, scales, biases, group_size))
+    return product if row is None else product + row.astype(np.float64)
+
+
+def q8_twin(x, values, scales, biases, row, group_size: int = 64) -> mx.array:
+    """The form the node replaces: the weight dequantized whole, the float bf16 node, then the bias."""
+    y = prim.bf16_matmul(x, cpu_quantized.dequantize_k_major(values, scales, biases, group_size))
+    return y if row is None else y + row
+
+
+Q8_SHAPES = [(1, 64, 1), (1, 1152, 1152), (5, 128, 33), (33, 192, 45), (70, 1152, 100), (300, 64, 97),
+             (2048, 128, 64), (2048, 1152, 36)]
+
+
+@needs_bf16
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+@pytest.mark.parametrize("shape", Q8_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_matmul_q8_equals_its_twin_and_float64(shape, bias):
+    """The node gives the bits of the float node on the dequantized weight followed by ``+ bias``
+    (the same kernel, the same order of sums), for M and N tails, and equals the float64 product of
+    the rounded operands to float32 summation error."""
+    x, values, scales, biases, row = q8_operands(*shape, bias, seed=sum(shape))
+    args = [mx.array(v) for v in (x, values, scales, biases)] + [None if row is None else mx.array(row)]
+    done = prim.extension().bf16_products_done()
+    y = prim.bf16_matmul_q8(*args[:4], 64, args[4])
+    assert nodes(y) == {"MobileoBf16MatmulQ8"}
+    mx.eval(y)
+    assert prim.extension().bf16_products_done() == done + 1  # the C kernel computed it
+    assert y.shape == (shape[0], shape[2])
+    assert same_bits(y, q8_twin(*args))
+    exact = q8_exact(x, values, scales, biases, row)
+    assert relative_error(y, exact) < 1e-6
+    assert relative_error(prim.bf16_matmul_q8_reference(*args[:4], 64, args[4]), exact) < 1e-6
+    if shape[1] * shape[2] >= 100:  # the dequantized weight is really rounded to bfloat16
+        float32_product = x.astype(np.float64) @ q8_weight(values, scales, biases).astype(np.float64)
+        assert relative_error(float32_product, exact) > 1e-4
+
+
+@needs_bf16
+@pytest.mark.parametrize("group_size", [3, 32, 128])
+def test_bf16_matmul_q8_other_group_sizes(group_size):
+    """Any group size dividing K, an odd one too (a k pair then straddles two groups)."""
+    k = 4 * group_size if group_size > 3 else 21
+    x, values, scales, biases, row = q8_operands(9, k, 37, True, seed=group_size, group_size=group_size)
+    args = [mx.array(v) for v in (x, values, scales, biases)]
+    y = prim.bf16_matmul_q8(*args, group_size, mx.array(row))
+    assert same_bits(y, q8_twin(*args, mx.array(row), group_size))
+    assert relative_error(y, q8_exact(x, values, scales, biases, row, group_size)) < 1e-6
+
+
+@needs_bf16
+@pytest.mark.parametrize("layout", ["batched", "transposed", "window"])
+def test_bf16_matmul_q8_reads_x_in_any_layout(layout):
+    x, values, scales, biases, row = q8_operands(70, 128, 45, True, seed=3)
+    weights = [mx.array(v) for v in (values, scales, biases)]
+    if layout == "batched":
+        x_in = mx.array(x).reshape(2, 35, 128)
+    elif layout == "transposed":
+        x_in = mx.array(np.ascontiguousarray(x.T)).T
+    else:
+        x_in = mx.array(np.concatenate([x, x], axis=1))[:, 64:192]
+        x = np.concatenate([x, x], axis=1)[:, 64:192]
+    y = prim.bf16_matmul_q8(x_in, *weights, 64, mx.array(row))
+    assert y.shape == (*x_in.shape[:-1], 45)
+    assert relative_error(np.asarray(y).reshape(70, 45), q8_exact(x, values, scales, biases, row)) < 1e-6
+
+
+@needs_bf16
+def test_bf16_matmul_q8_builds_lazily_and_never_writes_its_inputs():
+    operands = [mx.array(v) for v in q8_operands(64, 256, 384, True, seed=4)]
+    built_lazily(lambda: operands, lambda x, v, s, b, row: prim.bf16_matmul_q8(x, v, s, b, 64, row))
+    copies = [np.array(v) for v in operands]
+    first = prim.bf16_matmul_q8(*operands[:4], 64, operands[4])
+    mx.eval(first)
+    assert all(same_bits(v, c) if v.dtype != mx.uint8 else np.array_equal(np.array(v), c)
+               for v, c in zip(operands, copies))
+    assert same_bits(prim.bf16_matmul_q8(*operands[:4], 64, operands[4]), first)
+    compiled = mx.compile(lambda *v: prim.bf16_matmul_q8(*v[:4], 64, v[4]) * 2.0)
+    assert same_bits(compiled(*operands), first * 2.0)
+
+
+@needs_bf16
+def test_what_the_q8_node_does_not_take_it_says():
+    x, values, scales, biases, row = (mx.array(v) for v in q8_operands(8, 128, 40, True))
+    assert prim.bf16_matmul_q8_supported(x, values, scales, biases, 64, row)
+    assert not prim.bf16_matmul_q8_supported(x, values, scales, biases, 48, row)  # 48 does not divide K
+    assert not prim.bf16_matmul_q8_supported(x[:, :100], values[:100], scales, biases, 64, row)  # K % 64
+    assert not prim.bf16_matmul_q8_supported(x, values.astype(mx.uint32), scales, biases, 64, row)
+    assert not prim.bf16_matmul_q8_supported(x.astype(mx.float16), values, scales, biases, 64, row)
+    assert not prim.bf16_matmul_q8_supported(x, values, scales, biases, 64, row[:39])
+    with pytest.raises(ValueError):
+        prim.bf16_matmul_q8(x, values, scales, biases, 48)
 
 
 # ---------------------------------------------------------------------------- graph behaviour
@@ -427,6 +566,12 @@ def test_gradients_and_vmap_go_through_the_plain_formula():
         for got, want in zip(mx.grad(lambda p, q: prim.bf16_matmul(p, q).sum(), argnums=(0, 1))(a, b),
                              mx.grad(lambda p, q: prim.bf16_matmul_reference(p, q).sum(), argnums=(0, 1))(a, b)):
             assert relative_error(got, want) < 1e-6
+        u, values, scales, biases, row = (mx.array(v) for v in q8_operands(8, 128, 40, True, seed=13))
+        got = mx.grad(lambda p: prim.bf16_matmul_q8(p, values, scales, biases, 64, row).sum())(u)
+        want = mx.grad(lambda p: prim.bf16_matmul_q8_reference(p, values, scales, biases, 64, row).sum())(u)
+        assert relative_error(got, want) < 1e-6
+        batched = mx.vmap(lambda p: prim.bf16_matmul_q8(p, values, scales, biases, 64, row))(u.reshape(2, 4, 128))
+        assert relative_error(batched.reshape(8, 40), prim.bf16_matmul_q8(u, values, scales, biases, 64, row)) < 1e-6
 
 
 # ---------------------------------------------------------------------------------- fallbacks

@@ -32,9 +32,16 @@ int mobileo_bf16_amx_available(void) { return 0; }
 const char *mobileo_bf16_gemm_kernel(void) { return "none"; }
 void mobileo_bf16_release(void) {}
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float beta, float *c, int ldc) {
+                      int ldb, float beta, float *c, int ldc, const float *bias) {
   (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)beta;
-  (void)c, (void)ldc;
+  (void)c, (void)ldc, (void)bias;
+  return -1;
+}
+int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
+                         const float *scales, const float *biases, int group_size, const float *bias, float *c,
+                         int ldc) {
+  (void)trans_a, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)values, (void)scales, (void)biases;
+  (void)group_size, (void)bias, (void)c, (void)ldc;
   return -1;
 }
 #else
@@ -78,6 +85,12 @@ struct gemm {
   int b_rows;                   /* rows of a packed B panel: k2, or k2 up to whole AMX chunks */
   const float *a, *b;
   int lda, ldb, trans_a, trans_b;
+  /* B as K-major 8-bit affine values instead (b unused): values [K][N] uint8, scales and
+   * biases [K / q_group][N]; NULL for a float B. */
+  const uint8_t *q_values;
+  const float *q_scales, *q_biases;
+  int q_group;
+  const float *bias;            /* a row [N] added to every row of C as it is stored, or NULL */
   float alpha, beta;
   float *c;
   int ldc;
@@ -172,8 +185,50 @@ BF16_TARGET static inline void transpose16(__m512i rows[16]) {
   }
 }
 
+/* Row k, columns col .. col + 16 (mask: those before N) of the 8-bit B dequantized in float32
+ * with its group's scale and bias: value * scale, then + bias, two roundings, as the plain MLX
+ * form computes it (this file is built without fused multiply-adds). Columns past N are zero. */
+BF16_TARGET static inline __m512 dequantized_row(const struct gemm *g, int k, int col, __mmask16 mask, __m512 scale,
+                                                 __m512 bias) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(mask, g->q_values + (size_t)k * g->n + col);
+  const __m512 value = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  return _mm512_add_ps(_mm512_mul_ps(value, scale), bias);
+}
+
+/* B panel p from the 8-bit values: no float32 B exists; each k pair is dequantized, rounded to
+ * bf16 and interleaved exactly as pack_b_rows does a float B holding the dequantized values. */
+BF16_TARGET static void pack_b_q8(const struct gemm *g, int panel, uint32_t *dst) {
+  const int col0 = panel * NR;
+  const int cols = g->n - col0 < NR ? g->n - col0 : NR;
+  const __mmask16 masks[2] = {cols >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cols) - 1),
+                              cols >= 32 ? (__mmask16)0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1)};
+  for (int kp = 0; kp < g->k2; kp++)
+    for (int half = 0; half < 2; half++) {
+      const int col = col0 + 16 * half, k0 = 2 * kp;
+      const __mmask16 mask = masks[half];
+      const size_t group = (size_t)(k0 / g->q_group) * g->n + col;
+      __m512 scale = _mm512_maskz_loadu_ps(mask, g->q_scales + group);
+      __m512 bias = _mm512_maskz_loadu_ps(mask, g->q_biases + group);
+      const __m512 lo = dequantized_row(g, k0, col, mask, scale, bias);
+      __m512 hi = _mm512_setzero_ps();
+      if (k0 + 1 < g->k) {
+        if ((k0 + 1) % g->q_group == 0) {  /* an odd group size: the pair straddles two groups */
+          const size_t next = group + (size_t)g->n;
+          scale = _mm512_maskz_loadu_ps(mask, g->q_scales + next);
+          bias = _mm512_maskz_loadu_ps(mask, g->q_biases + next);
+        }
+        hi = dequantized_row(g, k0 + 1, col, mask, scale, bias);
+      }
+      _mm512_storeu_si512((void *)(dst + (size_t)kp * NR + 16 * half), interleave_rows(lo, hi));
+    }
+}
+
 /* B panel p (columns p*NR ...) into dst [k2][NR] pairs; columns past N are zero. */
 BF16_TARGET static void pack_b_rows(const struct gemm *g, int panel, uint32_t *dst) {
+  if (g->q_values != NULL) {
+    pack_b_q8(g, panel, dst);
+    return;
+  }
   const int col0 = panel * NR;
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
   if (!g->trans_b && cols == NR) {
@@ -255,6 +310,10 @@ BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, con
       v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
       v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, c + 16), v1);
     }
+    if (g->bias != NULL) {  /* after the sum, as a separate addition of the bias would round */
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + col0));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + col0 + 16));
+    }
     _mm512_mask_storeu_ps(c, mask0, v0);
     _mm512_mask_storeu_ps(c + 16, mask1, v1);
   }
@@ -332,8 +391,9 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   const size_t a_next = (size_t)chunks * AMX_CHUNK_WORDS;
   const int rows = g->m - row0 < AMX_ROWS * a_tiles ? g->m - row0 : AMX_ROWS * a_tiles;
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
+  /* A bias row goes through the buffer too: added after the sums, in the store. */
   const int direct = rows == AMX_ROWS * a_tiles && cols == NR && g->alpha == 1.0f &&
-                     (g->beta == 0.0f || g->beta == 1.0f);
+                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL;
   float *c = g->c + (size_t)row0 * g->ldc + col0;
   float *c_low = c + (size_t)AMX_ROWS * g->ldc;
   const long c_stride = (long)g->ldc * (long)sizeof(float);
@@ -392,6 +452,10 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
     if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
       v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, out), v0);
       v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, out + 16), v1);
+    }
+    if (g->bias != NULL) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + col0));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + col0 + 16));
     }
     _mm512_mask_storeu_ps(out, mask0, v0);
     _mm512_mask_storeu_ps(out + 16, mask1, v1);
@@ -559,14 +623,15 @@ const char *mobileo_bf16_gemm_kernel(void) {
   return kernel() == KERNEL_AMX ? "amx" : "avx512-bf16";
 }
 
-/* Packs and multiplies; waits its turn for the packing buffers and the pool. */
-static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
-                    const float *b, int ldb, float beta, float *c, int ldc) {
+/* Packs and multiplies the product g describes (its operands, sizes and scalars set);
+ * waits its turn for the packing buffers and the pool. */
+static int run_gemm(struct gemm g) {
   const int amx = kernel() == KERNEL_AMX;
-  const int k2 = (k + 1) / 2;
-  struct gemm g = {.m = m, .n = n, .k = k, .k2 = k2, .b_rows = amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2,
-                   .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a, .trans_b = trans_b,
-                   .alpha = alpha, .beta = beta, .c = c, .ldc = ldc, .panels = (n + NR - 1) / NR};
+  const int m = g.m, n = g.n, k = g.k, k2 = (k + 1) / 2;
+  g.k2 = k2;
+  g.b_rows = amx ? (k2 + AMX_PAIRS - 1) / AMX_PAIRS * AMX_PAIRS : k2;
+  g.panels = (n + NR - 1) / NR;
+  g.packed_parts = 0;
   const int tile_rows = amx ? AMX_ROWS : MR, tiles = (m + tile_rows - 1) / tile_rows;
   const int threads = mobileo_pool_threads(0);
   const size_t panel_words = (size_t)g.b_rows * NR;
@@ -606,10 +671,25 @@ static int run_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, 
 }
 
 /* The graph node's product (primitives.cpp): every size, A transposed or not (a scalar
- * packing loop then). -1: no AVX512-BF16, or no memory. */
+ * packing loop then), a bias row (or NULL) added as C is stored. -1: no AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float beta, float *c, int ldc) {
+                      int ldb, float beta, float *c, int ldc, const float *bias) {
   if (m < 1 || n < 1 || k < 1 || !mobileo_bf16_gemm_supported()) return -1;
-  return run_gemm(trans_a != 0, trans_b != 0, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+  const struct gemm g = {.m = m, .n = n, .k = k, .a = a, .b = b, .lda = lda, .ldb = ldb, .trans_a = trans_a != 0,
+                         .trans_b = trans_b != 0, .alpha = 1.0f, .beta = beta, .c = c, .ldc = ldc, .bias = bias};
+  return run_gemm(g);
+}
+
+/* The 8-bit node's product (primitives.cpp): B dequantized from K-major 8-bit values as its
+ * panels are packed, the bias row (or NULL) added in the store. -1: no AVX512-BF16, a group
+ * size that does not divide K, or no memory. */
+int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
+                         const float *scales, const float *biases, int group_size, const float *bias, float *c,
+                         int ldc) {
+  if (m < 1 || n < 1 || k < 1 || group_size < 1 || k % group_size != 0 || !mobileo_bf16_gemm_supported()) return -1;
+  const struct gemm g = {.m = m, .n = n, .k = k, .a = a, .lda = lda, .trans_a = trans_a != 0, .q_values = values,
+                         .q_scales = scales, .q_biases = biases, .q_group = group_size, .bias = bias,
+                         .alpha = 1.0f, .beta = 0.0f, .c = c, .ldc = ldc};
+  return run_gemm(g);
 }
 #endif

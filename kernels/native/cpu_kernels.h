@@ -39,12 +39,22 @@ const char *mobileo_bf16_gemm_kernel(void);
 /* Frees the GEMM's packing buffers (kept between products, up to 256 MB). */
 void mobileo_bf16_release(void);
 
-/* c [m, n] = op(a) op(b) + beta c with bfloat16 operands and float32 sums (row-major; op transposes
- * when trans_* is set; c is not read when beta is 0) by AMX tiles or the AVX512-BF16 register tile
+/* c [m, n] = op(a) op(b) + beta c (+ bias) with bfloat16 operands and float32 sums (row-major; op
+ * transposes when trans_* is set; c is not read when beta is 0; bias: a row [n] added after the
+ * sums as c is stored, or NULL) by AMX tiles or the AVX512-BF16 register tile
  * (mobileo_bf16_gemm_kernel). Takes every size and waits its turn for the pool; -1: no
  * AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
-                      int ldb, float beta, float *c, int ldc);
+                      int ldb, float beta, float *c, int ldc, const float *bias);
+
+/* c [m, n] = op(a) W + bias for W [k, n] = values * scales + biases, K-major 8-bit affine:
+ * values [k][n] uint8, scales and biases [k / group_size][n] (row-major, group_size dividing k),
+ * bias a row [n] or NULL. Each B panel is dequantized in float32 and rounded to bfloat16 as it
+ * is packed (no float32 W), the bias added as C is stored: the bits mobileo_bf16_gemm gives on
+ * the dequantized W, plus the bias added after. -1: no AVX512-BF16, a bad group size, or no memory. */
+int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
+                         const float *scales, const float *biases, int group_size, const float *bias, float *c,
+                         int ldc);
 
 #ifdef __cplusplus
 }

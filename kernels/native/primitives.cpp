@@ -395,26 +395,31 @@ void gather(const float *x, const mx::Shape &shape, const mx::Strides &strides, 
 
 class Bf16Matmul : public Kernel {
  public:
-  using Kernel::Kernel;
+  // bias_row: the third input is a row [N] added in the kernel's store, not a full [M, N] addend
+  Bf16Matmul(mx::Stream stream, bool bias_row) : Kernel(stream), bias_row_(bias_row) {}
   const char *name() const override { return "MobileoBf16Matmul"; }
-  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return bias_row_ == static_cast<const Bf16Matmul &>(other).bias_row_;
+  }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     return {{(int)(inputs[0].size() / inputs[1].shape(0)), inputs[1].shape(1)}};
   }
 
-  // inputs: a [..., K], b [K, N] (, c [M, N]); [c +] the products of the bfloat16-rounded
-  // operands, summed in float32, as [M, N]
+  // inputs: a [..., K], b [K, N] (, c [M, N] or a bias row [N]); [c +] the products of the
+  // bfloat16-rounded operands, summed in float32, as [M, N] (+ bias)
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
     auto product = mx::matmul(mx::reshape(rounded(in[0]), {-1, in[1].shape(0)}, s), rounded(in[1]), s);
-    return {in.size() > 2 ? mx::add(in[2], product, s) : product};
+    if (in.size() < 3) return {product};
+    return {bias_row_ ? mx::add(product, in[2], s) : mx::add(in[2], product, s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &a = inputs[0], &b = inputs[1];
     auto &out = outputs[0];
-    const bool accumulate = inputs.size() > 2;
+    const bool accumulate = inputs.size() > 2 && !bias_row_;
+    const float *bias = inputs.size() > 2 && bias_row_ ? inputs[2].data<float>() : nullptr;
     if (accumulate && inputs[2].is_donatable()) {
       out.copy_shared_buffer(inputs[2]);  // c is row-contiguous [M, N] (mx::contiguous in the op)
     } else {
@@ -432,16 +437,20 @@ class Bf16Matmul : public Kernel {
     };
     enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy = staging(a, left),
                   b_data = b.data<float>(), b_shape = b.shape(), b_strides = b.strides(), b_copy = staging(b, right),
-                  result = out.data<float>(), addend = accumulate ? inputs[2].data<float>() : nullptr, m, n, k,
-                  left, right]() {
+                  result = out.data<float>(), addend = accumulate ? inputs[2].data<float>() : nullptr, bias, m, n,
+                  k, left, right]() {
       if (a_copy != nullptr) gather(a_data, a_shape, a_strides, a_copy, (size_t)m * k);
       if (b_copy != nullptr) gather(b_data, b_shape, b_strides, b_copy, (size_t)k * n);
       if (addend != nullptr && addend != result) std::memcpy(result, addend, (size_t)m * n * sizeof(float));
       if (mobileo_bf16_gemm(left.trans, right.trans, m, n, k, a_copy ? a_copy : a_data, (int)left.ld,
-                            b_copy ? b_copy : b_data, (int)right.ld, addend != nullptr ? 1.0f : 0.0f, result, n) != 0)
+                            b_copy ? b_copy : b_data, (int)right.ld, addend != nullptr ? 1.0f : 0.0f, result, n,
+                            bias) != 0)
         throw std::runtime_error("MobileoBf16Matmul: no AVX512-BF16 here, or out of memory");
     });
   }
+
+ private:
+  bool bias_row_;
 };
 
 mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optional<mx::array> &c,
@@ -458,11 +467,103 @@ mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optiona
   shape.back() = n;
   // a and b as they are: the node reads them in place through their strides, or gathers them
   Arrays inputs = {a, b};
+  // c that is one row repeated (a Linear layer's bias): added after the sums as the kernel stores
+  // C, with no [M, N] copy of it and no pass over C before the product
+  bool bias_row = false;
   if (c) {
-    // c broadcast to the product's shape, as one row-contiguous [M, N] block (no copy when it is one)
-    inputs.push_back(mx::contiguous(mx::reshape(mx::broadcast_to(*c, shape, stream), {m, n}, stream), false, stream));
+    bias_row = c->ndim() >= 1 && c->ndim() <= shape.size() && c->shape(-1) == n && c->size() == (size_t)n;
+    if (bias_row)
+      inputs.push_back(mx::contiguous(mx::reshape(*c, {n}, stream), false, stream));
+    else  // c broadcast to the product's shape, as one row-contiguous [M, N] block (no copy when it is one)
+      inputs.push_back(
+          mx::contiguous(mx::reshape(mx::broadcast_to(*c, shape, stream), {m, n}, stream), false, stream));
   }
-  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream), std::move(inputs));
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16Matmul>(stream, bias_row), std::move(inputs));
+  return mx::reshape(product, shape, stream);
+}
+
+// ---------------------------------------------------------------- bfloat16 GEMM, 8-bit weights
+// x @ W (+ bias) for W [K, N] = values * scales + biases in K-major 8-bit affine storage
+// (backends/cpu/quantized.py's KMajorQuantizedLinear): the C dequantizes each B panel as it packs
+// it, so no float32 W is ever made, and adds the bias row as it stores C.
+class Bf16MatmulQ8 : public Kernel {
+ public:
+  Bf16MatmulQ8(mx::Stream stream, int group_size) : Kernel(stream), group_size_(group_size) {}
+  const char *name() const override { return "MobileoBf16MatmulQ8"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return group_size_ == static_cast<const Bf16MatmulQ8 &>(other).group_size_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    return {{(int)(inputs[0].size() / inputs[1].shape(0)), inputs[1].shape(1)}};
+  }
+
+  // inputs: x [..., K], values [K, N] uint8, scales and biases [K / group, N] (, bias [N]);
+  // the products of the bfloat16-rounded operands, summed in float32, as [M, N] (+ bias)
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const int k = in[1].shape(0), n = in[1].shape(1), groups = k / group_size_;
+    auto grouped = mx::reshape(mx::astype(in[1], mx::float32, s), {groups, group_size_, n}, s);
+    auto weight = mx::reshape(mx::add(mx::multiply(grouped, mx::expand_dims(in[2], 1, s), s),
+                                      mx::expand_dims(in[3], 1, s), s),
+                              {k, n}, s);
+    auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
+    auto product = mx::matmul(mx::reshape(rounded(in[0]), {-1, k}, s), rounded(weight), s);
+    return {in.size() > 4 ? mx::add(product, in[4], s) : product};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &a = inputs[0], &values = inputs[1];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int k = values.shape(0), n = values.shape(1), m = (int)(a.size() / k);
+    const Operand left = operand_layout(a, m, k);
+    auto &enc = encoder(inputs, outputs);
+    float *a_copy = nullptr;
+    if (!left.in_place) {
+      mx::array copy(mx::allocator::malloc(a.nbytes()), a.shape(), mx::float32);
+      enc.add_temporary(copy);
+      a_copy = copy.data<float>();
+    }
+    enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy,
+                  weights = values.data<uint8_t>(), scales = inputs[2].data<float>(), biases = inputs[3].data<float>(),
+                  bias = inputs.size() > 4 ? inputs[4].data<float>() : nullptr, result = out.data<float>(), m, n, k,
+                  group = group_size_, left]() {
+      if (a_copy != nullptr) gather(a_data, a_shape, a_strides, a_copy, (size_t)m * k);
+      if (mobileo_bf16_gemm_q8(left.trans, m, n, k, a_copy ? a_copy : a_data, (int)left.ld, weights, scales, biases,
+                               group, bias, result, n) != 0)
+        throw std::runtime_error("MobileoBf16MatmulQ8: no AVX512-BF16 here, or out of memory");
+    });
+  }
+
+ private:
+  int group_size_;
+};
+
+mx::array bf16_matmul_q8(const mx::array &x, const mx::array &values, const mx::array &scales,
+                         const mx::array &biases, int group_size, const std::optional<mx::array> &bias,
+                         const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "bf16_matmul_q8");
+  require(mobileo_bf16_gemm_supported(), "mobileo bf16_matmul_q8: this CPU has no AVX512-BF16");
+  require(x.dtype() == mx::float32 && values.dtype() == mx::uint8 && scales.dtype() == mx::float32 &&
+              biases.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32),
+          "mobileo bf16_matmul_q8: float32 x, scales, biases and bias, uint8 values");
+  require(x.ndim() >= 1 && values.ndim() == 2 && x.shape(-1) == values.shape(0),
+          "mobileo bf16_matmul_q8: x [..., K] and values [K, N]");
+  const int k = values.shape(0), n = values.shape(1);
+  const int m = k > 0 ? (int)(x.size() / k) : 0;
+  require(m >= 1 && n >= 1 && k >= 1, "mobileo bf16_matmul_q8: empty product");
+  require(group_size >= 1 && k % group_size == 0, "mobileo bf16_matmul_q8: group_size must divide K");
+  const mx::Shape groups = {k / group_size, n};
+  require(scales.shape() == groups && biases.shape() == groups,
+          "mobileo bf16_matmul_q8: scales and biases [K / group_size, N]");
+  require(!bias || (bias->ndim() == 1 && bias->shape(0) == n), "mobileo bf16_matmul_q8: bias [N]");
+  auto shape = x.shape();
+  shape.back() = n;
+  // x as it is (read in place through its strides, or gathered); the weights row-contiguous
+  Arrays inputs = {x, mx::contiguous(values, false, stream), mx::contiguous(scales, false, stream),
+                   mx::contiguous(biases, false, stream)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16MatmulQ8>(stream, group_size), std::move(inputs));
   return mx::reshape(product, shape, stream);
 }
 
@@ -488,4 +589,6 @@ NB_MODULE(primitives_ext, m) {
         nb::arg("group_size"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("bf16_matmul", &bf16_matmul, nb::arg("a"), nb::arg("b"), nb::kw_only(), nb::arg("c").none() = nb::none(),
         nb::arg("stream") = nb::none());
+  m.def("bf16_matmul_q8", &bf16_matmul_q8, nb::arg("x"), nb::arg("values"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
 }

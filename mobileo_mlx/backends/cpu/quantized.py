@@ -10,7 +10,8 @@ thread:
   element-wise; both bit-identical to ``mx.dequantize``), then an ordinary GEMM; without the
   node, a prefill's large layers dequantize their two halves on the two streams first;
 * the DiT's and the VAE's 8-bit layers (never a handful of rows) store their weights K-major
-  (:class:`KMajorQuantizedLinear`), which dequantizes faster.
+  (:class:`KMajorQuantizedLinear`), which dequantizes faster; with bfloat16 products they take
+  the 8-bit GEMM node, which dequantizes each panel of the weight as it packs it.
 """
 
 from __future__ import annotations
@@ -140,6 +141,17 @@ class KMajorQuantizedLinear(QuantizedLinear):
     """8-bit weights stored K-major (see above), transposed once when swapped in."""
 
     k_major = False
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.k_major and self.products.bf16 and use_kernels():
+            values, scales, biases = self["weight"], self["scales"], self["biases"]
+            bias = self["bias"] if "bias" in self else None
+            rows = x.size // max(1, x.shape[-1])
+            # the 8-bit GEMM node: no float32 weight made, the bias added as the result is stored
+            if (rows * values.size >= tuning.BF16_MIN_PRODUCT
+                    and primitives.bf16_matmul_q8_supported(x, values, scales, biases, self.group_size, bias)):
+                return primitives.bf16_matmul_q8(x, values, scales, biases, self.group_size, bias)
+        return super().__call__(x)
 
     def prepare(self) -> None:
         if self.bits != 8 or self.k_major or not _affine(self) or sys.byteorder != "little":
