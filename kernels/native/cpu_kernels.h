@@ -1,6 +1,6 @@
 /* The entry points of the cpu_kernels library (quantized_gemv.c, bf16_gemm.c, gelu.c,
- * depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are float32 (the GEMV's
- * weights uint32), contiguous. */
+ * depthwise.c, gated_depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are
+ * float32 (the GEMV's weights uint32), contiguous. */
 #ifndef MOBILEO_CPU_KERNELS_H
 #define MOBILEO_CPU_KERNELS_H
 
@@ -40,6 +40,12 @@ void mobileo_bf16_release(void);
  * AVX512-BF16, or no memory. */
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
                       int ldb, float beta, float *c, int ldc);
+
+/* GLUMBConv's middle: out [B, H, W, C] = D[..., :C] * silu(D[..., C:]), D = depthwise conv of silu(h)
+ * (h [B, H, W, 2C]; taps [k, k, 2C], k odd, padding k / 2) + bias [2C] (or NULL); -1: shape not
+ * taken (C not a multiple of 8, k even), -2: no memory. */
+int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
+                            const float *bias, float *out);
 
 #ifdef __cplusplus
 }
