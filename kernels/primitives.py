@@ -249,6 +249,38 @@ __all__ = [
     "MAX_ROWS", "available", "bf16_kernel", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
     "bf16_matmul_q8_supported", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
     "dequantize", "dequantize_k_major_reference", "dequantize_supported",
-    "depthwise_conv2d", "depthwise_supported", "extension", "gelu", "gelu_reference", "gelu_supported",
-    "quantized_gemv", "quantized_gemv_supported", "status", "unavailable_reason",
+    "depthwise_conv2d", "depthwise_supported", "extension", "gated_depthwise", "gated_depthwise_reference",
+    "gated_depthwise_supported", "gelu", "gelu_reference", "gelu_supported", "quantized_gemv", "quantized_gemv_supported", "status", "unavailable_reason",
 ]
+
+
+# ------------------------------------------------------------------ GLUMBConv's gated depthwise
+def gated_depthwise_reference(h: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """GLUMBConv's middle in plain MLX: SiLU, the depthwise conv (stride 1, padding k // 2) + bias
+    over 2C channels, then values * SiLU(gates): h [B, H, W, 2C], weight [2C, k, k, 1] -> [B, H, W, C]."""
+    silu = lambda v: v * mx.sigmoid(v)  # noqa: E731  (nn.silu)
+    k = weight.shape[1]
+    d = mx.conv2d(silu(h), weight, padding=k // 2, groups=h.shape[-1])
+    if bias is not None:
+        d = d + bias
+    values, gates = mx.split(d, 2, axis=-1)
+    return values * silu(gates)
+
+
+def gated_depthwise_supported(h: mx.array, weight: mx.array, bias: mx.array | None = None) -> bool:
+    """Whether :func:`gated_depthwise` takes these (float32, C a multiple of 8, a square kernel
+    of odd size, one output channel per input channel)."""
+    if not (available() and h.ndim == 4 and weight.ndim == 4 and _float32(h, weight, bias)):
+        return False
+    channels, k = h.shape[-1], weight.shape[1]
+    return (channels > 0 and channels % 16 == 0 and weight.shape == (channels, k, k, 1) and k % 2 == 1
+            and (bias is None or bias.shape == (channels,)) and h.size > 0)
+
+
+def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """:func:`gated_depthwise_reference` by one native kernel (``native/gated_depthwise.c``): each
+    SiLU computed once, the 2C-channel conv output never written to memory. Bit for bit the CPU
+    backend's MLX form of it (``backends.cpu.layers.gated_depthwise`` under
+    ``MOBILEO_MLX_KERNELS=twin``); within a few float32 ulps of the plain formula."""
+    return extension().gated_depthwise(h, weight, bias)
+

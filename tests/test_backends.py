@@ -221,6 +221,27 @@ def test_glumbconv_cpu_form_matches_the_plain_module(batch):
 
 
 @on_cpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_glumbconv_cpu_form_takes_the_gated_node_and_computes_its_mlx_form(batch, monkeypatch):
+    """SANA's GLUMBConv and the DC-AE's (RMSNorm, residual): the middle is one native node where
+    C is a multiple of 8, bit for bit the MLX form the twin mode runs; other widths run that form."""
+    x = mx.random.normal((batch, 7, 5, 16), key=mx.random.key(10))
+    for plain, node in ((sana.GLUMBConv(16, 16, 2.5, None, False), True),  # C = 40
+                        (sana.GLUMBConv(16, 16, 4, "rms_norm", True), True),  # C = 64
+                        (sana.GLUMBConv(16, 16, 2.25, "rms_norm", True), False)):  # C = 36
+        randomized(plain, seed=4)
+        fast = backends.accelerate(rebuild(plain), "vae")
+        y = fast(x)
+        graph = io.StringIO()
+        mx.export_to_dot(graph, y)
+        assert ('"MobileoGatedDepthwise"' in graph.getvalue()) == (node and primitives.available())
+        assert relative_error(y, plain(x)) < 1e-5
+        with monkeypatch.context() as patch:
+            patch.setenv("MOBILEO_MLX_KERNELS", "twin")
+            assert same_bits(fast(x), y)
+
+
+@on_cpu
 def test_dcae_cpu_forms_match_the_plain_modules():
     x = mx.random.normal((2, 6, 5, 64), key=mx.random.key(11))
     for plain in (dcae.ResBlock(64, 64, "rms_norm", "silu"), dcae.ResBlock(64, 64, "rms_norm", "gelu"),

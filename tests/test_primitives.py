@@ -36,7 +36,7 @@ needs_bf16 = pytest.mark.skipif(prim.extension() is None or not prim.extension()
                                 reason="this CPU has no AVX512-BF16")
 
 NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoDequantize", "MobileoBf16Matmul",
-         "MobileoBf16MatmulQ8")
+         "MobileoBf16MatmulQ8", "MobileoGatedDepthwise")
 
 
 def test_the_extension_is_there():
@@ -682,3 +682,129 @@ print("twins ok")
     run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0 and "twins ok" in run.stdout, run.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- GLUMBConv's gated depthwise
+GATED = "MobileoGatedDepthwise"
+
+
+def has_gated_node(*outputs) -> bool:
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return f'"{GATED}"' in dot.getvalue()
+
+
+def gated_inputs(shape, k=3, bias_scale=1.0, seed=0):
+    """h [B, H, W, 2C] as a conv_inverted output, taps [2C, k, k, 1], bias [2C] (or None: scale 0)."""
+    rng = np.random.default_rng(seed)
+    h = mx.array((rng.standard_normal(shape) * 3).astype(np.float32))
+    w = mx.array((rng.standard_normal((shape[-1], k, k, 1)) * 0.3).astype(np.float32))
+    b = mx.array((rng.standard_normal(shape[-1]) * bias_scale).astype(np.float32)) if bias_scale else None
+    return h, w, b
+
+
+def gated_exact(h, w, b) -> np.ndarray:
+    """GLUMBConv's middle in float64 (NumPy)."""
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    k = w.shape[1]
+    d = conv_exact(silu(np.asarray(h, np.float64)), w, b, (1, 1), (k // 2, k // 2))
+    values, gates = np.split(d, 2, axis=-1)
+    return values * silu(gates)
+
+
+@pytest.mark.parametrize("shape, k, bias_scale", [
+    ((1, 5, 7, 16), 3, 1.0),  # C = 8, one vector
+    ((2, 6, 5, 48), 3, 1.0),
+    ((1, 1, 1, 32), 3, 1.0),  # every tap but the centre in the padding
+    ((2, 3, 9, 5760), 3, 1.0),  # the DiT's C = 2880 (the last block of 64 channels a partial one)
+    ((1, 17, 13, 144), 3, 8.0),  # odd sizes; biases that saturate the gate's SiLU
+    ((2, 11, 6, 272), 3, 0.0),  # no bias
+    ((1, 9, 10, 64), 5, 1.0),
+    ((2, 4, 7, 32), 1, 1.0),
+])
+def test_gated_depthwise_against_float64_and_its_twin(shape, k, bias_scale):
+    h, w, b = gated_inputs(shape, k, bias_scale, seed=shape[-1] + k)
+    y = prim.gated_depthwise(h, w, b)
+    assert has_gated_node(y)
+    exact = gated_exact(h, w, b)
+    assert y.shape == exact.shape == (*shape[:-1], shape[-1] // 2)
+    assert relative_error(y, exact) < 1e-6
+    assert relative_error(y, prim.gated_depthwise_reference(h, w, b)) < 1e-6  # the plain-MLX twin
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 16), (2, 6, 5, 48), (1, 9, 4, 400), (2, 8, 8, 1152)])
+def test_gated_depthwise_is_bit_identical_to_the_cpu_forms_mlx_path(shape, monkeypatch):
+    """The node sums what the CPU form's MLX kernels sum, in their order (fast SiLU, the
+    shift-and-add taps, bias last, glu_silu): batch halves (even batch) or channel halves."""
+    h, w, b = gated_inputs(shape, seed=len(shape) + shape[-1])
+    node = prim.gated_depthwise(h, w, b)
+    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
+    mlx_form = layers.gated_depthwise(h, w, b)
+    assert not has_gated_node(mlx_form)
+    assert same_bits(node, mlx_form)
+
+
+def test_gated_depthwise_of_special_values(monkeypatch):
+    h, w, b = gated_inputs((1, 6, 7, 32), seed=3)
+    special = np.array(h)
+    special[0, 0, 0, :8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 88.0, -88.5, -1e-30]  # value channels
+    special[0, 4, 5, 16:24] = [200.0, -200.0, 1e30, -1e30, 87.9, -87.9, 1e-40, -1e-40]  # gate channels
+    y = np.array(prim.gated_depthwise(mx.array(special), w, b))
+    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
+    mlx_form = np.array(layers.gated_depthwise(mx.array(special), w, b))
+    nan = np.isnan(y)
+    assert np.array_equal(nan, np.isnan(mlx_form)) and same_bits(y[~nan], mlx_form[~nan])  # NaN signs may differ
+    assert nan[0, :2, :2].any()  # the NaN and infinities reach the outputs that read them
+    special[0, 0, 0] = 0.0  # which rows 2 and below do not read
+    with np.errstate(over="ignore"):
+        exact = gated_exact(special, w, b)
+    assert np.isfinite(y[:, 2:]).all()
+    assert relative_error(y[:, 2:], exact[:, 2:]) < 1e-6
+
+
+def test_gated_depthwise_as_a_graph_node():
+    built_lazily(lambda: list(gated_inputs((2, 16, 16, 256))), lambda h, w, b: prim.gated_depthwise(h, w, b))
+    h, w, b = gated_inputs((2, 12, 10, 160), seed=4)
+    mx.eval(h, w, b)
+    copies = [np.array(v) for v in (h, w, b)]
+    expected = prim.gated_depthwise(h, w, b)
+    mx.eval(expected)
+    assert all(same_bits(v, c) for v, c in zip((h, w, b), copies))  # inputs never written
+    compiled = mx.compile(lambda *v: prim.gated_depthwise(*v) * 2.0)
+    assert same_bits(compiled(h, w, b), expected * 2.0)
+    first, second = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    with mx.stream(first):
+        a = prim.gated_depthwise(h, w, b)
+    with mx.stream(second):
+        c = prim.gated_depthwise(h[:1], w, b)
+    mx.eval(a, c)
+    assert same_bits(a, expected) and same_bits(c, expected[:1])
+    # transformations through the plain formula
+    grads = mx.grad(lambda *v: prim.gated_depthwise(*v).sum(), argnums=(0, 1, 2))(h, w, b)
+    plain = mx.grad(lambda *v: prim.gated_depthwise_reference(*v).sum(), argnums=(0, 1, 2))(h, w, b)
+    assert all(relative_error(g, p) < 1e-5 for g, p in zip(grads, plain))
+    batched = mx.vmap(lambda v: prim.gated_depthwise(v[None], w, b)[0])(h)
+    assert relative_error(batched, gated_exact(h, w, b)) < 1e-6
+
+
+def test_what_the_gated_depthwise_does_not_take_it_says():
+    h, w, b = gated_inputs((1, 6, 6, 32))
+    assert prim.gated_depthwise_supported(h, w, b) and prim.gated_depthwise_supported(h, w, None)
+    assert not prim.gated_depthwise_supported(h.astype(mx.float16), w, b)
+    assert not prim.gated_depthwise_supported(h, w, b.astype(mx.bfloat16))
+    h24, w24, b24 = gated_inputs((1, 6, 6, 24))  # C = 12, not a multiple of 8
+    assert not prim.gated_depthwise_supported(h24, w24, b24)
+    assert not prim.gated_depthwise_supported(h, mx.zeros((32, 4, 4, 1)), b)  # an even kernel
+    assert not prim.gated_depthwise_supported(h, mx.zeros((32, 3, 5, 1)), b)  # not square
+    assert not prim.gated_depthwise_supported(h, w, b[:16])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        prim.gated_depthwise(h24, w24, b24)
+
+
+def test_without_the_extension_the_glumbconv_middle_runs_in_mlx(monkeypatch):
+    h, w, b = gated_inputs((2, 6, 5, 48), seed=5)
+    node = prim.gated_depthwise(h, w, b)
+    monkeypatch.setattr(prim, "_extension", None)
+    monkeypatch.setattr(prim, "_error", "not built (simulated)")
+    y = layers.gated_depthwise(h, w, b)
+    assert not has_gated_node(y) and same_bits(y, node)

@@ -1,6 +1,6 @@
 /* The entry points of the cpu_kernels library (quantized_gemv.c, dequantize.c, bf16_gemm.c, gelu.c,
- * depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are float32 (the GEMV's
- * weights uint32), contiguous. */
+ * depthwise.c, gated_depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are
+ * float32 (the GEMV's weights uint32), contiguous. */
 #ifndef MOBILEO_CPU_KERNELS_H
 #define MOBILEO_CPU_KERNELS_H
 
@@ -55,6 +55,12 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
                          int ldc);
+
+/* GLUMBConv's middle: out [B, H, W, C] = D[..., :C] * silu(D[..., C:]), D = depthwise conv of silu(h)
+ * (h [B, H, W, 2C]; taps [k, k, 2C], k odd, padding k / 2) + bias [2C] (or NULL); -1: shape not
+ * taken (C not a multiple of 8, k even), -2: no memory. */
+int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
+                            const float *bias, float *out);
 
 #ifdef __cplusplus
 }

@@ -567,6 +567,76 @@ mx::array bf16_matmul_q8(const mx::array &x, const mx::array &values, const mx::
   return mx::reshape(product, shape, stream);
 }
 
+// ------------------------------------------------------------------ GLUMBConv's gated depthwise
+// inputs: h [B, H, W, 2C], taps [k, k, 2C] (, bias [2C]) -> D[..., :C] * silu(D[..., C:]) with
+// D = depthwise_conv(silu(h)) (+ bias), k odd, stride 1, padding k / 2
+class GatedDepthwise : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoGatedDepthwise"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() /= 2;
+    return {shape};
+  }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const auto &h = in[0], &taps = in[1];
+    const int channels = h.shape(3), k = taps.shape(0);
+    auto silu = [&](const mx::array &x) { return mx::multiply(x, mx::sigmoid(x, s), s); };
+    auto weight = mx::expand_dims(mx::transpose(taps, {2, 0, 1}, s), 3, s);  // [2C, k, k, 1]
+    auto d = mx::conv2d(silu(h), weight, {1, 1}, {k / 2, k / 2}, {1, 1}, channels, s);
+    if (in.size() > 2) d = mx::add(d, in[2], s);
+    auto halves = mx::split(d, 2, -1, s);
+    return {mx::multiply(halves[0], silu(halves[1]), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &h = inputs[0], &taps = inputs[1];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([source = h.data<float>(), weights = taps.data<float>(),
+                  bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr, result = out.data<float>(),
+                  batch = h.shape(0), height = h.shape(1), width = h.shape(2), hidden = out.shape(3),
+                  k = taps.shape(0)]() {
+      const int status = mobileo_gated_depthwise(source, batch, height, width, hidden, weights, k, bias, result);
+      if (status == -2) throw std::runtime_error("MobileoGatedDepthwise: out of memory");
+      if (status != 0) throw std::runtime_error("MobileoGatedDepthwise: shape not taken by the kernel");
+    });
+  }
+};
+
+mx::array gated_depthwise(const mx::array &h, const mx::array &weight, const std::optional<mx::array> &bias,
+                          const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "gated_depthwise");
+  require(h.ndim() == 4 && weight.ndim() == 4 && weight.shape(3) == 1,
+          "mobileo gated_depthwise: h [B, H, W, 2C] and weight [2C, k, k, 1]");
+  const int channels = h.shape(3), k = weight.shape(1);
+  require(weight.shape(0) == channels, "mobileo gated_depthwise: one output channel per input channel");
+  require(channels % 16 == 0 && channels > 0, "mobileo gated_depthwise: 2C channels, C a multiple of 8");
+  require(k % 2 == 1 && weight.shape(2) == k, "mobileo gated_depthwise: a square kernel of odd size");
+  require(h.dtype() == mx::float32 && weight.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32),
+          "mobileo gated_depthwise: float32 only");
+  require(!bias || (bias->ndim() == 1 && bias->shape(0) == channels), "mobileo gated_depthwise: bias [2C]");
+  require(h.size() > 0, "mobileo gated_depthwise: empty input");
+  // [2C, k, k, 1] -> [k, k, 2C]: each tap a contiguous vector over the channels
+  auto taps = mx::contiguous(mx::transpose(mx::reshape(weight, {channels, k, k}, stream), {1, 2, 0}, stream),
+                             false, stream);
+  Arrays inputs = {mx::contiguous(h, false, stream), taps};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
+  auto shape = h.shape();
+  shape.back() = channels / 2;
+  return mx::array(shape, mx::float32, std::make_shared<GatedDepthwise>(stream), std::move(inputs));
+}
+
+void register_gated_depthwise(nb::module_ &m) {
+  m.def("gated_depthwise", &gated_depthwise, nb::arg("h"), nb::arg("weight"), nb::arg("bias").none(), nb::kw_only(),
+        nb::arg("stream") = nb::none());
+}
+
 }  // namespace
 
 NB_MODULE(primitives_ext, m) {
@@ -591,4 +661,5 @@ NB_MODULE(primitives_ext, m) {
         nb::arg("stream") = nb::none());
   m.def("bf16_matmul_q8", &bf16_matmul_q8, nb::arg("x"), nb::arg("values"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
+  register_gated_depthwise(m);
 }
