@@ -104,13 +104,25 @@ def machine() -> dict:
     }
 
 
-def mlx_matmul_gflops(dtype=None, n: int = 1024) -> float:
-    """Best-of-5 n^3 matmul GFLOP/s on the MLX default device in ``dtype`` (the compute dtype)."""
+def mlx_matmul_gflops(dtype=None, n: int = 1024, product=None) -> float:
+    """Best-of-5 n^3 matmul GFLOP/s on the MLX default device in ``dtype`` (the compute dtype),
+    by ``product(a, b)`` (default ``a @ b``)."""
     dtype = dtype or platform.compute_dtype()
+    product = product or (lambda a, b: a @ b)
     a = mx.random.normal((n, n), key=mx.random.key(0)).astype(dtype)
     b = mx.random.normal((n, n), key=mx.random.key(1)).astype(dtype)
-    mx.eval(a, b, a @ b)
-    return 2 * n**3 / best_seconds(lambda: mx.eval(a @ b), 5) / 1e9
+    mx.eval(a, b, product(a, b))
+    return 2 * n**3 / best_seconds(lambda: mx.eval(product(a, b)), 5) / 1e9
+
+
+def mlx_picture_matmul_gflops(model) -> float:
+    """The rate of the products the picture stages run: the bf16 GEMM node where the model takes
+    bfloat16 CPU products (``model.cpu_matmul``), else MLX's own matmul."""
+    if model.cpu_matmul == "bf16" and platform.backend() == "cpu":
+        from mobileo_mlx.kernels import primitives
+
+        return mlx_matmul_gflops(product=primitives.bf16_matmul)
+    return mlx_matmul_gflops()
 
 
 def mlx_copy_gbps(mib: int = 256) -> float:

@@ -123,8 +123,9 @@ class ModelOptions:
     cpu_matmul: Annotated[Optional[str], typer.Option(
         "--cpu-matmul",
         help="On the CPU backend, how the vision encoder, DiT and VAE multiply: bf16 (bfloat16 inputs, "
-        "float32 sums, ~1.8x faster products; needs AVX512-BF16), fp32, or auto (bf16 where the CPU has "
-        "it). The language model always multiplies in float32. Default: $MOBILEO_MLX_CPU_MATMUL or auto.",
+        "float32 sums, on AMX tiles or AVX512-BF16: several times faster products; needs AVX512-BF16), fp32, "
+        "or auto (bf16 where the CPU has it). The language model always multiplies in float32. Default: "
+        "$MOBILEO_MLX_CPU_MATMUL or auto.",
         show_default=False,
     )] = None
 
