@@ -71,12 +71,17 @@ def quantize_modules(model: nn.Module, layers: Mapping[str, Mapping]) -> nn.Modu
             return module
         found.add(path)
         bits, group_size = int(spec["bits"]), int(spec["group_size"])
-        if isinstance(module, nn.Linear):
-            out_dims, in_dims = module.weight.shape
-            return nn.QuantizedLinear(in_dims, out_dims, "bias" in module, group_size, bits)
-        if isinstance(module, nn.Embedding):
-            count, dims = module.weight.shape
-            return nn.QuantizedEmbedding(count, dims, group_size, bits)
+        try:
+            if isinstance(module, nn.Linear):
+                out_dims, in_dims = module.weight.shape
+                return nn.QuantizedLinear(in_dims, out_dims, "bias" in module, group_size, bits)
+            if isinstance(module, nn.Embedding):
+                count, dims = module.weight.shape
+                return nn.QuantizedEmbedding(count, dims, group_size, bits)
+        except ValueError as error:  # the config's sizes do not fit the quantization it records
+            reason = str(error).splitlines()[0]
+            raise WeightsError(f"config.json: {path} ({type(module).__name__} {tuple(module.weight.shape)}) cannot "
+                               f"be quantized as recorded ({bits} bits, groups of {group_size}): {reason}") from None
         raise WeightsError(f"config.json quantizes {path}, which is a {type(module).__name__}, not a Linear/Embedding")
 
     leaves = tree_map_with_path(replace, model.leaf_modules(), is_leaf=nn.Module.is_module)

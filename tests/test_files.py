@@ -553,6 +553,19 @@ def test_any_edit_of_one_key_loads_or_fails_cleanly(data, converted, tmp_path):
             pass
 
 
+def test_a_config_whose_sizes_cannot_be_quantized_as_recorded_is_one_weights_error(converted, tmp_path):
+    """Found by the property test above: a head size that makes a quantized layer's input
+    narrower than its quantization group failed inside MLX's quantize, not as a WeightsError."""
+    config = json.loads((converted / "config.json").read_text())
+    config["dit"]["cross_attention_head_dim"] = 1
+    for file in converted.iterdir():
+        if file.name != "config.json":
+            os.symlink(file, tmp_path / file.name)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"attn2\.to_out\.0 .* cannot be quantized as recorded"):
+        weights.load_component(tmp_path, "dit", materialize=False)
+
+
 # ---------------------------------------------------------------------------
 # MOBILEO_MLX_CACHE and --model
 
