@@ -202,14 +202,14 @@ def test_a_prefill_s_quantized_products_dequantize_with_the_node():
     values as the plain layer's, so the same products."""
     from mlx import nn
 
+    from mobileo_mlx import backends
     from mobileo_mlx.backends import cpu
 
     plain = nn.QuantizedLinear(512, 1024, bias=True, group_size=64, bits=4)
     plain.update({"bias": mx.random.normal((1024,))})
-    form = cpu.table("language")[nn.QuantizedLinear]
-    fast = form.__new__(form)
-    dict.update(fast, plain)
-    fast.__dict__.update(plain.__dict__)
+    fast = backends.swap(nn.QuantizedLinear(512, 1024, bias=True, group_size=64, bits=4), cpu.table("language"))
+    fast.update(plain.parameters())
+    assert type(fast) is not nn.QuantizedLinear  # the language model's CPU form
     x = mx.random.normal((1, 300, 512))
     y = fast(x)
     assert "MobileoDequantize" in nodes(y)

@@ -393,6 +393,20 @@ void gather(const float *x, const mx::Shape &shape, const mx::Strides &strides, 
   }
 }
 
+// v rounded to bfloat16 and back: what the bf16 GEMMs multiply (their plain-MLX formulas).
+mx::array bf16_rounded(const mx::array &v, const mx::Stream &s) {
+  return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s);
+}
+
+// Where the kernel reads an operand its layout does not let it read in place: a row-major
+// temporary the encoder keeps alive until the kernel has run (nullptr when read in place).
+float *staging(mx::cpu::CommandEncoder &enc, const mx::array &x, const Operand &layout) {
+  if (layout.in_place) return nullptr;
+  mx::array copy(mx::allocator::malloc(x.nbytes()), x.shape(), mx::float32);
+  enc.add_temporary(copy);
+  return copy.data<float>();
+}
+
 class Bf16Matmul : public Kernel {
  public:
   // bias_row: the third input is a row [N] added in the kernel's store, not a full [M, N] addend
@@ -409,8 +423,7 @@ class Bf16Matmul : public Kernel {
   // bfloat16-rounded operands, summed in float32, as [M, N] (+ bias)
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
-    auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
-    auto product = mx::matmul(mx::reshape(rounded(in[0]), {-1, in[1].shape(0)}, s), rounded(in[1]), s);
+    auto product = mx::matmul(mx::reshape(bf16_rounded(in[0], s), {-1, in[1].shape(0)}, s), bf16_rounded(in[1], s), s);
     if (in.size() < 3) return {product};
     return {bias_row_ ? mx::add(product, in[2], s) : mx::add(in[2], product, s)};
   }
@@ -428,15 +441,9 @@ class Bf16Matmul : public Kernel {
     const int k = b.shape(0), n = b.shape(1), m = (int)(a.size() / k);
     const Operand left = operand_layout(a, m, k), right = operand_layout(b, k, n);
     auto &enc = encoder(inputs, outputs);
-    // An operand read neither way is gathered into a temporary the encoder keeps alive.
-    auto staging = [&](const mx::array &x, const Operand &layout) -> float * {
-      if (layout.in_place) return nullptr;
-      mx::array copy(mx::allocator::malloc(x.nbytes()), x.shape(), mx::float32);
-      enc.add_temporary(copy);
-      return copy.data<float>();
-    };
-    enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy = staging(a, left),
-                  b_data = b.data<float>(), b_shape = b.shape(), b_strides = b.strides(), b_copy = staging(b, right),
+    enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(),
+                  a_copy = staging(enc, a, left), b_data = b.data<float>(), b_shape = b.shape(),
+                  b_strides = b.strides(), b_copy = staging(enc, b, right),
                   result = out.data<float>(), addend = accumulate ? inputs[2].data<float>() : nullptr, bias, m, n,
                   k, left, right]() {
       if (a_copy != nullptr) gather(a_data, a_shape, a_strides, a_copy, (size_t)m * k);
@@ -506,8 +513,7 @@ class Bf16MatmulQ8 : public Kernel {
     auto weight = mx::reshape(mx::add(mx::multiply(grouped, mx::expand_dims(in[2], 1, s), s),
                                       mx::expand_dims(in[3], 1, s), s),
                               {k, n}, s);
-    auto rounded = [&](const mx::array &v) { return mx::astype(mx::astype(v, mx::bfloat16, s), mx::float32, s); };
-    auto product = mx::matmul(mx::reshape(rounded(in[0]), {-1, k}, s), rounded(weight), s);
+    auto product = mx::matmul(mx::reshape(bf16_rounded(in[0], s), {-1, k}, s), bf16_rounded(weight, s), s);
     return {in.size() > 4 ? mx::add(product, in[4], s) : product};
   }
 
@@ -518,13 +524,7 @@ class Bf16MatmulQ8 : public Kernel {
     const int k = values.shape(0), n = values.shape(1), m = (int)(a.size() / k);
     const Operand left = operand_layout(a, m, k);
     auto &enc = encoder(inputs, outputs);
-    float *a_copy = nullptr;
-    if (!left.in_place) {
-      mx::array copy(mx::allocator::malloc(a.nbytes()), a.shape(), mx::float32);
-      enc.add_temporary(copy);
-      a_copy = copy.data<float>();
-    }
-    enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy,
+    enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy = staging(enc, a, left),
                   weights = values.data<uint8_t>(), scales = inputs[2].data<float>(), biases = inputs[3].data<float>(),
                   bias = inputs.size() > 4 ? inputs[4].data<float>() : nullptr, result = out.data<float>(), m, n, k,
                   group = group_size_, left]() {
