@@ -284,3 +284,37 @@ def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array | None = None)
     ``MOBILEO_MLX_KERNELS=twin``); within a few float32 ulps of the plain formula."""
     return extension().gated_depthwise(h, weight, bias)
 
+
+# ------------------------------------------------------------------------ SiLU and its gate
+def silu_reference(x: mx.array) -> mx.array:
+    """SiLU, x * sigmoid(x), in MLX operations (``nn.silu``)."""
+    return x * mx.sigmoid(x)
+
+
+def silu_supported(x: mx.array) -> bool:
+    return available() and _float32(x) and x.size > 0
+
+
+def silu(x: mx.array) -> mx.array:
+    """SiLU by the native kernel (``native/silu.c``), float32, every core: bit for bit the CPU
+    backend's MLX form (``backends.cpu.activations.silu``), whose algorithm it vectorises; within
+    3e-7 relative of the float64 SiLU, as that form."""
+    return extension().silu(x)
+
+
+def glu_silu_reference(a: mx.array, g: mx.array) -> mx.array:
+    """a * silu(g) in MLX operations."""
+    return a * silu_reference(g)
+
+
+def glu_silu_supported(a: mx.array, g: mx.array) -> bool:
+    """float32 a and g of one shape (the CPU form broadcasts a smaller g itself, in MLX)."""
+    return available() and _float32(a, g) and a.shape == g.shape and a.size > 0
+
+
+def glu_silu(a: mx.array, g: mx.array) -> mx.array:
+    """a * silu(g) by the native kernel: bit for bit ``backends.cpu.activations.glu_silu``."""
+    return extension().glu_silu(a, g)
+
+
+__all__ += ["glu_silu", "glu_silu_reference", "glu_silu_supported", "silu", "silu_reference", "silu_supported"]

@@ -1,5 +1,5 @@
 /* The entry points of the cpu_kernels library (quantized_gemv.c, dequantize.c, bf16_gemm.c, gelu.c,
- * depthwise.c, gated_depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are
+ * depthwise.c, gated_depthwise.c, silu.c), for the C++ graph nodes in primitives.cpp. All arrays are
  * float32 (the GEMV's weights uint32), contiguous. */
 #ifndef MOBILEO_CPU_KERNELS_H
 #define MOBILEO_CPU_KERNELS_H
@@ -61,6 +61,11 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * taken (C not a multiple of 8, k even), -2: no memory. */
 int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
                             const float *bias, float *out);
+
+/* out[i] = silu(x[i]) (out may be x); out[i] = a[i] * silu(g[i]) (out may be a or g): the
+ * algorithm and the bits of backends/cpu/activations.py's silu / glu_silu. Return 0. */
+int mobileo_silu(const float *x, float *out, long count);
+int mobileo_glu_silu(const float *a, const float *g, float *out, long count);
 
 #ifdef __cplusplus
 }

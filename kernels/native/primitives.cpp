@@ -637,6 +637,89 @@ void register_gated_depthwise(nb::module_ &m) {
         nb::arg("stream") = nb::none());
 }
 
+// ------------------------------------------------------------------ SiLU and the SiLU gate
+// silu.c: the algorithm of backends/cpu/activations.py's silu / glu_silu, bit for bit.
+mx::array silu(const mx::array &x, const mx::StreamOrDevice &where);
+
+class Silu : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoSilu"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    return {mx::multiply(in[0], mx::sigmoid(in[0], stream()), stream())};
+  }
+
+  // Element-wise: the vmapped axis just passes through the kernel.
+  std::pair<Arrays, std::vector<int>> vmap(const Arrays &inputs, const std::vector<int> &axes) override {
+    return {{silu(inputs[0], stream())}, axes};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    // The input is row- or column-contiguous (mx::contiguous in the op); the output takes its layout.
+    if (x.is_donatable())
+      out.copy_shared_buffer(x);
+    else
+      out.set_data(mx::allocator::malloc(x.data_size() * sizeof(float)), x.data_size(), x.strides(), x.flags());
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([source = x.data<float>(), result = out.data<float>(), count = (long)x.data_size()]() {
+      mobileo_silu(source, result, count);
+    });
+  }
+};
+
+mx::array silu(const mx::array &x, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "silu");
+  require(x.dtype() == mx::float32, "mobileo silu: float32 only");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Silu>(stream), {mx::contiguous(x, true, stream)});
+}
+
+// a * silu(g), a and g of one shape
+class GluSilu : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoGluSilu"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    return {mx::multiply(in[0], mx::multiply(in[1], mx::sigmoid(in[1], s), s), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &a = inputs[0], &g = inputs[1];
+    auto &out = outputs[0];
+    // both row-contiguous (mx::contiguous in the op): an element's index is its offset in either
+    if (a.is_donatable())
+      out.copy_shared_buffer(a);
+    else if (g.is_donatable())
+      out.copy_shared_buffer(g);
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([values = a.data<float>(), gates = g.data<float>(), result = out.data<float>(),
+                  count = (long)a.size()]() { mobileo_glu_silu(values, gates, result, count); });
+  }
+};
+
+mx::array glu_silu(const mx::array &a, const mx::array &g, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "glu_silu");
+  require(a.dtype() == mx::float32 && g.dtype() == mx::float32, "mobileo glu_silu: float32 only");
+  require(a.shape() == g.shape(), "mobileo glu_silu: a and g of one shape");
+  return mx::array(a.shape(), mx::float32, std::make_shared<GluSilu>(stream),
+                   {mx::contiguous(a, false, stream), mx::contiguous(g, false, stream)});
+}
+
+void register_elementwise(nb::module_ &m) {
+  m.def("silu", &silu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("glu_silu", &glu_silu, nb::arg("a"), nb::arg("g"), nb::kw_only(), nb::arg("stream") = nb::none());
+}
+
 }  // namespace
 
 NB_MODULE(primitives_ext, m) {
@@ -662,4 +745,5 @@ NB_MODULE(primitives_ext, m) {
   m.def("bf16_matmul_q8", &bf16_matmul_q8, nb::arg("x"), nb::arg("values"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
   register_gated_depthwise(m);
+  register_elementwise(m);
 }
