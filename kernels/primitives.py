@@ -317,4 +317,34 @@ def glu_silu(a: mx.array, g: mx.array) -> mx.array:
     return extension().glu_silu(a, g)
 
 
-__all__ += ["glu_silu", "glu_silu_reference", "glu_silu_supported", "silu", "silu_reference", "silu_supported"]
+# ------------------------------------------------------------------- RMSNorm + bias [+ residual]
+def rms_norm_residual_reference(y: mx.array, weight: mx.array, bias: mx.array, eps: float,
+                                residual: mx.array | None = None) -> mx.array:
+    """``[residual +] (mx.fast.rms_norm(y, weight, eps) + bias)``: the DC-AE's RMSNorm (weight and
+    bias) over the last axis, with its block's residual."""
+    normed = mx.fast.rms_norm(y, weight, eps) + bias
+    return normed if residual is None else residual + normed
+
+
+def rms_norm_residual_supported(y: mx.array, weight: mx.array, bias: mx.array,
+                                residual: mx.array | None = None) -> bool:
+    if not (available() and _float32(y, weight, bias, residual) and y.ndim >= 1 and y.size > 0):
+        return False
+    dim = y.shape[-1]
+    return weight.shape == bias.shape == (dim,) and (residual is None or residual.shape == y.shape)
+
+
+def rms_norm_residual(y: mx.array, weight: mx.array, bias: mx.array, eps: float,
+                      residual: mx.array | None = None) -> mx.array:
+    """:func:`rms_norm_residual_reference` in one pass by the native kernel (``native/norms.c``),
+    float32, every core. Each row's sum of squares is taken in index order, as MLX's CPU
+    reduction takes it on x86-64, so the result is the twin's bit for bit there (elsewhere a
+    few ulps). ``y`` and ``residual`` are read through their row strides (a cropped view costs
+    no copy); ``y``'s buffer becomes the output when no one else holds it."""
+    return extension().rms_norm_residual(y, weight, bias, float(eps), residual)
+
+
+__all__ += [
+    "glu_silu", "glu_silu_reference", "glu_silu_supported", "rms_norm_residual", "rms_norm_residual_reference",
+    "rms_norm_residual_supported", "silu", "silu_reference", "silu_supported",
+]

@@ -1,12 +1,13 @@
-"""The element-wise native nodes (native/silu.c as kernels.primitives' silu and glu_silu) and the
-CPU forms that take them: each node against the MLX form it replaces, bit for bit, and against
-float64; odd sizes and vector tails, batch 1 and 2, strided inputs; what a graph node promises (nothing evaluated
+"""The element-wise native nodes (native/silu.c, native/norms.c as kernels.primitives' silu,
+glu_silu and rms_norm_residual) and the CPU forms that take them: each node against the MLX form it replaces, bit for bit, and against float64; odd sizes
+and vector tails, batch 1 and 2, strided inputs; what a graph node promises (nothing evaluated
 while the graph is built, mx.compile and two streams give the same bits, inputs never written,
 transformations through the plain formula); the CPU forms against the plain modules."""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 
 import io
+import platform
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +17,7 @@ import pytest
 from mobileo_mlx import backends
 from mobileo_mlx.backends.cpu import activations, layers
 from mobileo_mlx.kernels import primitives as prim
+from mobileo_mlx.models import common, dcae
 from mobileo_mlx.models.language import LanguageConfig, LanguageModel
 from tests.test_backends import SMALL_CONFIGS, randomized, rebuild
 from tests.test_primitives import built_lazily, relative_error, same_bits
@@ -24,11 +26,23 @@ pytestmark = [
     pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the graph nodes serve MLX's CPU backend"),
     pytest.mark.skipif(not prim.available(), reason=f"graph nodes {prim.unavailable_reason()}"),
 ]
-NODES = ("MobileoSilu", "MobileoGluSilu")
+NODES = ("MobileoSilu", "MobileoGluSilu", "MobileoRmsNormResidual")
+# MLX's CPU reduction sums a contiguous axis in index order on x86-64 (no SIMD sums there), as the
+# norm kernels do: bit for bit there; elsewhere within the bound below.
+IN_ORDER_SUMS = platform.machine() in ("x86_64", "AMD64")
+
+
 def nodes(*outputs) -> set[str]:
     dot = io.StringIO()
     mx.export_to_dot(dot, *outputs)
     return {name for name in NODES if f'"{name}"' in dot.getvalue()}
+
+
+def same_norm(got, want) -> bool:
+    """The norms' bits where MLX sums in order, else a few float32 ulps of the largest output."""
+    if IN_ORDER_SUMS:
+        return same_bits(got, want)
+    return relative_error(got, want) < 1e-6
 
 
 def same_values(got, want) -> bool:
@@ -100,10 +114,66 @@ def test_glu_silu_is_bit_identical_to_the_mlx_form(shape):
         assert same_values(prim.glu_silu(a, column_major), activations._glu_silu_whole(a, g))
 
 
+# ------------------------------------------------------------------------ RMSNorm + residual
+def rms64(y, weight, bias, eps, residual=None) -> np.ndarray:
+    y = np.asarray(y, np.float64)
+    out = y / np.sqrt((y * y).mean(-1, keepdims=True) + eps) * np.asarray(weight, np.float64) + np.asarray(bias,
+                                                                                                         np.float64)
+    return out if residual is None else out + np.asarray(residual, np.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 8), (2, 3, 9, 37), (1, 6, 10, 128), (2, 2, 3, 1152), (4, 1),
+                                   (1, 64, 64, 16)])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no residual"])
+def test_rms_norm_residual_against_its_twin_and_float64(shape, residual):
+    dim = shape[-1]
+    y = normal(shape, seed=dim, scale=3.0, offset=0.5)
+    weight, bias = normal((dim,), seed=1), normal((dim,), seed=2)
+    x = normal(shape, seed=3) if residual else None
+    out = prim.rms_norm_residual(y, weight, bias, 1e-5, x)
+    assert nodes(out) == {"MobileoRmsNormResidual"} and out.shape == y.shape
+    assert same_norm(out, prim.rms_norm_residual_reference(y, weight, bias, 1e-5, x))
+    assert relative_error(out, rms64(y, weight, bias, 1e-5, x)) < 1e-6
+
+
+def test_rms_norm_residual_reads_strided_rows_in_place_and_gathers_others():
+    wide = normal((2, 6, 11, 40), seed=4, scale=2.0)
+    weight, bias, x = normal((40,), seed=5), normal((40,), seed=6), normal((2, 6, 9, 40), seed=7)
+    for y in (wide[:, :, :9],  # a cropped view (the DC-AE's conv output): rows read through their strides
+              normal((2, 6, 40, 9), seed=8).transpose(0, 1, 3, 2),  # the last axis strided: gathered
+              mx.broadcast_to(normal((1, 1, 9, 40), seed=9), (2, 6, 9, 40))):
+        for residual in (x, mx.contiguous(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3), wide[:, :, 2:]):
+            want = prim.rms_norm_residual_reference(y, weight, bias, 1e-6, residual)
+            assert same_norm(prim.rms_norm_residual(y, weight, bias, 1e-6, residual), want)
+    # a temporary y no one else holds becomes the output
+    y = wide[:, :, :9] * 1.0
+    assert same_norm(prim.rms_norm_residual(y, weight, bias, 1e-6, x),
+                     prim.rms_norm_residual_reference(wide[:, :, :9], weight, bias, 1e-6, x))
+
+
+def test_rms_norm_residual_of_special_rows():
+    y = np.array(normal((6, 24), seed=10))
+    y[0] = 0.0  # rsqrt(eps)
+    y[1, 3] = np.inf
+    y[2, 5] = np.nan
+    y[3] *= 1e-20  # sum of squares underflows to subnormals / zero
+    y[4] *= 1e18  # sum of squares overflows
+    weight, bias, x = normal((24,), seed=11), normal((24,), seed=12), normal((6, 24), seed=13)
+    got = np.array(prim.rms_norm_residual(mx.array(y), weight, bias, 1e-5, x))
+    want = np.array(prim.rms_norm_residual_reference(mx.array(y), weight, bias, 1e-5, x))
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and same_norm(got[~nan], want[~nan])
+
+
 # ------------------------------------------------------------------------- graph behaviour
 def node_ops():
     x, g = normal((4, 33, 40), seed=20, scale=3.0), normal((4, 33, 40), seed=21, scale=3.0)
-    return [(prim.silu, [x]), (prim.glu_silu, [x, g])]
+    weight, bias = normal((40,), seed=22), normal((40,), seed=23)
+    return [
+        (prim.silu, [x]),
+        (prim.glu_silu, [x, g]),
+        (lambda y, w, b, r: prim.rms_norm_residual(y, w, b, 1e-5, r), [x, weight, bias, g]),
+    ]
 
 
 def test_building_the_nodes_evaluates_nothing():
@@ -130,7 +200,8 @@ def test_compile_streams_and_inputs_never_written():
 
 
 def test_gradients_and_vmap_go_through_the_plain_formula():
-    references = [prim.silu_reference, prim.glu_silu_reference]
+    references = [prim.silu_reference, prim.glu_silu_reference,
+                  lambda y, w, b, r: prim.rms_norm_residual_reference(y, w, b, 1e-5, r)]
     for (op, inputs), reference in zip(node_ops(), references):
         argnums = tuple(range(len(inputs)))
         got = mx.grad(lambda *v, op=op: (op(*v) * v[0]).sum(), argnums=argnums)(*inputs)
@@ -144,9 +215,15 @@ def test_gradients_and_vmap_go_through_the_plain_formula():
 
 def test_what_the_nodes_do_not_take_they_say():
     x = normal((2, 5, 24), seed=30)
+    w = normal((24,), seed=31)
     assert not prim.silu_supported(x.astype(mx.float16)) and not prim.silu_supported(mx.zeros((0, 3)))
     assert prim.glu_silu_supported(x, x) and not prim.glu_silu_supported(x, x[:1])  # broadcast gate: MLX form
-    for call in (lambda: prim.glu_silu(x, x[:1]), lambda: prim.silu(x.astype(mx.float16))):
+    assert prim.rms_norm_residual_supported(x, w, w, x) and prim.rms_norm_residual_supported(x, w, w)
+    assert not prim.rms_norm_residual_supported(x, w[:20], w)
+    assert not prim.rms_norm_residual_supported(x, w, w, x[:1])
+    assert not prim.rms_norm_residual_supported(x.astype(mx.bfloat16), w, w)
+    for call in (lambda: prim.glu_silu(x, x[:1]), lambda: prim.rms_norm_residual(x, w[:20], w, 1e-5),
+                 lambda: prim.silu(x.astype(mx.float16))):
         with pytest.raises(ValueError):
             call()
 
@@ -180,11 +257,32 @@ def test_silu_and_the_gate_of_the_cpu_forms_take_the_nodes(monkeypatch):
     assert relative_error(auto, plain(ids)) < 1e-5
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dcae_cpu_forms_take_the_nodes_and_give_the_bits_of_their_mlx_forms(batch, monkeypatch):
+    """The ResBlock (SiLU, RMSNorm + bias + residual), the EfficientViT block (LiteMLA's norm_out,
+    GLUMBConv's norm and residual) and the decoder's norm_out."""
+    x = normal((batch, 6, 5, 40), seed=41)
+    for plain, expected in ((dcae.ResBlock(40, 40, "rms_norm", "silu"), {"MobileoSilu", "MobileoRmsNormResidual"}),
+                            (dcae.EfficientViTBlock(40, 8, (5,), "rms_norm"), {"MobileoRmsNormResidual"}),
+                            (common.RMSNorm(40), {"MobileoRmsNormResidual"})):
+        randomized(plain, seed=5, scale=0.2)
+        fast = backends.accelerate(rebuild(plain), "vae")
+        auto, twin = run_modes(monkeypatch, lambda: fast(x))
+        assert expected <= nodes(auto) and not nodes(twin)
+        assert same_norm(auto, twin)
+        assert relative_error(auto, plain(x)) < 1e-5
+    norm = randomized(common.RMSNorm(40), seed=6)
+    fast = backends.accelerate(rebuild(norm), "vae")
+    assert type(fast) is layers.RMSNorm and same_norm(fast(x), norm(x))  # the plain module is its own twin
+
+
 def test_without_the_extension_the_cpu_forms_run_their_mlx_forms(monkeypatch):
-    x = normal((2, 6, 5, 40), seed=60, scale=4.0)
-    with_nodes = layers.SiLU()(x)
+    x = normal((2, 6, 5, 40), seed=60)
+    block = randomized(dcae.ResBlock(40, 40, "rms_norm", "silu"), seed=6, scale=0.2)
+    fast = backends.accelerate(rebuild(block), "vae")
+    with_nodes = fast(x)
     monkeypatch.setattr(prim, "_extension", None)
     monkeypatch.setattr(prim, "_error", "not built (simulated)")
-    without = layers.SiLU()(x)
-    assert not nodes(without) and same_bits(without, with_nodes)
+    without = fast(x)
+    assert not nodes(without) and same_norm(without, with_nodes)
     assert not nodes(activations.glu_silu(x, x))

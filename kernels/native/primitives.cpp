@@ -30,6 +30,7 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/transforms.h"
@@ -715,9 +716,109 @@ mx::array glu_silu(const mx::array &a, const mx::array &g, const mx::StreamOrDev
                    {mx::contiguous(a, false, stream), mx::contiguous(g, false, stream)});
 }
 
+// ------------------------------------------------------------- RMSNorm + bias [+ residual]
+// The rows of an evaluated array as norms.c reads them: in place when its last axis is
+// contiguous (a cropped view such as the DC-AE's conv output costs no copy), else nullopt.
+std::optional<mobileo_rows> row_layout(const mx::array &x) {
+  const int lead = (int)x.ndim() - 1;
+  if (lead > MOBILEO_MAX_ROW_DIMS || (x.shape(-1) > 1 && x.strides().back() != 1)) return std::nullopt;
+  mobileo_rows rows{};
+  rows.dims = lead;
+  for (int i = 0; i < lead; i++) {
+    rows.shape[i] = x.shape(i);
+    rows.strides[i] = (long)x.strides()[i];
+  }
+  return rows;
+}
+
+mobileo_rows contiguous_rows(const mx::array &x) {
+  mobileo_rows rows{};
+  rows.dims = 1;
+  rows.shape[0] = (long)(x.size() / x.shape(-1));
+  rows.strides[0] = x.shape(-1);
+  return rows;
+}
+
+class RmsNormResidual : public Kernel {
+ public:
+  RmsNormResidual(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  const char *name() const override { return "MobileoRmsNormResidual"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return eps_ == static_cast<const RmsNormResidual &>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  // inputs: y [..., D], weight [D], bias [D] (, residual of y's shape)
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto normed = mx::add(mx::fast::rms_norm(in[0], in[1], eps_, s), in[2], s);
+    return {in.size() > 3 ? mx::add(in[3], normed, s) : normed};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &y = inputs[0];
+    auto &out = outputs[0];
+    const bool has_residual = inputs.size() > 3;
+    if (y.is_donatable() && y.flags().row_contiguous)
+      out.copy_shared_buffer(y);  // each row is summed before it is written
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    const int dim = y.shape(-1);
+    const long rows = (long)(y.size() / dim);
+    // an input whose last axis is not contiguous is gathered row-major into a temporary first
+    auto read = [&](const mx::array &x, float *&copy) {
+      auto layout = row_layout(x);
+      copy = nullptr;
+      if (layout) return *layout;
+      mx::array temporary(mx::allocator::malloc(x.nbytes()), x.shape(), mx::float32);
+      enc.add_temporary(temporary);
+      copy = temporary.data<float>();
+      return contiguous_rows(x);
+    };
+    float *y_copy, *r_copy = nullptr;
+    const mobileo_rows y_rows = read(y, y_copy);
+    const mobileo_rows r_rows = has_residual ? read(inputs[3], r_copy) : mobileo_rows{};
+    enc.dispatch([y_data = y.data<float>(), y_shape = y.shape(), y_strides = y.strides(), y_copy, y_rows,
+                  r_data = has_residual ? inputs[3].data<float>() : nullptr,
+                  r_shape = has_residual ? inputs[3].shape() : mx::Shape{},
+                  r_strides = has_residual ? inputs[3].strides() : mx::Strides{}, r_copy, r_rows,
+                  weight = inputs[1].data<float>(), bias = inputs[2].data<float>(), result = out.data<float>(),
+                  eps = eps_, rows, dim]() {
+      if (y_copy != nullptr) gather(y_data, y_shape, y_strides, y_copy, (size_t)rows * dim);
+      if (r_copy != nullptr) gather(r_data, r_shape, r_strides, r_copy, (size_t)rows * dim);
+      if (mobileo_rms_norm_residual(y_copy ? y_copy : y_data, &y_rows, r_copy ? r_copy : r_data, &r_rows, weight,
+                                    bias, eps, rows, dim, result) != 0)
+        throw std::runtime_error("MobileoRmsNormResidual: layout not taken by the kernel");
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array rms_norm_residual(const mx::array &y, const mx::array &weight, const mx::array &bias, float eps,
+                            const std::optional<mx::array> &residual, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "rms_norm_residual");
+  require(y.dtype() == mx::float32 && weight.dtype() == mx::float32 && bias.dtype() == mx::float32 &&
+              (!residual || residual->dtype() == mx::float32),
+          "mobileo rms_norm_residual: float32 only");
+  require(y.ndim() >= 1 && y.size() > 0, "mobileo rms_norm_residual: y [..., D], not empty");
+  const int dim = y.shape(-1);
+  require(weight.ndim() == 1 && weight.shape(0) == dim && bias.ndim() == 1 && bias.shape(0) == dim,
+          "mobileo rms_norm_residual: weight and bias [D]");
+  require(!residual || residual->shape() == y.shape(), "mobileo rms_norm_residual: the residual of y's shape");
+  // y and the residual as they are (read in place through their row strides, or gathered)
+  Arrays inputs = {y, mx::contiguous(weight, false, stream), mx::contiguous(bias, false, stream)};
+  if (residual) inputs.push_back(*residual);
+  return mx::array(y.shape(), mx::float32, std::make_shared<RmsNormResidual>(stream, eps), std::move(inputs));
+}
+
 void register_elementwise(nb::module_ &m) {
   m.def("silu", &silu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("glu_silu", &glu_silu, nb::arg("a"), nb::arg("g"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("rms_norm_residual", &rms_norm_residual, nb::arg("y"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
+        nb::arg("residual").none(), nb::kw_only(), nb::arg("stream") = nb::none());
 }
 
 }  // namespace

@@ -8,6 +8,8 @@ computes, in the form MLX's CPU backend runs fast:
 * attention cores with the fast softmax, linear attention of a CFG pair over two streams;
 * GLUMBConv's gated middle by the native node (one pass over every core), else in two pieces,
   one per stream;
+* RMSNorm (+ bias, + a block's residual), SiLU and the SiLU gate as native nodes (one pass over
+  every core, the bits of their MLX forms);
 * the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
   upsampling convs in sub-pixel form;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
@@ -190,9 +192,30 @@ def _bias_residual(normed: mx.array, bias: mx.array, x: mx.array) -> mx.array:
     return x + (normed + bias)
 
 
+def _elementwise_node() -> bool:
+    """Whether an element-wise native node serves: the kernels on, not inside a two-stream piece
+    (the node uses every core; the other stream is busy with its piece)."""
+    return use_kernels() and streams.may_split()
+
+
 def norm_residual(norm: common.RMSNorm, y: mx.array, x: mx.array) -> mx.array:
-    """``norm(y) + x`` with the norm's bias and the residual added in one pass (the same sums)."""
+    """``norm(y) + x``: float32 by the native node (``primitives.rms_norm_residual``: one pass on
+    every core, y read in place through its row strides; the same bits as the MLX form, whose
+    sums MLX takes in the same order), else MLX's RMSNorm, then the bias and the residual in one
+    compiled pass."""
+    if _elementwise_node() and primitives.rms_norm_residual_supported(y, norm.weight, norm.bias, x):
+        return primitives.rms_norm_residual(y, norm.weight, norm.bias, norm.eps, x)
     return _bias_residual(mx.fast.rms_norm(y, norm.weight, norm.eps), norm.bias, x)
+
+
+class RMSNorm(common.RMSNorm):
+    """The DC-AE's RMSNorm with its bias (``vae.norm_out``, LiteMLA's ``norm_out``) by the native
+    node where it serves (the same bits as the plain module)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _elementwise_node() and primitives.rms_norm_residual_supported(x, self.weight, self.bias):
+            return primitives.rms_norm_residual(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
 
 
 class GLUMBConv(sana.GLUMBConv):
