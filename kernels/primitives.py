@@ -344,7 +344,54 @@ def rms_norm_residual(y: mx.array, weight: mx.array, bias: mx.array, eps: float,
     return extension().rms_norm_residual(y, weight, bias, float(eps), residual)
 
 
+# -------------------------------------------------------- SANA: modulated LayerNorm, gated residual
+def modulated_layer_norm_reference(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    """LayerNorm over the last axis without affine, then ``* (1 + scale) + shift`` (SANA's AdaLN
+    modulation): x [B, N, D], shift and scale broadcastable to [B, 1, D]."""
+    return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
+
+
+def _per_image(v: mx.array, batch: int, dim: int) -> bool:
+    if v.ndim > 3:
+        return False
+    shape = (1,) * (3 - v.ndim) + tuple(v.shape)
+    return shape[0] in (1, batch) and shape[1] == 1 and shape[2] in (1, dim)
+
+
+def modulated_layer_norm_supported(x: mx.array, shift: mx.array, scale: mx.array) -> bool:
+    if not (available() and _float32(x, shift, scale) and x.ndim == 3 and x.size > 0):
+        return False
+    batch, _, dim = x.shape
+    return _per_image(shift, batch, dim) and _per_image(scale, batch, dim)
+
+
+def modulated_layer_norm(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    """:func:`modulated_layer_norm_reference` in one pass by the native kernel (``native/norms.c``),
+    float32, every core; the mean and the variance summed in index order, as MLX's CPU reduction
+    sums them on x86-64: bit for bit the twin there."""
+    return extension().modulated_layer_norm(x, shift, scale, float(eps))
+
+
+def gated_residual_reference(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
+    """``x + gate * update``: x and update [B, N, D], gate broadcastable to [B, 1, D]."""
+    return x + gate * update
+
+
+def gated_residual_supported(x: mx.array, gate: mx.array, update: mx.array) -> bool:
+    if not (available() and _float32(x, gate, update) and x.ndim == 3 and x.size > 0 and update.shape == x.shape):
+        return False
+    return _per_image(gate, x.shape[0], x.shape[2])
+
+
+def gated_residual(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
+    """:func:`gated_residual_reference` in one pass by the native kernel, every core: the same
+    two roundings, so its bits; x's buffer becomes the output when no one else holds it."""
+    return extension().gated_residual(x, gate, update)
+
+
 __all__ += [
-    "glu_silu", "glu_silu_reference", "glu_silu_supported", "rms_norm_residual", "rms_norm_residual_reference",
+    "glu_silu", "glu_silu_reference", "glu_silu_supported", "gated_residual", "gated_residual_reference",
+    "gated_residual_supported", "modulated_layer_norm", "modulated_layer_norm_reference",
+    "modulated_layer_norm_supported", "rms_norm_residual", "rms_norm_residual_reference",
     "rms_norm_residual_supported", "silu", "silu_reference", "silu_supported",
 ]

@@ -1,5 +1,6 @@
 """The element-wise native nodes (native/silu.c, native/norms.c as kernels.primitives' silu,
-glu_silu and rms_norm_residual) and the CPU forms that take them: each node against the MLX form it replaces, bit for bit, and against float64; odd sizes
+glu_silu, rms_norm_residual, modulated_layer_norm, gated_residual) and the CPU forms that take
+them: each node against the MLX form it replaces, bit for bit, and against float64; odd sizes
 and vector tails, batch 1 and 2, strided inputs; what a graph node promises (nothing evaluated
 while the graph is built, mx.compile and two streams give the same bits, inputs never written,
 transformations through the plain formula); the CPU forms against the plain modules."""
@@ -17,7 +18,7 @@ import pytest
 from mobileo_mlx import backends
 from mobileo_mlx.backends.cpu import activations, layers
 from mobileo_mlx.kernels import primitives as prim
-from mobileo_mlx.models import common, dcae
+from mobileo_mlx.models import common, dcae, sana
 from mobileo_mlx.models.language import LanguageConfig, LanguageModel
 from tests.test_backends import SMALL_CONFIGS, randomized, rebuild
 from tests.test_primitives import built_lazily, relative_error, same_bits
@@ -26,7 +27,8 @@ pytestmark = [
     pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the graph nodes serve MLX's CPU backend"),
     pytest.mark.skipif(not prim.available(), reason=f"graph nodes {prim.unavailable_reason()}"),
 ]
-NODES = ("MobileoSilu", "MobileoGluSilu", "MobileoRmsNormResidual")
+NODES = ("MobileoSilu", "MobileoGluSilu", "MobileoRmsNormResidual", "MobileoModulatedLayerNorm",
+         "MobileoGatedResidual")
 # MLX's CPU reduction sums a contiguous axis in index order on x86-64 (no SIMD sums there), as the
 # norm kernels do: bit for bit there; elsewhere within the bound below.
 IN_ORDER_SUMS = platform.machine() in ("x86_64", "AMD64")
@@ -165,14 +167,49 @@ def test_rms_norm_residual_of_special_rows():
     assert np.array_equal(np.isnan(got), nan) and same_norm(got[~nan], want[~nan])
 
 
+# --------------------------------------------------------------------- SANA's AdaLN and gate
+def layer_norm64(x, shift, scale, eps) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    centred = x - x.mean(-1, keepdims=True)
+    normed = centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + eps)
+    return normed * (1 + np.asarray(scale, np.float64)) + np.asarray(shift, np.float64)
+
+
+@pytest.mark.parametrize("batch, tokens, dim", [(1, 5, 16), (2, 9, 37), (2, 256, 1152), (1, 3, 72), (2, 1, 8)])
+@pytest.mark.parametrize("per", ["image", "shared", "vector"])
+def test_modulated_layer_norm_against_its_twin_and_float64(batch, tokens, dim, per):
+    x = normal((batch, tokens, dim), seed=dim, scale=2.0, offset=3.0)  # an offset: the centring matters
+    lead = {"image": (batch, 1), "shared": (1, 1), "vector": ()}[per]
+    shift, scale = normal((*lead, dim), seed=1), normal((*lead, dim), seed=2, scale=0.5)
+    out = prim.modulated_layer_norm(x, shift, scale, 1e-6)
+    assert nodes(out) == {"MobileoModulatedLayerNorm"} and out.shape == x.shape
+    assert same_norm(out, prim.modulated_layer_norm_reference(x, shift, scale, 1e-6))
+    assert same_norm(out, sana._modulate(nn.LayerNorm(dim, eps=1e-6, affine=False)(x), shift, scale))
+    assert relative_error(out, layer_norm64(x, shift, scale, 1e-6)) < 1e-6
+
+
+@pytest.mark.parametrize("batch, tokens, dim", [(1, 5, 16), (2, 9, 37), (2, 256, 1152), (2, 1, 3)])
+def test_gated_residual_is_bit_identical_to_its_twin(batch, tokens, dim):
+    x, update = normal((batch, tokens, dim), seed=1), normal((batch, tokens, dim), seed=2)
+    gate = normal((batch, 1, dim), seed=3)
+    out = prim.gated_residual(x, gate, update)
+    assert nodes(out) == {"MobileoGatedResidual"}
+    assert same_bits(out, sana._gated_residual(x, gate, update))
+    assert same_bits(out, prim.gated_residual_reference(x, gate, update))
+    assert same_bits(prim.gated_residual(x * 1.0, gate[:1], update), x + gate[:1] * update)  # donated x
+    assert same_bits(prim.gated_residual(x, gate, update * 1.0), x + gate * update)  # donated update
+
+
 # ------------------------------------------------------------------------- graph behaviour
 def node_ops():
     x, g = normal((4, 33, 40), seed=20, scale=3.0), normal((4, 33, 40), seed=21, scale=3.0)
-    weight, bias = normal((40,), seed=22), normal((40,), seed=23)
+    weight, bias, gate = normal((40,), seed=22), normal((40,), seed=23), normal((4, 1, 40), seed=24)
     return [
         (prim.silu, [x]),
         (prim.glu_silu, [x, g]),
         (lambda y, w, b, r: prim.rms_norm_residual(y, w, b, 1e-5, r), [x, weight, bias, g]),
+        (lambda v, shift, scale: prim.modulated_layer_norm(v, shift, scale, 1e-6), [x, gate, gate * 0.5]),
+        (prim.gated_residual, [x, gate, g]),
     ]
 
 
@@ -201,7 +238,9 @@ def test_compile_streams_and_inputs_never_written():
 
 def test_gradients_and_vmap_go_through_the_plain_formula():
     references = [prim.silu_reference, prim.glu_silu_reference,
-                  lambda y, w, b, r: prim.rms_norm_residual_reference(y, w, b, 1e-5, r)]
+                  lambda y, w, b, r: prim.rms_norm_residual_reference(y, w, b, 1e-5, r),
+                  lambda v, shift, scale: prim.modulated_layer_norm_reference(v, shift, scale, 1e-6),
+                  prim.gated_residual_reference]
     for (op, inputs), reference in zip(node_ops(), references):
         argnums = tuple(range(len(inputs)))
         got = mx.grad(lambda *v, op=op: (op(*v) * v[0]).sum(), argnums=argnums)(*inputs)
@@ -215,13 +254,18 @@ def test_gradients_and_vmap_go_through_the_plain_formula():
 
 def test_what_the_nodes_do_not_take_they_say():
     x = normal((2, 5, 24), seed=30)
-    w = normal((24,), seed=31)
+    w, gate = normal((24,), seed=31), normal((2, 1, 24), seed=32)
     assert not prim.silu_supported(x.astype(mx.float16)) and not prim.silu_supported(mx.zeros((0, 3)))
     assert prim.glu_silu_supported(x, x) and not prim.glu_silu_supported(x, x[:1])  # broadcast gate: MLX form
     assert prim.rms_norm_residual_supported(x, w, w, x) and prim.rms_norm_residual_supported(x, w, w)
     assert not prim.rms_norm_residual_supported(x, w[:20], w)
     assert not prim.rms_norm_residual_supported(x, w, w, x[:1])
     assert not prim.rms_norm_residual_supported(x.astype(mx.bfloat16), w, w)
+    assert prim.modulated_layer_norm_supported(x, gate, gate) and prim.modulated_layer_norm_supported(x, w, w)
+    assert not prim.modulated_layer_norm_supported(x, normal((2, 5, 24), seed=33), gate)  # per token
+    assert not prim.modulated_layer_norm_supported(x[0], gate, gate)
+    assert prim.gated_residual_supported(x, gate, x) and not prim.gated_residual_supported(x, gate, x[:, :4])
+    assert not prim.gated_residual_supported(x, normal((3, 1, 24), seed=34), x)
     for call in (lambda: prim.glu_silu(x, x[:1]), lambda: prim.rms_norm_residual(x, w[:20], w, 1e-5),
                  lambda: prim.silu(x.astype(mx.float16))):
         with pytest.raises(ValueError):
@@ -274,6 +318,68 @@ def test_dcae_cpu_forms_take_the_nodes_and_give_the_bits_of_their_mlx_forms(batc
     norm = randomized(common.RMSNorm(40), seed=6)
     fast = backends.accelerate(rebuild(norm), "vae")
     assert type(fast) is layers.RMSNorm and same_norm(fast(x), norm(x))  # the plain module is its own twin
+
+
+def dit_block_inputs(config: sana.SanaConfig, batch: int, seed: int = 50):
+    dim, height, width = config.inner_dim, 3, 5
+    x = normal((batch, height * width, dim), seed=seed)
+    modulation = normal((batch, 6, dim), seed=seed + 1, scale=0.3)
+    heads, depth = config.num_cross_attention_heads, config.cross_attention_head_dim
+    keys, values = normal((batch, heads, 7, depth), seed=seed + 2), normal((batch, heads, 7, depth), seed=seed + 3)
+    key_bias = mx.array(np.where(np.arange(7) < 5, 0.0, -10000.0).astype(np.float32))[None, None, None]
+    return x, height, width, modulation, keys, values, key_bias
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dims", [(2, 8), (3, 12)], ids=["D=16", "D=36"])  # D a multiple of 16, and a tail
+def test_sana_block_cpu_form_gives_the_plain_blocks_bits(batch, dims):
+    """Only the block swapped (its children plain): the AdaLN norms and gated residuals as nodes
+    give the plain block's output bit for bit."""
+    heads, depth = dims
+    config = sana.SanaConfig(in_channels=8, num_attention_heads=heads, attention_head_dim=depth, num_layers=1,
+                             num_cross_attention_heads=2, cross_attention_head_dim=heads * depth // 2,
+                             cross_attention_dim=heads * depth, caption_channels=24)
+    plain = randomized(sana.SanaTransformerBlock(config), seed=7, scale=0.3)
+    fast = backends.swap(rebuild(plain), {sana.SanaTransformerBlock: layers.SanaTransformerBlock})
+    inputs = dit_block_inputs(config, batch)
+    out = fast(*inputs)
+    assert nodes(out) == {"MobileoModulatedLayerNorm", "MobileoGatedResidual"}
+    assert same_norm(out, plain(*inputs))
+    norm = sana.SanaModulatedNorm(config.inner_dim, 1e-6)
+    fast_norm = backends.swap(norm, {sana.SanaModulatedNorm: layers.SanaModulatedNorm})
+    embedding, table = normal((batch, config.inner_dim), seed=8), normal((2, config.inner_dim), seed=9)
+    got = fast_norm(inputs[0], embedding, table)
+    assert nodes(got) == {"MobileoModulatedLayerNorm"}
+    assert same_norm(got, sana.SanaModulatedNorm.__call__(fast_norm, inputs[0], embedding, table))
+
+
+def test_sana_block_with_an_affine_norm2_keeps_the_plain_norm():
+    config = sana.SanaConfig(in_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                             caption_channels=24, norm_elementwise_affine=True)
+    plain = randomized(sana.SanaTransformerBlock(config), seed=10, scale=0.3)
+    fast = backends.swap(rebuild(plain), {sana.SanaTransformerBlock: layers.SanaTransformerBlock})
+    inputs = dit_block_inputs(config, 2)
+    out = fast(*inputs)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out)
+    assert dot.getvalue().count('"MobileoModulatedLayerNorm"') == 1  # norm1 only
+    assert same_norm(out, plain(*inputs))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_whole_dit_takes_the_nodes_and_gives_its_twin_modes_bits(batch, monkeypatch):
+    config = sana.SanaConfig(**SMALL_CONFIGS["dit"])
+    plain = randomized(sana.SanaTransformer(config), seed=11, scale=0.2)
+    fast = backends.accelerate(rebuild(plain), "dit")
+    assert type(fast.transformer_blocks[0]) is layers.SanaTransformerBlock
+    assert type(fast.norm_out) is layers.SanaModulatedNorm
+    latents = normal((batch, 4, 4, config.in_channels), seed=12)
+    caption = normal((batch, 6, config.caption_channels), seed=13)
+    auto, twin = run_modes(monkeypatch, lambda: fast(latents, mx.array([500] * batch), caption))
+    assert {"MobileoModulatedLayerNorm", "MobileoGatedResidual"} <= nodes(auto) and not nodes(twin)
+    assert same_norm(auto, twin)
+    assert relative_error(auto, plain(latents, mx.array([500] * batch), caption)) < 1e-5
 
 
 def test_without_the_extension_the_cpu_forms_run_their_mlx_forms(monkeypatch):

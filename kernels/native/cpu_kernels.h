@@ -83,6 +83,16 @@ int mobileo_rms_norm_residual(const float *y, const struct mobileo_rows *y_rows,
                               const struct mobileo_rows *residual_rows, const float *weight, const float *bias,
                               float eps, long rows, int dim, float *out);
 
+/* x [batch, tokens, dim] -> out = LayerNorm(x) (no affine, in-order sums) * (1 + scale) + shift,
+ * shift and scale [batch, dim]. Returns 0 (-1: an empty dim or no tokens). */
+int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int dim, const float *shift,
+                                 const float *scale, float eps, float *out);
+
+/* out = x + gate * update for x, update [batch, tokens, dim], gate [batch, dim]; out may be x or
+ * update. Returns 0 (-1: an empty dim or no tokens). */
+int mobileo_gated_residual(const float *x, const float *gate, const float *update, long batch, long tokens, int dim,
+                           float *out);
+
 #ifdef __cplusplus
 }
 #endif

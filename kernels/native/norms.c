@@ -2,6 +2,8 @@
  *
  *   rms_norm_residual:    out = [residual +] (y * rsqrt(mean(y^2) + eps) * weight + bias)
  *                         (the DC-AE's RMSNorm with its bias, and the residual of its blocks)
+ *   modulated_layer_norm: out = LayerNorm(x) * (1 + scale) + shift (no affine; SANA's AdaLN)
+ *   gated_residual:       out = x + gate * update (SANA's gated residual)
  *
  * They replace MLX's CPU forms of the same formulas (mx.fast.rms_norm / layer_norm fall back to
  * element-wise and reduction ops there: a square, a sum, a multiply, an rsqrt, ... each one pass
@@ -138,5 +140,100 @@ int mobileo_rms_norm_residual(const float *y, const struct mobileo_rows *y_rows,
   struct rms_job job = {y, residual, weight, bias, y_rows, residual_rows, eps, 1.0f / (float)dim, rows, dim, out};
   const int parts = parts_for(rows * dim);
   if (mobileo_pool_run(rms_part, &job, parts, 1) != 0) rms_part(&job, 0, 1);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ modulated LayerNorm */
+struct layer_job {
+  const float *x, *shift, *scale;
+  float eps, inverse_dim;
+  long tokens, rows;
+  int dim;
+  float *out;
+};
+
+CLONES16 static void layer_rows(const struct layer_job *job, long begin, long end) {
+  const int dim = job->dim;
+  for (long r0 = begin; r0 < end; r0 += GROUP) {
+    const int n = end - r0 < GROUP ? (int)(end - r0) : GROUP;
+    const float *x[GROUP];
+    for (int j = 0; j < GROUP; j++) x[j] = job->x + (j < n ? r0 + j : r0) * dim;
+    float mean[GROUP], var[GROUP];
+    row_sums(x, dim, NULL, 0, mean);
+    for (int j = 0; j < GROUP; j++) mean[j] = mean[j] * job->inverse_dim;
+    row_sums(x, dim, mean, 1, var);
+    for (int j = 0; j < n; j++) {
+      const float inv = 1.0f / sqrtf(var[j] * job->inverse_dim + job->eps);
+      const long b = (r0 + j) / job->tokens;
+      const float *shift = job->shift + b * dim, *scale = job->scale + b * dim, *row = x[j];
+      float *out = job->out + (r0 + j) * dim;
+      const float m = mean[j];
+      const v16f center = {m, m, m, m, m, m, m, m, m, m, m, m, m, m, m, m};
+      const v16f factor = {inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv};
+      int d = 0;
+      for (; d + 16 <= dim; d += 16)
+        store16f(out + d, ((load16f(row + d) - center) * factor) * (1.0f + load16f(scale + d)) + load16f(shift + d));
+      if (d < dim) {
+        const int k = dim - d;
+        store16f_part(out + d,
+                      ((load16f_part(row + d, k) - center) * factor) * (1.0f + load16f_part(scale + d, k)) +
+                          load16f_part(shift + d, k),
+                      k);
+      }
+    }
+  }
+}
+
+static void layer_part(void *arg, int part, int parts) {
+  const struct layer_job *job = arg;
+  long begin, end;
+  parts_of(job->rows, part, parts, &begin, &end);
+  layer_rows(job, begin, end);
+}
+
+int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int dim, const float *shift,
+                                 const float *scale, float eps, float *out) {
+  if (dim < 1 || batch < 0 || tokens < 1) return -1;
+  struct layer_job job = {x, shift, scale, eps, 1.0f / (float)dim, tokens, batch * tokens, dim, out};
+  const int parts = parts_for(batch * tokens * dim);
+  if (mobileo_pool_run(layer_part, &job, parts, 1) != 0) layer_part(&job, 0, 1);
+  return 0;
+}
+
+/* ------------------------------------------------------------------------- gated residual */
+struct gated_job {
+  const float *x, *gate, *update;
+  long tokens, rows;
+  int dim;
+  float *out;
+};
+
+CLONES16 static void gated_rows(const struct gated_job *job, long begin, long end) {
+  const int dim = job->dim;
+  for (long r = begin; r < end; r++) {
+    const float *x = job->x + r * dim, *update = job->update + r * dim, *gate = job->gate + r / job->tokens * dim;
+    float *out = job->out + r * dim;
+    int d = 0;
+    for (; d + 16 <= dim; d += 16) store16f(out + d, load16f(x + d) + load16f(gate + d) * load16f(update + d));
+    if (d < dim) {
+      const int k = dim - d;
+      store16f_part(out + d, load16f_part(x + d, k) + load16f_part(gate + d, k) * load16f_part(update + d, k), k);
+    }
+  }
+}
+
+static void gated_part(void *arg, int part, int parts) {
+  const struct gated_job *job = arg;
+  long begin, end;
+  parts_of(job->rows, part, parts, &begin, &end);
+  gated_rows(job, begin, end);
+}
+
+int mobileo_gated_residual(const float *x, const float *gate, const float *update, long batch, long tokens, int dim,
+                           float *out) {
+  if (dim < 1 || batch < 0 || tokens < 1) return -1;
+  struct gated_job job = {x, gate, update, tokens, batch * tokens, dim, out};
+  const int parts = parts_for(batch * tokens * dim);
+  if (mobileo_pool_run(gated_part, &job, parts, 1) != 0) gated_part(&job, 0, 1);
   return 0;
 }

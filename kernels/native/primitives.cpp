@@ -814,11 +814,114 @@ mx::array rms_norm_residual(const mx::array &y, const mx::array &weight, const m
   return mx::array(y.shape(), mx::float32, std::make_shared<RmsNormResidual>(stream, eps), std::move(inputs));
 }
 
+// --------------------------------------------------------- SANA's modulated LayerNorm, gated residual
+// x [B, N, D]; shift, scale, gate broadcast to [B, 1, D] and passed as [B, D]
+mx::array per_image(const mx::array &v, int batch, int dim, const mx::Stream &stream) {
+  return mx::contiguous(mx::reshape(mx::broadcast_to(v, {batch, 1, dim}, stream), {batch, dim}, stream), false, stream);
+}
+
+class ModulatedLayerNorm : public Kernel {
+ public:
+  ModulatedLayerNorm(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  const char *name() const override { return "MobileoModulatedLayerNorm"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return eps_ == static_cast<const ModulatedLayerNorm &>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  // inputs: x [B, N, D], shift [B, D], scale [B, D]
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto normed = mx::fast::layer_norm(in[0], std::nullopt, std::nullopt, eps_, s);
+    auto scale = mx::expand_dims(in[2], 1, s), shift = mx::expand_dims(in[1], 1, s);
+    return {mx::add(mx::multiply(normed, mx::add(mx::array(1.0f), scale, s), s), shift, s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    if (x.is_donatable())
+      out.copy_shared_buffer(x);  // each row is summed before it is written
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([source = x.data<float>(), shift = inputs[1].data<float>(), scale = inputs[2].data<float>(),
+                  result = out.data<float>(), batch = x.shape(0), tokens = x.shape(1), dim = x.shape(2),
+                  eps = eps_]() {
+      if (mobileo_modulated_layer_norm(source, batch, tokens, dim, shift, scale, eps, result) != 0)
+        throw std::runtime_error("MobileoModulatedLayerNorm: shape not taken by the kernel");
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array modulated_layer_norm(const mx::array &x, const mx::array &shift, const mx::array &scale, float eps,
+                               const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "modulated_layer_norm");
+  require(x.dtype() == mx::float32 && shift.dtype() == mx::float32 && scale.dtype() == mx::float32,
+          "mobileo modulated_layer_norm: float32 only");
+  require(x.ndim() == 3 && x.size() > 0, "mobileo modulated_layer_norm: x [B, N, D], not empty");
+  const int batch = x.shape(0), dim = x.shape(2);
+  return mx::array(x.shape(), mx::float32, std::make_shared<ModulatedLayerNorm>(stream, eps),
+                   {mx::contiguous(x, false, stream), per_image(shift, batch, dim, stream),
+                    per_image(scale, batch, dim, stream)});
+}
+
+class GatedResidual : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoGatedResidual"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  // inputs: x [B, N, D], gate [B, D], update [B, N, D]
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    return {mx::add(in[0], mx::multiply(mx::expand_dims(in[1], 1, s), in[2], s), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0], &update = inputs[2];
+    auto &out = outputs[0];
+    if (x.is_donatable())  // both row-contiguous (mx::contiguous in the op)
+      out.copy_shared_buffer(x);
+    else if (update.is_donatable())
+      out.copy_shared_buffer(update);
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([stream_x = x.data<float>(), gate = inputs[1].data<float>(), delta = update.data<float>(),
+                  result = out.data<float>(), batch = x.shape(0), tokens = x.shape(1), dim = x.shape(2)]() {
+      if (mobileo_gated_residual(stream_x, gate, delta, batch, tokens, dim, result) != 0)
+        throw std::runtime_error("MobileoGatedResidual: shape not taken by the kernel");
+    });
+  }
+};
+
+mx::array gated_residual(const mx::array &x, const mx::array &gate, const mx::array &update,
+                         const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "gated_residual");
+  require(x.dtype() == mx::float32 && gate.dtype() == mx::float32 && update.dtype() == mx::float32,
+          "mobileo gated_residual: float32 only");
+  require(x.ndim() == 3 && x.size() > 0 && update.shape() == x.shape(),
+          "mobileo gated_residual: x and update [B, N, D], not empty");
+  const int batch = x.shape(0), dim = x.shape(2);
+  return mx::array(x.shape(), mx::float32, std::make_shared<GatedResidual>(stream),
+                   {mx::contiguous(x, false, stream), per_image(gate, batch, dim, stream),
+                    mx::contiguous(update, false, stream)});
+}
+
 void register_elementwise(nb::module_ &m) {
   m.def("silu", &silu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("glu_silu", &glu_silu, nb::arg("a"), nb::arg("g"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("rms_norm_residual", &rms_norm_residual, nb::arg("y"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         nb::arg("residual").none(), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("modulated_layer_norm", &modulated_layer_norm, nb::arg("x"), nb::arg("shift"), nb::arg("scale"),
+        nb::arg("eps"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("gated_residual", &gated_residual, nb::arg("x"), nb::arg("gate"), nb::arg("update"), nb::kw_only(),
+        nb::arg("stream") = nb::none());
 }
 
 }  // namespace

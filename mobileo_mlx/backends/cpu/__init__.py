@@ -24,6 +24,8 @@ _COMMON = {
     common.ReLULinearAttention: layers.ReLULinearAttention,
     sana.GLUMBConv: layers.GLUMBConv,
     common.RMSNorm: layers.RMSNorm,
+    sana.SanaTransformerBlock: layers.SanaTransformerBlock,
+    sana.SanaModulatedNorm: layers.SanaModulatedNorm,
     nn.QuantizedLinear: quantized.QuantizedLinear,
     nn.QuantizedEmbedding: quantized.QuantizedEmbedding,
 }
