@@ -29,7 +29,7 @@ pytestmark = [
 ]
 NODES = ("MobileoSilu", "MobileoGluSilu", "MobileoRmsNormResidual", "MobileoModulatedLayerNorm",
          "MobileoGatedResidual")
-# MLX's CPU reduction sums a contiguous axis in index order on x86-64 (no SIMD sums there), as the
+# MLX's CPU reduction sums a contiguous axis in index order on x86-64 (a running sum), as the
 # norm kernels do: bit for bit there; elsewhere within the bound below.
 IN_ORDER_SUMS = platform.machine() in ("x86_64", "AMD64")
 

@@ -9,8 +9,9 @@
  * element-wise and reduction ops there: a square, a sum, a multiply, an rsqrt, ... each one pass
  * on one thread per stream) with the same operations and roundings: the library is built without
  * fused multiply-adds, and each row's sum is accumulated in index order, one term at a time, as
- * MLX's CPU reduction sums a contiguous axis on x86-64 (no SIMD sums there); mean = sum * (1 / D),
- * rsqrt(v) = 1 / sqrt(v). So each node gives the bits of its MLX form (tests/test_elementwise.py).
+ * MLX's CPU reduction sums a contiguous axis on x86-64 (each row's mx.sum is the running sum);
+ * mean = sum * (1 / D), rsqrt(v) = 1 / sqrt(v). So each node gives the bits of its MLX form
+ * (tests/test_elementwise.py).
  * The in-order sums are scalar chains: eight rows are summed side by side to keep the core busy.
  */
 #include <math.h>
