@@ -284,3 +284,114 @@ def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array | None = None)
     ``MOBILEO_MLX_KERNELS=twin``); within a few float32 ulps of the plain formula."""
     return extension().gated_depthwise(h, weight, bias)
 
+
+# ------------------------------------------------------------------------ SiLU and its gate
+def silu_reference(x: mx.array) -> mx.array:
+    """SiLU, x * sigmoid(x), in MLX operations (``nn.silu``)."""
+    return x * mx.sigmoid(x)
+
+
+def silu_supported(x: mx.array) -> bool:
+    return available() and _float32(x) and x.size > 0
+
+
+def silu(x: mx.array) -> mx.array:
+    """SiLU by the native kernel (``native/silu.c``), float32, every core: bit for bit the CPU
+    backend's MLX form (``backends.cpu.activations.silu``), whose algorithm it vectorises; within
+    3e-7 relative of the float64 SiLU, as that form."""
+    return extension().silu(x)
+
+
+def glu_silu_reference(a: mx.array, g: mx.array) -> mx.array:
+    """a * silu(g) in MLX operations."""
+    return a * silu_reference(g)
+
+
+def glu_silu_supported(a: mx.array, g: mx.array) -> bool:
+    """float32 a and g of one shape (the CPU form broadcasts a smaller g itself, in MLX)."""
+    return available() and _float32(a, g) and a.shape == g.shape and a.size > 0
+
+
+def glu_silu(a: mx.array, g: mx.array) -> mx.array:
+    """a * silu(g) by the native kernel: bit for bit ``backends.cpu.activations.glu_silu``."""
+    return extension().glu_silu(a, g)
+
+
+# ------------------------------------------------------------------- RMSNorm + bias [+ residual]
+def rms_norm_residual_reference(y: mx.array, weight: mx.array, bias: mx.array, eps: float,
+                                residual: mx.array | None = None) -> mx.array:
+    """``[residual +] (mx.fast.rms_norm(y, weight, eps) + bias)``: the DC-AE's RMSNorm (weight and
+    bias) over the last axis, with its block's residual."""
+    normed = mx.fast.rms_norm(y, weight, eps) + bias
+    return normed if residual is None else residual + normed
+
+
+def rms_norm_residual_supported(y: mx.array, weight: mx.array, bias: mx.array,
+                                residual: mx.array | None = None) -> bool:
+    if not (available() and _float32(y, weight, bias, residual) and y.ndim >= 1 and y.size > 0):
+        return False
+    dim = y.shape[-1]
+    return weight.shape == bias.shape == (dim,) and (residual is None or residual.shape == y.shape)
+
+
+def rms_norm_residual(y: mx.array, weight: mx.array, bias: mx.array, eps: float,
+                      residual: mx.array | None = None) -> mx.array:
+    """:func:`rms_norm_residual_reference` in one pass by the native kernel (``native/norms.c``),
+    float32, every core. Each row's sum of squares is taken in index order, as MLX's CPU
+    reduction takes it on x86-64, so the result is the twin's bit for bit there (elsewhere a
+    few ulps). ``y`` and ``residual`` are read through their row strides (a cropped view costs
+    no copy); ``y``'s buffer becomes the output when no one else holds it."""
+    return extension().rms_norm_residual(y, weight, bias, float(eps), residual)
+
+
+# -------------------------------------------------------- SANA: modulated LayerNorm, gated residual
+def modulated_layer_norm_reference(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    """LayerNorm over the last axis without affine, then ``* (1 + scale) + shift`` (SANA's AdaLN
+    modulation): x [B, N, D], shift and scale broadcastable to [B, 1, D]."""
+    return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
+
+
+def _per_image(v: mx.array, batch: int, dim: int) -> bool:
+    if v.ndim > 3:
+        return False
+    shape = (1,) * (3 - v.ndim) + tuple(v.shape)
+    return shape[0] in (1, batch) and shape[1] == 1 and shape[2] in (1, dim)
+
+
+def modulated_layer_norm_supported(x: mx.array, shift: mx.array, scale: mx.array) -> bool:
+    if not (available() and _float32(x, shift, scale) and x.ndim == 3 and x.size > 0):
+        return False
+    batch, _, dim = x.shape
+    return _per_image(shift, batch, dim) and _per_image(scale, batch, dim)
+
+
+def modulated_layer_norm(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    """:func:`modulated_layer_norm_reference` in one pass by the native kernel (``native/norms.c``),
+    float32, every core; the mean and the variance summed in index order, as MLX's CPU reduction
+    sums them on x86-64: bit for bit the twin there."""
+    return extension().modulated_layer_norm(x, shift, scale, float(eps))
+
+
+def gated_residual_reference(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
+    """``x + gate * update``: x and update [B, N, D], gate broadcastable to [B, 1, D]."""
+    return x + gate * update
+
+
+def gated_residual_supported(x: mx.array, gate: mx.array, update: mx.array) -> bool:
+    if not (available() and _float32(x, gate, update) and x.ndim == 3 and x.size > 0 and update.shape == x.shape):
+        return False
+    return _per_image(gate, x.shape[0], x.shape[2])
+
+
+def gated_residual(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
+    """:func:`gated_residual_reference` in one pass by the native kernel, every core: the same
+    two roundings, so its bits; x's buffer becomes the output when no one else holds it."""
+    return extension().gated_residual(x, gate, update)
+
+
+__all__ += [
+    "glu_silu", "glu_silu_reference", "glu_silu_supported", "gated_residual", "gated_residual_reference",
+    "gated_residual_supported", "modulated_layer_norm", "modulated_layer_norm_reference",
+    "modulated_layer_norm_supported", "rms_norm_residual", "rms_norm_residual_reference",
+    "rms_norm_residual_supported", "silu", "silu_reference", "silu_supported",
+]

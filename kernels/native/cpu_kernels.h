@@ -1,5 +1,5 @@
 /* The entry points of the cpu_kernels library (quantized_gemv.c, dequantize.c, bf16_gemm.c, gelu.c,
- * depthwise.c, gated_depthwise.c), for the C++ graph nodes in primitives.cpp. All arrays are
+ * depthwise.c, gated_depthwise.c, silu.c, norms.c), for the C++ graph nodes in primitives.cpp. All arrays are
  * float32 (the GEMV's weights uint32), contiguous. */
 #ifndef MOBILEO_CPU_KERNELS_H
 #define MOBILEO_CPU_KERNELS_H
@@ -61,6 +61,37 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * taken (C not a multiple of 8, k even), -2: no memory. */
 int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
                             const float *bias, float *out);
+
+/* out[i] = silu(x[i]) (out may be x); out[i] = a[i] * silu(g[i]) (out may be a or g): the
+ * algorithm and the bits of backends/cpu/activations.py's silu / glu_silu. Return 0. */
+int mobileo_silu(const float *x, float *out, long count);
+int mobileo_glu_silu(const float *a, const float *g, float *out, long count);
+
+/* The rows of an array whose last axis is contiguous: row r (in row-major order over the
+ * leading axes shape[0..dims)) starts at sum_i index_i * strides[i] floats. */
+#define MOBILEO_MAX_ROW_DIMS 8
+struct mobileo_rows {
+  int dims;
+  long shape[MOBILEO_MAX_ROW_DIMS];
+  long strides[MOBILEO_MAX_ROW_DIMS];
+};
+
+/* out [rows, dim] = [residual +] (y * (1 / sqrt(sum(y^2) * (1 / dim) + eps)) * weight + bias) per
+ * row, each sum in index order (MLX's CPU order); residual NULL or of y's shape; out may be y
+ * when y is row-contiguous. -1: a layout it does not take. */
+int mobileo_rms_norm_residual(const float *y, const struct mobileo_rows *y_rows, const float *residual,
+                              const struct mobileo_rows *residual_rows, const float *weight, const float *bias,
+                              float eps, long rows, int dim, float *out);
+
+/* x [batch, tokens, dim] -> out = LayerNorm(x) (no affine, in-order sums) * (1 + scale) + shift,
+ * shift and scale [batch, dim]. Returns 0 (-1: an empty dim or no tokens). */
+int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int dim, const float *shift,
+                                 const float *scale, float eps, float *out);
+
+/* out = x + gate * update for x, update [batch, tokens, dim], gate [batch, dim]; out may be x or
+ * update. Returns 0 (-1: an empty dim or no tokens). */
+int mobileo_gated_residual(const float *x, const float *gate, const float *update, long batch, long tokens, int dim,
+                           float *out);
 
 #ifdef __cplusplus
 }

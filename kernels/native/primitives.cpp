@@ -30,6 +30,7 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/transforms.h"
@@ -637,6 +638,292 @@ void register_gated_depthwise(nb::module_ &m) {
         nb::arg("stream") = nb::none());
 }
 
+// ------------------------------------------------------------------ SiLU and the SiLU gate
+// silu.c: the algorithm of backends/cpu/activations.py's silu / glu_silu, bit for bit.
+mx::array silu(const mx::array &x, const mx::StreamOrDevice &where);
+
+class Silu : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoSilu"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    return {mx::multiply(in[0], mx::sigmoid(in[0], stream()), stream())};
+  }
+
+  // Element-wise: the vmapped axis just passes through the kernel.
+  std::pair<Arrays, std::vector<int>> vmap(const Arrays &inputs, const std::vector<int> &axes) override {
+    return {{silu(inputs[0], stream())}, axes};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    // The input is row- or column-contiguous (mx::contiguous in the op); the output takes its layout.
+    if (x.is_donatable())
+      out.copy_shared_buffer(x);
+    else
+      out.set_data(mx::allocator::malloc(x.data_size() * sizeof(float)), x.data_size(), x.strides(), x.flags());
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([source = x.data<float>(), result = out.data<float>(), count = (long)x.data_size()]() {
+      mobileo_silu(source, result, count);
+    });
+  }
+};
+
+mx::array silu(const mx::array &x, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "silu");
+  require(x.dtype() == mx::float32, "mobileo silu: float32 only");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Silu>(stream), {mx::contiguous(x, true, stream)});
+}
+
+// a * silu(g), a and g of one shape
+class GluSilu : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoGluSilu"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    return {mx::multiply(in[0], mx::multiply(in[1], mx::sigmoid(in[1], s), s), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &a = inputs[0], &g = inputs[1];
+    auto &out = outputs[0];
+    // both row-contiguous (mx::contiguous in the op): an element's index is its offset in either
+    if (a.is_donatable())
+      out.copy_shared_buffer(a);
+    else if (g.is_donatable())
+      out.copy_shared_buffer(g);
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([values = a.data<float>(), gates = g.data<float>(), result = out.data<float>(),
+                  count = (long)a.size()]() { mobileo_glu_silu(values, gates, result, count); });
+  }
+};
+
+mx::array glu_silu(const mx::array &a, const mx::array &g, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "glu_silu");
+  require(a.dtype() == mx::float32 && g.dtype() == mx::float32, "mobileo glu_silu: float32 only");
+  require(a.shape() == g.shape(), "mobileo glu_silu: a and g of one shape");
+  return mx::array(a.shape(), mx::float32, std::make_shared<GluSilu>(stream),
+                   {mx::contiguous(a, false, stream), mx::contiguous(g, false, stream)});
+}
+
+// ------------------------------------------------------------- RMSNorm + bias [+ residual]
+// The rows of an evaluated array as norms.c reads them: in place when its last axis is
+// contiguous (a cropped view such as the DC-AE's conv output costs no copy), else nullopt.
+std::optional<mobileo_rows> row_layout(const mx::array &x) {
+  const int lead = (int)x.ndim() - 1;
+  if (lead > MOBILEO_MAX_ROW_DIMS || (x.shape(-1) > 1 && x.strides().back() != 1)) return std::nullopt;
+  mobileo_rows rows{};
+  rows.dims = lead;
+  for (int i = 0; i < lead; i++) {
+    rows.shape[i] = x.shape(i);
+    rows.strides[i] = (long)x.strides()[i];
+  }
+  return rows;
+}
+
+mobileo_rows contiguous_rows(const mx::array &x) {
+  mobileo_rows rows{};
+  rows.dims = 1;
+  rows.shape[0] = (long)(x.size() / x.shape(-1));
+  rows.strides[0] = x.shape(-1);
+  return rows;
+}
+
+class RmsNormResidual : public Kernel {
+ public:
+  RmsNormResidual(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  const char *name() const override { return "MobileoRmsNormResidual"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return eps_ == static_cast<const RmsNormResidual &>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  // inputs: y [..., D], weight [D], bias [D] (, residual of y's shape)
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto normed = mx::add(mx::fast::rms_norm(in[0], in[1], eps_, s), in[2], s);
+    return {in.size() > 3 ? mx::add(in[3], normed, s) : normed};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &y = inputs[0];
+    auto &out = outputs[0];
+    const bool has_residual = inputs.size() > 3;
+    if (y.is_donatable() && y.flags().row_contiguous)
+      out.copy_shared_buffer(y);  // each row is summed before it is written
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    const int dim = y.shape(-1);
+    const long rows = (long)(y.size() / dim);
+    // an input whose last axis is not contiguous is gathered row-major into a temporary first
+    auto read = [&](const mx::array &x, float *&copy) {
+      auto layout = row_layout(x);
+      copy = nullptr;
+      if (layout) return *layout;
+      mx::array temporary(mx::allocator::malloc(x.nbytes()), x.shape(), mx::float32);
+      enc.add_temporary(temporary);
+      copy = temporary.data<float>();
+      return contiguous_rows(x);
+    };
+    float *y_copy, *r_copy = nullptr;
+    const mobileo_rows y_rows = read(y, y_copy);
+    const mobileo_rows r_rows = has_residual ? read(inputs[3], r_copy) : mobileo_rows{};
+    enc.dispatch([y_data = y.data<float>(), y_shape = y.shape(), y_strides = y.strides(), y_copy, y_rows,
+                  r_data = has_residual ? inputs[3].data<float>() : nullptr,
+                  r_shape = has_residual ? inputs[3].shape() : mx::Shape{},
+                  r_strides = has_residual ? inputs[3].strides() : mx::Strides{}, r_copy, r_rows,
+                  weight = inputs[1].data<float>(), bias = inputs[2].data<float>(), result = out.data<float>(),
+                  eps = eps_, rows, dim]() {
+      if (y_copy != nullptr) gather(y_data, y_shape, y_strides, y_copy, (size_t)rows * dim);
+      if (r_copy != nullptr) gather(r_data, r_shape, r_strides, r_copy, (size_t)rows * dim);
+      if (mobileo_rms_norm_residual(y_copy ? y_copy : y_data, &y_rows, r_copy ? r_copy : r_data, &r_rows, weight,
+                                    bias, eps, rows, dim, result) != 0)
+        throw std::runtime_error("MobileoRmsNormResidual: layout not taken by the kernel");
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array rms_norm_residual(const mx::array &y, const mx::array &weight, const mx::array &bias, float eps,
+                            const std::optional<mx::array> &residual, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "rms_norm_residual");
+  require(y.dtype() == mx::float32 && weight.dtype() == mx::float32 && bias.dtype() == mx::float32 &&
+              (!residual || residual->dtype() == mx::float32),
+          "mobileo rms_norm_residual: float32 only");
+  require(y.ndim() >= 1 && y.size() > 0, "mobileo rms_norm_residual: y [..., D], not empty");
+  const int dim = y.shape(-1);
+  require(weight.ndim() == 1 && weight.shape(0) == dim && bias.ndim() == 1 && bias.shape(0) == dim,
+          "mobileo rms_norm_residual: weight and bias [D]");
+  require(!residual || residual->shape() == y.shape(), "mobileo rms_norm_residual: the residual of y's shape");
+  // y and the residual as they are (read in place through their row strides, or gathered)
+  Arrays inputs = {y, mx::contiguous(weight, false, stream), mx::contiguous(bias, false, stream)};
+  if (residual) inputs.push_back(*residual);
+  return mx::array(y.shape(), mx::float32, std::make_shared<RmsNormResidual>(stream, eps), std::move(inputs));
+}
+
+// --------------------------------------------------------- SANA's modulated LayerNorm, gated residual
+// x [B, N, D]; shift, scale, gate broadcast to [B, 1, D] and passed as [B, D]
+mx::array per_image(const mx::array &v, int batch, int dim, const mx::Stream &stream) {
+  return mx::contiguous(mx::reshape(mx::broadcast_to(v, {batch, 1, dim}, stream), {batch, dim}, stream), false, stream);
+}
+
+class ModulatedLayerNorm : public Kernel {
+ public:
+  ModulatedLayerNorm(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  const char *name() const override { return "MobileoModulatedLayerNorm"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return eps_ == static_cast<const ModulatedLayerNorm &>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  // inputs: x [B, N, D], shift [B, D], scale [B, D]
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto normed = mx::fast::layer_norm(in[0], std::nullopt, std::nullopt, eps_, s);
+    auto scale = mx::expand_dims(in[2], 1, s), shift = mx::expand_dims(in[1], 1, s);
+    return {mx::add(mx::multiply(normed, mx::add(mx::array(1.0f), scale, s), s), shift, s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    if (x.is_donatable())
+      out.copy_shared_buffer(x);  // each row is summed before it is written
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([source = x.data<float>(), shift = inputs[1].data<float>(), scale = inputs[2].data<float>(),
+                  result = out.data<float>(), batch = x.shape(0), tokens = x.shape(1), dim = x.shape(2),
+                  eps = eps_]() {
+      if (mobileo_modulated_layer_norm(source, batch, tokens, dim, shift, scale, eps, result) != 0)
+        throw std::runtime_error("MobileoModulatedLayerNorm: shape not taken by the kernel");
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array modulated_layer_norm(const mx::array &x, const mx::array &shift, const mx::array &scale, float eps,
+                               const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "modulated_layer_norm");
+  require(x.dtype() == mx::float32 && shift.dtype() == mx::float32 && scale.dtype() == mx::float32,
+          "mobileo modulated_layer_norm: float32 only");
+  require(x.ndim() == 3 && x.size() > 0, "mobileo modulated_layer_norm: x [B, N, D], not empty");
+  const int batch = x.shape(0), dim = x.shape(2);
+  return mx::array(x.shape(), mx::float32, std::make_shared<ModulatedLayerNorm>(stream, eps),
+                   {mx::contiguous(x, false, stream), per_image(shift, batch, dim, stream),
+                    per_image(scale, batch, dim, stream)});
+}
+
+class GatedResidual : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoGatedResidual"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  // inputs: x [B, N, D], gate [B, D], update [B, N, D]
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    return {mx::add(in[0], mx::multiply(mx::expand_dims(in[1], 1, s), in[2], s), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0], &update = inputs[2];
+    auto &out = outputs[0];
+    if (x.is_donatable())  // both row-contiguous (mx::contiguous in the op)
+      out.copy_shared_buffer(x);
+    else if (update.is_donatable())
+      out.copy_shared_buffer(update);
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([stream_x = x.data<float>(), gate = inputs[1].data<float>(), delta = update.data<float>(),
+                  result = out.data<float>(), batch = x.shape(0), tokens = x.shape(1), dim = x.shape(2)]() {
+      if (mobileo_gated_residual(stream_x, gate, delta, batch, tokens, dim, result) != 0)
+        throw std::runtime_error("MobileoGatedResidual: shape not taken by the kernel");
+    });
+  }
+};
+
+mx::array gated_residual(const mx::array &x, const mx::array &gate, const mx::array &update,
+                         const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "gated_residual");
+  require(x.dtype() == mx::float32 && gate.dtype() == mx::float32 && update.dtype() == mx::float32,
+          "mobileo gated_residual: float32 only");
+  require(x.ndim() == 3 && x.size() > 0 && update.shape() == x.shape(),
+          "mobileo gated_residual: x and update [B, N, D], not empty");
+  const int batch = x.shape(0), dim = x.shape(2);
+  return mx::array(x.shape(), mx::float32, std::make_shared<GatedResidual>(stream),
+                   {mx::contiguous(x, false, stream), per_image(gate, batch, dim, stream),
+                    mx::contiguous(update, false, stream)});
+}
+
+void register_elementwise(nb::module_ &m) {
+  m.def("silu", &silu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("glu_silu", &glu_silu, nb::arg("a"), nb::arg("g"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("rms_norm_residual", &rms_norm_residual, nb::arg("y"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
+        nb::arg("residual").none(), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("modulated_layer_norm", &modulated_layer_norm, nb::arg("x"), nb::arg("shift"), nb::arg("scale"),
+        nb::arg("eps"), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("gated_residual", &gated_residual, nb::arg("x"), nb::arg("gate"), nb::arg("update"), nb::kw_only(),
+        nb::arg("stream") = nb::none());
+}
+
 }  // namespace
 
 NB_MODULE(primitives_ext, m) {
@@ -662,4 +949,5 @@ NB_MODULE(primitives_ext, m) {
   m.def("bf16_matmul_q8", &bf16_matmul_q8, nb::arg("x"), nb::arg("values"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
   register_gated_depthwise(m);
+  register_elementwise(m);
 }

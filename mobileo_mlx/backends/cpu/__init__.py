@@ -23,6 +23,9 @@ _COMMON = {
     common.ScaledDotProductAttention: layers.ScaledDotProductAttention,
     common.ReLULinearAttention: layers.ReLULinearAttention,
     sana.GLUMBConv: layers.GLUMBConv,
+    common.RMSNorm: layers.RMSNorm,
+    sana.SanaTransformerBlock: layers.SanaTransformerBlock,
+    sana.SanaModulatedNorm: layers.SanaModulatedNorm,
     nn.QuantizedLinear: quantized.QuantizedLinear,
     nn.QuantizedEmbedding: quantized.QuantizedEmbedding,
 }

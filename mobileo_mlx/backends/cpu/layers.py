@@ -8,6 +8,8 @@ computes, in the form MLX's CPU backend runs fast:
 * attention cores with the fast softmax, linear attention of a CFG pair over two streams;
 * GLUMBConv's gated middle by the native node (one pass over every core), else in two pieces,
   one per stream;
+* RMSNorm (+ bias, + a block's residual), SANA's AdaLN norms and gated residuals, SiLU and the
+  SiLU gate as native nodes (one pass over every core, the bits of their MLX forms);
 * the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
   upsampling convs in sub-pixel form;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
@@ -190,9 +192,30 @@ def _bias_residual(normed: mx.array, bias: mx.array, x: mx.array) -> mx.array:
     return x + (normed + bias)
 
 
+def _elementwise_node() -> bool:
+    """Whether an element-wise native node serves: the kernels on, not inside a two-stream piece
+    (the node uses every core; the other stream is busy with its piece)."""
+    return use_kernels() and streams.may_split()
+
+
 def norm_residual(norm: common.RMSNorm, y: mx.array, x: mx.array) -> mx.array:
-    """``norm(y) + x`` with the norm's bias and the residual added in one pass (the same sums)."""
+    """``norm(y) + x``: float32 by the native node (``primitives.rms_norm_residual``: one pass on
+    every core, y read in place through its row strides; the same bits as the MLX form, whose
+    sums MLX takes in the same order), else MLX's RMSNorm, then the bias and the residual in one
+    compiled pass."""
+    if _elementwise_node() and primitives.rms_norm_residual_supported(y, norm.weight, norm.bias, x):
+        return primitives.rms_norm_residual(y, norm.weight, norm.bias, norm.eps, x)
     return _bias_residual(mx.fast.rms_norm(y, norm.weight, norm.eps), norm.bias, x)
+
+
+class RMSNorm(common.RMSNorm):
+    """The DC-AE's RMSNorm with its bias (``vae.norm_out``, LiteMLA's ``norm_out``) by the native
+    node where it serves (the same bits as the plain module)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _elementwise_node() and primitives.rms_norm_residual_supported(x, self.weight, self.bias):
+            return primitives.rms_norm_residual(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
 
 
 class GLUMBConv(sana.GLUMBConv):
@@ -203,6 +226,52 @@ class GLUMBConv(sana.GLUMBConv):
         if self.norm is not None:
             h = self.norm(h)
         return h + x if self.residual_connection else h
+
+
+# ------------------------------------------------------------------ SANA's transformer block
+def modulated_norm(norm: nn.LayerNorm, x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    """``norm(x) * (1 + scale) + shift`` (AdaLN): a LayerNorm without affine by the native node
+    (``primitives.modulated_layer_norm``: one pass on every core, the same bits), else the plain
+    module's norm and ``sana._modulate``."""
+    if ("weight" not in norm and "bias" not in norm and _elementwise_node()
+            and primitives.modulated_layer_norm_supported(x, shift, scale)):
+        return primitives.modulated_layer_norm(x, shift, scale, norm.eps)
+    return sana._modulate(norm(x), shift, scale)
+
+
+def gated_residual(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
+    """``x + gate * update``: the native node (one pass on every core, the same bits), else
+    ``sana._gated_residual``."""
+    if _elementwise_node() and primitives.gated_residual_supported(x, gate, update):
+        return primitives.gated_residual(x, gate, update)
+    return sana._gated_residual(x, gate, update)
+
+
+class SanaTransformerBlock(sana.SanaTransformerBlock):
+    """The plain block with its AdaLN norms and gated residuals as single native nodes; the
+    attentions and the Mix-FFN are its children's own (CPU) forms."""
+
+    def __call__(self, x: mx.array, height: int, width: int, modulation: mx.array, keys: mx.array,
+                 values: mx.array, key_bias: mx.array | None) -> mx.array:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mx.split(
+            self.scale_shift_table + modulation, 6, axis=1
+        )  # each [B, 1, D]
+        h = modulated_norm(self.norm1, x, shift_msa, scale_msa)
+        x = gated_residual(x, gate_msa, self.attn1(h))
+        # The cross-attention query is the raw stream: no norm, no modulation, no gate.
+        x = x + self.attn2(x, keys, values, key_bias)
+        h = modulated_norm(self.norm2, x, shift_mlp, scale_mlp)
+        batch, tokens, dim = h.shape
+        ff = self.ff(h.reshape(batch, height, width, dim)).reshape(batch, tokens, dim)
+        return gated_residual(x, gate_mlp, ff)
+
+
+class SanaModulatedNorm(sana.SanaModulatedNorm):
+    """The DiT's output norm with its modulation as one native node."""
+
+    def __call__(self, x: mx.array, embedding: mx.array, scale_shift_table: mx.array) -> mx.array:
+        shift, scale = mx.split(scale_shift_table + embedding[:, None, :], 2, axis=1)
+        return modulated_norm(self.norm, x, shift, scale)
 
 
 # ------------------------------------------------------------------ the DC-AE's convolutions
