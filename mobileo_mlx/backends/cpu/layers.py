@@ -90,17 +90,20 @@ class GELU(nn.GELU):
 # ------------------------------------------------------------------ depthwise convs
 def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding) -> mx.array:
     """A ``groups = C`` conv (weight [C*m, kh, kw, 1]) on the CPU: the native kernel for large
-    float32 convs with one output channel per input channel, else the shift-and-add twin, as
+    float32 convs (``m`` > 1: one native conv per output phase, interleaved), else the shift-and-add twin, as
     two channel halves on the two streams when large; inside a piece of ``streams.cpu_pieces``
     the twin, whole (the other stream is busy with the other piece)."""
     kh, kw = weight.shape[1], weight.shape[2]
     (sh, sw) = stride if isinstance(stride, tuple) else (stride, stride)
     steps = sh * sw
-    if (use_kernels() and streams.may_split() and x.size * kh * kw // steps >= tuning.DEPTHWISE_NATIVE_MIN_MACS
-            and depthwise_kernels.native_supported(x, weight, bias, stride, padding)):
-        return depthwise_kernels.native(x, weight, bias, stride, padding)
     channels = x.shape[-1]
     m = weight.shape[0] // channels
+    if (use_kernels() and streams.may_split() and x.size * m * kh * kw // steps >= tuning.DEPTHWISE_NATIVE_MIN_MACS
+            and depthwise_kernels.native_supported(x, weight[::m], None if bias is None else bias[::m], stride,
+                                                   padding)):
+        if m == 1:
+            return depthwise_kernels.native(x, weight, bias, stride, padding)
+        return _multiplied_native(x, weight, bias, stride, padding, m)
     taps = tuning.DEPTHWISE_TAPS_PER_KERNEL
     if (channels < 2 or x.size * m * kh * kw // steps < tuning.DEPTHWISE_SPLIT_MIN_MACS
             or not streams.may_split()):
@@ -112,6 +115,15 @@ def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, strid
                                            stride, padding, taps)
 
     return streams.split_in_two(half, channels, axis=-1)
+
+
+def _multiplied_native(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding, m: int) -> mx.array:
+    """A conv with ``m`` output channels per input channel (FastViT's downsamplers and ``conv_exp``:
+    output o reads input o // m) as ``m`` native depthwise convs, output channels j, j + m, ...
+    each, interleaved by one copy: the native kernel takes one output channel per input channel."""
+    phases = [depthwise_kernels.native(x, weight[j::m], None if bias is None else bias[j::m], stride, padding)
+              for j in range(m)]
+    return mx.stack(phases, axis=-1).reshape(*phases[0].shape[:-1], -1)
 
 
 class DepthwiseConv(common.DepthwiseConv):
