@@ -270,6 +270,20 @@ def test_fastvit_multiplier_convs_take_one_native_conv_per_output_phase(batch, m
 
 
 @on_cpu
+def test_fastvit_block_forms_fuse_the_layer_scaled_residual_bit_for_bit():
+    config = fastvit.FastViTConfig(**SMALL_CONFIGS["vision"])
+    for seed, (plain, shape) in enumerate(((fastvit.RepMixerBlock(16, 64, config), (2, 9, 7, 16)),
+                                           (fastvit.AttentionBlock(16, 64, config), (1, 5, 6, 16)))):
+        randomized(plain, seed=seed)
+        x = mx.random.normal(shape, key=mx.random.key(30 + seed))
+        fast = backends.accelerate(rebuild(plain), "vision")
+        assert type(fast) is getattr(layers, type(plain).__name__)
+        # the same sub-modules through the plain block's own __call__: the same bits
+        assert same_bits(fast(x), type(plain).__call__(fast, x))
+        assert relative_error(fast(x), plain(x)) < 1e-5
+
+
+@on_cpu
 def test_dcae_cpu_forms_match_the_plain_modules():
     x = mx.random.normal((2, 6, 5, 64), key=mx.random.key(11))
     for plain in (dcae.ResBlock(64, 64, "rms_norm", "silu"), dcae.ResBlock(64, 64, "rms_norm", "gelu"),

@@ -104,7 +104,8 @@ static inline __attribute__((always_inline)) void interior_fixed(const struct co
   for (int i = 0; i < INTERIOR; i++) store8f(row_out + (size_t)(ox0 + i) * channels + c, acc[i]);
 }
 
-/* The interior blocks of one output row, the common kernel shapes compiled for their size. */
+/* The interior blocks of one output row, the models' kernel shapes compiled for their size (FastViT's
+ * 3x3 / 7x7 and its stride-2 downsamplers and stem, the DC-AE's 5x5). */
 static inline __attribute__((always_inline)) void interior_run(const struct conv *g, const float *image, int oy,
                                                                 int from, int to, float *row_out) {
   const int shape = g->kw * 4 + g->sx;
@@ -116,6 +117,7 @@ static inline __attribute__((always_inline)) void interior_run(const struct conv
   switch (g->kw <= 7 && g->sx <= 2 ? shape : 0) {
     FIXED(3, 1)
     FIXED(3, 2)
+    FIXED(5, 1)
     FIXED(7, 1)
     FIXED(7, 2)
     default:

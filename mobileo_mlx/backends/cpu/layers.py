@@ -8,6 +8,7 @@ computes, in the form MLX's CPU backend runs fast:
 * attention cores with the fast softmax, linear attention of a CFG pair over two streams;
 * GLUMBConv's gated middle by the native node (one pass over every core), else in two pieces,
   one per stream;
+* FastViT's layer-scaled residuals in one pass each;
 * the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
   upsampling convs in sub-pixel form;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
@@ -27,7 +28,7 @@ from mobileo_mlx.backends import kernels_mode, tuning
 from mobileo_mlx.backends.cpu import activations, streams
 from mobileo_mlx.kernels import depthwise as depthwise_kernels
 from mobileo_mlx.kernels import primitives
-from mobileo_mlx.models import common, dcae, sana
+from mobileo_mlx.models import common, dcae, fastvit, sana
 
 
 def use_kernels() -> bool:
@@ -215,6 +216,29 @@ class GLUMBConv(sana.GLUMBConv):
         if self.norm is not None:
             h = self.norm(h)
         return h + x if self.residual_connection else h
+
+
+# ------------------------------------------------------------------ FastViT's blocks
+@mx.compile
+def _scaled_residual(x: mx.array, scale: mx.array, y: mx.array) -> mx.array:
+    return x + scale * y
+
+
+class RepMixerBlock(fastvit.RepMixerBlock):
+    """The layer-scaled residual in one pass (MLX otherwise writes ``scale * y`` out first; the same
+    two roundings)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.token_mixer(x)
+        return _scaled_residual(x, self.layer_scale, self.convffn(x))
+
+
+class AttentionBlock(fastvit.AttentionBlock):
+    """Both layer-scaled residuals in one pass each, as :class:`RepMixerBlock`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = _scaled_residual(x, self.layer_scale_1, self.token_mixer(self.norm(x)))
+        return _scaled_residual(x, self.layer_scale_2, self.convffn(x))
 
 
 # ------------------------------------------------------------------ the DC-AE's convolutions
