@@ -194,6 +194,8 @@ def conv_in_kernel_order(x, w, b, stride, padding) -> np.ndarray:
     ((2, 9, 37, 40), 7, (2, 2), (3, 3), True),  # FastViT's downsampler: 7x7, stride 2
     ((1, 5, 6, 8), 7, (1, 1), (3, 3), False),  # narrower than the kernel: every pixel at a border
     ((1, 12, 45, 16), 1, (1, 1), (0, 0), True),
+    ((1, 14, 30, 16), 5, (1, 1), (2, 2), True),  # the DC-AE's LiteMLA: 5x5
+    ((1, 11, 29, 8), 3, (2, 2), (1, 1), False),  # FastViT's stem: 3x3, stride 2
 ])
 def test_depthwise_sums_in_its_stated_order(shape, k, stride, padding, bias):
     """The node's bits are those of its stated order of operations (what keeps every form that
