@@ -284,6 +284,32 @@ def test_fastvit_block_forms_fuse_the_layer_scaled_residual_bit_for_bit():
 
 
 @on_cpu
+@pytest.mark.parametrize("matmul", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_fastvit_ffn_bands_give_the_bits_of_the_whole_map(matmul, monkeypatch):
+    """The FFN and residual of a large map in row bands (a partial band at the end, batch 1 and 2):
+    the bf16 node computes every row of a product as in one call, so the same bits; OpenBLAS's
+    float32 GEMM may sum a short product in another order."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    config = fastvit.FastViTConfig(**SMALL_CONFIGS["vision"])
+    for seed, (plain, shape) in enumerate(((fastvit.RepMixerBlock(16, 64, config), (2, 9, 7, 16)),
+                                           (fastvit.AttentionBlock(16, 64, config), (1, 5, 6, 16)))):
+        randomized(plain, seed=seed)
+        fast = backends.accelerate(rebuild(plain), "vision", matmul=matmul)
+        x = mx.random.normal(shape, key=mx.random.key(40 + seed))
+        whole = fast(x)
+        monkeypatch.setattr(tuning, "FFN_BAND_MIN_VALUES", 0)
+        monkeypatch.setattr(tuning, "FFN_BAND_ROWS", 8)
+        banded = fast(x)
+        graph = io.StringIO()
+        mx.export_to_dot(graph, banded)
+        assert graph.getvalue().count('"Concatenate"') >= 1  # the bands were built
+        if matmul == "bf16":
+            assert same_bits(banded, whole)
+        assert relative_error(banded, whole) < 1e-6
+        monkeypatch.setattr(tuning, "FFN_BAND_MIN_VALUES", 1 << 24)
+
+
+@on_cpu
 def test_dcae_cpu_forms_match_the_plain_modules():
     x = mx.random.normal((2, 6, 5, 64), key=mx.random.key(11))
     for plain in (dcae.ResBlock(64, 64, "rms_norm", "silu"), dcae.ResBlock(64, 64, "rms_norm", "gelu"),

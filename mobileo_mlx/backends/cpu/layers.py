@@ -8,7 +8,7 @@ computes, in the form MLX's CPU backend runs fast:
 * attention cores with the fast softmax, linear attention of a CFG pair over two streams;
 * GLUMBConv's gated middle by the native node (one pass over every core), else in two pieces,
   one per stream;
-* FastViT's layer-scaled residuals in one pass each;
+* FastViT's layer-scaled residuals in one pass each, its large FFNs in row bands;
 * the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
   upsampling convs in sub-pixel form;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
@@ -224,13 +224,30 @@ def _scaled_residual(x: mx.array, scale: mx.array, y: mx.array) -> mx.array:
     return x + scale * y
 
 
+def ffn_residual(x: mx.array, scale: mx.array, ffn: fastvit.ConvFFN) -> mx.array:
+    """``x + scale * ffn(x)``: after the FFN's depthwise conv, its 1x1 layers, GELU and the residual
+    in bands of ``tuning.FFN_BAND_ROWS`` pixels when the hidden activations are large
+    (``tuning.FFN_BAND_MIN_VALUES``), so a band's temporaries stay in cache. Each pixel's products
+    are computed as in one call (a row of a product does not depend on the others): the same bits."""
+    h = ffn.conv(x)
+    *lead, channels = h.shape
+    rows = h.size // channels
+    band = tuning.FFN_BAND_ROWS
+    if rows * ffn.fc1.weight.shape[0] <= tuning.FFN_BAND_MIN_VALUES or rows <= band:
+        return _scaled_residual(x, scale, ffn.fc2(ffn.act(ffn.fc1(h))))
+    h, x = h.reshape(rows, channels), x.reshape(rows, channels)
+    parts = [_scaled_residual(x[i : i + band], scale, ffn.fc2(ffn.act(ffn.fc1(h[i : i + band]))))
+             for i in range(0, rows, band)]
+    return mx.concatenate(parts).reshape(*lead, channels)
+
+
 class RepMixerBlock(fastvit.RepMixerBlock):
     """The layer-scaled residual in one pass (MLX otherwise writes ``scale * y`` out first; the same
-    two roundings)."""
+    two roundings), the FFN in bands where large (:func:`ffn_residual`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.token_mixer(x)
-        return _scaled_residual(x, self.layer_scale, self.convffn(x))
+        return ffn_residual(x, self.layer_scale, self.convffn)
 
 
 class AttentionBlock(fastvit.AttentionBlock):
@@ -238,7 +255,7 @@ class AttentionBlock(fastvit.AttentionBlock):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = _scaled_residual(x, self.layer_scale_1, self.token_mixer(self.norm(x)))
-        return _scaled_residual(x, self.layer_scale_2, self.convffn(x))
+        return ffn_residual(x, self.layer_scale_2, self.convffn)
 
 
 # ------------------------------------------------------------------ the DC-AE's convolutions
