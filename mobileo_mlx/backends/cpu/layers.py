@@ -227,8 +227,9 @@ def _scaled_residual(x: mx.array, scale: mx.array, y: mx.array) -> mx.array:
 def ffn_residual(x: mx.array, scale: mx.array, ffn: fastvit.ConvFFN) -> mx.array:
     """``x + scale * ffn(x)``: after the FFN's depthwise conv, its 1x1 layers, GELU and the residual
     in bands of ``tuning.FFN_BAND_ROWS`` pixels when the hidden activations are large
-    (``tuning.FFN_BAND_MIN_VALUES``), so a band's temporaries stay in cache. Each pixel's products
-    are computed as in one call (a row of a product does not depend on the others): the same bits."""
+    (``tuning.FFN_BAND_MIN_VALUES``), so a band's temporaries stay in cache. The bf16 node computes
+    each row of a product as in one call, so bf16 products give the same bits; OpenBLAS's float32
+    GEMM may sum a band in another order (last bits)."""
     h = ffn.conv(x)
     *lead, channels = h.shape
     rows = h.size // channels
