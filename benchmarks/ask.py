@@ -1,6 +1,7 @@
 """Image understanding: a 1024x1024 picture and a 32-token greedy answer, in MLX and in PyTorch.
 
     python -m benchmarks.ask [--recipe none|mixed|8|4] [--tokens 32] [--sides mlx,torch-fp32,torch-bf16]
+                             [--profile] [--model demo|FOLDER]
 
 Same cached full-size random checkpoint and conversions as ``benchmarks.generate``. Each side runs
 in its own process:
@@ -14,7 +15,9 @@ in its own process:
 Printed per side: vision encoder (preprocessing + tower + projector), prompt embedding, prefill
 (time and tokens/s), time to first token (from the picture to the first token), decode tokens/s,
 MLX peak memory and peak RSS; the greedy tokens of the two fp32 sides are compared (same weights);
-and a cost model of the same stages on Apple-silicon GPUs.
+and a cost model of the same stages on Apple-silicon GPUs. ``--profile`` adds a per-op breakdown of one
+vision-tower pass (MLX). ``--model`` runs the MLX side on another converted folder (``demo``: the demo
+model, which checks the harness) instead of the full-size conversion.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import cli, cost_model, inputs, measure, report, torch_side
+from benchmarks import cli, cost_model, inputs, measure, profiler, report, torch_side
 from benchmarks.report import fmt
 
 import mlx.core as mx  # noqa: E402  (after mobileo_mlx, imported by benchmarks.measure)
 
 SCRIPT = "benchmarks.ask"
-WORKER_OPTIONS = ("tokens", "size", "question", "warmup", "cpu_matmul", "keep_loaded")
+WORKER_OPTIONS = ("tokens", "size", "question", "warmup", "cpu_matmul", "keep_loaded", "profile_repeats")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +148,21 @@ def torch_worker(args) -> dict:
     }
 
 
+def profile_worker(args) -> dict:
+    """Per-op time (MLX) of one vision-tower pass (FastViTHD on the preprocessed picture)."""
+    from mobileo_mlx import processing
+    from mobileo_mlx.pipeline import MobileO
+
+    model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
+    vision = model.component("vision")
+    pixels = mx.array(processing.preprocess_image(inputs.picture(args.size), model.vision_size)).astype(model.dtype)
+    result = {"side": "mlx-profile", "load": measure.load_average(), "vision_size": model.vision_size}
+    with model.stage("vision"):  # as MobileO.image_features
+        result["vision"] = profiler.profile("vision", lambda: vision(pixels), vision, args.profile_repeats)
+    result["load_after"] = measure.load_average()
+    return result
+
+
 def answer_times(start: float, vision_done: float, embedded: float, stamps: list[float]) -> dict:
     """A worker's seconds per stage from its clock readings (``stamps``: each token's arrival)."""
     return {"vision_s": vision_done - start, "embed_s": embedded - vision_done, "first_token_s": stamps[0] - embedded,
@@ -195,14 +213,28 @@ def cost_table(stages, recipe: str, compute_eff: float, bandwidth_eff: float) ->
     ])
 
 
+def model_folder(args) -> tuple[Path, Path | None]:
+    """The converted folder the MLX side runs and the checkpoint the PyTorch sides build from
+    (None with ``--model``: another model has no PyTorch twin here)."""
+    if not args.model:
+        return inputs.converted(args.recipe, args.rebuild), inputs.full_checkpoint(args.rebuild)
+    if args.model == "demo":
+        from mobileo_mlx.hub import resolve_model
+
+        return Path(resolve_model("demo")), None
+    return Path(args.model), None
+
+
 def parent(args) -> int:
     sides = cli.pick(args.sides, cli.SIDES, "side")
-    checkpoint = inputs.full_checkpoint(args.rebuild)
-    folder = inputs.converted(args.recipe, args.rebuild)
+    if args.model and sides != ["mlx"]:
+        raise SystemExit("--model runs the MLX side only: add --sides mlx")
+    folder, checkpoint = model_folder(args)
     config = inputs.model_config(folder)
     to_worker = cli.forward(args, WORKER_OPTIONS, folder=folder, checkpoint=checkpoint)
     print(report.header(SCRIPT, measure.machine(), args.threads))
     results = {side: measure.run_worker(SCRIPT, side, to_worker) for side in sides}
+    profile = measure.run_worker(SCRIPT, "mlx-profile", to_worker) if args.profile else None
 
     some = next(iter(results.values()))
     print()
@@ -228,7 +260,11 @@ def parent(args) -> int:
     stages = cost_model.understanding_stages(folder, config, some["prompt_tokens"], args.size)
     print(cost_table(stages, args.recipe, args.compute_efficiency, args.bandwidth_efficiency))
     print()
-    report.write_json(args.json, {"args": vars(args), "results": results, "stats": stats})
+    if profile:
+        size = profile["vision_size"]
+        print(profiler.profile_table(profile["vision"], f"vision tower (one {size}x{size} picture)", profile["load"]))
+        print()
+    report.write_json(args.json, {"args": vars(args), "results": results, "stats": stats, "profile": profile})
     m, f, b = (stats.get(s) for s in cli.SIDES)
     print(f"ask: mlx TTFT {fmt(m and m['ttft'], 2)} s, {fmt(m and m['decode_tps'], 1)} tok/s vs "
           f"torch-fp32 TTFT {fmt(f and f['ttft'], 2)} s, {fmt(f and f['decode_tps'], 1)} tok/s, "
@@ -247,6 +283,9 @@ def build_parser():
     cli.add_sides(parser, warmup="Answer once (2 tokens)",
                   keep_loaded="Keep the vision tower loaded while the LM answers (default: free it once the "
                               "picture's features exist, as `mobileo-mlx ask` does).")
+    cli.add_profile(parser, "one vision-tower pass")
+    parser.add_argument("--model", default=None,
+                        help="A converted folder or 'demo' for the MLX side instead of the full-size conversion.")
     cli.add_cost_model(parser)
     cli.add_cache_and_json(parser)
     cli.add_worker(parser, "folder", "checkpoint")
@@ -255,7 +294,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     return cli.main(build_parser(), parent, {"mlx": mlx_worker, "torch-fp32": torch_worker,
-                                             "torch-bf16": torch_worker}, argv)
+                                             "torch-bf16": torch_worker, "mlx-profile": profile_worker}, argv)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,13 @@ def add_sides(parser: argparse.ArgumentParser, warmup: str, keep_loaded: str) ->
                              "--cpu-matmul; auto: bf16 where the CPU has AVX512-BF16).")
 
 
+def add_profile(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--profile`` (``what`` it profiles, per call, with ``benchmarks.profiler``) and ``--profile-repeats``."""
+    parser.add_argument("--profile", action="store_true", help=f"Also profile {what} (MLX).")
+    parser.add_argument("--profile-repeats", type=int, default=3,
+                        help="Plain (unprofiled) runs of each profiled stage; the best is shown (default 3).")
+
+
 def add_cost_model(parser: argparse.ArgumentParser) -> None:
     from benchmarks.cost_model import BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY
 

@@ -406,9 +406,7 @@ def build_parser():
                   keep_loaded="Keep every MLX component loaded throughout (default: release them as "
                               "`mobileo-mlx generate` does: the LLM and MCP after conditioning, the DiT before "
                               "decoding).")
-    parser.add_argument("--profile", action="store_true", help="Also profile one DiT step and the VAE decode (MLX).")
-    parser.add_argument("--profile-repeats", type=int, default=3,
-                        help="Plain (unprofiled) runs of each profiled stage; the best is shown (default 3).")
+    cli.add_profile(parser, "one DiT step and the VAE decode")
     cli.add_cost_model(parser)
     cli.add_cache_and_json(parser)
     cli.add_worker(parser, "folder", "checkpoint", "out")

@@ -47,6 +47,7 @@ class OpProfiler:
             name = re.sub(r"(?<!up_)blocks\.\d+\.", "blocks.*.", name)  # DiT blocks: one row per layer kind
             name = re.sub(r"(?<!up_)blocks\.\d+$", "blocks.*", name)
             name = re.sub(r"up_blocks\.(\d+)\.\d+", r"up_blocks.\1.*", name)  # VAE: one row per stage
+            name = re.sub(r"network\.(\d+)\.\d+", r"network.\1.*", name)  # FastViT: one row per stage
             self.paths[id(module)] = f"{name} [{type(module).__name__}]"
 
     def _wrap(self, fn, label_of, is_module: bool):

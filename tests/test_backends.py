@@ -242,6 +242,74 @@ def test_glumbconv_cpu_form_takes_the_gated_node_and_computes_its_mlx_form(batch
 
 
 @on_cpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fastvit_multiplier_convs_take_one_native_conv_per_output_phase(batch, monkeypatch):
+    """FastViT's downsampler (7x7, stride 2, two output channels per input channel) and ``conv_exp``
+    (3x3, two per input): one native depthwise conv per output phase, interleaved, as the plain
+    module computes them (odd sizes: the kernel's border paths)."""
+    monkeypatch.setattr(tuning, "DEPTHWISE_NATIVE_MIN_MACS", 0)
+    cases = ((fastvit.Downsample(16, 32, 7), (batch, 19, 13, 16)),
+             (fastvit.ConvExpansion(24, 48, 3, 8), (batch, 9, 11, 24)))
+    for seed, (plain, shape) in enumerate(cases):
+        randomized(plain, seed=seed)
+        x = mx.random.normal(shape, key=mx.random.key(20 + seed))
+        fast = backends.accelerate(rebuild(plain), "vision")
+        assert type(fast.conv) is layers.DepthwiseConv
+        y = fast(x)
+        if primitives.available():
+            assert nodes(y) == {"MobileoDepthwiseConv2d", "MobileoGelu"}
+        assert relative_error(y, plain(x)) < 1e-5
+        conv = fast.conv
+        phases = [primitives.depthwise_conv2d(x, conv.weight[j::2], conv.bias[j::2], conv.stride, conv.padding)
+                  for j in range(2)] if primitives.available() else []
+        for j, phase in enumerate(phases):  # output channels j, j + 2, ...: the node's own bits
+            assert same_bits(conv(x)[..., j::2], phase)
+        with monkeypatch.context() as patch:  # the twin: the shift-and-add conv
+            patch.setenv("MOBILEO_MLX_KERNELS", "twin")
+            assert not nodes(conv(x)) and relative_error(conv(x), plain.conv(x)) < 1e-5
+
+
+@on_cpu
+def test_fastvit_block_forms_fuse_the_layer_scaled_residual_bit_for_bit():
+    config = fastvit.FastViTConfig(**SMALL_CONFIGS["vision"])
+    for seed, (plain, shape) in enumerate(((fastvit.RepMixerBlock(16, 64, config), (2, 9, 7, 16)),
+                                           (fastvit.AttentionBlock(16, 64, config), (1, 5, 6, 16)))):
+        randomized(plain, seed=seed)
+        x = mx.random.normal(shape, key=mx.random.key(30 + seed))
+        fast = backends.accelerate(rebuild(plain), "vision")
+        assert type(fast) is getattr(layers, type(plain).__name__)
+        # the same sub-modules through the plain block's own __call__: the same bits
+        assert same_bits(fast(x), type(plain).__call__(fast, x))
+        assert relative_error(fast(x), plain(x)) < 1e-5
+
+
+@on_cpu
+@pytest.mark.parametrize("matmul", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_fastvit_ffn_bands_give_the_bits_of_the_whole_map(matmul, monkeypatch):
+    """The FFN and residual of a large map in row bands (a partial band at the end, batch 1 and 2):
+    the bf16 node computes every row of a product as in one call, so the same bits; OpenBLAS's
+    float32 GEMM may sum a short product in another order."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    config = fastvit.FastViTConfig(**SMALL_CONFIGS["vision"])
+    for seed, (plain, shape) in enumerate(((fastvit.RepMixerBlock(16, 64, config), (2, 9, 7, 16)),
+                                           (fastvit.AttentionBlock(16, 64, config), (1, 5, 6, 16)))):
+        randomized(plain, seed=seed)
+        fast = backends.accelerate(rebuild(plain), "vision", matmul=matmul)
+        x = mx.random.normal(shape, key=mx.random.key(40 + seed))
+        whole = fast(x)
+        monkeypatch.setattr(tuning, "FFN_BAND_MIN_VALUES", 0)
+        monkeypatch.setattr(tuning, "FFN_BAND_ROWS", 8)
+        banded = fast(x)
+        graph = io.StringIO()
+        mx.export_to_dot(graph, banded)
+        assert graph.getvalue().count('"Concatenate"') >= 1  # the bands were built
+        if matmul == "bf16":
+            assert same_bits(banded, whole)
+        assert relative_error(banded, whole) < 1e-6
+        monkeypatch.setattr(tuning, "FFN_BAND_MIN_VALUES", 1 << 24)
+
+
+@on_cpu
 def test_dcae_cpu_forms_match_the_plain_modules():
     x = mx.random.normal((2, 6, 5, 64), key=mx.random.key(11))
     for plain in (dcae.ResBlock(64, 64, "rms_norm", "silu"), dcae.ResBlock(64, 64, "rms_norm", "gelu"),

@@ -141,3 +141,25 @@ def test_the_serving_benchmark_runs_end_to_end_on_the_demo_model(tmp_path):
         (phase,) = results[side]["chat"]
         assert phase["clients"] == 1 and phase["requests"] == 1 and phase["aggregate_tok_s"] > 0
     assert results["ours"]["peak_rss_gb"] > 0
+
+
+def test_the_ask_benchmark_profiles_the_vision_tower_of_the_demo_model(tmp_path):
+    """benchmarks.ask --profile on the demo model: one vision-tower pass timed per call, FastViT's
+    blocks one row per stage, the table printed and the times in the JSON."""
+    out = tmp_path / "ask.json"
+    env = {**os.environ, "MOBILEO_MLX_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.ask", "--model", "demo", "--sides", "mlx", "--tokens",
+                             "2", "--size", "64", "--profile", "--profile-repeats", "1", "--json", str(out)],
+                            cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
+    profile = json.loads(out.read_text())["profile"]["vision"]
+    ops = profile["ops"]
+    blocks = [op for op in ops if op.startswith("vision.network.0.* [")]
+    assert blocks and blocks[0].endswith("Block]") and profile["calls"][blocks[0]] >= 1  # every block of a stage
+    assert any(op.startswith("vision.network.0.*.convffn.fc1 [") for op in ops)
+    assert all(seconds >= 0 for seconds in ops.values()) and 0 < sum(ops.values()) <= profile["profiled_s"]
+    assert "vision tower (one " in result.stdout and "| call (module path [class] or function)" in result.stdout
+
+
+def test_the_ask_benchmark_runs_another_model_on_the_mlx_side_only():
+    with pytest.raises(SystemExit, match="--sides mlx"):
+        ask.parent(ask.build_parser().parse_args(["--model", "demo"]))

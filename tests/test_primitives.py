@@ -165,6 +165,47 @@ def test_depthwise_against_float64(shape, k, stride, padding, bias):
     assert relative_error(y, dw.shift_add(x, w, b, stride, padding)) < 2e-6  # its twin
 
 
+def conv_in_kernel_order(x, w, b, stride, padding) -> np.ndarray:
+    """The depthwise conv in float32 (NumPy) in the native kernel's order of operations: the bias
+    (or zero), then every tap inside the input, row by row, ``acc + w * x`` rounded twice."""
+    x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)[..., 0]
+    (sh, sw), (ph, pw) = stride, padding
+    batch, height, width, channels = x.shape
+    kh, kw = w.shape[1:]
+    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    padded = np.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+    inside = np.pad(np.ones((height, width), bool), [(ph, ph), (pw, pw)])
+    acc = np.zeros((batch, out_h, out_w, channels), np.float32)
+    if b is not None:
+        acc += np.asarray(b, np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            rows, cols = slice(i, i + sh * (out_h - 1) + 1, sh), slice(j, j + sw * (out_w - 1) + 1, sw)
+            term = padded[:, rows, cols, :] * w[:, i, j]
+            acc = np.where(inside[rows, cols][None, :, :, None], acc + term, acc)
+    return acc
+
+
+@pytest.mark.parametrize("shape, k, stride, padding, bias", [
+    ((1, 32, 32, 64), 7, (1, 1), (3, 3), True),
+    ((2, 17, 23, 16), 3, (1, 1), (1, 1), False),
+    ((1, 33, 31, 24), 3, (2, 2), (1, 1), True),
+    ((1, 20, 20, 8), 5, (1, 2), (0, 2), True),
+    ((2, 9, 37, 40), 7, (2, 2), (3, 3), True),  # FastViT's downsampler: 7x7, stride 2
+    ((1, 5, 6, 8), 7, (1, 1), (3, 3), False),  # narrower than the kernel: every pixel at a border
+    ((1, 12, 45, 16), 1, (1, 1), (0, 0), True),
+    ((1, 14, 30, 16), 5, (1, 1), (2, 2), True),  # the DC-AE's LiteMLA: 5x5
+    ((1, 11, 29, 8), 3, (2, 2), (1, 1), False),  # FastViT's stem: 3x3, stride 2
+])
+def test_depthwise_sums_in_its_stated_order(shape, k, stride, padding, bias):
+    """The node's bits are those of its stated order of operations (what keeps every form that
+    uses it reproducible across rewrites of the kernel's loops)."""
+    x, w, b = conv_inputs(shape, k, bias, seed=3)
+    y = prim.depthwise_conv2d(x, w, b, stride, padding)
+    expected = conv_in_kernel_order(x, w, b, stride, padding)
+    assert np.array_equal(np.array(y).view(np.uint32), expected.view(np.uint32))
+
+
 @pytest.mark.parametrize("rows, bits, group_size", [(1, 4, 64), (3, 4, 128), (8, 8, 64), (2, 8, 32)])
 def test_quantized_gemv_against_float64_and_its_twin(rows, bits, group_size):
     packed, scales, biases = quantized(200, 512, bits, group_size, seed=rows)

@@ -40,6 +40,15 @@ DEPTHWISE_SPLIT_MIN_MACS = 1 << 22
 # slow kernels of its own; 4 or 5 taps a kernel measured best, 8 as slow as the long chain.
 DEPTHWISE_TAPS_PER_KERNEL = 4
 
+# FastViT's ConvFFN (1x1 up to 4C, GELU, 1x1 down) runs in bands of this many pixels when its
+# hidden activations have more than FFN_BAND_MIN_VALUES values (the first stage at 1024^2:
+# 65536 pixels x 384, 100 MB in float32): whole, they pass through memory three times (written by
+# the product, read and written by the GELU, read by the next product) and no longer come from
+# MLX's buffer cache; a band's stay in cache. The later stages (12.6 M values and fewer) gained
+# nothing from bands.
+FFN_BAND_MIN_VALUES = 1 << 24
+FFN_BAND_ROWS = 1024
+
 # ReLU linear attention with an even batch (SANA's CFG pair) splits the batch in two from
 # this many q + k + v elements; splitting the heads of one image (the DC-AE) was slower.
 LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS = 1 << 18

@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from mobileo_mlx.backends.cpu import layers, quantized
-from mobileo_mlx.models import common, dcae, sana
+from mobileo_mlx.models import common, dcae, fastvit, sana
 
 # Every component: activations, depthwise convs, attention cores, quantized layers.
 _COMMON = {
@@ -30,6 +30,7 @@ _COMMON = {
     nn.QuantizedEmbedding: quantized.QuantizedEmbedding,
 }
 _LANGUAGE = {qwen2.MLP: layers.Qwen2MLP, qwen2.Attention: layers.Qwen2Attention}
+_VISION = {fastvit.RepMixerBlock: layers.RepMixerBlock, fastvit.AttentionBlock: layers.AttentionBlock}
 # The DC-AE's 3x3 convs (and only its: FastViT's stem conv is strided).
 _DECODER = {nn.Conv2d: layers.Conv2d, dcae.ResBlock: layers.ResBlock, dcae.DCUpBlock2d: layers.DCUpBlock2d}
 _DECODER_BF16 = {nn.Conv2d: layers.Bf16Conv2d, dcae.ResBlock: layers.Bf16ResBlock,
@@ -45,6 +46,8 @@ def table(component: str, matmul: str = "fp32") -> dict:
     forms = dict(_COMMON)
     if component == "language":
         forms.update(_LANGUAGE)
+    if component == "vision":
+        forms.update(_VISION)
     if component == "vae":
         forms.update(_DECODER_BF16 if bf16 else _DECODER)
     if component in K_MAJOR_COMPONENTS:

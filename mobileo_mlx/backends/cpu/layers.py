@@ -10,6 +10,7 @@ computes, in the form MLX's CPU backend runs fast:
   one per stream;
 * RMSNorm (+ bias, + a block's residual), SANA's AdaLN norms and gated residuals, SiLU and the
   SiLU gate as native nodes (one pass over every core, the bits of their MLX forms);
+* FastViT's layer-scaled residuals in one pass each, its large FFNs in row bands;
 * the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
   upsampling convs in sub-pixel form;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
@@ -29,7 +30,7 @@ from mobileo_mlx.backends import kernels_mode, tuning
 from mobileo_mlx.backends.cpu import activations, streams
 from mobileo_mlx.kernels import depthwise as depthwise_kernels
 from mobileo_mlx.kernels import primitives
-from mobileo_mlx.models import common, dcae, sana
+from mobileo_mlx.models import common, dcae, fastvit, sana
 
 
 def use_kernels() -> bool:
@@ -92,17 +93,20 @@ class GELU(nn.GELU):
 # ------------------------------------------------------------------ depthwise convs
 def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding) -> mx.array:
     """A ``groups = C`` conv (weight [C*m, kh, kw, 1]) on the CPU: the native kernel for large
-    float32 convs with one output channel per input channel, else the shift-and-add twin, as
+    float32 convs (``m`` > 1: one native conv per output phase, interleaved), else the shift-and-add twin, as
     two channel halves on the two streams when large; inside a piece of ``streams.cpu_pieces``
     the twin, whole (the other stream is busy with the other piece)."""
     kh, kw = weight.shape[1], weight.shape[2]
     (sh, sw) = stride if isinstance(stride, tuple) else (stride, stride)
     steps = sh * sw
-    if (use_kernels() and streams.may_split() and x.size * kh * kw // steps >= tuning.DEPTHWISE_NATIVE_MIN_MACS
-            and depthwise_kernels.native_supported(x, weight, bias, stride, padding)):
-        return depthwise_kernels.native(x, weight, bias, stride, padding)
     channels = x.shape[-1]
     m = weight.shape[0] // channels
+    if (use_kernels() and streams.may_split() and x.size * m * kh * kw // steps >= tuning.DEPTHWISE_NATIVE_MIN_MACS
+            and depthwise_kernels.native_supported(x, weight[::m], None if bias is None else bias[::m], stride,
+                                                   padding)):
+        if m == 1:
+            return depthwise_kernels.native(x, weight, bias, stride, padding)
+        return _multiplied_native(x, weight, bias, stride, padding, m)
     taps = tuning.DEPTHWISE_TAPS_PER_KERNEL
     if (channels < 2 or x.size * m * kh * kw // steps < tuning.DEPTHWISE_SPLIT_MIN_MACS
             or not streams.may_split()):
@@ -114,6 +118,15 @@ def depthwise_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, strid
                                            stride, padding, taps)
 
     return streams.split_in_two(half, channels, axis=-1)
+
+
+def _multiplied_native(x: mx.array, weight: mx.array, bias: mx.array | None, stride, padding, m: int) -> mx.array:
+    """A conv with ``m`` output channels per input channel (FastViT's downsamplers and ``conv_exp``:
+    output o reads input o // m) as ``m`` native depthwise convs, output channels j, j + m, ...
+    each, interleaved by one copy: the native kernel takes one output channel per input channel."""
+    phases = [depthwise_kernels.native(x, weight[j::m], None if bias is None else bias[j::m], stride, padding)
+              for j in range(m)]
+    return mx.stack(phases, axis=-1).reshape(*phases[0].shape[:-1], -1)
 
 
 class DepthwiseConv(common.DepthwiseConv):
@@ -272,6 +285,47 @@ class SanaModulatedNorm(sana.SanaModulatedNorm):
     def __call__(self, x: mx.array, embedding: mx.array, scale_shift_table: mx.array) -> mx.array:
         shift, scale = mx.split(scale_shift_table + embedding[:, None, :], 2, axis=1)
         return modulated_norm(self.norm, x, shift, scale)
+
+
+# ------------------------------------------------------------------ FastViT's blocks
+@mx.compile
+def _scaled_residual(x: mx.array, scale: mx.array, y: mx.array) -> mx.array:
+    return x + scale * y
+
+
+def ffn_residual(x: mx.array, scale: mx.array, ffn: fastvit.ConvFFN) -> mx.array:
+    """``x + scale * ffn(x)``: after the FFN's depthwise conv, its 1x1 layers, GELU and the residual
+    in bands of ``tuning.FFN_BAND_ROWS`` pixels when the hidden activations are large
+    (``tuning.FFN_BAND_MIN_VALUES``), so a band's temporaries stay in cache. The bf16 node computes
+    each row of a product as in one call, so bf16 products give the same bits; OpenBLAS's float32
+    GEMM may sum a band in another order (last bits)."""
+    h = ffn.conv(x)
+    *lead, channels = h.shape
+    rows = h.size // channels
+    band = tuning.FFN_BAND_ROWS
+    if rows * ffn.fc1.weight.shape[0] <= tuning.FFN_BAND_MIN_VALUES or rows <= band:
+        return _scaled_residual(x, scale, ffn.fc2(ffn.act(ffn.fc1(h))))
+    h, x = h.reshape(rows, channels), x.reshape(rows, channels)
+    parts = [_scaled_residual(x[i : i + band], scale, ffn.fc2(ffn.act(ffn.fc1(h[i : i + band]))))
+             for i in range(0, rows, band)]
+    return mx.concatenate(parts).reshape(*lead, channels)
+
+
+class RepMixerBlock(fastvit.RepMixerBlock):
+    """The layer-scaled residual in one pass (MLX otherwise writes ``scale * y`` out first; the same
+    two roundings), the FFN in bands where large (:func:`ffn_residual`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.token_mixer(x)
+        return ffn_residual(x, self.layer_scale, self.convffn)
+
+
+class AttentionBlock(fastvit.AttentionBlock):
+    """Both layer-scaled residuals in one pass each, as :class:`RepMixerBlock`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = _scaled_residual(x, self.layer_scale_1, self.token_mixer(self.norm(x)))
+        return ffn_residual(x, self.layer_scale_2, self.convffn)
 
 
 # ------------------------------------------------------------------ the DC-AE's convolutions
