@@ -23,6 +23,7 @@ _COMMON = {
     common.ScaledDotProductAttention: layers.ScaledDotProductAttention,
     common.ReLULinearAttention: layers.ReLULinearAttention,
     sana.GLUMBConv: layers.GLUMBConv,
+    sana.SanaCrossAttention: layers.SanaCrossAttention,
     nn.QuantizedLinear: quantized.QuantizedLinear,
     nn.QuantizedEmbedding: quantized.QuantizedEmbedding,
 }
