@@ -14,10 +14,9 @@
  * 2^n applied by VSCALEFPS (exact, flushing to 0 below the denormals); x clamped at -104, where
  * exp(x) is below half the smallest denormal.
  *
- * ReLU linear attention: per (image, head) relu(K) transposed into a [d8][N] panel (d8: d
- * rounded up to 8, zero rows) with ksum = sum_n relu(k_n) in the same pass, kv = relu(K)^T V
- * in registers (8 rows x 32 columns or 4 x 64 at a time), then four query rows at a time:
- * relu(q) kv / (relu(q) . ksum + eps).
+ * ReLU linear attention: per (image, head), chunk by chunk of 64 key rows, relu(K) and V copied
+ * row-contiguous into L1 (d rounded up to 8 / 16, zero columns) with ksum = sum_n relu(k_n), kv = relu(K)^T V in registers (8 rows x 32 columns or 4 x 64 at a time), then four
+ * query rows at a time: relu(q) kv / (relu(q) . ksum + eps).
  *
  * Compiled for AVX-512F only (target attribute, checked at run time); elsewhere the entry
  * points return -1 and the CPU forms run their MLX twins.
@@ -65,6 +64,13 @@ AVX512 INLINE __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+/* Rows ahead of the one being read that the loops over strided rows ask for. */
+#define PREFETCH_ROWS 8
+
+INLINE void prefetch_row(const float *row, int count) {
+  for (int i = 0; i < count; i += 16) __builtin_prefetch(row + i);
 }
 
 /* Row r of head (b, h) of a [B, heads, rows, d] view. */
@@ -230,6 +236,9 @@ int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int d
 }
 
 /* ------------------------------------------------------------------ ReLU linear attention */
+/* Key rows per chunk of kv's sums: with d = d_v = 32 their copies take 16 KB of L1. */
+#define KEY_CHUNK 64
+
 struct linear_job {
   int batch, heads, queries, keys, depth, depth8, depth_v, depth_v16;
   mobileo_heads q, k, v;
@@ -239,26 +248,26 @@ struct linear_job {
   size_t part_floats;
 };
 
-/* kv rows [j0, j0 + J) x columns [col0, col0 + 16 NV) = sum_n relu(k_n)[j] v_n. */
-AVX512 INLINE void key_values(const struct linear_job *job, int b, int h, const float *panel, float *kv, int j0,
-                              int col0, const int J, const int NV) {
-  const int keys = job->keys;
+/* kv rows [j0, j0 + J) x columns [col0, col0 + 16 NV) += sum_n relu(k_n)[j] v_n over the
+ * `count` packed key rows of a chunk (the first chunk starts from zero). */
+AVX512 INLINE void key_values(const struct linear_job *job, const float *k_chunk, const float *v_chunk, int count,
+                              int first, float *kv, int j0, int col0, const int J, const int NV) {
+  const int width = job->depth_v16, depth8 = job->depth8;
   __m512 acc[8][4];
   for (int j = 0; j < J; j++)
-    for (int c = 0; c < NV; c++) acc[j][c] = _mm512_setzero_ps();
-  const __mmask16 last = lanes(job->depth_v - col0 - 16 * (NV - 1));
-  for (int n = 0; n < keys; n++) {
-    const float *v_row = row_of(&job->v, b, h, n) + col0;
+    for (int c = 0; c < NV; c++)
+      acc[j][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(kv + (size_t)(j0 + j) * width + col0 + 16 * c);
+  for (int n = 0; n < count; n++) {
+    const float *v_row = v_chunk + (size_t)n * width + col0, *k_row = k_chunk + (size_t)n * depth8 + j0;
     __m512 vv[4];
-    for (int c = 0; c < NV - 1; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
-    vv[NV - 1] = _mm512_maskz_loadu_ps(last, v_row + 16 * (NV - 1));
+    for (int c = 0; c < NV; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
     for (int j = 0; j < J; j++) {
-      const __m512 kj = _mm512_set1_ps(panel[(size_t)(j0 + j) * keys + n]);
+      const __m512 kj = _mm512_set1_ps(k_row[j]);
       for (int c = 0; c < NV; c++) acc[j][c] = _mm512_fmadd_ps(kj, vv[c], acc[j][c]);
     }
   }
   for (int j = 0; j < J; j++)
-    for (int c = 0; c < NV; c++) _mm512_storeu_ps(kv + (size_t)(j0 + j) * job->depth_v16 + col0 + 16 * c, acc[j][c]);
+    for (int c = 0; c < NV; c++) _mm512_storeu_ps(kv + (size_t)(j0 + j) * width + col0 + 16 * c, acc[j][c]);
 }
 
 /* Four query rows (`rows` stored), columns [col0, col0 + 16 NV): relu(q) kv / den. */
@@ -287,34 +296,49 @@ AVX512 INLINE void linear_rows4(const struct linear_job *job, const float *const
 
 AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int b, int h) {
   const int keys = job->keys, depth = job->depth, depth8 = job->depth8, depth_v = job->depth_v;
-  float *panel = scratch;                                 /* relu(K)^T [depth8][keys] */
-  float *kv = panel + (size_t)depth8 * keys;              /* [depth8][depth_v16] */
-  float *ksum = kv + (size_t)depth8 * job->depth_v16;     /* [depth8] */
+  const int width = job->depth_v16;
+  float *k_chunk = scratch;                                /* relu(K) [KEY_CHUNK][depth8], zero past depth */
+  float *v_chunk = k_chunk + (size_t)KEY_CHUNK * depth8;   /* V [KEY_CHUNK][width], zero past depth_v */
+  float *kv = v_chunk + (size_t)KEY_CHUNK * width;         /* [depth8][width] */
+  float *ksum = kv + (size_t)depth8 * width;               /* [depth8] */
   for (int j = 0; j < depth8; j++) ksum[j] = 0.0f;
-  memset(panel + (size_t)depth * keys, 0, sizeof(float) * (size_t)(depth8 - depth) * keys);
-  for (int n = 0; n < keys; n++) {
-    const float *k_row = row_of(&job->k, b, h, n);
-    for (int j = 0; j < depth; j++) {
-      const float kj = k_row[j] > 0.0f ? k_row[j] : 0.0f;
-      panel[(size_t)j * keys + n] = kj;
-      ksum[j] += kj;
+  /* kv over chunks of key rows copied row-contiguous into L1: the rows of a head are a few cache
+   * lines at a large stride (LiteMLA: 24 KB), read once here; kv stays in L1 between chunks. */
+  for (int n0 = 0; n0 < keys; n0 += KEY_CHUNK) {
+    const int count = keys - n0 < KEY_CHUNK ? keys - n0 : KEY_CHUNK;
+    for (int n = 0; n < count; n++) {
+      const float *k_row = row_of(&job->k, b, h, n0 + n), *v_row = row_of(&job->v, b, h, n0 + n);
+      if (n0 + n + PREFETCH_ROWS < keys) { /* rows a large stride apart: the hardware prefetchers miss them */
+        prefetch_row(row_of(&job->k, b, h, n0 + n + PREFETCH_ROWS), depth);
+        prefetch_row(row_of(&job->v, b, h, n0 + n + PREFETCH_ROWS), depth_v);
+      }
+      float *k_packed = k_chunk + (size_t)n * depth8, *v_packed = v_chunk + (size_t)n * width;
+      for (int j = 0; j < depth8; j += 16) {
+        const __mmask16 m = lanes(depth - j), stored = lanes(depth8 - j);
+        const __m512 kj = _mm512_max_ps(_mm512_maskz_loadu_ps(m, k_row + j), _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(k_packed + j, stored, kj);
+        _mm512_mask_storeu_ps(ksum + j, stored, _mm512_add_ps(_mm512_maskz_loadu_ps(stored, ksum + j), kj));
+      }
+      for (int c = 0; c < width; c += 16)
+        _mm512_storeu_ps(v_packed + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
     }
-  }
-  /* kv, eight rows of it at a time (four where a row is wider than 32 columns) */
-  for (int col0 = 0; col0 < depth_v; col0 += 64) {
-    const int nv = (depth_v - col0 + 15) / 16;
-    for (int j0 = 0; j0 < depth8; j0 += 8) {
-      switch (nv) {
-        case 1: key_values(job, b, h, panel, kv, j0, col0, 8, 1); break;
-        case 2: key_values(job, b, h, panel, kv, j0, col0, 8, 2); break;
-        case 3:
-          key_values(job, b, h, panel, kv, j0, col0, 4, 3);
-          key_values(job, b, h, panel, kv, j0 + 4, col0, 4, 3);
-          break;
-        default:
-          key_values(job, b, h, panel, kv, j0, col0, 4, 4);
-          key_values(job, b, h, panel, kv, j0 + 4, col0, 4, 4);
-          break;
+    /* eight rows of kv at a time (four where a row is wider than 32 columns) */
+    const int first = n0 == 0;
+    for (int col0 = 0; col0 < depth_v; col0 += 64) {
+      const int nv = (depth_v - col0 + 15) / 16;
+      for (int j0 = 0; j0 < depth8; j0 += 8) {
+        switch (nv) {
+          case 1: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 1); break;
+          case 2: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 2); break;
+          case 3:
+            key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 3);
+            key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 3);
+            break;
+          default:
+            key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 4);
+            key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 4);
+            break;
+        }
       }
     }
   }
@@ -327,6 +351,7 @@ AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int
       const int row = i + (r < rows ? r : rows - 1);
       q[r] = row_of(&job->q, b, h, row);
       out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+      if (row + PREFETCH_ROWS < job->queries) prefetch_row(row_of(&job->q, b, h, row + PREFETCH_ROWS), depth);
       __m512 dot = _mm512_setzero_ps();
       for (int j = 0; j < depth; j += 16) {
         const __mmask16 m = lanes(depth - j);
@@ -361,8 +386,8 @@ int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, i
     return -1;
   struct linear_job job = {batch, heads, queries, keys, depth, round_up(depth, 8), depth_v, round_up(depth_v, 16),
                            q, k, v, eps, out, NULL, 0};
-  /* relu(K)^T, kv and ksum, a whole number of cache lines */
-  job.part_floats = (size_t)round_up(job.depth8 * (keys + job.depth_v16 + 1), 16);
+  /* a chunk of relu(K) and V, kv and ksum, a whole number of cache lines */
+  job.part_floats = (size_t)round_up(KEY_CHUNK * (job.depth8 + job.depth_v16) + job.depth8 * (job.depth_v16 + 1), 16);
   const long units = (long)batch * heads;
   int parts = mobileo_pool_threads(0);
   if (units < parts) parts = (int)units;

@@ -170,13 +170,15 @@ class SanaCrossAttention(sana.SanaCrossAttention):
 
     def __call__(self, x: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
         q = sana._split_heads(self.to_q(x), self.heads)
+        return self.to_out[0](sana._merge_heads(self.attend(q, keys, values, key_bias)))
+
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
+        """The attention core on the head views [B, heads, rows, d]."""
         batch, heads, tokens, depth = q.shape
         macs = batch * heads * tokens * keys.shape[2] * (depth + values.shape[-1])
         if _native_attention(macs) and primitives.softmax_attention_supported(q, keys, values, key_bias):
-            out = primitives.softmax_attention(q, keys, values, self.scale, key_bias)
-        else:
-            out = self.attention(q, keys, values, self.scale, key_bias)
-        return self.to_out[0](sana._merge_heads(out))
+            return primitives.softmax_attention(q, keys, values, self.scale, key_bias)
+        return self.attention(q, keys, values, self.scale, key_bias)
 
 
 # ------------------------------------------------------------------ GLUMBConv
