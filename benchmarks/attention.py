@@ -92,7 +92,7 @@ def main() -> None:
         qkv = mx.random.normal((1, side * side, groups, 3, 32)).transpose(3, 0, 2, 1, 4)
         mx.eval(qkv)
         compare(f"dcae LiteMLA core {groups} groups x 32, {side}x{side}",
-                lambda: linear(qkv[0], qkv[1], qkv[2]).transpose(0, 2, 1, 3).reshape(1, side, side, -1),
+                lambda: linear(*(third.squeeze(0) for third in mx.split(qkv, 3))).transpose(0, 2, 1, 3).reshape(1, side, side, -1),
                 args.repeats, calls=3)
 
 

@@ -14,7 +14,8 @@
  * 2^n applied by VSCALEFPS (exact, flushing to 0 below the denormals); x clamped at -104, where
  * exp(x) is below half the smallest denormal.
  *
- * ReLU linear attention: per (image, head), chunk by chunk of 64 key rows, relu(K) and V copied
+ * ReLU linear attention: units of (image, up to 8 adjacent heads: what a unit reads of a row is
+ * one span); per head, chunk by chunk of 64 key rows, relu(K) and V copied
  * row-contiguous into L1 (d rounded up to 8 / 16, zero columns) with ksum = sum_n relu(k_n), kv = relu(K)^T V in registers (8 rows x 32 columns or 4 x 64 at a time), then four
  * query rows at a time: relu(q) kv / (relu(q) . ksum + eps).
  *
@@ -239,8 +240,11 @@ int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int d
 /* Key rows per chunk of kv's sums: with d = d_v = 32 their copies take 16 KB of L1. */
 #define KEY_CHUNK 64
 
+/* Most adjacent heads a unit of work takes. */
+#define UNIT_HEADS 8
+
 struct linear_job {
-  int batch, heads, queries, keys, depth, depth8, depth_v, depth_v16;
+  int batch, heads, queries, keys, depth, depth8, depth_v, depth_v16, unit_heads;
   mobileo_heads q, k, v;
   float eps;
   float *out; /* [B][queries][heads][depth_v] */
@@ -294,89 +298,120 @@ AVX512 INLINE void linear_rows4(const struct linear_job *job, const float *const
   }
 }
 
-AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int b, int h) {
+/* One head's scratch: a chunk of relu(K) [KEY_CHUNK][depth8] and of V [KEY_CHUNK][width] (zero
+ * past depth / depth_v), kv [depth8][width] and ksum [depth8]. */
+static size_t head_floats(const struct linear_job *job) {
+  return (size_t)KEY_CHUNK * (job->depth8 + job->depth_v16) + (size_t)job->depth8 * (job->depth_v16 + 1);
+}
+
+/* Heads [h0, h0 + count) of image b. A unit takes several adjacent heads so that what it reads
+ * of a row (and writes of an output row) is one contiguous span: the rows of one head are a few
+ * cache lines at a large stride (LiteMLA: two lines 24 KB apart), a pattern the hardware
+ * prefetchers miss. */
+AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int b, int h0, int count_h) {
   const int keys = job->keys, depth = job->depth, depth8 = job->depth8, depth_v = job->depth_v;
   const int width = job->depth_v16;
-  float *k_chunk = scratch;                                /* relu(K) [KEY_CHUNK][depth8], zero past depth */
-  float *v_chunk = k_chunk + (size_t)KEY_CHUNK * depth8;   /* V [KEY_CHUNK][width], zero past depth_v */
-  float *kv = v_chunk + (size_t)KEY_CHUNK * width;         /* [depth8][width] */
-  float *ksum = kv + (size_t)depth8 * width;               /* [depth8] */
-  for (int j = 0; j < depth8; j++) ksum[j] = 0.0f;
-  /* kv over chunks of key rows copied row-contiguous into L1: the rows of a head are a few cache
-   * lines at a large stride (LiteMLA: 24 KB), read once here; kv stays in L1 between chunks. */
+  const size_t per_head = head_floats(job);
+#define K_CHUNK(hh) (scratch + (size_t)(hh) * per_head)
+#define V_CHUNK(hh) (K_CHUNK(hh) + (size_t)KEY_CHUNK * depth8)
+#define KV(hh) (V_CHUNK(hh) + (size_t)KEY_CHUNK * width)
+#define KSUM(hh) (KV(hh) + (size_t)depth8 * width)
+  for (int hh = 0; hh < count_h; hh++)
+    for (int j = 0; j < depth8; j++) KSUM(hh)[j] = 0.0f;
+  /* kv over chunks of key rows copied row-contiguous (L1 / L2), kv kept between chunks */
   for (int n0 = 0; n0 < keys; n0 += KEY_CHUNK) {
     const int count = keys - n0 < KEY_CHUNK ? keys - n0 : KEY_CHUNK;
     for (int n = 0; n < count; n++) {
-      const float *k_row = row_of(&job->k, b, h, n0 + n), *v_row = row_of(&job->v, b, h, n0 + n);
-      if (n0 + n + PREFETCH_ROWS < keys) { /* rows a large stride apart: the hardware prefetchers miss them */
-        prefetch_row(row_of(&job->k, b, h, n0 + n + PREFETCH_ROWS), depth);
-        prefetch_row(row_of(&job->v, b, h, n0 + n + PREFETCH_ROWS), depth_v);
+      for (int hh = 0; hh < count_h; hh++) {
+        const int h = h0 + hh;
+        const float *k_row = row_of(&job->k, b, h, n0 + n), *v_row = row_of(&job->v, b, h, n0 + n);
+        if (n0 + n + PREFETCH_ROWS < keys) {
+          prefetch_row(row_of(&job->k, b, h, n0 + n + PREFETCH_ROWS), depth);
+          prefetch_row(row_of(&job->v, b, h, n0 + n + PREFETCH_ROWS), depth_v);
+        }
+        float *k_packed = K_CHUNK(hh) + (size_t)n * depth8, *v_packed = V_CHUNK(hh) + (size_t)n * width;
+        float *ksum = KSUM(hh);
+        for (int j = 0; j < depth8; j += 16) {
+          const __mmask16 m = lanes(depth - j), stored = lanes(depth8 - j);
+          const __m512 kj = _mm512_max_ps(_mm512_maskz_loadu_ps(m, k_row + j), _mm512_setzero_ps());
+          _mm512_mask_storeu_ps(k_packed + j, stored, kj);
+          _mm512_mask_storeu_ps(ksum + j, stored, _mm512_add_ps(_mm512_maskz_loadu_ps(stored, ksum + j), kj));
+        }
+        for (int c = 0; c < width; c += 16)
+          _mm512_storeu_ps(v_packed + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
       }
-      float *k_packed = k_chunk + (size_t)n * depth8, *v_packed = v_chunk + (size_t)n * width;
-      for (int j = 0; j < depth8; j += 16) {
-        const __mmask16 m = lanes(depth - j), stored = lanes(depth8 - j);
-        const __m512 kj = _mm512_max_ps(_mm512_maskz_loadu_ps(m, k_row + j), _mm512_setzero_ps());
-        _mm512_mask_storeu_ps(k_packed + j, stored, kj);
-        _mm512_mask_storeu_ps(ksum + j, stored, _mm512_add_ps(_mm512_maskz_loadu_ps(stored, ksum + j), kj));
-      }
-      for (int c = 0; c < width; c += 16)
-        _mm512_storeu_ps(v_packed + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
     }
     /* eight rows of kv at a time (four where a row is wider than 32 columns) */
     const int first = n0 == 0;
-    for (int col0 = 0; col0 < depth_v; col0 += 64) {
-      const int nv = (depth_v - col0 + 15) / 16;
-      for (int j0 = 0; j0 < depth8; j0 += 8) {
-        switch (nv) {
-          case 1: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 1); break;
-          case 2: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 2); break;
-          case 3:
-            key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 3);
-            key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 3);
-            break;
-          default:
-            key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 4);
-            key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 4);
-            break;
+    for (int hh = 0; hh < count_h; hh++) {
+      const float *k_chunk = K_CHUNK(hh), *v_chunk = V_CHUNK(hh);
+      float *kv = KV(hh);
+      for (int col0 = 0; col0 < depth_v; col0 += 64) {
+        const int nv = (depth_v - col0 + 15) / 16;
+        for (int j0 = 0; j0 < depth8; j0 += 8) {
+          switch (nv) {
+            case 1: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 1); break;
+            case 2: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 2); break;
+            case 3:
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 3);
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 3);
+              break;
+            default:
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 4);
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 4);
+              break;
+          }
         }
       }
     }
   }
   for (int i = 0; i < job->queries; i += 4) {
     const int rows = job->queries - i < 4 ? job->queries - i : 4;
-    const float *q[4];
-    float *out[4];
-    float den[4];
-    for (int r = 0; r < 4; r++) {
-      const int row = i + (r < rows ? r : rows - 1);
-      q[r] = row_of(&job->q, b, h, row);
-      out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
-      if (row + PREFETCH_ROWS < job->queries) prefetch_row(row_of(&job->q, b, h, row + PREFETCH_ROWS), depth);
-      __m512 dot = _mm512_setzero_ps();
-      for (int j = 0; j < depth; j += 16) {
-        const __mmask16 m = lanes(depth - j);
-        const __m512 qv = _mm512_max_ps(_mm512_maskz_loadu_ps(m, q[r] + j), _mm512_setzero_ps());
-        dot = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, ksum + j), dot);
+    for (int hh = 0; hh < count_h; hh++) {
+      const int h = h0 + hh;
+      const float *ksum = KSUM(hh);
+      const float *q[4];
+      float *out[4];
+      float den[4];
+      for (int r = 0; r < 4; r++) {
+        const int row = i + (r < rows ? r : rows - 1);
+        q[r] = row_of(&job->q, b, h, row);
+        out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+        if (row + PREFETCH_ROWS < job->queries) prefetch_row(row_of(&job->q, b, h, row + PREFETCH_ROWS), depth);
+        __m512 dot = _mm512_setzero_ps();
+        for (int j = 0; j < depth; j += 16) {
+          const __mmask16 m = lanes(depth - j);
+          const __m512 qv = _mm512_max_ps(_mm512_maskz_loadu_ps(m, q[r] + j), _mm512_setzero_ps());
+          dot = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, ksum + j), dot);
+        }
+        den[r] = _mm512_reduce_add_ps(dot) + job->eps;
       }
-      den[r] = _mm512_reduce_add_ps(dot) + job->eps;
-    }
-    for (int col0 = 0; col0 < depth_v; col0 += 64) {
-      switch ((depth_v - col0 + 15) / 16) {
-        case 1: linear_rows4(job, q, kv, den, out, rows, col0, 1); break;
-        case 2: linear_rows4(job, q, kv, den, out, rows, col0, 2); break;
-        case 3: linear_rows4(job, q, kv, den, out, rows, col0, 3); break;
-        default: linear_rows4(job, q, kv, den, out, rows, col0, 4); break;
+      for (int col0 = 0; col0 < depth_v; col0 += 64) {
+        switch ((depth_v - col0 + 15) / 16) {
+          case 1: linear_rows4(job, q, KV(hh), den, out, rows, col0, 1); break;
+          case 2: linear_rows4(job, q, KV(hh), den, out, rows, col0, 2); break;
+          case 3: linear_rows4(job, q, KV(hh), den, out, rows, col0, 3); break;
+          default: linear_rows4(job, q, KV(hh), den, out, rows, col0, 4); break;
+        }
       }
     }
   }
+#undef K_CHUNK
+#undef V_CHUNK
+#undef KV
+#undef KSUM
 }
 
 static void linear_part(void *arg, int part, int parts) {
   const struct linear_job *job = arg;
   float *scratch = job->scratch + (size_t)part * job->part_floats;
-  const long units = (long)job->batch * job->heads;
-  for (long u = units * part / parts; u < units * (part + 1) / parts; u++)
-    linear_unit(job, scratch, (int)(u / job->heads), (int)(u % job->heads));
+  const int blocks = (job->heads + job->unit_heads - 1) / job->unit_heads; /* per image */
+  const long units = (long)job->batch * blocks;
+  for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
+    const int h0 = (int)(u % blocks) * job->unit_heads;
+    linear_unit(job, scratch, (int)(u / blocks), h0,
+                job->heads - h0 < job->unit_heads ? job->heads - h0 : job->unit_heads);
+  }
 }
 
 int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, int depth, int depth_v,
@@ -384,14 +419,17 @@ int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, i
   if (!mobileo_attention_supported() || batch < 1 || heads < 1 || queries < 1 || keys < 1 || depth < 1 ||
       depth_v < 1)
     return -1;
-  struct linear_job job = {batch, heads, queries, keys, depth, round_up(depth, 8), depth_v, round_up(depth_v, 16),
+  struct linear_job job = {batch, heads, queries, keys, depth, round_up(depth, 8), depth_v, round_up(depth_v, 16), 1,
                            q, k, v, eps, out, NULL, 0};
-  /* a chunk of relu(K) and V, kv and ksum, a whole number of cache lines */
-  job.part_floats = (size_t)round_up(KEY_CHUNK * (job.depth8 + job.depth_v16) + job.depth8 * (job.depth_v16 + 1), 16);
-  const long units = (long)batch * heads;
   int parts = mobileo_pool_threads(0);
-  if (units < parts) parts = (int)units;
   if ((long)batch * heads * (queries + keys) * depth * depth_v < PARALLEL_MIN_MACS) parts = 1;
+  /* up to UNIT_HEADS adjacent heads a unit, leaving four units a thread */
+  const long per_thread = (long)batch * heads / (4L * parts);
+  job.unit_heads = per_thread < 1 ? 1 : per_thread > UNIT_HEADS ? UNIT_HEADS : (int)per_thread;
+  const long units = (long)batch * ((heads + job.unit_heads - 1) / job.unit_heads);
+  if (units < parts) parts = (int)units;
+  /* per head: a chunk of relu(K) and V, kv and ksum; a whole number of cache lines */
+  job.part_floats = (size_t)round_up((int)(head_floats(&job) * job.unit_heads), 16);
   job.scratch = aligned_alloc(64, job.part_floats * parts * sizeof(float));
   if (job.scratch == NULL) return -2;
   if (mobileo_pool_run(linear_part, &job, parts, 1) != 0) linear_part(&job, 0, 1);
