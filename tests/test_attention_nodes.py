@@ -166,6 +166,11 @@ def test_relu_linear_attention_of_the_dcae_interleaved_layout():
     exact = linear_exact(q, k, v, 1e-15)
     assert relative_error(out, exact) < 1e-6
     assert relative_error(out, common.relu_linear_attention(q, k, v, 1e-15)) < 1e-6
+    poisoned = np.array(q)
+    poisoned[0, 3, 7, 5] = np.nan
+    out = np.array(prim.relu_linear_attention(mx.array(poisoned), k, v, 1e-15))
+    twin = np.array(common.relu_linear_attention(mx.array(poisoned), k, v, 1e-15))
+    assert np.array_equal(np.isnan(out), np.isnan(twin)) and np.isnan(out[0, 3, 7]).all()  # that row only
     # all-zero rows of relu(q): 0 / eps
     zero_rows = mx.concatenate([mx.full((1, groups, 5, depth), -1.0), q[:, :, 5:]], axis=2)
     assert not np.array(prim.relu_linear_attention(zero_rows, k, v, 1e-15))[:, :, :5].any()

@@ -17,7 +17,8 @@
  * ReLU linear attention: units of (image, up to 8 adjacent heads: what a unit reads of a row is
  * one span); per head, chunk by chunk of 64 key rows, relu(K) and V copied
  * row-contiguous into L1 (d rounded up to 8 / 16, zero columns) with ksum = sum_n relu(k_n), kv = relu(K)^T V in registers (8 rows x 32 columns or 4 x 64 at a time), then four
- * query rows at a time: relu(q) kv / (relu(q) . ksum + eps).
+ * query rows at a time: relu(q) kv / (relu(q) . ksum + eps). relu keeps NaN (VMAXPS returns its
+ * second operand when one is NaN), as MLX's maximum.
  *
  * Compiled for AVX-512F only (target attribute, checked at run time); elsewhere the entry
  * points return -1 and the CPU forms run their MLX twins.
@@ -286,7 +287,7 @@ AVX512 INLINE void linear_rows4(const struct linear_job *job, const float *const
     for (int c = 0; c < NV; c++) kvv[c] = _mm512_loadu_ps(kv_row + 16 * c);
     for (int r = 0; r < 4; r++) {
       const float qj = q[r][j];
-      const __m512 qr = _mm512_set1_ps(qj > 0.0f ? qj : 0.0f);
+      const __m512 qr = _mm512_set1_ps(qj < 0.0f ? 0.0f : qj); /* relu, NaN kept */
       for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(qr, kvv[c], acc[r][c]);
     }
   }
@@ -333,7 +334,7 @@ AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int
         float *ksum = KSUM(hh);
         for (int j = 0; j < depth8; j += 16) {
           const __mmask16 m = lanes(depth - j), stored = lanes(depth8 - j);
-          const __m512 kj = _mm512_max_ps(_mm512_maskz_loadu_ps(m, k_row + j), _mm512_setzero_ps());
+          const __m512 kj = _mm512_max_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, k_row + j));
           _mm512_mask_storeu_ps(k_packed + j, stored, kj);
           _mm512_mask_storeu_ps(ksum + j, stored, _mm512_add_ps(_mm512_maskz_loadu_ps(stored, ksum + j), kj));
         }
@@ -381,7 +382,7 @@ AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int
         __m512 dot = _mm512_setzero_ps();
         for (int j = 0; j < depth; j += 16) {
           const __mmask16 m = lanes(depth - j);
-          const __m512 qv = _mm512_max_ps(_mm512_maskz_loadu_ps(m, q[r] + j), _mm512_setzero_ps());
+          const __m512 qv = _mm512_max_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, q[r] + j));
           dot = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, ksum + j), dot);
         }
         den[r] = _mm512_reduce_add_ps(dot) + job->eps;
