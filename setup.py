@@ -5,7 +5,7 @@
   ``scipy-openblas32`` (see ``mobileo_mlx/_blas.py``). macOS needs nothing: MLX uses Accelerate.
 * ``cpu_kernels``: our CPU kernels (quantized matrix-vector products for decoding, the
   bfloat16 GEMM, GELU, depthwise conv, GLUMBConv's gated depthwise conv, SiLU, the normalisations
-  with their epilogues) and their thread pool.
+  with their epilogues, the DiT's softmax and ReLU linear attention cores) and their thread pool.
 * ``primitives_ext`` (Linux): those kernels as nodes of MLX's graph (C++ ``Primitive``s,
   ``kernels/native/primitives.cpp``, used by ``kernels/primitives.py``), compiled against the
   headers of the mlx wheel and nanobind's sources (both build requirements), linked to
@@ -41,7 +41,7 @@ ext_modules.append(
     Extension(
         KERNELS,
         sources=[f"{NATIVE}/{name}.c" for name in ("quantized_gemv", "dequantize", "bf16_gemm", "gelu", "depthwise",
-                                                   "gated_depthwise", "silu", "norms", "pool")],
+                                                   "gated_depthwise", "silu", "norms", "attention", "pool")],
         depends=[f"{NATIVE}/pool.h", f"{NATIVE}/vec8.h", f"{NATIVE}/vec16.h", f"{NATIVE}/cpu_kernels.h"],
         # no fused multiply-adds: gelu.c, gated_depthwise.c, silu.c and norms.c round as the MLX forms they mirror
         extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],

@@ -395,3 +395,71 @@ __all__ += [
     "modulated_layer_norm_supported", "rms_norm_residual", "rms_norm_residual_reference",
     "rms_norm_residual_supported", "silu", "silu_reference", "silu_supported",
 ]
+
+# ------------------------------------------------------------- attention cores (SANA DiT, DC-AE)
+# Both nodes take q, k, v [B, heads, rows, d] as the models pass them (views of their merged
+# [B, rows, heads * d] projections, read in place) and store their output [B, heads, N, d_v] as
+# [B, N, heads, d_v], so the models' merge of the heads back is a view, not a copy.
+def attention_supported() -> bool:
+    """Whether the attention nodes can run here (the nodes built, a CPU with AVX-512F)."""
+    return available() and extension().attention_supported()
+
+
+def _heads(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    return (q.ndim == k.ndim == v.ndim == 4 and _float32(q, k, v) and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and k.shape[3] == q.shape[3] and v.shape[2] == k.shape[2] and q.size > 0 and k.size > 0 and v.size > 0)
+
+
+def softmax_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                                key_bias: mx.array | None = None) -> mx.array:
+    """softmax(q k^T * scale + key_bias) v in MLX operations (float32, MLX's precise softmax)."""
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if key_bias is not None:
+        scores = scores + key_bias
+    return mx.softmax(scores, axis=-1, precise=True) @ v
+
+
+def softmax_attention_supported(q: mx.array, k: mx.array, v: mx.array, key_bias: mx.array | None = None) -> bool:
+    """Whether :func:`softmax_attention` takes these: float32 q [B, H, N, d], k [B, H, L, d],
+    v [B, H, L, d_v], key_bias None or [B or 1, 1, 1, L] (one additive bias per key)."""
+    if not (attention_supported() and _heads(q, k, v)):
+        return False
+    return key_bias is None or (_float32(key_bias) and key_bias.ndim == 4 and key_bias.shape[1:3] == (1, 1)
+                                and key_bias.shape[0] in (1, q.shape[0]) and key_bias.shape[3] == k.shape[2])
+
+
+def softmax_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                      key_bias: mx.array | None = None) -> mx.array:
+    """softmax(q k^T * scale + key_bias) v for q [B, H, N, d], k [B, H, L, d], v [B, H, L, d_v]
+    (:func:`softmax_attention_supported`) by one native node (``native/attention.c``): per image,
+    head and block of query rows the scores stay in L1, the exponentials by the kernel's own
+    vectorised exp, the normalisation one division of the output. Float32; within a few ulps
+    of :func:`softmax_attention_reference` (kernels/README.md)."""
+    return extension().softmax_attention(q, k, v, float(scale), key_bias)
+
+
+def relu_linear_attention_reference(q: mx.array, k: mx.array, v: mx.array, eps: float) -> mx.array:
+    """relu(q) (relu(k)^T v) / (relu(q) . sum_rows relu(k) + eps) in float32 MLX operations (the
+    formula of ``models.common.relu_linear_attention``)."""
+    q, k = mx.maximum(q, 0), mx.maximum(k, 0)
+    kv = k.swapaxes(-1, -2) @ v
+    denominator = mx.sum(q * mx.sum(k, axis=-2, keepdims=True), axis=-1, keepdims=True)
+    return (q @ kv) / (denominator + eps)
+
+
+def relu_linear_attention_supported(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    """Whether :func:`relu_linear_attention` takes these: float32 q [B, H, N, d], k [B, H, M, d],
+    v [B, H, M, d_v]."""
+    return attention_supported() and _heads(q, k, v)
+
+
+def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float) -> mx.array:
+    """:func:`relu_linear_attention_reference` by one native node (``native/attention.c``): per
+    image and head relu(k)^T v and sum relu(k) in registers, then each query row; float32 sums,
+    in another order than the twin's (kernels/README.md)."""
+    return extension().relu_linear_attention(q, k, v, float(eps))
+
+
+__all__ += ["attention_supported", "relu_linear_attention", "relu_linear_attention_reference",
+            "relu_linear_attention_supported", "softmax_attention", "softmax_attention_reference",
+            "softmax_attention_supported"]

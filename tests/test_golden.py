@@ -39,6 +39,7 @@ SMALL_THRESHOLDS = {
         "ACTIVATION_CHUNK": 256, "ATTENTION_CHUNK": 64, "ATTENTION_ROWS_CHUNK": 64, "BAND_PIXELS": 512,
         "SPLIT_MIN_WEIGHTS": 0, "DEPTHWISE_SPLIT_MIN_MACS": 0, "DEPTHWISE_NATIVE_MIN_MACS": 0,
         "LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS": 0, "FFN_BAND_MIN_VALUES": 0, "FFN_BAND_ROWS": 48,
+        "ATTENTION_NATIVE_MIN_MACS": 0,
     },
 }
 # bf16: the small thresholds, and every product of the picture components in bfloat16.

@@ -1,6 +1,7 @@
 /* The entry points of the cpu_kernels library (quantized_gemv.c, dequantize.c, bf16_gemm.c, gelu.c,
- * depthwise.c, gated_depthwise.c, silu.c, norms.c), for the C++ graph nodes in primitives.cpp. All arrays are
- * float32 (the GEMV's weights uint32), contiguous. */
+ * depthwise.c, gated_depthwise.c, silu.c, norms.c, attention.c), for the C++ graph nodes in primitives.cpp.
+ * All arrays are float32 (the GEMV's weights uint32), contiguous (the attention kernels' inputs: strided
+ * head views, mobileo_heads). */
 #ifndef MOBILEO_CPU_KERNELS_H
 #define MOBILEO_CPU_KERNELS_H
 
@@ -92,6 +93,28 @@ int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int di
  * update. Returns 0 (-1: an empty dim or no tokens). */
 int mobileo_gated_residual(const float *x, const float *gate, const float *update, long batch, long tokens, int dim,
                            float *out);
+
+/* A [batch, heads, rows, d] float32 view read in place: element (b, h, r, i) at
+ * data[b * batch + h * head + r * row + i] (strides in elements, unit stride along d). */
+typedef struct {
+  const float *data;
+  int64_t batch, head, row;
+} mobileo_heads;
+
+/* Whether this CPU runs the attention kernels (AVX-512F); elsewhere they return -1. */
+int mobileo_attention_supported(void);
+
+/* out [B, N, heads, d_v] = softmax(scale q k^T + key_bias) v per (b, head): q [B, heads, N, d],
+ * k [B, heads, L, d], v [B, heads, L, d_v], key_bias [B][L] (added to every query's scores) or
+ * NULL. -1: no AVX-512 or an empty size, -2: no memory. */
+int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int depth, int depth_v, mobileo_heads q,
+                              mobileo_heads k, mobileo_heads v, const float *key_bias, float scale, float *out);
+
+/* out [B, N, heads, d_v] = relu(q) kv / (relu(q) . ksum + eps) per (b, head), kv = relu(k)^T v,
+ * ksum = sum of relu(k) over the keys: q [B, heads, N, d], k [B, heads, M, d], v [B, heads, M, d_v].
+ * -1: no AVX-512 or an empty size, -2: no memory. */
+int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, int depth, int depth_v,
+                                  mobileo_heads q, mobileo_heads k, mobileo_heads v, float eps, float *out);
 
 #ifdef __cplusplus
 }

@@ -926,6 +926,192 @@ void register_elementwise(nb::module_ &m) {
 
 }  // namespace
 
+// ------------------------------------------------------------------ attention cores (DiT, DC-AE)
+// q, k, v [B, heads, rows, d] as the models pass them: views of their merged projections, read
+// through their strides (unit stride along d; any other layout is gathered row-major when the
+// kernel runs). The output [B, heads, N, d_v] is stored as [B, N, heads, d_v] (its strides say
+// so), so the models' merge of the heads (transpose + reshape) is a view, not a copy.
+
+// An input as the kernel reads it: in place, or a row-major copy the encoder keeps alive.
+struct HeadsInput {
+  const float *data;
+  mx::Shape shape;
+  mx::Strides strides;
+  float *copy;  // nullptr: read in place
+
+  mobileo_heads view() const {
+    if (copy != nullptr) {
+      const int64_t row = shape[3], head = row * shape[2];
+      return {copy, head * shape[1], head, row};
+    }
+    return {data, strides[0], strides[1], strides[2]};
+  }
+  void prepare() const {
+    if (copy != nullptr) gather(data, shape, strides, copy, (size_t)shape[0] * shape[1] * shape[2] * shape[3]);
+  }
+};
+
+HeadsInput heads_input(mx::cpu::CommandEncoder &enc, const mx::array &x) {
+  HeadsInput in{x.data<float>(), x.shape(), x.strides(), nullptr};
+  if (x.strides(3) != 1 && x.shape(3) != 1) {
+    mx::array copy(mx::allocator::malloc(x.nbytes()), x.shape(), mx::float32);
+    enc.add_temporary(copy);
+    in.copy = copy.data<float>();
+  }
+  return in;
+}
+
+// out [B, heads, N, d_v] laid out as [B, N, heads, d_v].
+void allocate_merged_heads(mx::array &out) {
+  const auto &shape = out.shape();
+  const int64_t dv = shape[3], merged = (int64_t)shape[1] * dv;
+  mx::Strides strides{merged * shape[2], dv, merged, 1};
+  auto [data_size, row_contiguous, col_contiguous] = mx::check_contiguity(shape, strides);
+  mx::array::Flags flags{};
+  flags.contiguous = true;
+  flags.row_contiguous = row_contiguous;
+  flags.col_contiguous = col_contiguous;
+  out.set_data(mx::allocator::malloc(out.nbytes()), out.size(), strides, flags);
+}
+
+void check_heads(const mx::array &q, const mx::array &k, const mx::array &v, const char *op) {
+  const std::string name = std::string("mobileo ") + op;
+  require(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, name + ": q, k, v [B, heads, rows, d]");
+  require(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32, name + ": float32 only");
+  require(k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0) && k.shape(1) == q.shape(1) &&
+              v.shape(1) == q.shape(1) && k.shape(3) == q.shape(3) && v.shape(2) == k.shape(2),
+          name + ": q [B, heads, N, d], k [B, heads, L, d] and v [B, heads, L, d_v]");
+  require(q.size() > 0 && k.size() > 0 && v.size() > 0, name + ": empty input");
+}
+
+// inputs: q, k, v (, key bias [B, L]) -> softmax(scale q k^T + bias) v
+class SoftmaxAttention : public Kernel {
+ public:
+  SoftmaxAttention(mx::Stream stream, float scale) : Kernel(stream), scale_(scale) {}
+  const char *name() const override { return "MobileoSoftmaxAttention"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return scale_ == static_cast<const SoftmaxAttention &>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    auto shape = inputs[0].shape();
+    shape[3] = inputs[2].shape(3);
+    return {shape};
+  }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto scores = mx::matmul(mx::multiply(in[0], mx::array(scale_), s), mx::swapaxes(in[1], -1, -2, s), s);
+    if (in.size() > 3)
+      scores = mx::add(scores, mx::reshape(in[3], {in[3].shape(0), 1, 1, in[3].shape(1)}, s), s);
+    return {mx::matmul(mx::softmax(scores, std::vector<int>{-1}, true, s), in[2], s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    auto &out = outputs[0];
+    allocate_merged_heads(out);
+    auto &enc = encoder(inputs, outputs);
+    const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+    enc.dispatch([q_in = heads_input(enc, q), k_in = heads_input(enc, k), v_in = heads_input(enc, v),
+                  bias = inputs.size() > 3 ? inputs[3].data<float>() : nullptr, result = out.data<float>(),
+                  batch = q.shape(0), heads = q.shape(1), queries = q.shape(2), keys = k.shape(2), depth = q.shape(3),
+                  depth_v = v.shape(3), scale = scale_]() {
+      q_in.prepare();
+      k_in.prepare();
+      v_in.prepare();
+      const int status = mobileo_softmax_attention(batch, heads, queries, keys, depth, depth_v, q_in.view(),
+                                                   k_in.view(), v_in.view(), bias, scale, result);
+      if (status == -2) throw std::runtime_error("MobileoSoftmaxAttention: out of memory");
+      if (status != 0) throw std::runtime_error("MobileoSoftmaxAttention: no AVX-512 here, or an empty size");
+    });
+  }
+
+ private:
+  float scale_;
+};
+
+mx::array softmax_attention(const mx::array &q, const mx::array &k, const mx::array &v, float scale,
+                            const std::optional<mx::array> &key_bias, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "softmax_attention");
+  require(mobileo_attention_supported(), "mobileo softmax_attention: this CPU has no AVX-512");
+  check_heads(q, k, v, "softmax_attention");
+  const int batch = q.shape(0), keys = k.shape(2);
+  Arrays inputs = {q, k, v};  // as they are: the kernel reads the head views in place
+  if (key_bias) {
+    const auto &b = *key_bias;
+    require(b.dtype() == mx::float32 && b.ndim() == 4 && (b.shape(0) == batch || b.shape(0) == 1) &&
+                b.shape(1) == 1 && b.shape(2) == 1 && b.shape(3) == keys,
+            "mobileo softmax_attention: key_bias [B or 1, 1, 1, L] float32");
+    inputs.push_back(mx::contiguous(
+        mx::broadcast_to(mx::reshape(b, {b.shape(0), keys}, stream), {batch, keys}, stream), false, stream));
+  }
+  return mx::array({batch, q.shape(1), q.shape(2), v.shape(3)}, mx::float32,
+                   std::make_shared<SoftmaxAttention>(stream, scale), std::move(inputs));
+}
+
+// inputs: q, k, v -> relu(q) (relu(k)^T v) / (relu(q) . sum relu(k) + eps)
+class ReluLinearAttention : public Kernel {
+ public:
+  ReluLinearAttention(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  const char *name() const override { return "MobileoReluLinearAttention"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return eps_ == static_cast<const ReluLinearAttention &>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    auto shape = inputs[0].shape();
+    shape[3] = inputs[2].shape(3);
+    return {shape};
+  }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    auto q = mx::maximum(in[0], mx::array(0.0f), s), k = mx::maximum(in[1], mx::array(0.0f), s);
+    auto kv = mx::matmul(mx::swapaxes(k, -1, -2, s), in[2], s);
+    auto k_sum = mx::sum(k, -2, true, s);
+    auto denominator = mx::sum(mx::multiply(q, k_sum, s), -1, true, s);
+    return {mx::divide(mx::matmul(q, kv, s), mx::add(denominator, mx::array(eps_), s), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    auto &out = outputs[0];
+    allocate_merged_heads(out);
+    auto &enc = encoder(inputs, outputs);
+    const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+    enc.dispatch([q_in = heads_input(enc, q), k_in = heads_input(enc, k), v_in = heads_input(enc, v),
+                  result = out.data<float>(), batch = q.shape(0), heads = q.shape(1), queries = q.shape(2),
+                  keys = k.shape(2), depth = q.shape(3), depth_v = v.shape(3), eps = eps_]() {
+      q_in.prepare();
+      k_in.prepare();
+      v_in.prepare();
+      const int status = mobileo_relu_linear_attention(batch, heads, queries, keys, depth, depth_v, q_in.view(),
+                                                       k_in.view(), v_in.view(), eps, result);
+      if (status == -2) throw std::runtime_error("MobileoReluLinearAttention: out of memory");
+      if (status != 0) throw std::runtime_error("MobileoReluLinearAttention: no AVX-512 here, or an empty size");
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array relu_linear_attention(const mx::array &q, const mx::array &k, const mx::array &v, float eps,
+                                const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "relu_linear_attention");
+  require(mobileo_attention_supported(), "mobileo relu_linear_attention: this CPU has no AVX-512");
+  check_heads(q, k, v, "relu_linear_attention");
+  return mx::array({q.shape(0), q.shape(1), q.shape(2), v.shape(3)}, mx::float32,
+                   std::make_shared<ReluLinearAttention>(stream, eps), {q, k, v});
+}
+
+void register_attention(nb::module_ &m) {
+  m.def("attention_supported", []() { return mobileo_attention_supported() != 0; });
+  m.def("softmax_attention", &softmax_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
+        nb::arg("key_bias").none(), nb::kw_only(), nb::arg("stream") = nb::none());
+  m.def("relu_linear_attention", &relu_linear_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("eps"),
+        nb::kw_only(), nb::arg("stream") = nb::none());
+}
+
+}  // namespace
+
 NB_MODULE(primitives_ext, m) {
   m.doc() = "mobileo-mlx's native CPU kernels as MLX graph nodes (see kernels/primitives.py)";
   m.attr("BUILT_FOR_MLX") = nb::str(BUILT_FOR_MLX);
@@ -950,4 +1136,5 @@ NB_MODULE(primitives_ext, m) {
         nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
   register_gated_depthwise(m);
   register_elementwise(m);
+  register_attention(m);
 }

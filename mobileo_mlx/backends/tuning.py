@@ -26,6 +26,13 @@ ATTENTION_CHUNK = 1 << 20
 # scores instead (FastViTHD's 12 x 1024 x 1024 attention ran faster in 512-row blocks).
 ATTENTION_ROWS_CHUNK = 1 << 19
 
+# The attention nodes (kernels/primitives.softmax_attention, relu_linear_attention) take a call
+# from this many multiply-adds (softmax: B*H*N*L*(d + d_v); linear: B*H*(N + M)*d*d_v). They beat
+# the MLX forms at every size measured (down to 2 x 2 heads x 4 queries x 8 keys), so this only
+# keeps calls of microseconds (the demo model's) on the MLX forms, whose bytes
+# tests/test_golden.py records for the default mode; the full-size DiT and DC-AE are far above.
+ATTENTION_NATIVE_MIN_MACS = 1 << 20
+
 # Above this many scores per image (heads x queries x keys; 64 MB in float32) the language
 # model's prefill attention keeps mlx-lm's fused call: a long prompt's masks and score
 # matrices would cost memory.

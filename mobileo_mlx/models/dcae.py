@@ -195,7 +195,7 @@ class SanaMultiscaleLinearAttention(nn.Module):
         # Interleaved grouping: consecutive 3*d channels form one "head"; its
         # thirds are that head's q, k and v.
         qkv = qkv.reshape(b, h * w, -1, 3, d).transpose(3, 0, 2, 1, 4)  # [3, B, G, N, d]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = (third.squeeze(0) for third in mx.split(qkv, 3))  # views (qkv[0] would gather a copy)
         if h * w > d:  # diffusers' condition for the linear (fp32) form
             out = self.linear_attention(q, k, v)
         else:

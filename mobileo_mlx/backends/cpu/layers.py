@@ -5,7 +5,9 @@ computes, in the form MLX's CPU backend runs fast:
 * activations by the fast float32 forms of ``backends.cpu.activations`` (the exact GELU by the
   native kernel, a node of MLX's graph, where it is built);
 * depthwise convs by the native kernel or the shift-and-add twin, large ones over two streams;
-* attention cores with the fast softmax, linear attention of a CFG pair over two streams;
+* attention cores with the fast softmax, linear attention of a CFG pair over two streams; SANA's
+  cross-attention and the ReLU linear attention (SANA's, the DC-AE's) by native nodes that read
+  the head views in place and write the merged layout;
 * GLUMBConv's gated middle by the native node (one pass over every core), else in two pieces,
   one per stream;
 * RMSNorm (+ bias, + a block's residual), SANA's AdaLN norms and gated residuals, SiLU and the
@@ -150,17 +152,48 @@ class ScaledDotProductAttention(common.ScaledDotProductAttention):
         return activations.attention(q, k, v, scale, mask)
 
 
+def _native_attention(macs: int) -> bool:
+    """Whether an attention core of ``macs`` multiply-adds takes its native node (where the kernels
+    serve, not inside a two-stream piece: the node uses every core)."""
+    return use_kernels() and streams.may_split() and macs >= tuning.ATTENTION_NATIVE_MIN_MACS
+
+
 class ReLULinearAttention(common.ReLULinearAttention):
-    """An even batch (SANA's CFG pair) as two halves, one per stream; splitting the heads of one
-    image (the DC-AE's LiteMLA) was slower, so a single image runs whole."""
+    """The native node (``primitives.relu_linear_attention``, float32) on the head views as the
+    models pass them (SANA's attn1, the DC-AE's LiteMLA), writing the merged layout their merge
+    of the heads reads as a view. Otherwise the MLX formula: an even batch (SANA's CFG pair) as
+    two halves, one per stream; splitting the heads of one image (the DC-AE's LiteMLA) was slower,
+    so a single image runs whole."""
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        if q.ndim == 4 and _native_attention(q.shape[0] * q.shape[1] * (q.shape[2] + k.shape[2]) * q.shape[3]
+                                             * v.shape[-1]) and primitives.relu_linear_attention_supported(q, k, v):
+            return primitives.relu_linear_attention(q, k, v, self.eps)
         batch = q.shape[0]
         if (batch % 2 or q.size + k.size + v.size < tuning.LINEAR_ATTENTION_SPLIT_MIN_ELEMENTS
                 or not streams.may_split()):
             return common.relu_linear_attention(q, k, v, self.eps)
         return streams.split_in_two(lambda part: common.relu_linear_attention(q[part], k[part], v[part], self.eps),
                                     batch, axis=0)
+
+
+class SanaCrossAttention(sana.SanaCrossAttention):
+    """SANA's ``attn2``: the query projection, then the native softmax node (``primitives.
+    softmax_attention``, float32) on the head views of q and of the hoisted K / V as they are,
+    writing the merged layout ``to_out`` reads (the split and the merge of the heads are views);
+    the plain module's path (the CPU form of its attention core) where the node does not serve."""
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
+        q = sana._split_heads(self.to_q(x), self.heads)
+        return self.to_out[0](sana._merge_heads(self.attend(q, keys, values, key_bias)))
+
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
+        """The attention core on the head views [B, heads, rows, d]."""
+        batch, heads, tokens, depth = q.shape
+        macs = batch * heads * tokens * keys.shape[2] * (depth + values.shape[-1])
+        if _native_attention(macs) and primitives.softmax_attention_supported(q, keys, values, key_bias):
+            return primitives.softmax_attention(q, keys, values, self.scale, key_bias)
+        return self.attention(q, keys, values, self.scale, key_bias)
 
 
 # ------------------------------------------------------------------ GLUMBConv

@@ -1,0 +1,453 @@
+/* The two attention cores of the SANA DiT (and the DC-AE's LiteMLA), float32, AVX-512, on every core.
+ *
+ * Both read q, k, v as [B, heads, rows, d] through their strides (unit stride along d), so the
+ * head views the models build from their merged [B, rows, heads * d] projections (SANA's
+ * _split_heads, LiteMLA's interleaved [B, N, G, 3, d] groups) are read in place, and both write
+ * [B, rows, heads, d_v]: the merged layout the output projection reads.
+ *
+ * softmax: per (image, head, block of query rows) K^T of the head packed once into a
+ * [d][L16] panel (L16: the keys rounded up to 16, zero columns), then four query rows at a time:
+ * the scores s = scale * q.k + bias in registers (4 rows x 64 keys), stored to a [4][L16]
+ * strip in L1; per row its max, p = exp(s - max) and their sum; P V in registers (4 rows x up
+ * to 96 columns); one division by the sum as the row is stored. exp: Cody-Waite reduction
+ * x = n ln2 + r (|r| <= ln2/2), a degree-7 Taylor polynomial of exp(r) in Horner form, and
+ * 2^n applied by VSCALEFPS (exact, flushing to 0 below the denormals); x clamped at -104, where
+ * exp(x) is below half the smallest denormal.
+ *
+ * ReLU linear attention: units of (image, up to 8 adjacent heads: what a unit reads of a row is
+ * one span); per head, chunk by chunk of 64 key rows, relu(K) and V copied
+ * row-contiguous into L1 (d rounded up to 8 / 16, zero columns) with ksum = sum_n relu(k_n), kv = relu(K)^T V in registers (8 rows x 32 columns or 4 x 64 at a time), then four
+ * query rows at a time: relu(q) kv / (relu(q) . ksum + eps). relu keeps NaN (VMAXPS returns its
+ * second operand when one is NaN), as MLX's maximum.
+ *
+ * Compiled for AVX-512F only (target attribute, checked at run time); elsewhere the entry
+ * points return -1 and the CPU forms run their MLX twins.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+#include "pool.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define AVX512 __attribute__((target("avx512f,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* Below this many multiply-adds one thread does it (waking the others costs more). */
+#define PARALLEL_MIN_MACS (1L << 18)
+
+int mobileo_attention_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+/* Lanes [0, count) of a 16-lane vector (count may exceed 16). */
+INLINE __mmask16 lanes(int count) { return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1); }
+
+/* exp(x) for x <= 0 (also -inf: 0; NaN: NaN). */
+AVX512 INLINE __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* the second operand when NaN: NaN stays */
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  /* r = x - n ln2, ln2 split so that n * LN2_HI is exact */
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* Rows ahead of the one being read that the loops over strided rows ask for. */
+#define PREFETCH_ROWS 8
+
+INLINE void prefetch_row(const float *row, int count) {
+  for (int i = 0; i < count; i += 16) __builtin_prefetch(row + i);
+}
+
+/* Row r of head (b, h) of a [B, heads, rows, d] view. */
+INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
+  return x->data + b * x->batch + h * x->head + r * x->row;
+}
+
+/* ------------------------------------------------------------------------------ softmax */
+#define QUERY_BLOCK 64 /* query rows per unit of work */
+
+struct softmax_job {
+  int batch, heads, queries, keys, depth, depth_v, keys16, row_blocks;
+  mobileo_heads q, k, v;
+  const float *bias; /* [B][keys] or NULL */
+  float scale;
+  float *out; /* [B][queries][heads][depth_v] */
+  float *scratch;
+  size_t part_floats;
+};
+
+/* Scores of four query rows against keys [key0, key0 + 16 NV) of the packed K^T panel. */
+AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q, const float *panel, const float *bias,
+                           int key0, float *strip, const int NV) {
+  const int keys16 = job->keys16, keys = job->keys;
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; r++)
+    for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+  for (int j = 0; j < job->depth; j++) {
+    const float *k_row = panel + (size_t)j * keys16 + key0;
+    __m512 kv[4];
+    for (int v = 0; v < NV; v++) kv[v] = _mm512_loadu_ps(k_row + 16 * v);
+    for (int r = 0; r < 4; r++) {
+      const __m512 qj = _mm512_set1_ps(q[r][j]);
+      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(qj, kv[v], acc[r][v]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(job->scale), minus_inf = _mm512_set1_ps(-__builtin_inff());
+  for (int v = 0; v < NV; v++) {
+    const int first = key0 + 16 * v;
+    const __mmask16 valid = lanes(keys - first);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < 4; r++) {
+      const __m512 s = _mm512_fmadd_ps(acc[r][v], scale, b);
+      _mm512_storeu_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid, minus_inf, s));
+    }
+  }
+}
+
+/* out rows (four; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV). */
+AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const float *strip, const float *sum,
+                             float *const *out, int rows, int col0, const int NV) {
+  const int keys16 = job->keys16, depth_v = job->depth_v;
+  __m512 acc[4][6];
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
+  const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
+  for (int l = 0; l < job->keys; l++) {
+    const float *v_row = row_of(&job->v, b, h, l) + col0;
+    __m512 vv[6];
+    for (int c = 0; c < NV - 1; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
+    vv[NV - 1] = _mm512_maskz_loadu_ps(last, v_row + 16 * (NV - 1));
+    for (int r = 0; r < 4; r++) {
+      const __m512 p = _mm512_set1_ps(strip[(size_t)r * keys16 + l]);
+      for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < rows; r++) {
+    const __m512 total = _mm512_set1_ps(sum[r]);
+    for (int c = 0; c < NV - 1; c++) _mm512_storeu_ps(out[r] + col0 + 16 * c, _mm512_div_ps(acc[r][c], total));
+    _mm512_mask_storeu_ps(out[r] + col0 + 16 * (NV - 1), last, _mm512_div_ps(acc[r][NV - 1], total));
+  }
+}
+
+AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, float *strip, int b, int h, int block,
+                                int pack) {
+  const int keys = job->keys, keys16 = job->keys16, depth = job->depth, depth_v = job->depth_v;
+  if (pack) { /* K^T of the head, zero past the keys */
+    for (int j = 0; j < depth; j++) memset(panel + (size_t)j * keys16 + keys, 0, sizeof(float) * (keys16 - keys));
+    for (int l = 0; l < keys; l++) {
+      const float *k_row = row_of(&job->k, b, h, l);
+      for (int j = 0; j < depth; j++) panel[(size_t)j * keys16 + l] = k_row[j];
+    }
+  }
+  const float *bias = job->bias ? job->bias + (size_t)b * keys : NULL;
+  const int first = block * QUERY_BLOCK;
+  const int end = first + QUERY_BLOCK < job->queries ? first + QUERY_BLOCK : job->queries;
+  for (int i = first; i < end; i += 4) {
+    const int rows = end - i < 4 ? end - i : 4;
+    const float *q[4];
+    float *out[4];
+    for (int r = 0; r < 4; r++) { /* missing rows of the last group repeat its last row (not stored) */
+      const int row = i + (r < rows ? r : rows - 1);
+      q[r] = row_of(&job->q, b, h, row);
+      out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+    }
+    for (int key0 = 0; key0 < keys16; key0 += 64) {
+      switch ((keys16 - key0) / 16) {
+        case 1: scores4(job, q, panel, bias, key0, strip, 1); break;
+        case 2: scores4(job, q, panel, bias, key0, strip, 2); break;
+        case 3: scores4(job, q, panel, bias, key0, strip, 3); break;
+        default: scores4(job, q, panel, bias, key0, strip, 4); break;
+      }
+    }
+    float sum[4];
+    for (int r = 0; r < 4; r++) {
+      float *s = strip + (size_t)r * keys16;
+      __m512 top = _mm512_set1_ps(-__builtin_inff());
+      for (int l = 0; l < keys16; l += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + l));
+      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      __m512 total = _mm512_setzero_ps();
+      for (int l = 0; l < keys16; l += 16) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), max));
+        _mm512_storeu_ps(s + l, p);
+        total = _mm512_add_ps(total, p);
+      }
+      sum[r] = _mm512_reduce_add_ps(total);
+    }
+    for (int col0 = 0; col0 < depth_v; col0 += 96) {
+      switch ((depth_v - col0 + 15) / 16) {
+        case 1: weighted4(job, b, h, strip, sum, out, rows, col0, 1); break;
+        case 2: weighted4(job, b, h, strip, sum, out, rows, col0, 2); break;
+        case 3: weighted4(job, b, h, strip, sum, out, rows, col0, 3); break;
+        case 4: weighted4(job, b, h, strip, sum, out, rows, col0, 4); break;
+        case 5: weighted4(job, b, h, strip, sum, out, rows, col0, 5); break;
+        default: weighted4(job, b, h, strip, sum, out, rows, col0, 6); break;
+      }
+    }
+  }
+}
+
+static void softmax_part(void *arg, int part, int parts) {
+  const struct softmax_job *job = arg;
+  float *panel = job->scratch + (size_t)part * job->part_floats;
+  float *strip = panel + (size_t)job->depth * job->keys16;
+  const long units = (long)job->batch * job->heads * job->row_blocks;
+  long packed = -1;
+  for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
+    const long head = u / job->row_blocks;
+    softmax_unit(job, panel, strip, (int)(head / job->heads), (int)(head % job->heads), (int)(u % job->row_blocks),
+                 head != packed);
+    packed = head;
+  }
+}
+
+int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int depth, int depth_v, mobileo_heads q,
+                              mobileo_heads k, mobileo_heads v, const float *key_bias, float scale, float *out) {
+  if (!mobileo_attention_supported() || batch < 1 || heads < 1 || queries < 1 || keys < 1 || depth < 1 ||
+      depth_v < 1)
+    return -1;
+  struct softmax_job job = {batch, heads, queries, keys, depth, depth_v, round_up(keys, 16),
+                            (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, q, k, v, key_bias, scale, out, NULL, 0};
+  /* the K^T panel and the four rows' scores, a whole number of cache lines */
+  job.part_floats = (size_t)round_up((depth + 4) * job.keys16, 16);
+  const long units = (long)batch * heads * job.row_blocks;
+  int parts = mobileo_pool_threads(0);
+  if (units < parts) parts = (int)units;
+  if ((long)batch * heads * queries * keys * (depth + depth_v) < PARALLEL_MIN_MACS) parts = 1;
+  job.scratch = aligned_alloc(64, job.part_floats * parts * sizeof(float));
+  if (job.scratch == NULL) return -2;
+  if (mobileo_pool_run(softmax_part, &job, parts, 1) != 0) softmax_part(&job, 0, 1);
+  free(job.scratch);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ ReLU linear attention */
+/* Key rows per chunk of kv's sums: with d = d_v = 32 their copies take 16 KB of L1. */
+#define KEY_CHUNK 64
+
+/* Most adjacent heads a unit of work takes. */
+#define UNIT_HEADS 8
+
+struct linear_job {
+  int batch, heads, queries, keys, depth, depth8, depth_v, depth_v16, unit_heads;
+  mobileo_heads q, k, v;
+  float eps;
+  float *out; /* [B][queries][heads][depth_v] */
+  float *scratch;
+  size_t part_floats;
+};
+
+/* kv rows [j0, j0 + J) x columns [col0, col0 + 16 NV) += sum_n relu(k_n)[j] v_n over the
+ * `count` packed key rows of a chunk (the first chunk starts from zero). */
+AVX512 INLINE void key_values(const struct linear_job *job, const float *k_chunk, const float *v_chunk, int count,
+                              int first, float *kv, int j0, int col0, const int J, const int NV) {
+  const int width = job->depth_v16, depth8 = job->depth8;
+  __m512 acc[8][4];
+  for (int j = 0; j < J; j++)
+    for (int c = 0; c < NV; c++)
+      acc[j][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(kv + (size_t)(j0 + j) * width + col0 + 16 * c);
+  for (int n = 0; n < count; n++) {
+    const float *v_row = v_chunk + (size_t)n * width + col0, *k_row = k_chunk + (size_t)n * depth8 + j0;
+    __m512 vv[4];
+    for (int c = 0; c < NV; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
+    for (int j = 0; j < J; j++) {
+      const __m512 kj = _mm512_set1_ps(k_row[j]);
+      for (int c = 0; c < NV; c++) acc[j][c] = _mm512_fmadd_ps(kj, vv[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < J; j++)
+    for (int c = 0; c < NV; c++) _mm512_storeu_ps(kv + (size_t)(j0 + j) * width + col0 + 16 * c, acc[j][c]);
+}
+
+/* Four query rows (`rows` stored), columns [col0, col0 + 16 NV): relu(q) kv / den. */
+AVX512 INLINE void linear_rows4(const struct linear_job *job, const float *const *q, const float *kv,
+                                const float *den, float *const *out, int rows, int col0, const int NV) {
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
+  for (int j = 0; j < job->depth; j++) {
+    const float *kv_row = kv + (size_t)j * job->depth_v16 + col0;
+    __m512 kvv[4];
+    for (int c = 0; c < NV; c++) kvv[c] = _mm512_loadu_ps(kv_row + 16 * c);
+    for (int r = 0; r < 4; r++) {
+      const float qj = q[r][j];
+      const __m512 qr = _mm512_set1_ps(qj < 0.0f ? 0.0f : qj); /* relu, NaN kept */
+      for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(qr, kvv[c], acc[r][c]);
+    }
+  }
+  const __mmask16 last = lanes(job->depth_v - col0 - 16 * (NV - 1));
+  for (int r = 0; r < rows; r++) {
+    const __m512 d = _mm512_set1_ps(den[r]);
+    for (int c = 0; c < NV - 1; c++) _mm512_storeu_ps(out[r] + col0 + 16 * c, _mm512_div_ps(acc[r][c], d));
+    _mm512_mask_storeu_ps(out[r] + col0 + 16 * (NV - 1), last, _mm512_div_ps(acc[r][NV - 1], d));
+  }
+}
+
+/* One head's scratch: a chunk of relu(K) [KEY_CHUNK][depth8] and of V [KEY_CHUNK][width] (zero
+ * past depth / depth_v), kv [depth8][width] and ksum [depth8]. */
+static size_t head_floats(const struct linear_job *job) {
+  return (size_t)KEY_CHUNK * (job->depth8 + job->depth_v16) + (size_t)job->depth8 * (job->depth_v16 + 1);
+}
+
+/* Heads [h0, h0 + count) of image b. A unit takes several adjacent heads so that what it reads
+ * of a row (and writes of an output row) is one contiguous span: the rows of one head are a few
+ * cache lines at a large stride (LiteMLA: two lines 24 KB apart), a pattern the hardware
+ * prefetchers miss. */
+AVX512 static void linear_unit(const struct linear_job *job, float *scratch, int b, int h0, int count_h) {
+  const int keys = job->keys, depth = job->depth, depth8 = job->depth8, depth_v = job->depth_v;
+  const int width = job->depth_v16;
+  const size_t per_head = head_floats(job);
+#define K_CHUNK(hh) (scratch + (size_t)(hh) * per_head)
+#define V_CHUNK(hh) (K_CHUNK(hh) + (size_t)KEY_CHUNK * depth8)
+#define KV(hh) (V_CHUNK(hh) + (size_t)KEY_CHUNK * width)
+#define KSUM(hh) (KV(hh) + (size_t)depth8 * width)
+  for (int hh = 0; hh < count_h; hh++)
+    for (int j = 0; j < depth8; j++) KSUM(hh)[j] = 0.0f;
+  /* kv over chunks of key rows copied row-contiguous (L1 / L2), kv kept between chunks */
+  for (int n0 = 0; n0 < keys; n0 += KEY_CHUNK) {
+    const int count = keys - n0 < KEY_CHUNK ? keys - n0 : KEY_CHUNK;
+    for (int n = 0; n < count; n++) {
+      for (int hh = 0; hh < count_h; hh++) {
+        const int h = h0 + hh;
+        const float *k_row = row_of(&job->k, b, h, n0 + n), *v_row = row_of(&job->v, b, h, n0 + n);
+        if (n0 + n + PREFETCH_ROWS < keys) {
+          prefetch_row(row_of(&job->k, b, h, n0 + n + PREFETCH_ROWS), depth);
+          prefetch_row(row_of(&job->v, b, h, n0 + n + PREFETCH_ROWS), depth_v);
+        }
+        float *k_packed = K_CHUNK(hh) + (size_t)n * depth8, *v_packed = V_CHUNK(hh) + (size_t)n * width;
+        float *ksum = KSUM(hh);
+        for (int j = 0; j < depth8; j += 16) {
+          const __mmask16 m = lanes(depth - j), stored = lanes(depth8 - j);
+          const __m512 kj = _mm512_max_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, k_row + j));
+          _mm512_mask_storeu_ps(k_packed + j, stored, kj);
+          _mm512_mask_storeu_ps(ksum + j, stored, _mm512_add_ps(_mm512_maskz_loadu_ps(stored, ksum + j), kj));
+        }
+        for (int c = 0; c < width; c += 16)
+          _mm512_storeu_ps(v_packed + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
+      }
+    }
+    /* eight rows of kv at a time (four where a row is wider than 32 columns) */
+    const int first = n0 == 0;
+    for (int hh = 0; hh < count_h; hh++) {
+      const float *k_chunk = K_CHUNK(hh), *v_chunk = V_CHUNK(hh);
+      float *kv = KV(hh);
+      for (int col0 = 0; col0 < depth_v; col0 += 64) {
+        const int nv = (depth_v - col0 + 15) / 16;
+        for (int j0 = 0; j0 < depth8; j0 += 8) {
+          switch (nv) {
+            case 1: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 1); break;
+            case 2: key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 8, 2); break;
+            case 3:
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 3);
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 3);
+              break;
+            default:
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0, col0, 4, 4);
+              key_values(job, k_chunk, v_chunk, count, first, kv, j0 + 4, col0, 4, 4);
+              break;
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < job->queries; i += 4) {
+    const int rows = job->queries - i < 4 ? job->queries - i : 4;
+    for (int hh = 0; hh < count_h; hh++) {
+      const int h = h0 + hh;
+      const float *ksum = KSUM(hh);
+      const float *q[4];
+      float *out[4];
+      float den[4];
+      for (int r = 0; r < 4; r++) {
+        const int row = i + (r < rows ? r : rows - 1);
+        q[r] = row_of(&job->q, b, h, row);
+        out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+        if (row + PREFETCH_ROWS < job->queries) prefetch_row(row_of(&job->q, b, h, row + PREFETCH_ROWS), depth);
+        __m512 dot = _mm512_setzero_ps();
+        for (int j = 0; j < depth; j += 16) {
+          const __mmask16 m = lanes(depth - j);
+          const __m512 qv = _mm512_max_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, q[r] + j));
+          dot = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, ksum + j), dot);
+        }
+        den[r] = _mm512_reduce_add_ps(dot) + job->eps;
+      }
+      for (int col0 = 0; col0 < depth_v; col0 += 64) {
+        switch ((depth_v - col0 + 15) / 16) {
+          case 1: linear_rows4(job, q, KV(hh), den, out, rows, col0, 1); break;
+          case 2: linear_rows4(job, q, KV(hh), den, out, rows, col0, 2); break;
+          case 3: linear_rows4(job, q, KV(hh), den, out, rows, col0, 3); break;
+          default: linear_rows4(job, q, KV(hh), den, out, rows, col0, 4); break;
+        }
+      }
+    }
+  }
+#undef K_CHUNK
+#undef V_CHUNK
+#undef KV
+#undef KSUM
+}
+
+static void linear_part(void *arg, int part, int parts) {
+  const struct linear_job *job = arg;
+  float *scratch = job->scratch + (size_t)part * job->part_floats;
+  const int blocks = (job->heads + job->unit_heads - 1) / job->unit_heads; /* per image */
+  const long units = (long)job->batch * blocks;
+  for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
+    const int h0 = (int)(u % blocks) * job->unit_heads;
+    linear_unit(job, scratch, (int)(u / blocks), h0,
+                job->heads - h0 < job->unit_heads ? job->heads - h0 : job->unit_heads);
+  }
+}
+
+int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, int depth, int depth_v,
+                                  mobileo_heads q, mobileo_heads k, mobileo_heads v, float eps, float *out) {
+  if (!mobileo_attention_supported() || batch < 1 || heads < 1 || queries < 1 || keys < 1 || depth < 1 ||
+      depth_v < 1)
+    return -1;
+  struct linear_job job = {batch, heads, queries, keys, depth, round_up(depth, 8), depth_v, round_up(depth_v, 16), 1,
+                           q, k, v, eps, out, NULL, 0};
+  int parts = mobileo_pool_threads(0);
+  if ((long)batch * heads * (queries + keys) * depth * depth_v < PARALLEL_MIN_MACS) parts = 1;
+  /* up to UNIT_HEADS adjacent heads a unit, leaving four units a thread */
+  const long per_thread = (long)batch * heads / (4L * parts);
+  job.unit_heads = per_thread < 1 ? 1 : per_thread > UNIT_HEADS ? UNIT_HEADS : (int)per_thread;
+  const long units = (long)batch * ((heads + job.unit_heads - 1) / job.unit_heads);
+  if (units < parts) parts = (int)units;
+  /* per head: a chunk of relu(K) and V, kv and ksum; a whole number of cache lines */
+  job.part_floats = (size_t)round_up((int)(head_floats(&job) * job.unit_heads), 16);
+  job.scratch = aligned_alloc(64, job.part_floats * parts * sizeof(float));
+  if (job.scratch == NULL) return -2;
+  if (mobileo_pool_run(linear_part, &job, parts, 1) != 0) linear_part(&job, 0, 1);
+  free(job.scratch);
+  return 0;
+}
+
+#else /* no AVX-512 build: the twins run */
+int mobileo_attention_supported(void) { return 0; }
+
+int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int depth, int depth_v, mobileo_heads q,
+                              mobileo_heads k, mobileo_heads v, const float *key_bias, float scale, float *out) {
+  return -1;
+}
+
+int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, int depth, int depth_v,
+                                  mobileo_heads q, mobileo_heads k, mobileo_heads v, float eps, float *out) {
+  return -1;
+}
+#endif
