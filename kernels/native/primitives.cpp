@@ -30,6 +30,7 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/common/utils.h"
 #include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -924,7 +925,6 @@ void register_elementwise(nb::module_ &m) {
         nb::arg("stream") = nb::none());
 }
 
-}  // namespace
 
 // ------------------------------------------------------------------ attention cores (DiT, DC-AE)
 // q, k, v [B, heads, rows, d] as the models pass them: views of their merged projections, read
