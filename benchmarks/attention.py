@@ -86,7 +86,7 @@ def main() -> None:
     mx.eval(q1, k1, v1, q2)
     linear = block.attn1.attention
     compare("  attn1 core", lambda: sana._merge_heads(linear(q1, k1, v1)), args.repeats)
-    compare("  attn2 core", lambda: sana._merge_heads(block.attn2.attend(q2, keys, values, key_bias)), args.repeats)
+    compare("  attn2 core", lambda: sana._merge_heads(block.attn2.attention(q2, keys, values, block.attn2.scale, key_bias)), args.repeats)
 
     for groups, side in ((64, 16), (64, 32), (32, 64)):  # the decoder's three EfficientViT stages
         qkv = mx.random.normal((1, side * side, groups, 3, 32)).transpose(3, 0, 2, 1, 4)

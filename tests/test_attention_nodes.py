@@ -17,7 +17,7 @@ from mobileo_mlx import backends
 from mobileo_mlx.backends import tuning
 from mobileo_mlx.backends.cpu import activations, layers
 from mobileo_mlx.kernels import primitives as prim
-from mobileo_mlx.models import common, dcae, sana
+from mobileo_mlx.models import common, dcae, fastvit, sana
 from tests.test_primitives import built_lazily, relative_error, same_bits
 
 pytestmark = [
@@ -272,26 +272,21 @@ def _dit_block(heads=4, head_dim=16, cross_heads=2, cross_head_dim=32, seed=0):
     return _random(sana.SanaTransformerBlock(config), seed)
 
 
-def _plain_copy(fast):
-    """The plain module of the same class the CPU form replaced, sharing its parameters."""
-    plain = type(fast).__mro__[1].__new__(type(fast).__mro__[1])
-    dict.update(plain, fast)
-    plain.__dict__.update(fast.__dict__)
-    return plain
-
-
 @pytest.mark.parametrize("batch, masked", [(1, False), (2, True)])
 def test_the_dit_attention_forms_take_the_nodes_and_match_the_plain_modules(batch, masked, monkeypatch):
     monkeypatch.setattr(tuning, "ATTENTION_NATIVE_MIN_MACS", 0)
     block = _dit_block(seed=batch)
     fast = backends.accelerate(block, "dit")
-    assert type(fast.attn2) is layers.SanaCrossAttention
+    assert type(fast.attn2.attention) is layers.ScaledDotProductAttention
     assert type(fast.attn1.attention) is layers.ReLULinearAttention
     x = mx.random.normal((batch, 36, 64), key=mx.random.key(1))
     context = mx.random.normal((batch, 11, 64), key=mx.random.key(2))
     bias = key_bias(batch, 11, "padded") if masked else None
     keys, values = fast.attn2.keys_values(context)
-    plain_attn2 = _plain_copy(fast.attn2)
+    plain_attn2 = sana.SanaCrossAttention.__new__(sana.SanaCrossAttention)
+    dict.update(plain_attn2, fast.attn2)
+    plain_attn2.__dict__.update(fast.attn2.__dict__)
+    dict.__setitem__(plain_attn2, "attention", common.ScaledDotProductAttention())
     plain_attn1 = sana.SanaLinearAttention.__new__(sana.SanaLinearAttention)
     dict.update(plain_attn1, fast.attn1)
     plain_attn1.__dict__.update(fast.attn1.__dict__)
@@ -320,9 +315,6 @@ def test_the_dit_attention_forms_keep_the_mlx_path_below_the_threshold_and_in_tw
     bias = key_bias(2, 5, "padded")
     small = fast.attn2(x, keys, values, bias), fast.attn1(x)  # under tuning.ATTENTION_NATIVE_MIN_MACS
     assert not has(SOFTMAX, *small) and not has(LINEAR, *small)
-    # the path before the nodes: the CPU form of the plain module's attention core
-    plain_attn2 = _plain_copy(fast.attn2)
-    assert same_bits(small[0], plain_attn2(x, keys, values, bias))
     monkeypatch.setattr(tuning, "ATTENTION_NATIVE_MIN_MACS", 0)
     monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
     twin = fast.attn2(x, keys, values, bias), fast.attn1(x)
@@ -341,4 +333,18 @@ def test_the_dcae_litemla_takes_the_linear_node(monkeypatch):
     fast = backends.accelerate(plain, "vae")
     out = fast(x)
     assert has(LINEAR, out)
+    assert relative_error(out, expected) < 2e-6
+
+
+def test_fastvit_attention_takes_the_softmax_node(monkeypatch):
+    """FastViT's attention (its q, k, v are views of one qkv projection) through the node, against
+    the plain module (MLX's scaled_dot_product_attention)."""
+    monkeypatch.setattr(tuning, "ATTENTION_NATIVE_MIN_MACS", 0)
+    plain = _random(fastvit.Attention(96, 32), seed=7)
+    x = mx.random.normal((1, 5, 7, 96), key=mx.random.key(7))
+    expected = plain(x)
+    fast = backends.accelerate(plain, "vision")
+    assert type(fast.attention) is layers.ScaledDotProductAttention
+    out = fast(x)
+    assert has(SOFTMAX, out)
     assert relative_error(out, expected) < 2e-6

@@ -26,7 +26,6 @@ _COMMON = {
     common.RMSNorm: layers.RMSNorm,
     sana.SanaTransformerBlock: layers.SanaTransformerBlock,
     sana.SanaModulatedNorm: layers.SanaModulatedNorm,
-    sana.SanaCrossAttention: layers.SanaCrossAttention,
     nn.QuantizedLinear: quantized.QuantizedLinear,
     nn.QuantizedEmbedding: quantized.QuantizedEmbedding,
 }

@@ -145,17 +145,25 @@ class DepthwiseConv(common.DepthwiseConv):
 
 
 # ------------------------------------------------------------------ attention
-class ScaledDotProductAttention(common.ScaledDotProductAttention):
-    """MLX's CPU fallback evaluates the softmax with its scalar ``exp``: the fast form instead."""
-
-    def __call__(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
-        return activations.attention(q, k, v, scale, mask)
-
-
 def _native_attention(macs: int) -> bool:
     """Whether an attention core of ``macs`` multiply-adds takes its native node (where the kernels
     serve, not inside a two-stream piece: the node uses every core)."""
     return use_kernels() and streams.may_split() and macs >= tuning.ATTENTION_NATIVE_MIN_MACS
+
+
+class ScaledDotProductAttention(common.ScaledDotProductAttention):
+    """The native softmax node (``primitives.softmax_attention``, float32) on the head views as the
+    models pass them (SANA's cross-attention with its key bias, FastViT's attention), writing the
+    merged layout their merge of the heads reads as a view; otherwise the fast MLX form (MLX's CPU
+    fallback evaluates the softmax with its scalar ``exp``)."""
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+        if q.ndim == 4 and k.ndim == 4 and v.ndim == 4:
+            batch, heads, tokens, depth = q.shape
+            macs = batch * heads * tokens * k.shape[2] * (depth + v.shape[-1])
+            if _native_attention(macs) and primitives.softmax_attention_supported(q, k, v, mask):
+                return primitives.softmax_attention(q, k, v, scale, mask)
+        return activations.attention(q, k, v, scale, mask)
 
 
 class ReLULinearAttention(common.ReLULinearAttention):
@@ -175,25 +183,6 @@ class ReLULinearAttention(common.ReLULinearAttention):
             return common.relu_linear_attention(q, k, v, self.eps)
         return streams.split_in_two(lambda part: common.relu_linear_attention(q[part], k[part], v[part], self.eps),
                                     batch, axis=0)
-
-
-class SanaCrossAttention(sana.SanaCrossAttention):
-    """SANA's ``attn2``: the query projection, then the native softmax node (``primitives.
-    softmax_attention``, float32) on the head views of q and of the hoisted K / V as they are,
-    writing the merged layout ``to_out`` reads (the split and the merge of the heads are views);
-    the plain module's path (the CPU form of its attention core) where the node does not serve."""
-
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
-        q = sana._split_heads(self.to_q(x), self.heads)
-        return self.to_out[0](sana._merge_heads(self.attend(q, keys, values, key_bias)))
-
-    def attend(self, q: mx.array, keys: mx.array, values: mx.array, key_bias: mx.array | None) -> mx.array:
-        """The attention core on the head views [B, heads, rows, d]."""
-        batch, heads, tokens, depth = q.shape
-        macs = batch * heads * tokens * keys.shape[2] * (depth + values.shape[-1])
-        if _native_attention(macs) and primitives.softmax_attention_supported(q, keys, values, key_bias):
-            return primitives.softmax_attention(q, keys, values, self.scale, key_bias)
-        return self.attention(q, keys, values, self.scale, key_bias)
 
 
 # ------------------------------------------------------------------ GLUMBConv
