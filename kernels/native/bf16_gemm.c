@@ -37,6 +37,13 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
   (void)c, (void)ldc, (void)bias;
   return -1;
 }
+int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
+                      int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
+                      float *out) {
+  (void)x, (void)batch, (void)height, (void)width, (void)channels, (void)weight, (void)kh, (void)kw;
+  (void)out_channels, (void)pad_top, (void)pad_left, (void)bias, (void)accumulate, (void)out;
+  return -1;
+}
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
                          int ldc) {
@@ -61,6 +68,7 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * times as fast as the register tile, so A is streamed from memory once per more columns. */
 #define AMX_BLOCK_BYTES ((size_t)1 << 20)
 #define AMX_PANEL_BLOCK 16
+#define CONV_ROWS_PER_PART 1024 /* see run_gemm */
 #define ROW_MAJOR 101
 #define NO_TRANS 111
 
@@ -90,6 +98,14 @@ struct gemm {
   const uint8_t *q_values;
   const float *q_scales, *q_biases;
   int q_group;
+  /* A as the windows of a stride-1 conv whose output has the input's size (a unused, trans_a 0):
+   * row m = (b H + y) W + x, column k = (i kw + j) C + c holds conv_x[b, y + i - pad_top,
+   * x + j - pad_left, c], 0 outside the map (the zero padding, made as A is packed); NULL for a
+   * plain A. Each row is gathered into a buffer of the part's (row_buffers) then packed as A's. */
+  const float *conv_x;
+  int conv_h, conv_w, conv_c, conv_kh, conv_kw, conv_pad_top, conv_pad_left;
+  float *row_buffers;           /* conv: K floats per part (row_stride apart) */
+  size_t row_stride;
   const float *bias;            /* a row [N] added to every row of C as it is stored, or NULL */
   float alpha, beta;
   float *c;
@@ -115,6 +131,37 @@ static inline uint16_t to_bf16(float value) {
 
 static inline uint32_t pair(float lo, float hi) { return (uint32_t)to_bf16(lo) | ((uint32_t)to_bf16(hi) << 16); }
 
+/* Row `row` of a conv's A (struct gemm's conv_x) gathered into buffer [K]: per kernel row, the
+ * taps inside the map are one contiguous span of pixels, the others zeros. */
+static const float *conv_row(const struct gemm *g, int row, float *buffer) {
+  const int w = g->conv_w, h = g->conv_h, c = g->conv_c, x = row % w, y = (row / w) % h, image = row / w / h;
+  const int first_x = x - g->conv_pad_left;
+  const int lo = first_x < 0 ? -first_x : 0, hi = first_x + g->conv_kw > w ? w - first_x : g->conv_kw;
+  float *out = buffer;
+  for (int i = 0; i < g->conv_kh; i++, out += (size_t)g->conv_kw * c) {
+    const int source_y = y + i - g->conv_pad_top;
+    if (source_y < 0 || source_y >= h || hi <= lo) {
+      memset(out, 0, (size_t)g->conv_kw * c * sizeof(float));
+      continue;
+    }
+    if (lo > 0) memset(out, 0, (size_t)lo * c * sizeof(float));
+    memcpy(out + (size_t)lo * c, g->conv_x + (((size_t)image * h + source_y) * w + first_x + lo) * c,
+           (size_t)(hi - lo) * c * sizeof(float));
+    if (hi < g->conv_kw) memset(out + (size_t)hi * c, 0, (size_t)(g->conv_kw - hi) * c * sizeof(float));
+  }
+  return buffer;
+}
+
+/* Row `row` of a row-major A as K contiguous floats: in place, or a conv's gathered into buffer. */
+static inline const float *a_row(const struct gemm *g, int row, float *buffer) {
+  return g->conv_x != NULL ? conv_row(g, row, buffer) : g->a + (size_t)row * g->lda;
+}
+
+/* The part's row buffer (a conv's), or NULL. */
+static inline float *row_buffer(const struct gemm *g, int part) {
+  return g->row_buffers != NULL ? g->row_buffers + (size_t)part * g->row_stride : NULL;
+}
+
 /* 32 consecutive floats -> 16 bf16 pairs (k, k+1) as 32-bit words. */
 BF16_TARGET static inline void convert_pairs(const float *src, uint32_t *out) {
   /* cvtne2ps: elements 0-15 from the second operand, 16-31 from the first. */
@@ -123,7 +170,7 @@ BF16_TARGET static inline void convert_pairs(const float *src, uint32_t *out) {
 }
 
 /* A tile t (rows t*MR ...) into [k2][MR]; rows past M and the odd k are zero. */
-BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile) {
+BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile, float *buffer) {
   uint32_t *dst = g->packed_a + (size_t)tile * g->k2 * MR;
   const int row0 = tile * MR;
   for (int r = 0; r < MR; r++) {
@@ -133,7 +180,7 @@ BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile) {
       continue;
     }
     if (!g->trans_a) {
-      const float *src = g->a + (size_t)row * g->lda;
+      const float *src = a_row(g, row, buffer);
       int kp = 0;
       for (; 2 * kp + 32 <= g->k; kp += 16) {  /* 16 pairs converted at once */
         uint32_t tmp[16];
@@ -324,7 +371,8 @@ BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, con
 static void run_part(void *arg, int part, int parts) {
   struct gemm *g = arg;
   const int tiles = (g->m + MR - 1) / MR;
-  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++) pack_a_tile(g, t);
+  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
+    pack_a_tile(g, t, row_buffer(g, part));
   __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
   while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
   const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
@@ -354,14 +402,14 @@ struct tile_config {
 
 /* A tile t (rows t*16 ...) into dst [b_rows / 16][16 rows][16 pairs]: each 32-k chunk of the
  * tile is one contiguous 1 KB tile load. Rows past M and pairs past K are zero. */
-BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst) {
+BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst, float *buffer) {
   for (int r = 0; r < AMX_ROWS; r++) {
     const int row = tile * AMX_ROWS + r;
     uint32_t *out = dst + r * AMX_PAIRS;
 #define AT(kp) out[(size_t)((kp) / AMX_PAIRS) * AMX_CHUNK_WORDS + (kp) % AMX_PAIRS]
     int kp = 0;
     if (row < g->m && !g->trans_a) {
-      const float *src = g->a + (size_t)row * g->lda;
+      const float *src = a_row(g, row, buffer);
       for (; 2 * kp + 32 <= g->k; kp += AMX_PAIRS) convert_pairs(src + 2 * kp, &AT(kp));
       for (; 2 * kp + 1 < g->k; kp++) AT(kp) = pair(src[2 * kp], src[2 * kp + 1]);
       if (kp < g->k2) {
@@ -480,7 +528,7 @@ AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
   const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS;
   const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS;
   for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
-    pack_a_amx_tile(g, t, g->packed_a + (size_t)t * tile_words);
+    pack_a_amx_tile(g, t, g->packed_a + (size_t)t * tile_words, row_buffer(g, part));
   __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
   while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
   load_tile_config();
@@ -516,8 +564,8 @@ AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
   load_tile_config();
   for (int pair = (int)((long)pairs * part / parts); pair < (int)((long)pairs * (part + 1) / parts); pair++) {
     const int t = 2 * pair, two = t + 1 < tiles;
-    pack_a_amx_tile(g, t, a);
-    if (two) pack_a_amx_tile(g, t + 1, a + tile_words);
+    pack_a_amx_tile(g, t, a, row_buffer(g, part));
+    if (two) pack_a_amx_tile(g, t + 1, a + tile_words, row_buffer(g, part));
     __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the tiles */
     for (int p = 0; p < g->panels; p++) {
       if (two)
@@ -640,8 +688,12 @@ static int run_gemm(struct gemm g) {
     const size_t fit = AMX_BLOCK_BYTES / (panel_words * sizeof(uint32_t));
     g.panel_block = fit < 1 ? 1 : fit > AMX_PANEL_BLOCK ? AMX_PANEL_BLOCK : (int)fit;
   }
-  /* AMX over rows: B in one block, and a pair of A tiles for every part (and more). */
-  const int by_rows = amx && g.panels <= g.panel_block && (tiles + 1) / 2 >= 2 * threads;
+  /* AMX over rows: B in one block, and a pair of A tiles for every part (and more). A conv with
+   * many rows too, whatever B's size: packed whole, its A would be K / C times the input; each
+   * part packs all of B (from L2 or the L3 cache as the A tiles pass), which costs little once
+   * a part has CONV_ROWS_PER_PART rows to multiply. */
+  const int by_rows = amx && (tiles + 1) / 2 >= 2 * threads &&
+                      (g.panels <= g.panel_block || (g.conv_x != NULL && m >= CONV_ROWS_PER_PART * threads));
   int parts = threads;
   if (!by_rows && parts > g.panels) parts = g.panels;
   size_t a_words, b_words;
@@ -652,12 +704,15 @@ static int run_gemm(struct gemm g) {
     a_words = (size_t)tiles * g.b_rows * tile_rows;
     b_words = (size_t)parts * g.panel_block * panel_words;
   }
+  g.row_stride = g.conv_x != NULL ? ((size_t)k + 15) / 16 * 16 : 0;  /* a conv's row buffers, 64-byte aligned */
+  const size_t row_words = (size_t)parts * g.row_stride;
   if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
-  uint32_t *buffer = scratch((a_words + b_words) * sizeof(uint32_t));
+  uint32_t *buffer = scratch((a_words + b_words + row_words) * sizeof(uint32_t));
   int code = -1;
   if (buffer) {
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
+    g.row_buffers = g.conv_x != NULL ? (float *)(buffer + a_words + b_words) : NULL;
 #ifdef HAVE_AMX
     code = mobileo_pool_run(by_rows ? run_part_amx_rows : amx ? run_part_amx : run_part, &g, parts, 1);
 #else
@@ -690,6 +745,23 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
   const struct gemm g = {.m = m, .n = n, .k = k, .a = a, .lda = lda, .trans_a = trans_a != 0, .q_values = values,
                          .q_scales = scales, .q_biases = biases, .q_group = group_size, .bias = bias,
                          .alpha = 1.0f, .beta = 0.0f, .c = c, .ldc = ldc};
+  return run_gemm(g);
+}
+
+/* The conv node's product (primitives.cpp): A the windows of x (struct gemm's conv_x), B the
+ * weight [O, kh, kw, C] read as its transpose [kh kw C, O]. */
+int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
+                      int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
+                      float *out) {
+  if (batch < 1 || height < 1 || width < 1 || channels < 1 || kh < 1 || kw < 1 || out_channels < 1 ||
+      !mobileo_bf16_gemm_supported())
+    return -1;
+  const long m = (long)batch * height * width, k = (long)kh * kw * channels;
+  if (m > 0x7fffffffL || k > 0x7fffffffL) return -1;
+  const struct gemm g = {.m = (int)m, .n = out_channels, .k = (int)k, .b = weight, .ldb = (int)k, .trans_b = 1,
+                         .conv_x = x, .conv_h = height, .conv_w = width, .conv_c = channels, .conv_kh = kh,
+                         .conv_kw = kw, .conv_pad_top = pad_top, .conv_pad_left = pad_left, .bias = bias,
+                         .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels};
   return run_gemm(g);
 }
 #endif
