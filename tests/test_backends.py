@@ -26,7 +26,7 @@ on_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backe
 needs_bf16 = pytest.mark.skipif(backends.bf16_unavailable_reason() is not None,
                                 reason=f"bf16 CPU matmuls unavailable here: {backends.bf16_unavailable_reason()}")
 NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul", "MobileoBf16MatmulQ8",
-         "MobileoBf16Conv")
+         "MobileoBf16Conv", "MobileoBf16SubpixelConv")
 
 # Small configs of every component.
 SMALL_CONFIGS = {
@@ -490,7 +490,7 @@ def test_bf16_decoder_forms_stay_close(monkeypatch):
         randomized(plain, seed=7, scale=0.2)
         fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
         out = fast(x)
-        assert "MobileoBf16Conv" in nodes(out), type(plain)
+        assert nodes(out) & {"MobileoBf16Conv", "MobileoBf16SubpixelConv"}, type(plain)
         assert 1e-6 < relative_error(out, plain(x)) < 2e-2
 
 
@@ -498,19 +498,21 @@ def test_bf16_decoder_forms_stay_close(monkeypatch):
 @needs_bf16
 @pytest.mark.parametrize("shape", [(1, 7, 6, 32), (2, 5, 9, 24), (1, 1, 3, 40)], ids=lambda s: "x".join(map(str, s)))
 def test_bf16_decoder_forms_run_each_conv_as_one_node(monkeypatch, shape):
-    """With bf16 products the DC-AE's forms run every 3x3 conv (and each parity conv of the
-    upsampler) as one conv node, no window GEMM left: the same rounded products as the window
+    """With bf16 products the DC-AE's forms run every 3x3 conv as one conv node (the upsampler's
+    four parity convs as one sub-pixel node), no window GEMM left: the same rounded products as the window
     GEMMs they replaced (the twin, MOBILEO_MLX_KERNELS=twin), summed in another order; products
     below the bf16 threshold stay float32 (the plain-MLX form, bit for bit)."""
     monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
     x = mx.random.normal(shape, key=mx.random.key(shape[2]))
     channels = shape[-1]
     for plain in (dcae.ResBlock(channels, channels, "rms_norm", "silu"), dcae.DCUpBlock2d(channels, channels // 2, True),
+                  dcae.DCUpBlock2d(channels, channels // 4, True), dcae.DCUpBlock2d(channels, channels, True),
                   dcae.DCUpBlock2d(channels, channels * 2, True), nn.Conv2d(channels, 3, 3, padding=1)):
         randomized(plain, seed=8, scale=0.2)
         fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
         out = fast(x)
-        assert nodes(out) == {"MobileoBf16Conv"}, type(plain)
+        upsampler = isinstance(plain, dcae.DCUpBlock2d)
+        assert nodes(out) == {"MobileoBf16SubpixelConv" if upsampler else "MobileoBf16Conv"}, type(plain)
         with monkeypatch.context() as patch:
             patch.setenv(backends.KERNELS_ENV, "twin")
             twin = fast(x)

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from mobileo_mlx.kernels import primitives as prim
-from tests.test_primitives import (CONV_CASES, bf16_conv_exact, bf16_conv_operands, bf16_conv_tolerance, bf16_rounded,
-                                   conv_case_id, q8_exact, q8_operands, q8_twin, relative_error)
+from tests.test_primitives import (CONV_CASES, SUBPIXEL_CASES, bf16_conv_exact, bf16_conv_operands, bf16_conv_tolerance,
+                                   bf16_rounded, conv_case_id, q8_exact, q8_operands, q8_twin, relative_error,
+                                   subpixel_exact, subpixel_operands)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,12 @@ def run_cases(folder: str) -> None:
         mx.eval(y)
         amx_products.append(extension.bf16_amx_products_done() - before)
         np.save(os.path.join(folder, f"conv-{index}.npy"), np.array(y))
+    for index, case in enumerate(SUBPIXEL_CASES):
+        before = extension.bf16_amx_products_done()
+        y = prim.bf16_subpixel_conv(*(mx.array(v) for v in subpixel_operands(case, seed=400 + index)))
+        mx.eval(y)
+        amx_products.append(extension.bf16_amx_products_done() - before)
+        np.save(os.path.join(folder, f"subpixel-{index}.npy"), np.array(y))
     large = prim.bf16_matmul(mx.random.normal((256, 256)), mx.random.normal((256, 256)))
     before = extension.bf16_amx_products_done()
     mx.eval(large)
@@ -135,6 +142,7 @@ def products(choice: str, folder: Path) -> dict:
     report["q8"] = [np.load(folder / f"q8-{index}.npy") for index in range(len(Q8_CASES))]
     report["q8 twin"] = [np.load(folder / f"q8-twin-{index}.npy") for index in range(len(Q8_CASES))]
     report["conv"] = [np.load(folder / f"conv-{index}.npy") for index in range(len(CONV_CASES))]
+    report["subpixel"] = [np.load(folder / f"subpixel-{index}.npy") for index in range(len(SUBPIXEL_CASES))]
     return report
 
 
@@ -210,4 +218,19 @@ def test_the_conv_node_on_both_kernels(both, index):
         assert run["conv"][index].shape == want.shape
         assert relative_error(run["conv"][index], want) < bf16_conv_tolerance(case)
     assert relative_error(amx["conv"][index], avx512["conv"][index]) < bf16_conv_tolerance(case)
+
+
+@pytest.mark.parametrize("index", range(len(SUBPIXEL_CASES)), ids=lambda i: "x".join(map(str, SUBPIXEL_CASES[i])))
+def test_the_subpixel_node_on_both_kernels(both, index):
+    """bf16_subpixel_conv (each parity's product stored straight into the interleaved output) pinned
+    to each kernel: the float64 result and the other kernel's, to float32 summation error."""
+    amx, avx512 = both["amx"], both["avx512"]
+    first = len(CASES) + len(Q8_CASES) + len(CONV_CASES)
+    assert amx["amx_products"][first + index] == 4
+    assert avx512["amx_products"][first + index] == 0
+    want = subpixel_exact(*subpixel_operands(SUBPIXEL_CASES[index], seed=400 + index))
+    for run in (amx, avx512):
+        assert run["subpixel"][index].shape == want.shape
+        assert relative_error(run["subpixel"][index], want) < 1e-6
+    assert relative_error(amx["subpixel"][index], avx512["subpixel"][index]) < 1e-6
 

@@ -36,7 +36,7 @@ needs_bf16 = pytest.mark.skipif(prim.extension() is None or not prim.extension()
                                 reason="this CPU has no AVX512-BF16")
 
 NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoDequantize", "MobileoBf16Matmul",
-         "MobileoBf16MatmulQ8", "MobileoGatedDepthwise", "MobileoBf16Conv")
+         "MobileoBf16MatmulQ8", "MobileoGatedDepthwise", "MobileoBf16Conv", "MobileoBf16SubpixelConv")
 
 
 def test_the_extension_is_there():
@@ -945,4 +945,71 @@ def test_what_the_bf16_conv_does_not_take_it_says():
     assert not prim.bf16_conv3x3_supported(x, weight[:, :2, :2], bias)
     with pytest.raises(ValueError, match="padding"):
         prim.bf16_conv(x, weight, bias, (3, 1))
+
+
+# (B, H, W, C, O): one pixel, maps narrower than a tile, odd channel counts, more rows than a part's
+SUBPIXEL_CASES = [(1, 1, 1, 8, 4), (2, 3, 5, 17, 9), (1, 7, 9, 32, 48), (2, 6, 20, 40, 24), (1, 24, 40, 64, 32)]
+
+
+def subpixel_operands(case, seed: int = 0):
+    """NumPy float32 x [B, H, W, C], weights [2, 2, O, 2, 2, C], init [B, 2H, 2W, O]."""
+    b, h, w, c, o = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    weights = (rng.standard_normal((2, 2, o, 2, 2, c)) * 0.2).astype(np.float32)
+    init = rng.standard_normal((b, 2 * h, 2 * w, o)).astype(np.float32)
+    return x, weights, init
+
+
+def subpixel_exact(x, weights, init) -> np.ndarray:
+    """float64: init + parity (a, b)'s conv of the rounded operands at pixels (2y + a, 2x + b)."""
+    out = init.astype(np.float64)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, a::2, b::2] += bf16_conv_exact(x, weights[a, b], None, (1 - a, 1 - b), None)
+    return out
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", SUBPIXEL_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_bf16_subpixel_conv_against_float64_and_its_twin(case):
+    x, weights, init = subpixel_operands(case, seed=sum(case))
+    args = [mx.array(v) for v in (x, weights, init)]
+    done = prim.extension().bf16_products_done()
+    y = prim.bf16_subpixel_conv(*args)
+    assert nodes(y) == {"MobileoBf16SubpixelConv"}
+    mx.eval(y)
+    assert prim.extension().bf16_products_done() == done + 4  # one product per parity
+    exact = subpixel_exact(x, weights, init)
+    assert y.shape == exact.shape
+    assert relative_error(y, exact) < 1e-6
+    assert relative_error(prim.bf16_subpixel_conv_reference(*args), exact) < 1e-6
+    # each parity the bf16_conv node's product, stored into its pixels
+    for a in (0, 1):
+        for b in (0, 1):
+            parity = prim.bf16_conv(args[0], args[1][a, b], None, (1 - a, 1 - b), args[2][:, a::2, b::2])
+            assert relative_error(y[:, a::2, b::2], parity) < 1e-6
+
+
+@needs_bf16
+def test_bf16_subpixel_conv_as_a_graph_node():
+    x, weights, init = (mx.array(v) for v in subpixel_operands((2, 5, 6, 24, 16), seed=2))
+    built_lazily(lambda: [x, weights, init], prim.bf16_subpixel_conv)
+    mx.eval(x, weights, init)
+    copies = [np.array(v) for v in (x, weights, init)]
+    expected = prim.bf16_subpixel_conv(x, weights, init)
+    mx.eval(expected)
+    assert all(same_bits(v, c) for v, c in zip((x, weights, init), copies))  # a held init is not written
+    assert same_bits(prim.bf16_subpixel_conv(x, weights, init * 1.0), expected)  # a fresh one is taken over
+    compiled = mx.compile(lambda *v: prim.bf16_subpixel_conv(*v) * 2.0)
+    assert same_bits(compiled(x, weights, init), expected * 2.0)
+    grads = mx.grad(lambda *v: prim.bf16_subpixel_conv(*v).sum(), argnums=(0, 1, 2))(x, weights, init)
+    plain = mx.grad(lambda *v: prim.bf16_subpixel_conv_reference(*v).sum(), argnums=(0, 1, 2))(x, weights, init)
+    assert all(relative_error(g, p) < 1e-5 for g, p in zip(grads, plain))
+    assert prim.bf16_subpixel_conv_supported(x, weights, init)
+    assert not prim.bf16_subpixel_conv_supported(x, weights, init[:, 1:])
+    assert not prim.bf16_subpixel_conv_supported(x[..., :20], weights, init)
+    assert not prim.bf16_subpixel_conv_supported(x, weights[:, :, :, :, :1], init)
+    with pytest.raises(ValueError, match="init"):
+        prim.bf16_subpixel_conv(x, weights, init[:, 1:])
 

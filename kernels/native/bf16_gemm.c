@@ -39,7 +39,8 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
 }
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
                       int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
-                      float *out) {
+                      float *out, long out_line_stride, long out_pixel_stride) {
+  (void)out_line_stride, (void)out_pixel_stride;
   (void)x, (void)batch, (void)height, (void)width, (void)channels, (void)weight, (void)kh, (void)kw;
   (void)out_channels, (void)pad_top, (void)pad_left, (void)bias, (void)accumulate, (void)out;
   return -1;
@@ -106,6 +107,10 @@ struct gemm {
   int conv_h, conv_w, conv_c, conv_kh, conv_kw, conv_pad_top, conv_pad_left;
   float *row_buffers;           /* conv: K floats per part (row_stride apart) */
   size_t row_stride;
+  /* A conv's C scattered instead of [M, ldc]: the row of pixel (b H + y, x) at
+   * c + (b H + y) c_line_stride + x c_pixel_stride (the upsampler's parities, each written
+   * straight into the interleaved map); 0: C as ldc says. Its stores go through the buffer. */
+  long c_line_stride, c_pixel_stride;
   const float *bias;            /* a row [N] added to every row of C as it is stored, or NULL */
   float alpha, beta;
   float *c;
@@ -155,6 +160,12 @@ static const float *conv_row(const struct gemm *g, int row, float *buffer) {
 /* Row `row` of a row-major A as K contiguous floats: in place, or a conv's gathered into buffer. */
 static inline const float *a_row(const struct gemm *g, int row, float *buffer) {
   return g->conv_x != NULL ? conv_row(g, row, buffer) : g->a + (size_t)row * g->lda;
+}
+
+/* Where row `row` of C starts. */
+static inline float *c_row(const struct gemm *g, int row) {
+  if (g->c_pixel_stride == 0) return g->c + (size_t)row * g->ldc;
+  return g->c + (row / g->conv_w) * g->c_line_stride + (row % g->conv_w) * g->c_pixel_stride;
 }
 
 /* The part's row buffer (a conv's), or NULL. */
@@ -351,7 +362,7 @@ BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, con
   const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
   const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
   for (int r = 0; r < rows; r++) {
-    float *c = g->c + (size_t)(row0 + r) * g->ldc + col0;
+    float *c = c_row(g, row0 + r) + col0;
     __m512 v0 = _mm512_mul_ps(alpha, acc[r][0]), v1 = _mm512_mul_ps(alpha, acc[r][1]);
     if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
       v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
@@ -441,7 +452,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
   /* A bias row goes through the buffer too: added after the sums, in the store. */
   const int direct = rows == AMX_ROWS * a_tiles && cols == NR && g->alpha == 1.0f &&
-                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL;
+                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL && g->c_pixel_stride == 0;
   float *c = g->c + (size_t)row0 * g->ldc + col0;
   float *c_low = c + (size_t)AMX_ROWS * g->ldc;
   const long c_stride = (long)g->ldc * (long)sizeof(float);
@@ -493,7 +504,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
   const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
   for (int r = 0; r < rows; r++) {
-    float *out = c + (size_t)r * g->ldc;
+    float *out = c_row(g, row0 + r) + col0;
     const float *sums = acc[2 * (r / AMX_ROWS)] + (r % AMX_ROWS) * 16;
     __m512 v0 = _mm512_mul_ps(alpha, _mm512_load_ps(sums));
     __m512 v1 = _mm512_mul_ps(alpha, _mm512_load_ps(sums + AMX_ROWS * 16));
@@ -748,11 +759,11 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
   return run_gemm(g);
 }
 
-/* The conv node's product (primitives.cpp): A the windows of x (struct gemm's conv_x), B the
- * weight [O, kh, kw, C] read as its transpose [kh kw C, O]. */
+/* The conv nodes' product (primitives.cpp): A the windows of x (struct gemm's conv_x), B the
+ * weight [O, kh, kw, C] read as its transpose [kh kw C, O]; C contiguous, or scattered. */
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
                       int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
-                      float *out) {
+                      float *out, long out_line_stride, long out_pixel_stride) {
   if (batch < 1 || height < 1 || width < 1 || channels < 1 || kh < 1 || kw < 1 || out_channels < 1 ||
       !mobileo_bf16_gemm_supported())
     return -1;
@@ -761,7 +772,8 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
   const struct gemm g = {.m = (int)m, .n = out_channels, .k = (int)k, .b = weight, .ldb = (int)k, .trans_b = 1,
                          .conv_x = x, .conv_h = height, .conv_w = width, .conv_c = channels, .conv_kh = kh,
                          .conv_kw = kw, .conv_pad_top = pad_top, .conv_pad_left = pad_left, .bias = bias,
-                         .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels};
+                         .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels,
+                         .c_line_stride = out_line_stride, .c_pixel_stride = out_pixel_stride};
   return run_gemm(g);
 }
 #endif

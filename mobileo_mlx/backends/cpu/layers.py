@@ -330,9 +330,9 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
 
     def prepare(self) -> None:
         taps = _subpixel_weights(self.conv.weight)
-        # the bf16 conv node's layout of them: [O, 2 (dy), 2 (dx), C]
-        node_weights = {parity: mx.contiguous(w.transpose(2, 0, 1, 3)) for parity, w in taps.items()}
-        self._subpixel = (self.conv.weight, taps, node_weights)
+        # the bf16 sub-pixel node's layout of them: [2 (a), 2 (b), O, 2 (dy), 2 (dx), C]
+        node_weights = mx.stack([mx.stack([taps[a, b].transpose(2, 0, 1, 3) for b in (0, 1)]) for a in (0, 1)])
+        self._subpixel = (self.conv.weight, taps, mx.contiguous(node_weights))
 
     def _shortcut(self, x: mx.array, a: int, b: int, out: int) -> mx.array:
         """The channels pixel_shuffle(repeat_interleave(x, r)) puts at output parity (a, b):
@@ -344,6 +344,16 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
         step, first = 4 // r, (2 * a + b) // r
         return x[..., first : first + step * (out - 1) + 1 : step]
 
+    def _interleaved_shortcut(self, x: mx.array, out: int) -> mx.array:
+        """pixel_shuffle(repeat_interleave(x, r)) as [B, H, 2 (a), W, 2 (b), O]: a view of x when r
+        divides 4 (the channel at parity (a, b) is (4 / r) c + (2a + b) // r), else copied."""
+        batch, height, width, _ = x.shape
+        r = self.repeats
+        if 4 % r:
+            return dcae.pixel_shuffle(dcae.repeat_channels(x, r)).reshape(batch, height, 2, width, 2, out)
+        split = x.reshape(batch, height, width, out, 2 if r <= 2 else 1, 2 if r == 1 else 1)
+        return mx.broadcast_to(split, (batch, height, width, out, 2, 2)).transpose(0, 1, 4, 2, 5, 3)
+
     def __call__(self, x: mx.array) -> mx.array:
         if not self.interpolate:
             return super().__call__(x)
@@ -352,14 +362,11 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
         taps = self._subpixel[1]
         batch, height, width, _ = x.shape
         out = self.conv.weight.shape[0]
-        if _bf16_conv_node(x, self._subpixel[2][0, 0], self.products):
-            # Each parity one node (padding: parity 0 reads the row / column before, 1 the one after),
-            # starting from the bias + shortcut; then one copy interleaves them.
-            parts = [primitives.bf16_conv(x, self._subpixel[2][a, b], None, (1 - a, 1 - b),
-                                          init=self._shortcut(x, a, b, out) + self.conv.bias)
-                     for a in (0, 1) for b in (0, 1)]
-            y = mx.stack(parts, axis=1).reshape(batch, 2, 2, height, width, out)
-            return y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, 2 * height, 2 * width, out)
+        if _bf16_conv_node(x, self.conv.weight, self.products):
+            init = self._interleaved_shortcut(x, out) + self.conv.bias  # one pass, interleaved
+            init = init.reshape(batch, 2 * height, 2 * width, out)
+            if primitives.bf16_subpixel_conv_supported(x, self._subpixel[2], init):
+                return primitives.bf16_subpixel_conv(x, self._subpixel[2], init)
         rows = _padded_rows(x)
         pitch = width + 2
         parts = []
