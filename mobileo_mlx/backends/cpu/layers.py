@@ -329,10 +329,21 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
     products = FP32
 
     def prepare(self) -> None:
-        taps = _subpixel_weights(self.conv.weight)
-        # the bf16 sub-pixel node's layout of them: [2 (a), 2 (b), O, 2 (dy), 2 (dx), C]
-        node_weights = mx.stack([mx.stack([taps[a, b].transpose(2, 0, 1, 3) for b in (0, 1)]) for a in (0, 1)])
-        self._subpixel = (self.conv.weight, taps, mx.contiguous(node_weights))
+        taps, node_weights = _subpixel_weights(self.conv.weight), None
+        if self.products.bf16:
+            # only the bf16 sub-pixel node's layout of them is held, [2 (a), 2 (b), O, 2 (dy), 2 (dx),
+            # C]; the window GEMMs (its twin) copy theirs out of it when they run
+            node_weights = mx.contiguous(mx.stack([mx.stack([taps[a, b].transpose(2, 0, 1, 3) for b in (0, 1)])
+                                                   for a in (0, 1)]))
+            taps = None
+        self._subpixel = (self.conv.weight, taps, node_weights)
+
+    def _window_taps(self) -> dict:
+        """{(a, b): [2 (dy), 2 (dx), O, C]} (contiguous) for the window GEMMs."""
+        taps, node_weights = self._subpixel[1:]
+        if taps is not None:
+            return taps
+        return {(a, b): mx.contiguous(node_weights[a, b].transpose(1, 2, 0, 3)) for a in (0, 1) for b in (0, 1)}
 
     def _shortcut(self, x: mx.array, a: int, b: int, out: int) -> mx.array:
         """The channels pixel_shuffle(repeat_interleave(x, r)) puts at output parity (a, b):
@@ -359,7 +370,6 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
             return super().__call__(x)
         if self._subpixel[0] is not self.conv.weight:
             self.prepare()
-        taps = self._subpixel[1]
         batch, height, width, _ = x.shape
         out = self.conv.weight.shape[0]
         if _bf16_conv_node(x, self.conv.weight, self.products):
@@ -367,6 +377,7 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
             init = init.reshape(batch, 2 * height, 2 * width, out)
             if primitives.bf16_subpixel_conv_supported(x, self._subpixel[2], init):
                 return primitives.bf16_subpixel_conv(x, self._subpixel[2], init)
+        taps = self._window_taps()
         rows = _padded_rows(x)
         pitch = width + 2
         parts = []
