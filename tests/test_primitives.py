@@ -831,6 +831,7 @@ CONV_CASES = [
     (1, 40, 37, 130, 70, 3, (1, 1), True, False),
     (1, 48, 48, 256, 520, 3, (1, 1), True, False),
     (1, 4, 4, 512, 300, 3, (1, 1), True, True),
+    (1, 121, 128, 128, 40, 3, (1, 1), True, True),   # the register tile: two chunks of rows (bf16_gemm.c)
 ]
 
 
@@ -947,8 +948,10 @@ def test_what_the_bf16_conv_does_not_take_it_says():
         prim.bf16_conv(x, weight, bias, (3, 1))
 
 
-# (B, H, W, C, O): one pixel, maps narrower than a tile, odd channel counts, more rows than a part's
-SUBPIXEL_CASES = [(1, 1, 1, 8, 4), (2, 3, 5, 17, 9), (1, 7, 9, 32, 48), (2, 6, 20, 40, 24), (1, 24, 40, 64, 32)]
+# (B, H, W, C, O): one pixel, maps narrower than a tile, odd channel counts, more rows than a part's,
+# the register tile's two chunks of rows
+SUBPIXEL_CASES = [(1, 1, 1, 8, 4), (2, 3, 5, 17, 9), (1, 7, 9, 32, 48), (2, 6, 20, 40, 24), (1, 24, 40, 64, 32),
+                  (1, 65, 128, 512, 16)]
 
 
 def subpixel_operands(case, seed: int = 0):

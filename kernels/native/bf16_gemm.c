@@ -70,6 +70,7 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
 #define AMX_BLOCK_BYTES ((size_t)1 << 20)
 #define AMX_PANEL_BLOCK 16
 #define CONV_ROWS_PER_PART 1024 /* see run_gemm */
+#define CONV_CHUNK_BYTES ((size_t)32 << 20) /* see mobileo_bf16_conv */
 #define ROW_MAJOR 101
 #define NO_TRANS 111
 
@@ -105,6 +106,7 @@ struct gemm {
    * plain A. Each row is gathered into a buffer of the part's (row_buffers) then packed as A's. */
   const float *conv_x;
   int conv_h, conv_w, conv_c, conv_kh, conv_kw, conv_pad_top, conv_pad_left;
+  int conv_row0;                /* a conv's pixel of row 0 of this product (and of C): 0, or a chunk's first */
   float *row_buffers;           /* conv: K floats per part (row_stride apart) */
   size_t row_stride;
   /* A conv's C scattered instead of [M, ldc]: the row of pixel (b H + y, x) at
@@ -139,6 +141,7 @@ static inline uint32_t pair(float lo, float hi) { return (uint32_t)to_bf16(lo) |
 /* Row `row` of a conv's A (struct gemm's conv_x) gathered into buffer [K]: per kernel row, the
  * taps inside the map are one contiguous span of pixels, the others zeros. */
 static const float *conv_row(const struct gemm *g, int row, float *buffer) {
+  row += g->conv_row0;
   const int w = g->conv_w, h = g->conv_h, c = g->conv_c, x = row % w, y = (row / w) % h, image = row / w / h;
   const int first_x = x - g->conv_pad_left;
   const int lo = first_x < 0 ? -first_x : 0, hi = first_x + g->conv_kw > w ? w - first_x : g->conv_kw;
@@ -164,6 +167,7 @@ static inline const float *a_row(const struct gemm *g, int row, float *buffer) {
 
 /* Where row `row` of C starts. */
 static inline float *c_row(const struct gemm *g, int row) {
+  row += g->conv_row0;
   if (g->c_pixel_stride == 0) return g->c + (size_t)row * g->ldc;
   return g->c + (row / g->conv_w) * g->c_line_stride + (row % g->conv_w) * g->c_pixel_stride;
 }
@@ -453,7 +457,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   /* A bias row goes through the buffer too: added after the sums, in the store. */
   const int direct = rows == AMX_ROWS * a_tiles && cols == NR && g->alpha == 1.0f &&
                      (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL && g->c_pixel_stride == 0;
-  float *c = g->c + (size_t)row0 * g->ldc + col0;
+  float *c = c_row(g, row0) + col0;  /* (a scattered C's rows: each its own address, below) */
   float *c_low = c + (size_t)AMX_ROWS * g->ldc;
   const long c_stride = (long)g->ldc * (long)sizeof(float);
   if (direct && g->beta == 1.0f) {
@@ -769,11 +773,24 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
     return -1;
   const long m = (long)batch * height * width, k = (long)kh * kw * channels;
   if (m > 0x7fffffffL || k > 0x7fffffffL) return -1;
-  const struct gemm g = {.m = (int)m, .n = out_channels, .k = (int)k, .b = weight, .ldb = (int)k, .trans_b = 1,
+  struct gemm g = {.m = (int)m, .n = out_channels, .k = (int)k, .b = weight, .ldb = (int)k, .trans_b = 1,
                          .conv_x = x, .conv_h = height, .conv_w = width, .conv_c = channels, .conv_kh = kh,
                          .conv_kw = kw, .conv_pad_top = pad_top, .conv_pad_left = pad_left, .bias = bias,
                          .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels,
                          .c_line_stride = out_line_stride, .c_pixel_stride = out_pixel_stride};
-  return run_gemm(g);
+  if (kernel() == KERNEL_AMX) return run_gemm(g);
+  /* The register tile packs A whole: chunks of rows whose packed A stays under CONV_CHUNK_BYTES
+   * (whole, a band's A would be kh kw times the input, hundreds of MB). */
+  const size_t row_bytes = (size_t)(k + 1) / 2 * sizeof(uint32_t);
+  long chunk = (long)(CONV_CHUNK_BYTES / row_bytes) / MR * MR;
+  if (chunk < (long)MR * mobileo_pool_threads(0)) chunk = (long)MR * mobileo_pool_threads(0);
+  for (long row0 = 0; row0 < m; row0 += chunk) {
+    g.conv_row0 = (int)row0;
+    g.m = (int)(m - row0 < chunk ? m - row0 : chunk);
+    g.packed_parts = 0;
+    const int code = run_gemm(g);
+    if (code != 0) return code;
+  }
+  return 0;
 }
 #endif
