@@ -16,6 +16,10 @@
  * tiles of 16 rows, each 32-k chunk of a tile 1 KB contiguous ([K/32][16][16] pairs). A
  * 32 x 32 block of C is four 16 x 16 float32 tiles accumulated over the full K from two A
  * and two B tiles. Chosen once per process (choose_kernel below).
+ *
+ * Convs (mobileo_bf16_conv): the same product with A read from the windows of an NHWC map
+ * (struct gemm's conv_x: each row gathered into a small buffer, zero padding included, then
+ * packed as any A), so a kh x kw conv is one GEMM with K = kh kw C and no padded or im2col copy.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
