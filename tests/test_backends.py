@@ -527,3 +527,20 @@ def test_bf16_decoder_forms_run_each_conv_as_one_node(monkeypatch, shape):
             assert not nodes(fp32)
         fp32_form = backends.accelerate(rebuild(plain), "vae")
         assert same_bits(fp32, fp32_form(x))
+
+
+@on_cpu
+@needs_bf16
+def test_bf16_upsampler_follows_new_weights(monkeypatch):
+    """The sub-pixel node's combined taps are rebuilt when the conv's weight is replaced, for the
+    node and for its window-GEMM twin (which copies its taps out of the node's)."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    x = mx.random.normal((1, 5, 6, 32), key=mx.random.key(21))
+    plain = randomized(dcae.DCUpBlock2d(32, 16, True), seed=9, scale=0.2)
+    fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
+    fast(x)
+    fast.conv.weight = fast.conv.weight * 2
+    plain.conv.weight = fast.conv.weight
+    assert 1e-6 < relative_error(fast(x), plain(x)) < 2e-2
+    monkeypatch.setenv(backends.KERNELS_ENV, "twin")
+    assert relative_error(fast(x), plain(x)) < 2e-2
