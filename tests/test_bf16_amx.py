@@ -229,8 +229,9 @@ def test_the_subpixel_node_on_both_kernels(both, index):
     assert amx["amx_products"][first + index] == 4
     assert avx512["amx_products"][first + index] == 0
     want = subpixel_exact(*subpixel_operands(SUBPIXEL_CASES[index], seed=400 + index))
+    tolerance = 1e-6 if 4 * SUBPIXEL_CASES[index][3] <= 1152 else 3e-6  # float32 sums over K = 4 C
     for run in (amx, avx512):
         assert run["subpixel"][index].shape == want.shape
-        assert relative_error(run["subpixel"][index], want) < 1e-6
-    assert relative_error(amx["subpixel"][index], avx512["subpixel"][index]) < 1e-6
+        assert relative_error(run["subpixel"][index], want) < tolerance
+    assert relative_error(amx["subpixel"][index], avx512["subpixel"][index]) < tolerance
 

@@ -814,7 +814,7 @@ def test_without_the_extension_the_glumbconv_middle_runs_in_mlx(monkeypatch):
 # (B, H, W, C, O, k, padding, bias, init): batch 1 and 2, maps of one pixel, narrower than a
 # tile, H / W not multiples of 16, C and O not multiples of 16 / 32 (K odd), the 2x2 parity
 # convs of the upsampler (each padding), many rows with a B larger than a panel block (the
-# parts split the rows), few rows with a large B (A packed whole).
+# parts split the rows, in groups of A tiles), few rows with a large B (A packed whole).
 CONV_CASES = [
     (1, 1, 1, 1, 1, 3, (1, 1), True, False),
     (1, 1, 1, 24, 8, 3, (1, 1), False, False),    # every tap but the centre in the padding
@@ -829,7 +829,7 @@ CONV_CASES = [
     (2, 4, 3, 40, 24, 2, (1, 1), True, True),
     (1, 5, 6, 8, 72, 2, (0, 0), False, False),
     (1, 40, 37, 130, 70, 3, (1, 1), True, False),
-    (1, 48, 48, 256, 520, 3, (1, 1), True, False),
+    (1, 47, 47, 256, 520, 3, (1, 1), True, False),   # AMX: B over 2 MB a part, A tiles in groups, an odd last tile
     (1, 4, 4, 512, 300, 3, (1, 1), True, True),
     (1, 121, 128, 128, 40, 3, (1, 1), True, True),   # the register tile: two chunks of rows (bf16_gemm.c)
 ]
@@ -984,9 +984,10 @@ def test_bf16_subpixel_conv_against_float64_and_its_twin(case):
     mx.eval(y)
     assert prim.extension().bf16_products_done() == done + 4  # one product per parity
     exact = subpixel_exact(x, weights, init)
+    tolerance = 1e-6 if 4 * case[3] <= 1152 else 3e-6  # float32 sums over K = 4 C
     assert y.shape == exact.shape
-    assert relative_error(y, exact) < 1e-6
-    assert relative_error(prim.bf16_subpixel_conv_reference(*args), exact) < 1e-6
+    assert relative_error(y, exact) < tolerance
+    assert relative_error(prim.bf16_subpixel_conv_reference(*args), exact) < tolerance
     # each parity the bf16_conv node's product, stored into its pixels
     for a in (0, 1):
         for b in (0, 1):

@@ -74,6 +74,8 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
 #define AMX_BLOCK_BYTES ((size_t)1 << 20)
 #define AMX_PANEL_BLOCK 16
 #define CONV_ROWS_PER_PART 1024 /* see run_gemm */
+#define AMX_L2_BYTES ((size_t)2 << 20)    /* see run_gemm */
+#define AMX_GROUP_BYTES ((size_t)1 << 20) /* see run_gemm */
 #define CONV_CHUNK_BYTES ((size_t)32 << 20) /* see mobileo_bf16_conv */
 #define ROW_MAJOR 101
 #define NO_TRANS 111
@@ -126,6 +128,7 @@ struct gemm {
   int panel_block;              /* panels packed together: PANEL_BLOCK, or more with AMX */
   int panels;                   /* NR-column panels of B */
   int packed_parts;             /* parts done packing A (a barrier) */
+  int pair_group;               /* AMX over rows: pairs of A tiles packed together (see run_gemm) */
 };
 
 static inline float get(const float *p, int ld, int trans, int row, int col) {
@@ -577,21 +580,25 @@ AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
   struct gemm *g = arg;
   const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS, pairs = (tiles + 1) / 2;
   const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS, panel_words = (size_t)g->b_rows * NR;
-  uint32_t *a = g->packed_a + (size_t)part * 2 * tile_words;
+  uint32_t *a = g->packed_a + (size_t)part * 2 * g->pair_group * tile_words;
   uint32_t *panels = g->panel_buffers + (size_t)part * g->panels * panel_words;
   for (int p = 0; p < g->panels; p++) pack_b_panel(g, p, panels + (size_t)p * panel_words);
   load_tile_config();
-  for (int pair = (int)((long)pairs * part / parts); pair < (int)((long)pairs * (part + 1) / parts); pair++) {
-    const int t = 2 * pair, two = t + 1 < tiles;
-    pack_a_amx_tile(g, t, a, row_buffer(g, part));
-    if (two) pack_a_amx_tile(g, t + 1, a + tile_words, row_buffer(g, part));
+  const int last = (int)((long)pairs * (part + 1) / parts);
+  for (int first = (int)((long)pairs * part / parts); first < last; first += g->pair_group) {
+    const int group = last - first < g->pair_group ? last - first : g->pair_group;
+    for (int t = 2 * first; t < 2 * (first + group) && t < tiles; t++)
+      pack_a_amx_tile(g, t, a + (size_t)(t - 2 * first) * tile_words, row_buffer(g, part));
     __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the tiles */
-    for (int p = 0; p < g->panels; p++) {
-      if (two)
-        amx_block(g, a, 2, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
-      else
-        amx_block(g, a, 1, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
-    }
+    for (int p = 0; p < g->panels; p++)
+      for (int i = 0; i < group; i++) {
+        const int t = 2 * (first + i);
+        const uint32_t *tile = a + (size_t)2 * i * tile_words, *b = panels + (size_t)p * panel_words;
+        if (t + 1 < tiles)
+          amx_block(g, tile, 2, b, t * AMX_ROWS, p * NR);
+        else
+          amx_block(g, tile, 1, b, t * AMX_ROWS, p * NR);
+      }
   }
   _tile_release();
 }
@@ -716,8 +723,15 @@ static int run_gemm(struct gemm g) {
   int parts = threads;
   if (!by_rows && parts > g.panels) parts = g.panels;
   size_t a_words, b_words;
+  /* Over rows with more of B per part than a core's L2 holds (AMX_L2_BYTES; a conv's with K and N of
+   * 512: 4.7 MB): pairs of A tiles in groups of about AMX_GROUP_BYTES, so each panel is read from the
+   * L3 cache once per group instead of once per pair. */
+  const size_t pair_bytes = (size_t)2 * g.b_rows * AMX_ROWS * sizeof(uint32_t);
+  g.pair_group = 1;
+  if (by_rows && (size_t)g.panels * panel_words * sizeof(uint32_t) > AMX_L2_BYTES && pair_bytes < AMX_GROUP_BYTES)
+    g.pair_group = (int)(AMX_GROUP_BYTES / pair_bytes);
   if (by_rows) {
-    a_words = (size_t)parts * 2 * g.b_rows * AMX_ROWS;
+    a_words = (size_t)parts * 2 * g.pair_group * g.b_rows * AMX_ROWS;
     b_words = (size_t)parts * g.panels * panel_words;
   } else {
     a_words = (size_t)tiles * g.b_rows * tile_rows;
