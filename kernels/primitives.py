@@ -9,11 +9,12 @@ the rest of the graph. ``mx.grad`` / ``mx.jvp`` / ``mx.vmap`` work too: they tra
 kernel's plain-MLX formula (the C has no derivative of its own).
 
 Each kernel has a plain-MLX twin beside it (``gelu_reference``, ``kernels.depthwise.shift_add``,
-``mx.quantized_matmul``, ``bf16_matmul_reference``, ``bf16_matmul_q8_reference``) and a ``*_supported`` check of the dtypes
-and shapes it takes; the CPU backend (``mobileo_mlx.backends.cpu``) chooses between them, and
-takes the twin under ``MOBILEO_MLX_KERNELS=twin``, and where the extension is missing (no C++
-compiler when the package was built) or was built against another MLX (its C++ ABI is not
-stable between releases): :func:`unavailable_reason` says which.
+``mx.quantized_matmul``, ``bf16_matmul_reference``, ``bf16_matmul_q8_reference``,
+``bf16_conv_reference``) and a ``*_supported`` check of the dtypes and shapes it takes; the CPU
+backend (``mobileo_mlx.backends.cpu``) chooses between them, and takes the twin under
+``MOBILEO_MLX_KERNELS=twin``, and where the extension is missing (no C++ compiler when the
+package was built) or was built against another MLX (its C++ ABI is not stable between
+releases): :func:`unavailable_reason` says which.
 """
 
 from __future__ import annotations
@@ -246,7 +247,9 @@ def status() -> str:
 
 
 __all__ = [
-    "MAX_ROWS", "available", "bf16_kernel", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
+    "MAX_ROWS", "available", "bf16_conv", "bf16_conv3x3", "bf16_conv3x3_reference", "bf16_conv3x3_supported",
+    "bf16_conv_reference", "bf16_conv_supported", "bf16_kernel", "bf16_subpixel_conv", "bf16_subpixel_conv_reference",
+    "bf16_subpixel_conv_supported", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
     "bf16_matmul_q8_supported", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
     "dequantize", "dequantize_k_major_reference", "dequantize_supported",
     "depthwise_conv2d", "depthwise_supported", "extension", "gated_depthwise", "gated_depthwise_reference",
@@ -463,3 +466,87 @@ def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float) -> 
 __all__ += ["attention_supported", "relu_linear_attention", "relu_linear_attention_reference",
             "relu_linear_attention_supported", "softmax_attention", "softmax_attention_reference",
             "softmax_attention_supported"]
+
+# ------------------------------------------------------------------ bfloat16 conv (implicit GEMM)
+def bf16_conv_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
+                        init: mx.array | None = None) -> mx.array:
+    """What :func:`bf16_conv` computes, in MLX operations: [init +] the stride-1 conv of the
+    bfloat16-rounded operands, summed in float32, whose output has the input's size (``padding``
+    rows above / columns left of the map, the rest below / right) [+ bias]."""
+    rounded = lambda v: v.astype(mx.bfloat16).astype(mx.float32)  # noqa: E731
+    kh, kw = weight.shape[1], weight.shape[2]
+    (top, left) = _pair(padding)
+    y = mx.conv_general(rounded(x), rounded(weight), padding=([top, left], [kh - 1 - top, kw - 1 - left]))
+    if init is not None:
+        y = init + y
+    return y if bias is None else y + bias
+
+
+def bf16_conv_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
+                        init: mx.array | None = None) -> bool:
+    """Whether :func:`bf16_conv` takes these (its twin: :func:`bf16_conv_reference`)."""
+    if not (bf16_supported() and x.ndim == 4 and weight.ndim == 4 and _float32(x, weight, bias, init)):
+        return False
+    (top, left) = _pair(padding)
+    out = weight.shape[0]
+    return (x.shape[3] == weight.shape[3] and x.size > 0 and weight.size > 0 and 0 <= top < weight.shape[1]
+            and 0 <= left < weight.shape[2] and (bias is None or bias.shape == (out,))
+            and (init is None or init.shape == (*x.shape[:3], out)))
+
+
+def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
+              init: mx.array | None = None) -> mx.array:
+    """[init +] conv(x, weight) [+ bias] with bfloat16 products and float32 sums, one node: x [B, H, W, C],
+    weight [O, kh, kw, C] (MLX's layout), stride 1, the output [B, H, W, O] the input's size
+    (``padding``: (rows above, columns left of the map)). The bf16 GEMM (:func:`bf16_kernel`) packs
+    its A straight from the windows of x, the zero padding made there (no padded copy, no
+    im2col), sums K = kh kw C in its tiles and writes the output once, the bias and ``init`` (whose
+    buffer it takes over when no one else holds it) added as it stores it."""
+    return extension().bf16_conv(x, weight, bias, _pair(padding), init=init)
+
+
+def bf16_conv3x3_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """:func:`bf16_conv3x3`'s twin: the 3x3 conv (padding 1) of the bfloat16-rounded operands, float32 sums."""
+    return bf16_conv_reference(x, weight, bias, (1, 1))
+
+
+def bf16_conv3x3_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> bool:
+    return weight.ndim == 4 and weight.shape[1:3] == (3, 3) and bf16_conv_supported(x, weight, bias, (1, 1))
+
+
+def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """A 3x3 conv, stride 1, padding 1 (the DC-AE's) by :func:`bf16_conv`: x [B, H, W, C], weight
+    [O, 3, 3, C], bias [O] or None -> [B, H, W, O]."""
+    return bf16_conv(x, weight, bias, (1, 1))
+
+
+def bf16_subpixel_conv_reference(x: mx.array, weights: mx.array, init: mx.array) -> mx.array:
+    """What :func:`bf16_subpixel_conv` computes, in MLX operations: init + the four parity convs of
+    the bfloat16-rounded operands (float32 sums), interleaved."""
+    batch, height, width, _ = x.shape
+    out = weights.shape[2]
+    parities = [[bf16_conv_reference(x, weights[a, b], None, (1 - a, 1 - b)) for b in (0, 1)] for a in (0, 1)]
+    rows = mx.stack([mx.stack(columns, axis=3) for columns in parities], axis=2)  # [B, H, 2, W, 2, O]
+    return init + rows.reshape(batch, 2 * height, 2 * width, out)
+
+
+def bf16_subpixel_conv_supported(x: mx.array, weights: mx.array, init: mx.array) -> bool:
+    """Whether :func:`bf16_subpixel_conv` takes these (its twin: :func:`bf16_subpixel_conv_reference`)."""
+    if not (bf16_supported() and x.ndim == 4 and weights.ndim == 6 and _float32(x, weights, init) and x.size > 0):
+        return False
+    batch, height, width, channels = x.shape
+    out = weights.shape[2]
+    return (weights.shape == (2, 2, out, 2, 2, channels) and out > 0
+            and init.shape == (batch, 2 * height, 2 * width, out))
+
+
+def bf16_subpixel_conv(x: mx.array, weights: mx.array, init: mx.array) -> mx.array:
+    """init + the sub-pixel convs of x, one node: output pixel (2y + a, 2x + b) is the 2x2 conv of
+    x [B, H, W, C] by ``weights[a, b]`` ([2, 2, O, 2, 2, C]: parity a, parity b, then MLX's layout)
+    reading rows y - 1 + a .. y + a and columns x - 1 + b .. x + b (zeros outside the map) -> [B, 2H,
+    2W, O]: a nearest x2 upsampling then a 3x3 conv, with the taps each parity reads summed
+    (``backends.cpu.layers.DCUpBlock2d``). Each parity is one :func:`bf16_conv` product stored straight
+    into its pixels of the output, which starts as ``init`` (taken over when no one else holds it):
+    no map per parity, no interleaving copy."""
+    return extension().bf16_subpixel_conv(x, weights, init)
+

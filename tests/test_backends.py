@@ -25,7 +25,8 @@ from tests.helpers import relative_error
 on_cpu = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's forms")
 needs_bf16 = pytest.mark.skipif(backends.bf16_unavailable_reason() is not None,
                                 reason=f"bf16 CPU matmuls unavailable here: {backends.bf16_unavailable_reason()}")
-NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul", "MobileoBf16MatmulQ8")
+NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoBf16Matmul", "MobileoBf16MatmulQ8",
+         "MobileoBf16Conv", "MobileoBf16SubpixelConv")
 
 # Small configs of every component.
 SMALL_CONFIGS = {
@@ -557,5 +558,57 @@ def test_bf16_decoder_forms_stay_close(monkeypatch):
         randomized(plain, seed=7, scale=0.2)
         fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
         out = fast(x)
-        assert "MobileoBf16Matmul" in nodes(out), type(plain)
+        assert nodes(out) & {"MobileoBf16Conv", "MobileoBf16SubpixelConv"}, type(plain)
         assert 1e-6 < relative_error(out, plain(x)) < 2e-2
+
+
+@on_cpu
+@needs_bf16
+@pytest.mark.parametrize("shape", [(1, 7, 6, 32), (2, 5, 9, 24), (1, 1, 3, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_decoder_forms_run_each_conv_as_one_node(monkeypatch, shape):
+    """With bf16 products the DC-AE's forms run every 3x3 conv as one conv node (the upsampler's
+    four parity convs as one sub-pixel node), no window GEMM left: the same rounded products as the window
+    GEMMs they replaced (the twin, MOBILEO_MLX_KERNELS=twin), summed in another order; products
+    below the bf16 threshold stay float32 (the plain-MLX form, bit for bit)."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    x = mx.random.normal(shape, key=mx.random.key(shape[2]))
+    channels = shape[-1]
+    for plain in (dcae.ResBlock(channels, channels, "rms_norm", "silu"), dcae.DCUpBlock2d(channels, channels // 2, True),
+                  dcae.DCUpBlock2d(channels, channels // 4, True), dcae.DCUpBlock2d(channels, channels, True),
+                  dcae.DCUpBlock2d(channels, channels * 2, True), nn.Conv2d(channels, 3, 3, padding=1)):
+        randomized(plain, seed=8, scale=0.2)
+        fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
+        out = fast(x)
+        upsampler = isinstance(plain, dcae.DCUpBlock2d)
+        assert nodes(out) == {"MobileoBf16SubpixelConv" if upsampler else "MobileoBf16Conv"}, type(plain)
+        with monkeypatch.context() as patch:
+            patch.setenv(backends.KERNELS_ENV, "twin")
+            twin = fast(x)
+        # a ResBlock's second conv rounds the first one's output to bfloat16 again: a last-bit
+        # difference there can move that rounding by a bfloat16 ulp
+        chained = isinstance(plain, dcae.ResBlock)
+        assert not nodes(twin) and relative_error(out, twin) < (3e-5 if chained else 1e-6)
+        assert 1e-6 < relative_error(out, plain(x)) < 2e-2
+        with monkeypatch.context() as patch:
+            patch.setattr(tuning, "BF16_MIN_PRODUCT", 1 << 40)
+            fp32 = fast(x)
+            assert not nodes(fp32)
+        fp32_form = backends.accelerate(rebuild(plain), "vae")
+        assert same_bits(fp32, fp32_form(x))
+
+
+@on_cpu
+@needs_bf16
+def test_bf16_upsampler_follows_new_weights(monkeypatch):
+    """The sub-pixel node's combined taps are rebuilt when the conv's weight is replaced, for the
+    node and for its window-GEMM twin (which copies its taps out of the node's)."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    x = mx.random.normal((1, 5, 6, 32), key=mx.random.key(21))
+    plain = randomized(dcae.DCUpBlock2d(32, 16, True), seed=9, scale=0.2)
+    fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
+    fast(x)
+    fast.conv.weight = fast.conv.weight * 2
+    plain.conv.weight = fast.conv.weight
+    assert 1e-6 < relative_error(fast(x), plain(x)) < 2e-2
+    monkeypatch.setenv(backends.KERNELS_ENV, "twin")
+    assert relative_error(fast(x), plain(x)) < 2e-2

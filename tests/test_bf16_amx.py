@@ -4,7 +4,8 @@ the node equals the float64 product of the bf16-rounded operands for every tail 
 (M, N, K not multiples of 16 / 32, K odd, K < 32, one row, a transposed ``b`` as the Linear layers
 pass ``W.T``, a transposed ``a``, the accumulating ``c`` form, several B panel blocks), and agrees
 with the AVX512-BF16 kernel; the choice is what ``primitives.bf16_kernel`` and the products
-counter say. The 8-bit node (``bf16_matmul_q8``) is checked on both kernels the same way."""
+counter say. The 8-bit node (``bf16_matmul_q8``) and the conv node (``bf16_conv``: its A packed from
+the windows of the map, in both kernels' packings) are checked on both kernels the same way."""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 
 from mobileo_mlx.kernels import primitives as prim
-from tests.test_primitives import bf16_rounded, q8_exact, q8_operands, q8_twin, relative_error
+from tests.test_primitives import (CONV_CASES, SUBPIXEL_CASES, bf16_conv_exact, bf16_conv_operands, bf16_conv_tolerance,
+                                   bf16_rounded, conv_case_id, q8_exact, q8_operands, q8_twin, relative_error,
+                                   subpixel_exact, subpixel_operands)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +109,19 @@ def run_cases(folder: str) -> None:
         amx_products.append(extension.bf16_amx_products_done() - before)
         np.save(os.path.join(folder, f"q8-{index}.npy"), np.array(y))
         np.save(os.path.join(folder, f"q8-twin-{index}.npy"), np.array(twin))
+    for index, case in enumerate(CONV_CASES):
+        x, weight, bias, init = (None if v is None else mx.array(v) for v in bf16_conv_operands(case, seed=300 + index))
+        before = extension.bf16_amx_products_done()
+        y = prim.bf16_conv(x, weight, bias, case[6], init)
+        mx.eval(y)
+        amx_products.append(extension.bf16_amx_products_done() - before)
+        np.save(os.path.join(folder, f"conv-{index}.npy"), np.array(y))
+    for index, case in enumerate(SUBPIXEL_CASES):
+        before = extension.bf16_amx_products_done()
+        y = prim.bf16_subpixel_conv(*(mx.array(v) for v in subpixel_operands(case, seed=400 + index)))
+        mx.eval(y)
+        amx_products.append(extension.bf16_amx_products_done() - before)
+        np.save(os.path.join(folder, f"subpixel-{index}.npy"), np.array(y))
     large = prim.bf16_matmul(mx.random.normal((256, 256)), mx.random.normal((256, 256)))
     before = extension.bf16_amx_products_done()
     mx.eval(large)
@@ -125,6 +141,8 @@ def products(choice: str, folder: Path) -> dict:
     report["outputs"] = [np.load(folder / f"{index}.npy") for index in range(len(CASES))]
     report["q8"] = [np.load(folder / f"q8-{index}.npy") for index in range(len(Q8_CASES))]
     report["q8 twin"] = [np.load(folder / f"q8-twin-{index}.npy") for index in range(len(Q8_CASES))]
+    report["conv"] = [np.load(folder / f"conv-{index}.npy") for index in range(len(CONV_CASES))]
+    report["subpixel"] = [np.load(folder / f"subpixel-{index}.npy") for index in range(len(SUBPIXEL_CASES))]
     return report
 
 
@@ -183,3 +201,37 @@ def test_the_8bit_node_on_both_kernels(both, index):
         assert np.array_equal(got.view(np.uint32), run["q8 twin"][index].view(np.uint32))
         assert relative_error(got, want) < tolerance
     assert relative_error(amx["q8"][index], avx512["q8"][index]) < tolerance
+
+
+@pytest.mark.parametrize("index", range(len(CONV_CASES)), ids=lambda i: conv_case_id(CONV_CASES[i]))
+def test_the_conv_node_on_both_kernels(both, index):
+    """bf16_conv pinned to each kernel: the float64 conv of the rounded operands, and the other
+    kernel's result, to float32 summation error; on AMX's tiles where pinned to them."""
+    amx, avx512 = both["amx"], both["avx512"]
+    first = len(CASES) + len(Q8_CASES)
+    assert amx["amx_products"][first + index] == 1
+    assert avx512["amx_products"][first + index] == 0
+    case = CONV_CASES[index]
+    x, weight, bias, init = bf16_conv_operands(case, seed=300 + index)
+    want = bf16_conv_exact(x, weight, bias, case[6], init)
+    for run in (amx, avx512):
+        assert run["conv"][index].shape == want.shape
+        assert relative_error(run["conv"][index], want) < bf16_conv_tolerance(case)
+    assert relative_error(amx["conv"][index], avx512["conv"][index]) < bf16_conv_tolerance(case)
+
+
+@pytest.mark.parametrize("index", range(len(SUBPIXEL_CASES)), ids=lambda i: "x".join(map(str, SUBPIXEL_CASES[i])))
+def test_the_subpixel_node_on_both_kernels(both, index):
+    """bf16_subpixel_conv (each parity's product stored straight into the interleaved output) pinned
+    to each kernel: the float64 result and the other kernel's, to float32 summation error."""
+    amx, avx512 = both["amx"], both["avx512"]
+    first = len(CASES) + len(Q8_CASES) + len(CONV_CASES)
+    assert amx["amx_products"][first + index] == 4
+    assert avx512["amx_products"][first + index] == 0
+    want = subpixel_exact(*subpixel_operands(SUBPIXEL_CASES[index], seed=400 + index))
+    tolerance = 1e-6 if 4 * SUBPIXEL_CASES[index][3] <= 1152 else 3e-6  # float32 sums over K = 4 C
+    for run in (amx, avx512):
+        assert run["subpixel"][index].shape == want.shape
+        assert relative_error(run["subpixel"][index], want) < tolerance
+    assert relative_error(amx["subpixel"][index], avx512["subpixel"][index]) < tolerance
+

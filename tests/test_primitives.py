@@ -36,7 +36,7 @@ needs_bf16 = pytest.mark.skipif(prim.extension() is None or not prim.extension()
                                 reason="this CPU has no AVX512-BF16")
 
 NODES = ("MobileoGelu", "MobileoDepthwiseConv2d", "MobileoQuantizedGemv", "MobileoDequantize", "MobileoBf16Matmul",
-         "MobileoBf16MatmulQ8", "MobileoGatedDepthwise")
+         "MobileoBf16MatmulQ8", "MobileoGatedDepthwise", "MobileoBf16Conv", "MobileoBf16SubpixelConv")
 
 
 def test_the_extension_is_there():
@@ -849,3 +849,212 @@ def test_without_the_extension_the_glumbconv_middle_runs_in_mlx(monkeypatch):
     monkeypatch.setattr(prim, "_error", "not built (simulated)")
     y = layers.gated_depthwise(h, w, b)
     assert not has_gated_node(y) and same_bits(y, node)
+
+
+# ---------------------------------------------------------------- bfloat16 conv (implicit GEMM)
+# (B, H, W, C, O, k, padding, bias, init): batch 1 and 2, maps of one pixel, narrower than a
+# tile, H / W not multiples of 16, C and O not multiples of 16 / 32 (K odd), the 2x2 parity
+# convs of the upsampler (each padding), many rows with a B larger than a panel block (the
+# parts split the rows, in groups of A tiles), few rows with a large B (A packed whole).
+CONV_CASES = [
+    (1, 1, 1, 1, 1, 3, (1, 1), True, False),
+    (1, 1, 1, 24, 8, 3, (1, 1), False, False),    # every tap but the centre in the padding
+    (2, 5, 7, 3, 5, 3, (1, 1), True, False),
+    (1, 9, 9, 17, 33, 3, (1, 1), False, False),
+    (2, 3, 20, 48, 40, 3, (1, 1), True, True),
+    (1, 2, 9, 64, 64, 3, (1, 1), True, False),
+    (2, 16, 16, 32, 16, 3, (1, 1), True, False),
+    (1, 8, 40, 128, 128, 3, (1, 1), True, False),
+    (2, 7, 5, 33, 20, 2, (0, 1), True, True),
+    (1, 6, 9, 16, 16, 2, (1, 0), False, True),
+    (2, 4, 3, 40, 24, 2, (1, 1), True, True),
+    (1, 5, 6, 8, 72, 2, (0, 0), False, False),
+    (1, 40, 37, 130, 70, 3, (1, 1), True, False),
+    (1, 47, 47, 256, 520, 3, (1, 1), True, False),   # AMX: B over 2 MB a part, A tiles in groups, an odd last tile
+    (1, 4, 4, 512, 300, 3, (1, 1), True, True),
+    (1, 121, 128, 128, 40, 3, (1, 1), True, True),   # the register tile: two chunks of rows (bf16_gemm.c)
+]
+
+
+def conv_case_id(case) -> str:
+    b, h, w, c, o, k, padding, bias, init = case
+    return f"{b}x{h}x{w}x{c}-{o}-k{k}-p{padding[0]}{padding[1]}" + ("-bias" if bias else "") + ("-init" if init else "")
+
+
+def bf16_conv_operands(case, seed: int = 0):
+    """NumPy float32 x, weight, bias or None, init or None of a CONV_CASES case."""
+    b, h, w, c, o, k, _, bias, init = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    weight = (rng.standard_normal((o, k, k, c)) * 0.2).astype(np.float32)
+    row = rng.standard_normal(o).astype(np.float32) if bias else None
+    addend = rng.standard_normal((b, h, w, o)).astype(np.float32) if init else None
+    return x, weight, row, addend
+
+
+def bf16_conv_exact(x, weight, bias, padding, init) -> np.ndarray:
+    """float64 [init +] conv of the bf16-rounded x and weight (output the input's size) [+ bias]."""
+    x, weight = bf16_rounded(x), bf16_rounded(weight)
+    b, h, w, _ = x.shape
+    kh, kw = weight.shape[1:3]
+    padded = np.pad(x, [(0, 0), (padding[0], kh - 1 - padding[0]), (padding[1], kw - 1 - padding[1]), (0, 0)])
+    out = np.zeros((b, h, w, weight.shape[0])) if init is None else init.astype(np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            out = out + padded[:, i : i + h, j : j + w] @ weight[:, i, j].T
+    return out if bias is None else out + bias.astype(np.float64)
+
+
+def bf16_conv_tolerance(case) -> float:
+    """float32 sums over K = k k C (the AVX512-BF16 register tile's running sum grows with K)."""
+    return 1e-6 if case[5] * case[5] * case[3] <= 1152 else 3e-6
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
+def test_bf16_conv_against_float64_of_the_rounded_operands_and_its_twin(case):
+    x, weight, bias, init = bf16_conv_operands(case, seed=sum(case[:5]))
+    padding = case[6]
+    args = [mx.array(x), mx.array(weight), None if bias is None else mx.array(bias), padding,
+            None if init is None else mx.array(init)]
+    done = prim.extension().bf16_products_done()
+    y = prim.bf16_conv(*args)
+    assert nodes(y) == {"MobileoBf16Conv"}
+    mx.eval(y)
+    assert prim.extension().bf16_products_done() == done + 1  # one product, K = k k C, by the C kernel
+    exact = bf16_conv_exact(x, weight, bias, padding, init)
+    assert y.shape == exact.shape
+    assert relative_error(y, exact) < bf16_conv_tolerance(case)
+    assert relative_error(prim.bf16_conv_reference(*args), exact) < bf16_conv_tolerance(case)
+    if x.size * case[4] >= 1000:  # and the operands really are rounded to bfloat16
+        float32 = prim.bf16_conv_reference(*args)  # (the twin's sums) against the conv of float32 operands
+        plain = mx.conv_general(args[0], args[1], padding=([padding[0], padding[1]],
+                                                           [case[5] - 1 - padding[0], case[5] - 1 - padding[1]]))
+        assert relative_error(plain, float32) > 1e-4
+
+
+@needs_bf16
+def test_bf16_conv3x3_is_the_padding_1_conv():
+    x, weight, bias, _ = bf16_conv_operands((2, 6, 11, 40, 24, 3, (1, 1), True, False), seed=3)
+    args = [mx.array(v) for v in (x, weight, bias)]
+    y = prim.bf16_conv3x3(*args)
+    assert same_bits(y, prim.bf16_conv(*args, (1, 1)))
+    assert relative_error(y, bf16_conv_exact(x, weight, bias, (1, 1), None)) < 1e-6
+    assert relative_error(prim.bf16_conv3x3_reference(*args), bf16_conv_exact(x, weight, bias, (1, 1), None)) < 1e-6
+
+
+@needs_bf16
+def test_bf16_conv_as_a_graph_node():
+    x, weight, bias, init = (mx.array(v) for v in bf16_conv_operands((2, 12, 10, 48, 40, 3, (1, 1), True, True)))
+    built_lazily(lambda: [x, weight, bias, init], lambda *v: prim.bf16_conv(*v[:3], (1, 1), v[3]))
+    mx.eval(x, weight, bias, init)
+    copies = [np.array(v) for v in (x, weight, bias, init)]
+    expected = prim.bf16_conv(x, weight, bias, (1, 1), init)
+    mx.eval(expected)
+    assert all(same_bits(v, c) for v, c in zip((x, weight, bias, init), copies))  # a held init is not written
+    assert same_bits(prim.bf16_conv(x, weight, bias, (1, 1), init * 1.0), expected)  # a fresh one is taken over
+    compiled = mx.compile(lambda *v: prim.bf16_conv(*v[:3], (1, 1), v[3]) * 2.0)
+    assert same_bits(compiled(x, weight, bias, init), expected * 2.0)
+    first, second = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    with mx.stream(first):
+        a = prim.bf16_conv(x, weight, bias, (1, 1), init)
+    with mx.stream(second):
+        b = prim.bf16_conv(x[:1], weight, bias, (1, 1), init[:1])
+    mx.eval(a, b)
+    assert same_bits(a, expected) and same_bits(b, expected[:1])
+    strided = prim.bf16_conv(x[:, ::2], weight, bias, (1, 1), init[:, ::2])  # inputs made contiguous
+    assert relative_error(strided, bf16_conv_exact(np.array(x)[:, ::2], np.array(weight), np.array(bias), (1, 1),
+                                                   np.array(init)[:, ::2])) < 1e-6
+    # transformations through the plain formula
+    grads = mx.grad(lambda *v: prim.bf16_conv(*v[:3], (1, 1), v[3]).sum(), argnums=(0, 1, 2, 3))(x, weight, bias, init)
+    plain = mx.grad(lambda *v: prim.bf16_conv_reference(*v[:3], (1, 1), v[3]).sum(),
+                    argnums=(0, 1, 2, 3))(x, weight, bias, init)
+    assert all(relative_error(g, p) < 1e-5 for g, p in zip(grads, plain))
+    batched = mx.vmap(lambda v, i: prim.bf16_conv(v[None], weight, bias, (1, 1), i[None])[0])(x, init)
+    assert relative_error(batched, expected) < 1e-6
+
+
+@needs_bf16
+def test_what_the_bf16_conv_does_not_take_it_says():
+    x, weight, bias, init = (mx.array(v) for v in bf16_conv_operands((1, 6, 6, 16, 8, 3, (1, 1), True, True)))
+    assert prim.bf16_conv_supported(x, weight, bias, (1, 1), init) and prim.bf16_conv3x3_supported(x, weight, bias)
+    assert not prim.bf16_conv_supported(x.astype(mx.float16), weight, bias)
+    assert not prim.bf16_conv_supported(x, weight, bias.astype(mx.bfloat16))
+    assert not prim.bf16_conv_supported(x[..., :12], weight, bias)  # C does not match
+    assert not prim.bf16_conv_supported(x, weight, bias[:7])
+    assert not prim.bf16_conv_supported(x, weight, bias, (3, 1))  # padding past the kernel: another size
+    assert not prim.bf16_conv_supported(x, weight, bias, (1, 1), init[..., :7])
+    assert not prim.bf16_conv3x3_supported(x, weight[:, :2, :2], bias)
+    with pytest.raises(ValueError, match="padding"):
+        prim.bf16_conv(x, weight, bias, (3, 1))
+
+
+# (B, H, W, C, O): one pixel, maps narrower than a tile, odd channel counts, more rows than a part's,
+# the register tile's two chunks of rows
+SUBPIXEL_CASES = [(1, 1, 1, 8, 4), (2, 3, 5, 17, 9), (1, 7, 9, 32, 48), (2, 6, 20, 40, 24), (1, 24, 40, 64, 32),
+                  (1, 65, 128, 512, 16)]
+
+
+def subpixel_operands(case, seed: int = 0):
+    """NumPy float32 x [B, H, W, C], weights [2, 2, O, 2, 2, C], init [B, 2H, 2W, O]."""
+    b, h, w, c, o = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    weights = (rng.standard_normal((2, 2, o, 2, 2, c)) * 0.2).astype(np.float32)
+    init = rng.standard_normal((b, 2 * h, 2 * w, o)).astype(np.float32)
+    return x, weights, init
+
+
+def subpixel_exact(x, weights, init) -> np.ndarray:
+    """float64: init + parity (a, b)'s conv of the rounded operands at pixels (2y + a, 2x + b)."""
+    out = init.astype(np.float64)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, a::2, b::2] += bf16_conv_exact(x, weights[a, b], None, (1 - a, 1 - b), None)
+    return out
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", SUBPIXEL_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_bf16_subpixel_conv_against_float64_and_its_twin(case):
+    x, weights, init = subpixel_operands(case, seed=sum(case))
+    args = [mx.array(v) for v in (x, weights, init)]
+    done = prim.extension().bf16_products_done()
+    y = prim.bf16_subpixel_conv(*args)
+    assert nodes(y) == {"MobileoBf16SubpixelConv"}
+    mx.eval(y)
+    assert prim.extension().bf16_products_done() == done + 4  # one product per parity
+    exact = subpixel_exact(x, weights, init)
+    tolerance = 1e-6 if 4 * case[3] <= 1152 else 3e-6  # float32 sums over K = 4 C
+    assert y.shape == exact.shape
+    assert relative_error(y, exact) < tolerance
+    assert relative_error(prim.bf16_subpixel_conv_reference(*args), exact) < tolerance
+    # each parity the bf16_conv node's product, stored into its pixels
+    for a in (0, 1):
+        for b in (0, 1):
+            parity = prim.bf16_conv(args[0], args[1][a, b], None, (1 - a, 1 - b), args[2][:, a::2, b::2])
+            assert relative_error(y[:, a::2, b::2], parity) < 1e-6
+
+
+@needs_bf16
+def test_bf16_subpixel_conv_as_a_graph_node():
+    x, weights, init = (mx.array(v) for v in subpixel_operands((2, 5, 6, 24, 16), seed=2))
+    built_lazily(lambda: [x, weights, init], prim.bf16_subpixel_conv)
+    mx.eval(x, weights, init)
+    copies = [np.array(v) for v in (x, weights, init)]
+    expected = prim.bf16_subpixel_conv(x, weights, init)
+    mx.eval(expected)
+    assert all(same_bits(v, c) for v, c in zip((x, weights, init), copies))  # a held init is not written
+    assert same_bits(prim.bf16_subpixel_conv(x, weights, init * 1.0), expected)  # a fresh one is taken over
+    compiled = mx.compile(lambda *v: prim.bf16_subpixel_conv(*v) * 2.0)
+    assert same_bits(compiled(x, weights, init), expected * 2.0)
+    grads = mx.grad(lambda *v: prim.bf16_subpixel_conv(*v).sum(), argnums=(0, 1, 2))(x, weights, init)
+    plain = mx.grad(lambda *v: prim.bf16_subpixel_conv_reference(*v).sum(), argnums=(0, 1, 2))(x, weights, init)
+    assert all(relative_error(g, p) < 1e-5 for g, p in zip(grads, plain))
+    assert prim.bf16_subpixel_conv_supported(x, weights, init)
+    assert not prim.bf16_subpixel_conv_supported(x, weights, init[:, 1:])
+    assert not prim.bf16_subpixel_conv_supported(x[..., :20], weights, init)
+    assert not prim.bf16_subpixel_conv_supported(x, weights[:, :, :, :, :1], init)
+    with pytest.raises(ValueError, match="init"):
+        prim.bf16_subpixel_conv(x, weights, init[:, 1:])
+

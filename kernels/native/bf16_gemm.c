@@ -16,6 +16,10 @@
  * tiles of 16 rows, each 32-k chunk of a tile 1 KB contiguous ([K/32][16][16] pairs). A
  * 32 x 32 block of C is four 16 x 16 float32 tiles accumulated over the full K from two A
  * and two B tiles. Chosen once per process (choose_kernel below).
+ *
+ * Convs (mobileo_bf16_conv): the same product with A read from the windows of an NHWC map
+ * (struct gemm's conv_x: each row gathered into a small buffer, zero padding included, then
+ * packed as any A), so a kh x kw conv is one GEMM with K = kh kw C and no padded or im2col copy.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -35,6 +39,14 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
                       int ldb, float beta, float *c, int ldc, const float *bias) {
   (void)trans_a, (void)trans_b, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)beta;
   (void)c, (void)ldc, (void)bias;
+  return -1;
+}
+int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
+                      int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
+                      float *out, long out_line_stride, long out_pixel_stride) {
+  (void)out_line_stride, (void)out_pixel_stride;
+  (void)x, (void)batch, (void)height, (void)width, (void)channels, (void)weight, (void)kh, (void)kw;
+  (void)out_channels, (void)pad_top, (void)pad_left, (void)bias, (void)accumulate, (void)out;
   return -1;
 }
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
@@ -61,6 +73,10 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * times as fast as the register tile, so A is streamed from memory once per more columns. */
 #define AMX_BLOCK_BYTES ((size_t)1 << 20)
 #define AMX_PANEL_BLOCK 16
+#define CONV_ROWS_PER_PART 1024 /* see run_gemm */
+#define AMX_L2_BYTES ((size_t)2 << 20)    /* see run_gemm */
+#define AMX_GROUP_BYTES ((size_t)1 << 20) /* see run_gemm */
+#define CONV_CHUNK_BYTES ((size_t)32 << 20) /* see mobileo_bf16_conv */
 #define ROW_MAJOR 101
 #define NO_TRANS 111
 
@@ -90,6 +106,19 @@ struct gemm {
   const uint8_t *q_values;
   const float *q_scales, *q_biases;
   int q_group;
+  /* A as the windows of a stride-1 conv whose output has the input's size (a unused, trans_a 0):
+   * row m = (b H + y) W + x, column k = (i kw + j) C + c holds conv_x[b, y + i - pad_top,
+   * x + j - pad_left, c], 0 outside the map (the zero padding, made as A is packed); NULL for a
+   * plain A. Each row is gathered into a buffer of the part's (row_buffers) then packed as A's. */
+  const float *conv_x;
+  int conv_h, conv_w, conv_c, conv_kh, conv_kw, conv_pad_top, conv_pad_left;
+  int conv_row0;                /* a conv's pixel of row 0 of this product (and of C): 0, or a chunk's first */
+  float *row_buffers;           /* conv: K floats per part (row_stride apart) */
+  size_t row_stride;
+  /* A conv's C scattered instead of [M, ldc]: the row of pixel (b H + y, x) at
+   * c + (b H + y) c_line_stride + x c_pixel_stride (the upsampler's parities, each written
+   * straight into the interleaved map); 0: C as ldc says. Its stores go through the buffer. */
+  long c_line_stride, c_pixel_stride;
   const float *bias;            /* a row [N] added to every row of C as it is stored, or NULL */
   float alpha, beta;
   float *c;
@@ -99,6 +128,7 @@ struct gemm {
   int panel_block;              /* panels packed together: PANEL_BLOCK, or more with AMX */
   int panels;                   /* NR-column panels of B */
   int packed_parts;             /* parts done packing A (a barrier) */
+  int pair_group;               /* AMX over rows: pairs of A tiles packed together (see run_gemm) */
 };
 
 static inline float get(const float *p, int ld, int trans, int row, int col) {
@@ -115,6 +145,45 @@ static inline uint16_t to_bf16(float value) {
 
 static inline uint32_t pair(float lo, float hi) { return (uint32_t)to_bf16(lo) | ((uint32_t)to_bf16(hi) << 16); }
 
+/* Row `row` of a conv's A (struct gemm's conv_x) gathered into buffer [K]: per kernel row, the
+ * taps inside the map are one contiguous span of pixels, the others zeros. */
+static const float *conv_row(const struct gemm *g, int row, float *buffer) {
+  row += g->conv_row0;
+  const int w = g->conv_w, h = g->conv_h, c = g->conv_c, x = row % w, y = (row / w) % h, image = row / w / h;
+  const int first_x = x - g->conv_pad_left;
+  const int lo = first_x < 0 ? -first_x : 0, hi = first_x + g->conv_kw > w ? w - first_x : g->conv_kw;
+  float *out = buffer;
+  for (int i = 0; i < g->conv_kh; i++, out += (size_t)g->conv_kw * c) {
+    const int source_y = y + i - g->conv_pad_top;
+    if (source_y < 0 || source_y >= h || hi <= lo) {
+      memset(out, 0, (size_t)g->conv_kw * c * sizeof(float));
+      continue;
+    }
+    if (lo > 0) memset(out, 0, (size_t)lo * c * sizeof(float));
+    memcpy(out + (size_t)lo * c, g->conv_x + (((size_t)image * h + source_y) * w + first_x + lo) * c,
+           (size_t)(hi - lo) * c * sizeof(float));
+    if (hi < g->conv_kw) memset(out + (size_t)hi * c, 0, (size_t)(g->conv_kw - hi) * c * sizeof(float));
+  }
+  return buffer;
+}
+
+/* Row `row` of a row-major A as K contiguous floats: in place, or a conv's gathered into buffer. */
+static inline const float *a_row(const struct gemm *g, int row, float *buffer) {
+  return g->conv_x != NULL ? conv_row(g, row, buffer) : g->a + (size_t)row * g->lda;
+}
+
+/* Where row `row` of C starts. */
+static inline float *c_row(const struct gemm *g, int row) {
+  row += g->conv_row0;
+  if (g->c_pixel_stride == 0) return g->c + (size_t)row * g->ldc;
+  return g->c + (row / g->conv_w) * g->c_line_stride + (row % g->conv_w) * g->c_pixel_stride;
+}
+
+/* The part's row buffer (a conv's), or NULL. */
+static inline float *row_buffer(const struct gemm *g, int part) {
+  return g->row_buffers != NULL ? g->row_buffers + (size_t)part * g->row_stride : NULL;
+}
+
 /* 32 consecutive floats -> 16 bf16 pairs (k, k+1) as 32-bit words. */
 BF16_TARGET static inline void convert_pairs(const float *src, uint32_t *out) {
   /* cvtne2ps: elements 0-15 from the second operand, 16-31 from the first. */
@@ -123,7 +192,7 @@ BF16_TARGET static inline void convert_pairs(const float *src, uint32_t *out) {
 }
 
 /* A tile t (rows t*MR ...) into [k2][MR]; rows past M and the odd k are zero. */
-BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile) {
+BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile, float *buffer) {
   uint32_t *dst = g->packed_a + (size_t)tile * g->k2 * MR;
   const int row0 = tile * MR;
   for (int r = 0; r < MR; r++) {
@@ -133,7 +202,7 @@ BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile) {
       continue;
     }
     if (!g->trans_a) {
-      const float *src = g->a + (size_t)row * g->lda;
+      const float *src = a_row(g, row, buffer);
       int kp = 0;
       for (; 2 * kp + 32 <= g->k; kp += 16) {  /* 16 pairs converted at once */
         uint32_t tmp[16];
@@ -304,7 +373,7 @@ BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, con
   const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
   const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
   for (int r = 0; r < rows; r++) {
-    float *c = g->c + (size_t)(row0 + r) * g->ldc + col0;
+    float *c = c_row(g, row0 + r) + col0;
     __m512 v0 = _mm512_mul_ps(alpha, acc[r][0]), v1 = _mm512_mul_ps(alpha, acc[r][1]);
     if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
       v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
@@ -324,7 +393,8 @@ BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, con
 static void run_part(void *arg, int part, int parts) {
   struct gemm *g = arg;
   const int tiles = (g->m + MR - 1) / MR;
-  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++) pack_a_tile(g, t);
+  for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
+    pack_a_tile(g, t, row_buffer(g, part));
   __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
   while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
   const int first = (int)((long)g->panels * part / parts), last = (int)((long)g->panels * (part + 1) / parts);
@@ -354,14 +424,14 @@ struct tile_config {
 
 /* A tile t (rows t*16 ...) into dst [b_rows / 16][16 rows][16 pairs]: each 32-k chunk of the
  * tile is one contiguous 1 KB tile load. Rows past M and pairs past K are zero. */
-BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst) {
+BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst, float *buffer) {
   for (int r = 0; r < AMX_ROWS; r++) {
     const int row = tile * AMX_ROWS + r;
     uint32_t *out = dst + r * AMX_PAIRS;
 #define AT(kp) out[(size_t)((kp) / AMX_PAIRS) * AMX_CHUNK_WORDS + (kp) % AMX_PAIRS]
     int kp = 0;
     if (row < g->m && !g->trans_a) {
-      const float *src = g->a + (size_t)row * g->lda;
+      const float *src = a_row(g, row, buffer);
       for (; 2 * kp + 32 <= g->k; kp += AMX_PAIRS) convert_pairs(src + 2 * kp, &AT(kp));
       for (; 2 * kp + 1 < g->k; kp++) AT(kp) = pair(src[2 * kp], src[2 * kp + 1]);
       if (kp < g->k2) {
@@ -393,8 +463,8 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
   /* A bias row goes through the buffer too: added after the sums, in the store. */
   const int direct = rows == AMX_ROWS * a_tiles && cols == NR && g->alpha == 1.0f &&
-                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL;
-  float *c = g->c + (size_t)row0 * g->ldc + col0;
+                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL && g->c_pixel_stride == 0;
+  float *c = c_row(g, row0) + col0;  /* (a scattered C's rows: each its own address, below) */
   float *c_low = c + (size_t)AMX_ROWS * g->ldc;
   const long c_stride = (long)g->ldc * (long)sizeof(float);
   if (direct && g->beta == 1.0f) {
@@ -445,7 +515,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
   const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
   for (int r = 0; r < rows; r++) {
-    float *out = c + (size_t)r * g->ldc;
+    float *out = c_row(g, row0 + r) + col0;
     const float *sums = acc[2 * (r / AMX_ROWS)] + (r % AMX_ROWS) * 16;
     __m512 v0 = _mm512_mul_ps(alpha, _mm512_load_ps(sums));
     __m512 v1 = _mm512_mul_ps(alpha, _mm512_load_ps(sums + AMX_ROWS * 16));
@@ -480,7 +550,7 @@ AMX_TARGET static void run_part_amx(void *arg, int part, int parts) {
   const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS;
   const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS;
   for (int t = (int)((long)tiles * part / parts); t < (int)((long)tiles * (part + 1) / parts); t++)
-    pack_a_amx_tile(g, t, g->packed_a + (size_t)t * tile_words);
+    pack_a_amx_tile(g, t, g->packed_a + (size_t)t * tile_words, row_buffer(g, part));
   __atomic_add_fetch(&g->packed_parts, 1, __ATOMIC_ACQ_REL);
   while (__atomic_load_n(&g->packed_parts, __ATOMIC_ACQUIRE) < parts) sched_yield();
   load_tile_config();
@@ -510,21 +580,25 @@ AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
   struct gemm *g = arg;
   const int tiles = (g->m + AMX_ROWS - 1) / AMX_ROWS, pairs = (tiles + 1) / 2;
   const size_t tile_words = (size_t)(g->b_rows / AMX_PAIRS) * AMX_CHUNK_WORDS, panel_words = (size_t)g->b_rows * NR;
-  uint32_t *a = g->packed_a + (size_t)part * 2 * tile_words;
+  uint32_t *a = g->packed_a + (size_t)part * 2 * g->pair_group * tile_words;
   uint32_t *panels = g->panel_buffers + (size_t)part * g->panels * panel_words;
   for (int p = 0; p < g->panels; p++) pack_b_panel(g, p, panels + (size_t)p * panel_words);
   load_tile_config();
-  for (int pair = (int)((long)pairs * part / parts); pair < (int)((long)pairs * (part + 1) / parts); pair++) {
-    const int t = 2 * pair, two = t + 1 < tiles;
-    pack_a_amx_tile(g, t, a);
-    if (two) pack_a_amx_tile(g, t + 1, a + tile_words);
+  const int last = (int)((long)pairs * (part + 1) / parts);
+  for (int first = (int)((long)pairs * part / parts); first < last; first += g->pair_group) {
+    const int group = last - first < g->pair_group ? last - first : g->pair_group;
+    for (int t = 2 * first; t < 2 * (first + group) && t < tiles; t++)
+      pack_a_amx_tile(g, t, a + (size_t)(t - 2 * first) * tile_words, row_buffer(g, part));
     __asm__ volatile("" ::: "memory");  /* the tile loads are asm that does not name the tiles */
-    for (int p = 0; p < g->panels; p++) {
-      if (two)
-        amx_block(g, a, 2, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
-      else
-        amx_block(g, a, 1, panels + (size_t)p * panel_words, t * AMX_ROWS, p * NR);
-    }
+    for (int p = 0; p < g->panels; p++)
+      for (int i = 0; i < group; i++) {
+        const int t = 2 * (first + i);
+        const uint32_t *tile = a + (size_t)2 * i * tile_words, *b = panels + (size_t)p * panel_words;
+        if (t + 1 < tiles)
+          amx_block(g, tile, 2, b, t * AMX_ROWS, p * NR);
+        else
+          amx_block(g, tile, 1, b, t * AMX_ROWS, p * NR);
+      }
   }
   _tile_release();
 }
@@ -640,24 +714,38 @@ static int run_gemm(struct gemm g) {
     const size_t fit = AMX_BLOCK_BYTES / (panel_words * sizeof(uint32_t));
     g.panel_block = fit < 1 ? 1 : fit > AMX_PANEL_BLOCK ? AMX_PANEL_BLOCK : (int)fit;
   }
-  /* AMX over rows: B in one block, and a pair of A tiles for every part (and more). */
-  const int by_rows = amx && g.panels <= g.panel_block && (tiles + 1) / 2 >= 2 * threads;
+  /* AMX over rows: B in one block, and a pair of A tiles for every part (and more). A conv with
+   * many rows too, whatever B's size: packed whole, its A would be K / C times the input; each
+   * part packs all of B (from L2 or the L3 cache as the A tiles pass), which costs little once
+   * a part has CONV_ROWS_PER_PART rows to multiply. */
+  const int by_rows = amx && (tiles + 1) / 2 >= 2 * threads &&
+                      (g.panels <= g.panel_block || (g.conv_x != NULL && m >= CONV_ROWS_PER_PART * threads));
   int parts = threads;
   if (!by_rows && parts > g.panels) parts = g.panels;
   size_t a_words, b_words;
+  /* Over rows with more of B per part than a core's L2 holds (AMX_L2_BYTES; a conv's with K and N of
+   * 512: 4.7 MB): pairs of A tiles in groups of about AMX_GROUP_BYTES, so each panel is read from the
+   * L3 cache once per group instead of once per pair. */
+  const size_t pair_bytes = (size_t)2 * g.b_rows * AMX_ROWS * sizeof(uint32_t);
+  g.pair_group = 1;
+  if (by_rows && (size_t)g.panels * panel_words * sizeof(uint32_t) > AMX_L2_BYTES && pair_bytes < AMX_GROUP_BYTES)
+    g.pair_group = (int)(AMX_GROUP_BYTES / pair_bytes);
   if (by_rows) {
-    a_words = (size_t)parts * 2 * g.b_rows * AMX_ROWS;
+    a_words = (size_t)parts * 2 * g.pair_group * g.b_rows * AMX_ROWS;
     b_words = (size_t)parts * g.panels * panel_words;
   } else {
     a_words = (size_t)tiles * g.b_rows * tile_rows;
     b_words = (size_t)parts * g.panel_block * panel_words;
   }
+  g.row_stride = g.conv_x != NULL ? ((size_t)k + 15) / 16 * 16 : 0;  /* a conv's row buffers, 64-byte aligned */
+  const size_t row_words = (size_t)parts * g.row_stride;
   if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
-  uint32_t *buffer = scratch((a_words + b_words) * sizeof(uint32_t));
+  uint32_t *buffer = scratch((a_words + b_words + row_words) * sizeof(uint32_t));
   int code = -1;
   if (buffer) {
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
+    g.row_buffers = g.conv_x != NULL ? (float *)(buffer + a_words + b_words) : NULL;
 #ifdef HAVE_AMX
     code = mobileo_pool_run(by_rows ? run_part_amx_rows : amx ? run_part_amx : run_part, &g, parts, 1);
 #else
@@ -691,5 +779,36 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
                          .q_scales = scales, .q_biases = biases, .q_group = group_size, .bias = bias,
                          .alpha = 1.0f, .beta = 0.0f, .c = c, .ldc = ldc};
   return run_gemm(g);
+}
+
+/* The conv nodes' product (primitives.cpp): A the windows of x (struct gemm's conv_x), B the
+ * weight [O, kh, kw, C] read as its transpose [kh kw C, O]; C contiguous, or scattered. */
+int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
+                      int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
+                      float *out, long out_line_stride, long out_pixel_stride) {
+  if (batch < 1 || height < 1 || width < 1 || channels < 1 || kh < 1 || kw < 1 || out_channels < 1 ||
+      !mobileo_bf16_gemm_supported())
+    return -1;
+  const long m = (long)batch * height * width, k = (long)kh * kw * channels;
+  if (m > 0x7fffffffL || k > 0x7fffffffL) return -1;
+  struct gemm g = {.m = (int)m, .n = out_channels, .k = (int)k, .b = weight, .ldb = (int)k, .trans_b = 1,
+                         .conv_x = x, .conv_h = height, .conv_w = width, .conv_c = channels, .conv_kh = kh,
+                         .conv_kw = kw, .conv_pad_top = pad_top, .conv_pad_left = pad_left, .bias = bias,
+                         .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels,
+                         .c_line_stride = out_line_stride, .c_pixel_stride = out_pixel_stride};
+  if (kernel() == KERNEL_AMX) return run_gemm(g);
+  /* The register tile packs A whole: chunks of rows whose packed A stays under CONV_CHUNK_BYTES
+   * (whole, a band's A would be kh kw times the input, hundreds of MB). */
+  const size_t row_bytes = (size_t)(k + 1) / 2 * sizeof(uint32_t);
+  long chunk = (long)(CONV_CHUNK_BYTES / row_bytes) / MR * MR;
+  if (chunk < (long)MR * mobileo_pool_threads(0)) chunk = (long)MR * mobileo_pool_threads(0);
+  for (long row0 = 0; row0 < m; row0 += chunk) {
+    g.conv_row0 = (int)row0;
+    g.m = (int)(m - row0 < chunk ? m - row0 : chunk);
+    g.packed_parts = 0;
+    const int code = run_gemm(g);
+    if (code != 0) return code;
+  }
+  return 0;
 }
 #endif

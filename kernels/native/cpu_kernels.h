@@ -57,6 +57,20 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
                          int ldc);
 
+/* out [B, H, W, O] = conv(x, weight) [+ out] (+ bias) with bfloat16 operands and float32 sums: a
+ * stride-1 conv whose output has the input's size, x [B, H, W, C] row-major, weight [O, kh, kw, C]
+ * (MLX's layout), output pixel (y, x) reading input rows y - pad_top .. and columns x - pad_left ..,
+ * zeros outside the map (no padded copy: the GEMM's A is packed from the windows of x, K = kh kw C
+ * summed in the tiles, out written once). accumulate: out holds an addend on entry (read in the
+ * store, as mobileo_bf16_gemm's beta 1); bias [O] or NULL, added after the sums. out_pixel_stride 0:
+ * out is [B, H, W, O] contiguous; else the O outputs of pixel (y, x) of image b are at
+ * out + (b H + y) out_line_stride + x out_pixel_stride (floats): the sub-pixel upsampler writes each
+ * parity straight into the interleaved map. Same kernels and threads as mobileo_bf16_gemm; -1: no
+ * AVX512-BF16, a bad shape, or no memory. */
+int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
+                      int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
+                      float *out, long out_line_stride, long out_pixel_stride);
+
 /* GLUMBConv's middle: out [B, H, W, C] = D[..., :C] * silu(D[..., C:]), D = depthwise conv of silu(h)
  * (h [B, H, W, 2C]; taps [k, k, 2C], k odd, padding k / 2) + bias [2C] (or NULL); -1: shape not
  * taken (C not a multiple of 8, k even), -2: no memory. */

@@ -1110,6 +1110,168 @@ void register_attention(nb::module_ &m) {
         nb::kw_only(), nb::arg("stream") = nb::none());
 }
 
+// ------------------------------------------------------------------ bfloat16 conv (implicit GEMM)
+// A stride-1 conv whose output has the input's size (the DC-AE's 3x3 convs, padding 1; the
+// sub-pixel upsampler's 2x2 parity convs) as one bf16 GEMM (bf16_gemm.c's mobileo_bf16_conv):
+// A is packed straight from the windows of x with the zero padding made there, K = kh kw C is
+// summed in the tiles and the output written once, the bias (and an optional addend) added as
+// it is stored. inputs: x [B, H, W, C], weight [O, kh, kw, C] (, bias [O]) (, init [B, H, W, O])
+class Bf16Conv : public Kernel {
+ public:
+  Bf16Conv(mx::Stream stream, std::pair<int, int> padding, bool has_bias, bool has_init)
+      : Kernel(stream), padding_(padding), has_bias_(has_bias), has_init_(has_init) {}
+  const char *name() const override { return "MobileoBf16Conv"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    const auto &o = static_cast<const Bf16Conv &>(other);
+    return padding_ == o.padding_ && has_bias_ == o.has_bias_ && has_init_ == o.has_init_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+  // [init +] the conv of the bfloat16-rounded operands, summed in float32 [+ bias]
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const int kh = in[1].shape(1), kw = in[1].shape(2);
+    auto y = mx::conv_general(bf16_rounded(in[0], s), bf16_rounded(in[1], s), {1, 1},
+                              {padding_.first, padding_.second},
+                              {kh - 1 - padding_.first, kw - 1 - padding_.second}, {1, 1}, {1, 1}, 1, false, s);
+    if (has_init_) y = mx::add(in.back(), y, s);
+    if (has_bias_) y = mx::add(y, in[2], s);
+    return {y};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0], &weight = inputs[1];
+    auto &out = outputs[0];
+    const mx::array *init = has_init_ ? &inputs.back() : nullptr;
+    if (init != nullptr && init->is_donatable())
+      out.copy_shared_buffer(*init);  // row-contiguous [B, H, W, O] (mx::contiguous in the op)
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([image = x.data<float>(), weights = weight.data<float>(),
+                  bias = has_bias_ ? inputs[2].data<float>() : nullptr,
+                  addend = init != nullptr ? init->data<float>() : nullptr, result = out.data<float>(),
+                  batch = x.shape(0), height = x.shape(1), width = x.shape(2), channels = x.shape(3),
+                  out_channels = weight.shape(0), kh = weight.shape(1), kw = weight.shape(2), padding = padding_,
+                  size = out.size()]() {
+      if (addend != nullptr && addend != result) std::memcpy(result, addend, size * sizeof(float));
+      if (mobileo_bf16_conv(image, batch, height, width, channels, weights, kh, kw, out_channels, padding.first,
+                            padding.second, bias, addend != nullptr, result, 0, 0) != 0)
+        throw std::runtime_error("MobileoBf16Conv: no AVX512-BF16 here, or out of memory");
+    });
+  }
+
+ private:
+  std::pair<int, int> padding_;
+  bool has_bias_, has_init_;
+};
+
+mx::array bf16_conv(const mx::array &x, const mx::array &weight, const std::optional<mx::array> &bias,
+                    std::pair<int, int> padding, const std::optional<mx::array> &init,
+                    const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "bf16_conv");
+  require(mobileo_bf16_gemm_supported(), "mobileo bf16_conv: this CPU has no AVX512-BF16");
+  require(x.ndim() == 4 && weight.ndim() == 4 && x.shape(3) == weight.shape(3),
+          "mobileo bf16_conv: x [B, H, W, C] and weight [O, kh, kw, C]");
+  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32) &&
+              (!init || init->dtype() == mx::float32),
+          "mobileo bf16_conv: float32 only");
+  const int out_channels = weight.shape(0), kh = weight.shape(1), kw = weight.shape(2);
+  require(x.size() > 0 && weight.size() > 0, "mobileo bf16_conv: empty input");
+  require(padding.first >= 0 && padding.first < kh && padding.second >= 0 && padding.second < kw,
+          "mobileo bf16_conv: padding 0 .. k - 1 (the output has the input's size)");
+  require(!bias || (bias->ndim() == 1 && bias->shape(0) == out_channels), "mobileo bf16_conv: bias [O]");
+  auto shape = x.shape();
+  shape.back() = out_channels;
+  require(!init || init->shape() == shape, "mobileo bf16_conv: init [B, H, W, O]");
+  Arrays inputs = {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
+  if (init) inputs.push_back(mx::contiguous(*init, false, stream));
+  return mx::array(shape, mx::float32, std::make_shared<Bf16Conv>(stream, padding, bias.has_value(), init.has_value()),
+                   std::move(inputs));
+}
+
+// Nearest x2 upsampling then a 3x3 conv, in sub-pixel form (the DC-AE's upsamplers): output
+// parity (a, b) is a 2x2 conv of the low-resolution x (padding 1 - a rows above, 1 - b columns
+// left), each written by mobileo_bf16_conv straight into its pixels of the interleaved output,
+// which starts as init (the bias + shortcut, already interleaved): no per-parity map, no
+// interleave copy. inputs: x [B, H, W, C], weights [2 (a), 2 (b), O, 2, 2, C], init [B, 2H, 2W, O]
+class Bf16SubpixelConv : public Kernel {
+ public:
+  using Kernel::Kernel;
+  const char *name() const override { return "MobileoBf16SubpixelConv"; }
+  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[2].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    Arrays rows;  // [B, H, W, 2 (b), O] per a
+    for (int a = 0; a < 2; a++) {
+      Arrays columns;
+      for (int b = 0; b < 2; b++) {  // x rounded per parity, as bf16_conv's formula (the same gradients)
+        auto w = mx::squeeze(mx::slice(in[1], {a, b, 0, 0, 0, 0}, {a + 1, b + 1, in[1].shape(2), 2, 2, in[1].shape(5)},
+                                       s), {0, 1}, s);
+        columns.push_back(mx::conv_general(bf16_rounded(in[0], s), bf16_rounded(w, s), {1, 1}, {1 - a, 1 - b}, {a, b},
+                                           {1, 1}, {1, 1}, 1, false, s));
+      }
+      rows.push_back(mx::stack(columns, 3, s));
+    }
+    return {mx::add(in[2], mx::reshape(mx::stack(rows, 2, s), in[2].shape(), s), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0], &weights = inputs[1], &init = inputs[2];
+    auto &out = outputs[0];
+    if (init.is_donatable())
+      out.copy_shared_buffer(init);  // row-contiguous (mx::contiguous in the op)
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([image = x.data<float>(), taps = weights.data<float>(), addend = init.data<float>(),
+                  result = out.data<float>(), batch = x.shape(0), height = x.shape(1), width = x.shape(2),
+                  channels = x.shape(3), out_channels = weights.shape(2), size = out.size()]() {
+      if (addend != result) std::memcpy(result, addend, size * sizeof(float));
+      const size_t parity_weights = (size_t)out_channels * 4 * channels;
+      const long line = 4L * width * out_channels, pixel = 2L * out_channels;
+      for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 2; b++)
+          if (mobileo_bf16_conv(image, batch, height, width, channels, taps + (2 * a + b) * parity_weights, 2, 2,
+                                out_channels, 1 - a, 1 - b, nullptr, 1,
+                                result + ((size_t)a * 2 * width + b) * out_channels, line, pixel) != 0)
+            throw std::runtime_error("MobileoBf16SubpixelConv: no AVX512-BF16 here, or out of memory");
+    });
+  }
+};
+
+mx::array bf16_subpixel_conv(const mx::array &x, const mx::array &weights, const mx::array &init,
+                             const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "bf16_subpixel_conv");
+  require(mobileo_bf16_gemm_supported(), "mobileo bf16_subpixel_conv: this CPU has no AVX512-BF16");
+  require(x.dtype() == mx::float32 && weights.dtype() == mx::float32 && init.dtype() == mx::float32,
+          "mobileo bf16_subpixel_conv: float32 only");
+  require(x.ndim() == 4 && x.size() > 0, "mobileo bf16_subpixel_conv: x [B, H, W, C]");
+  const int out_channels = weights.ndim() == 6 ? weights.shape(2) : 0;
+  require(weights.ndim() == 6 && weights.shape(0) == 2 && weights.shape(1) == 2 && weights.shape(3) == 2 &&
+              weights.shape(4) == 2 && weights.shape(5) == x.shape(3) && out_channels > 0,
+          "mobileo bf16_subpixel_conv: weights [2, 2, O, 2, 2, C]");
+  const mx::Shape shape = {x.shape(0), 2 * x.shape(1), 2 * x.shape(2), out_channels};
+  require(init.shape() == shape, "mobileo bf16_subpixel_conv: init [B, 2H, 2W, O]");
+  return mx::array(shape, mx::float32, std::make_shared<Bf16SubpixelConv>(stream),
+                   {mx::contiguous(x, false, stream), mx::contiguous(weights, false, stream),
+                    mx::contiguous(init, false, stream)});
+}
+
+void register_bf16_conv(nb::module_ &m) {
+  m.def("bf16_conv", &bf16_conv, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("padding"),
+        nb::kw_only(), nb::arg("init").none() = nb::none(), nb::arg("stream") = nb::none());
+  m.def("bf16_subpixel_conv", &bf16_subpixel_conv, nb::arg("x"), nb::arg("weights"), nb::arg("init"), nb::kw_only(),
+        nb::arg("stream") = nb::none());
+}
+
 }  // namespace
 
 NB_MODULE(primitives_ext, m) {
@@ -1137,4 +1299,5 @@ NB_MODULE(primitives_ext, m) {
   register_gated_depthwise(m);
   register_elementwise(m);
   register_attention(m);
+  register_bf16_conv(m);
 }

@@ -14,7 +14,7 @@ computes, in the form MLX's CPU backend runs fast:
   SiLU gate as native nodes (one pass over every core, the bits of their MLX forms);
 * FastViT's layer-scaled residuals in one pass each, its large FFNs in row bands;
 * the DC-AE's 3x3 convs as window GEMMs (no im2col), its ResBlocks likewise, its nearest-x2
-  upsampling convs in sub-pixel form;
+  upsampling convs in sub-pixel form; with bfloat16 products each conv one native node;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
 * Linear layers of the components that multiply in bfloat16 (``matmul="bf16"``) through the
   bf16 GEMM node.
@@ -51,9 +51,13 @@ class Products:
     def __repr__(self) -> str:
         return "BF16" if self.bf16 else "FP32"
 
+    def takes_bf16(self, rows: int, k: int, n: int) -> bool:
+        """Whether a [rows, K] @ [K, N] product runs with bfloat16 operands."""
+        return self.bf16 and rows * k * n >= tuning.BF16_MIN_PRODUCT
+
     def matmul(self, a: mx.array, b: mx.array, c: mx.array | None = None) -> mx.array:
         """``[c +] a @ b`` for a [..., K], b [K, N]."""
-        if self.bf16 and (a.size // max(1, a.shape[-1])) * b.shape[0] * b.shape[1] >= tuning.BF16_MIN_PRODUCT:
+        if self.takes_bf16(a.size // max(1, a.shape[-1]), b.shape[0], b.shape[1]):
             if use_kernels() and primitives.bf16_matmul_supported(a, b, c):
                 return primitives.bf16_matmul(a, b, c)
             return primitives.bf16_matmul_reference(a, b, c)
@@ -358,6 +362,18 @@ class AttentionBlock(fastvit.AttentionBlock):
 # 3x3 conv is nine GEMMs (K = C) on views, accumulated in place (bias first), computed on
 # the padded width: the two extra columns per row are wrap-around garbage that the caller
 # crops (for free, inside its next copy). Same products, summed in another order.
+#
+# With bfloat16 products the conv is one node instead (primitives.bf16_conv: the GEMM packs its
+# A from the windows of the map itself, so no padded copy, one pass over the output, no crop);
+# the window GEMMs stay its twin (MOBILEO_MLX_KERNELS=twin) and the float32 form.
+
+
+def _bf16_conv_node(x: mx.array, weight: mx.array, products: Products) -> bool:
+    """Whether a conv of x by weight [O, kh, kw, C] runs as the bf16 conv node: bfloat16 products
+    for window GEMMs of its size (the same convs as before the node), and the node serving."""
+    batch, height, width, channels = x.shape
+    return (products.takes_bf16(batch * height * (width + 2), channels, weight.shape[0]) and use_kernels()
+            and primitives.bf16_conv_supported(x, weight))
 
 
 def _padded_rows(x: mx.array) -> mx.array:
@@ -391,7 +407,9 @@ def conv3x3_wide(x: mx.array, weight: mx.array, bias: mx.array | None, products:
 
 
 def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, products: Products = FP32) -> mx.array:
-    """3x3 conv, stride 1, padding 1 (a cropped view of :func:`conv3x3_wide`)."""
+    """3x3 conv, stride 1, padding 1: the bf16 conv node, else a cropped view of :func:`conv3x3_wide`."""
+    if _bf16_conv_node(x, weight, products):
+        return primitives.bf16_conv3x3(x, weight, bias)
     return conv3x3_wide(x, weight, bias, products)[:, :, : x.shape[2]]
 
 
@@ -412,13 +430,17 @@ class Conv2d(nn.Conv2d):
 
 
 class ResBlock(dcae.ResBlock):
-    """Both convs as window GEMMs; the first one's garbage columns cropped after the activation."""
+    """Both convs as window GEMMs, the first one's garbage columns cropped after the activation
+    (or both as bf16 conv nodes: nothing to crop)."""
 
     products = FP32
 
     def __call__(self, x: mx.array) -> mx.array:
-        width = x.shape[2]
-        h = self.nonlinearity(conv3x3_wide(x, self.conv1.weight, self.conv1.bias, self.products))[:, :, :width]
+        if _bf16_conv_node(x, self.conv1.weight, self.products):
+            h = self.nonlinearity(primitives.bf16_conv3x3(x, self.conv1.weight, self.conv1.bias))
+        else:
+            width = x.shape[2]
+            h = self.nonlinearity(conv3x3_wide(x, self.conv1.weight, self.conv1.bias, self.products))[:, :, :width]
         return norm_residual(self.norm, conv3x3(h, self.conv2.weight, None, self.products), x)
 
 
@@ -452,7 +474,21 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
     products = FP32
 
     def prepare(self) -> None:
-        self._subpixel = (self.conv.weight, _subpixel_weights(self.conv.weight))
+        taps, node_weights = _subpixel_weights(self.conv.weight), None
+        if self.products.bf16:
+            # only the bf16 sub-pixel node's layout of them is held, [2 (a), 2 (b), O, 2 (dy), 2 (dx),
+            # C]; the window GEMMs (its twin) copy theirs out of it when they run
+            node_weights = mx.contiguous(mx.stack([mx.stack([taps[a, b].transpose(2, 0, 1, 3) for b in (0, 1)])
+                                                   for a in (0, 1)]))
+            taps = None
+        self._subpixel = (self.conv.weight, taps, node_weights)
+
+    def _window_taps(self) -> dict:
+        """{(a, b): [2 (dy), 2 (dx), O, C]} (contiguous) for the window GEMMs."""
+        taps, node_weights = self._subpixel[1:]
+        if taps is not None:
+            return taps
+        return {(a, b): mx.contiguous(node_weights[a, b].transpose(1, 2, 0, 3)) for a in (0, 1) for b in (0, 1)}
 
     def _shortcut(self, x: mx.array, a: int, b: int, out: int) -> mx.array:
         """The channels pixel_shuffle(repeat_interleave(x, r)) puts at output parity (a, b):
@@ -464,14 +500,29 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
         step, first = 4 // r, (2 * a + b) // r
         return x[..., first : first + step * (out - 1) + 1 : step]
 
+    def _interleaved_shortcut(self, x: mx.array, out: int) -> mx.array:
+        """pixel_shuffle(repeat_interleave(x, r)) as [B, H, 2 (a), W, 2 (b), O]: a view of x when r
+        divides 4 (the channel at parity (a, b) is (4 / r) c + (2a + b) // r), else copied."""
+        batch, height, width, _ = x.shape
+        r = self.repeats
+        if 4 % r:
+            return dcae.pixel_shuffle(dcae.repeat_channels(x, r)).reshape(batch, height, 2, width, 2, out)
+        split = x.reshape(batch, height, width, out, 2 if r <= 2 else 1, 2 if r == 1 else 1)
+        return mx.broadcast_to(split, (batch, height, width, out, 2, 2)).transpose(0, 1, 4, 2, 5, 3)
+
     def __call__(self, x: mx.array) -> mx.array:
         if not self.interpolate:
             return super().__call__(x)
         if self._subpixel[0] is not self.conv.weight:
             self.prepare()
-        taps = self._subpixel[1]
         batch, height, width, _ = x.shape
         out = self.conv.weight.shape[0]
+        if _bf16_conv_node(x, self.conv.weight, self.products):
+            init = self._interleaved_shortcut(x, out) + self.conv.bias  # one pass, interleaved
+            init = init.reshape(batch, 2 * height, 2 * width, out)
+            if primitives.bf16_subpixel_conv_supported(x, self._subpixel[2], init):
+                return primitives.bf16_subpixel_conv(x, self._subpixel[2], init)
+        taps = self._window_taps()
         rows = _padded_rows(x)
         pitch = width + 2
         parts = []
