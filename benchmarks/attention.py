@@ -2,7 +2,7 @@
 
     python -m benchmarks.attention [--repeats 7] [--caption 64]
 
-* ``attn1`` / ``attn2``: one DiT block's SANA attentions (CFG batch 2, 32² latents = 256 tokens,
+* ``attn1`` / ``attn2``: one DiT block's SANA attentions (CFG batch 2, 16² latents = 256 tokens,
   D = 1152) with 8-bit weights as the ``mixed`` recipe stores them and bfloat16 products (the
   8-bit GEMM node), projections included; ``attn2`` against ``--caption`` caption tokens with a
   key mask. ``core``: the attention alone (the head views in, the merged layout out).
