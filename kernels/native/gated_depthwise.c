@@ -234,6 +234,46 @@ static void gated_part(void *arg, int part, int parts) {
 /* Below this many input values one thread does it (waking the others costs more). */
 #define PARALLEL_MIN_VALUES (1L << 15)
 
+/* The row buffers of the last call, kept for the next (a fresh allocation of this size is mapped
+ * anew by the C library, every page faulted in again on each call). A call takes it or, where
+ * another call holds it or it is too small, allocates its own; it hands back the larger. */
+struct scratch {
+  float *floats;
+  size_t size;
+};
+static struct scratch *kept;
+
+static struct scratch *take_scratch(size_t size) {
+  struct scratch *s = __atomic_exchange_n(&kept, NULL, __ATOMIC_ACQ_REL);
+  if (s != NULL && s->size >= size) return s;
+  if (s != NULL) {
+    free(s->floats);
+    free(s);
+  }
+  s = malloc(sizeof *s);
+  if (s == NULL) return NULL;
+  s->floats = aligned_alloc(64, size * sizeof(float));
+  s->size = size;
+  if (s->floats == NULL) {
+    free(s);
+    return NULL;
+  }
+  return s;
+}
+
+static void keep_scratch(struct scratch *s) {
+  struct scratch *other = __atomic_exchange_n(&kept, s, __ATOMIC_ACQ_REL);
+  if (other != NULL && other->size > s->size) {
+    /* the larger one stays kept */
+    struct scratch *back = __atomic_exchange_n(&kept, other, __ATOMIC_ACQ_REL);
+    other = back;
+  }
+  if (other != NULL) {
+    free(other->floats);
+    free(other);
+  }
+}
+
 /* Returns 0; -1 for a shape it does not take (channels not a multiple of 8, an even kernel), -2
  * when its buffers cannot be allocated. */
 int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
@@ -248,13 +288,14 @@ int mobileo_gated_depthwise(const float *h, int batch, int height, int width, in
   int parts = mobileo_pool_threads(0);
   if (units_total < parts) parts = (int)units_total;
   if ((long)batch * height * width * 2 * hidden < PARALLEL_MIN_VALUES) parts = 1;
-  g.scratch = aligned_alloc(64, g.part_floats * parts * sizeof(float));
-  if (g.scratch == NULL) return -2;
+  struct scratch *scratch = take_scratch(g.part_floats * parts);
+  if (scratch == NULL) return -2;
+  g.scratch = scratch->floats;
   /* the zero rows (past each part's slots) */
   for (int part = 0; part < parts; part++)
     memset(g.scratch + part * g.part_floats + (size_t)k * 2 * BLOCK * g.pitch, 0,
            sizeof(float) * 2 * BLOCK * g.pitch);
   if (mobileo_pool_run(gated_part, &g, parts, 1) != 0) gated_part(&g, 0, 1);
-  free(g.scratch);
+  keep_scratch(scratch);
   return 0;
 }
