@@ -234,8 +234,8 @@ static void gated_part(void *arg, int part, int parts) {
 /* Below this many input values one thread does it (waking the others costs more). */
 #define PARALLEL_MIN_VALUES (1L << 15)
 
-/* The row buffers of the last call, kept for the next (a fresh allocation of this size is mapped
- * anew by the C library, every page faulted in again on each call). A call takes it or, where
+/* The row buffers of the last call, kept for the next (the C library may map a fresh allocation
+ * of this size anew, its pages faulted in again on each call). A call takes it or, where
  * another call holds it or it is too small, allocates its own; it hands back the larger. */
 struct scratch {
   float *floats;
