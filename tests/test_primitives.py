@@ -785,6 +785,25 @@ def test_gated_depthwise_is_bit_identical_to_the_cpu_forms_mlx_path(shape, monke
     assert same_bits(node, mlx_form)
 
 
+@pytest.mark.parametrize("shape, k, bias_scale", [
+    ((1, 1, 1, 16), 3, 1.0),  # one pixel, one half vector
+    ((2, 2, 3, 528), 3, 1.0),  # C = 264: a block of 256 channels, then a half vector alone
+    ((1, 3, 2, 5776), 3, 1.0),  # C = 2888: eleven blocks of 256, the last 72 (four vectors and a half)
+    ((2, 3, 1, 48), 3, 1.0),  # one column
+    ((1, 2, 9, 1040), 5, 1.0),  # C = 520: two whole blocks and a half vector; a row of 4 + 4 + 1 pixels
+    ((2, 5, 6, 64), 1, 1.0),
+])
+def test_gated_depthwise_tails_are_bit_identical_to_the_cpu_forms_mlx_path(shape, k, bias_scale, monkeypatch):
+    """The node's 16-lane blocks, their half-vector tails and the last pixels of a row against the
+    CPU form's MLX path, bit for bit."""
+    h, w, b = gated_inputs(shape, k, bias_scale, seed=shape[-1] + 7 * k)
+    node = prim.gated_depthwise(h, w, b)
+    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
+    mlx_form = layers.gated_depthwise(h, w, b)
+    assert not has_gated_node(mlx_form)
+    assert same_bits(node, mlx_form)
+
+
 def test_gated_depthwise_of_special_values(monkeypatch):
     h, w, b = gated_inputs((1, 6, 7, 32), seed=3)
     special = np.array(h)

@@ -8,7 +8,9 @@
  * Here the pool's threads take (image, block of BLOCK value channels and their gate channels)
  * units; a unit walks down the image keeping the k rows of silu(h) its next output row reads in
  * a small buffer (each input's SiLU computed once), zero-padded at the borders, so every output
- * pixel sums all k*k taps without a bounds check.
+ * pixel sums all k*k taps without a bounds check. 16 channels a vector (a hidden size that is
+ * an odd multiple of 8 ends on a half vector, its upper lanes zero in the buffer and never
+ * stored), four output pixels a step with both halves' accumulators in registers.
  *
  * Bit for bit the CPU form's MLX arithmetic (the library is built without fused multiply-adds):
  * SiLU as backends/cpu/activations.silu (|x| clamped in the integer domain, exp(-|x|) as 2^n
@@ -21,6 +23,7 @@
 #include "cpu_kernels.h"
 #include "pool.h"
 #include "vec8.h"
+#include "vec16.h"
 
 #define LOG2E 1.4426950408889634
 #define LN2_HI 0.693359375f
@@ -29,35 +32,49 @@
 #define INF_BITS 0x7F800000
 #define BOUND_BITS 0x42B00000 /* 88.0f: exp(-88) is below FLT_MIN, 2^n flushes to 0 from there */
 
-/* Value channels per unit (and as many gate channels): its row buffer stays in L2. */
-#define BLOCK 64
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* AVX-512VL gives the 8-lane code 32 registers (the taps of both halves stay in them). */
-#define GATED_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GATED_CLONES
+/* Value channels per unit (and as many gate channels): a whole number of 16-lane vectors, its
+ * row buffer in L2; a pixel's block is eight cache lines in a row of each half. */
+#ifndef BLOCK
+#define BLOCK 256
 #endif
+#define VECTORS (BLOCK / 16)
 
-/* sigmoid(x), as activations._logistic_parts + _logistic. */
-static inline __attribute__((always_inline)) v8f logistic8(v8f x) {
-  const v8i bits = (v8i)x;
-  const v8i magnitude = bits & ABS_MASK;
-  const v8i over = magnitude - BOUND_BITS;
-  const v8i clamped = magnitude - (over & ~(over >> 31));
-  const v8i nan = (INF_BITS - magnitude) >> 31;
-  const v8f a = (v8f)((clamped & ~nan) | (magnitude & nan));
+/* sigmoid(x), as activations._logistic_parts + _logistic (silu.c's logistic16). */
+static inline __attribute__((always_inline)) v16f logistic16(v16f x) {
+  const v16i bits = (v16i)x;
+  const v16i magnitude = bits & ABS_MASK;
+  const v16i over = magnitude - BOUND_BITS;
+  const v16i clamped = magnitude - (over & ~(over >> 31));
+  const v16i nan = (INF_BITS - magnitude) >> 31;
+  const v16f a = (v16f)((clamped & ~nan) | (magnitude & nan));
   /* exp(-a) = 2^n exp(r) */
-  const v8i scale_bits = __builtin_convertvector(a * (float)(-LOG2E) + 127.5f, v8i) << 23;
-  const v8f n = __builtin_convertvector(scale_bits >> 23, v8f) - 127.0f;
-  const v8f r = (-a - n * LN2_HI) - n * LN2_LO;
-  const v8f r2 = r * r;
-  const v8f even = 1.0f + r2 * 0.1f;
-  const v8f odd = r * (0.5f + r2 * (float)(1.0 / 120.0));
-  const v8f num = even + odd, den = even - odd;
-  const v8f tail = (v8f)scale_bits * num;
-  const v8f positive = 1.0f + __builtin_convertvector(bits >> 31, v8f);
-  return (positive * den + (1.0f - positive) * tail) / (den + tail);
+  const v16i scale_bits = __builtin_convertvector(a * (float)(-LOG2E) + 127.5f, v16i) << 23;
+  const v16f n = __builtin_convertvector(scale_bits >> 23, v16f) - 127.0f;
+  const v16f r = (-a - n * LN2_HI) - n * LN2_LO;
+  const v16f r2 = r * r;
+  const v16f even = 1.0f + r2 * 0.1f;
+  const v16f odd = r * (0.5f + r2 * (float)(1.0 / 120.0));
+  const v16f num = even + odd, den = even - odd;
+  const v16f tail = (v16f)scale_bits * num;
+  /* The twin's numerator m den + (1 - m) tail with m = 1 or 0 (x >= +0, x <= -0): den or tail
+   * exactly (both finite and non-negative), chosen here by the sign bit. */
+  const v16i negative = bits >> 31;
+  const v16f numerator = (v16f)(((v16i)den & ~negative) | ((v16i)tail & negative));
+  return numerator / (den + tail);
+}
+
+/* LANES (16, or 8 for a half vector) floats from p, the upper lanes 0. */
+static inline __attribute__((always_inline)) v16f load_lanes(const float *p, const int LANES) {
+  if (LANES == 16) return load16f(p);
+  const v8f low = load8f(p);
+  return __builtin_shufflevector(low, (v8f){0}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+static inline __attribute__((always_inline)) void store_lanes(float *p, v16f v, const int LANES) {
+  if (LANES == 16)
+    store16f(p, v);
+  else
+    store8f(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 struct gated {
@@ -75,34 +92,80 @@ struct gated {
 static inline __attribute__((always_inline)) void pixels(const float *const *rows, size_t value_at, size_t gate_at,
                                                           const float *w_value, const float *w_gate, int channels,
                                                           const float *bias, int hidden, float *out, int n,
-                                                          const int K) {
-  v8f value[4], gate[4];
+                                                          const int K, const int LANES) {
+  v16f value[4], gate[4];
   {
-    const v8f wv = load8f(w_value), wg = load8f(w_gate);
+    const v16f wv = load_lanes(w_value, LANES), wg = load_lanes(w_gate, LANES);
     for (int i = 0; i < 4; i++) {
-      value[i] = load8f(rows[0] + value_at + 8 * i) * wv;
-      gate[i] = load8f(rows[0] + gate_at + 8 * i) * wg;
+      value[i] = load16f(rows[0] + value_at + 16 * i) * wv;
+      gate[i] = load16f(rows[0] + gate_at + 16 * i) * wg;
     }
   }
 #pragma GCC unroll 49
   for (int tap = 1; tap < K * K; tap++) {
     const int dy = tap / K, dx = tap % K;
-    const v8f wv = load8f(w_value + (size_t)tap * channels), wg = load8f(w_gate + (size_t)tap * channels);
-    const float *in_value = rows[dy] + value_at + (size_t)dx * 8, *in_gate = rows[dy] + gate_at + (size_t)dx * 8;
+    const v16f wv = load_lanes(w_value + (size_t)tap * channels, LANES),
+               wg = load_lanes(w_gate + (size_t)tap * channels, LANES);
+    const float *in_value = rows[dy] + value_at + (size_t)dx * 16, *in_gate = rows[dy] + gate_at + (size_t)dx * 16;
     for (int i = 0; i < 4; i++) {
-      value[i] = value[i] + load8f(in_value + 8 * i) * wv;
-      gate[i] = gate[i] + load8f(in_gate + 8 * i) * wg;
+      value[i] = value[i] + load16f(in_value + 16 * i) * wv;
+      gate[i] = gate[i] + load16f(in_gate + 16 * i) * wg;
     }
   }
   if (bias) {
-    const v8f bv = load8f(bias), bg = load8f(bias + hidden);
+    const v16f bv = load_lanes(bias, LANES), bg = load_lanes(bias + hidden, LANES);
     for (int i = 0; i < 4; i++) {
       value[i] = value[i] + bv;
       gate[i] = gate[i] + bg;
     }
   }
-  for (int i = 0; i < 4; i++)
-    if (i < n) store8f(out + (size_t)i * hidden, value[i] * (gate[i] * logistic8(gate[i])));
+  if (n == 4) {
+    for (int i = 0; i < 4; i++) store_lanes(out + (size_t)i * hidden, value[i] * (gate[i] * logistic16(gate[i])), LANES);
+  } else {
+    for (int i = 0; i < 4; i++)
+      if (i < n) store_lanes(out + (size_t)i * hidden, value[i] * (gate[i] * logistic16(gate[i])), LANES);
+  }
+}
+
+/* One output row's pixels of one channel vector. */
+static inline __attribute__((always_inline)) void vector_row(const float *const *rows, size_t value_at,
+                                                              size_t gate_at, const float *w_value,
+                                                              const float *w_gate, int channels, const float *bias,
+                                                              int hidden, float *out_row, int width, const int K,
+                                                              const int LANES) {
+  int x0 = 0;
+  for (; x0 + 4 <= width; x0 += 4)
+    pixels(rows, value_at + (size_t)x0 * 16, gate_at + (size_t)x0 * 16, w_value, w_gate, channels, bias, hidden,
+           out_row + (size_t)x0 * hidden, 4, K, LANES);
+  if (x0 < width)
+    pixels(rows, value_at + (size_t)x0 * 16, gate_at + (size_t)x0 * 16, w_value, w_gate, channels, bias, hidden,
+           out_row + (size_t)x0 * hidden, width - x0, K, LANES);
+}
+
+/* SiLU of one input row's block into its buffer slot (vectors whole vectors, the last one
+ * last_lanes wide), prefetching the row below. */
+static inline __attribute__((always_inline)) void fill_row(const float *src, float *dst, int width, int channels,
+                                                            int hidden, int pitch, int vectors, int last_lanes,
+                                                            int ahead) {
+  const int whole = last_lanes == 16 ? vectors : vectors - 1;
+  for (int x = 0; x < width; x++) {
+    const float *pixel = src + (size_t)x * channels;
+    for (int v = 0; v < vectors; v++) {
+      __builtin_prefetch(pixel + ahead + 16 * v);
+      __builtin_prefetch(pixel + ahead + hidden + 16 * v);
+    }
+    for (int v = 0; v < whole; v++) {
+      const v16f value = load16f(pixel + 16 * v), gate = load16f(pixel + hidden + 16 * v);
+      store16f(dst + ((size_t)v * pitch + x) * 16, value * logistic16(value));
+      store16f(dst + ((size_t)(vectors + v) * pitch + x) * 16, gate * logistic16(gate));
+    }
+    if (whole < vectors) {
+      const int v = whole;
+      const v16f value = load_lanes(pixel + 16 * v, 8), gate = load_lanes(pixel + hidden + 16 * v, 8);
+      store16f(dst + ((size_t)v * pitch + x) * 16, value * logistic16(value));
+      store16f(dst + ((size_t)(vectors + v) * pitch + x) * 16, gate * logistic16(gate));
+    }
+  }
 }
 
 /* One unit, kernel size K (a constant where inlined for 3). */
@@ -110,39 +173,28 @@ static inline __attribute__((always_inline)) void unit(const struct gated *g, fl
                                                         const int K) {
   const int pad = K / 2, hidden = g->hidden, channels = 2 * hidden;
   const int height = g->height, width = g->width, pitch = g->pitch;
-  const int c0 = block * BLOCK, vectors = (hidden - c0 < BLOCK ? hidden - c0 : BLOCK) / 8;
-  const size_t row_floats = (size_t)2 * vectors * pitch * 8; /* values' vectors, then the gates' */
-  const float *zero = buf + (size_t)K * 2 * (BLOCK / 8) * pitch * 8; /* a row of zeros past the K slots */
+  const int c0 = block * BLOCK, block_channels = hidden - c0 < BLOCK ? hidden - c0 : BLOCK;
+  const int vectors = (block_channels + 15) / 16, last_lanes = block_channels % 16 ? 8 : 16;
+  const size_t row_floats = (size_t)2 * vectors * pitch * 16; /* values' vectors, then the gates' */
+  const float *zero = buf + (size_t)K * 2 * VECTORS * pitch * 16; /* a row of zeros past the K slots */
   const float *image = g->h + (size_t)b * height * width * channels;
   float *out_image = g->out + (size_t)b * height * width * hidden;
 
   /* the slots' padding columns (left, right and the spare ones read past the row) stay zero */
   for (int slot = 0; slot < K; slot++)
     for (int v = 0; v < 2 * vectors; v++) {
-      float *row = buf + slot * row_floats + (size_t)v * pitch * 8;
-      memset(row, 0, sizeof(float) * 8 * pad);
-      memset(row + (size_t)(pad + width) * 8, 0, sizeof(float) * 8 * (pitch - pad - width));
+      float *row = buf + slot * row_floats + (size_t)v * pitch * 16;
+      memset(row, 0, sizeof(float) * 16 * pad);
+      memset(row + (size_t)(pad + width) * 16, 0, sizeof(float) * 16 * (pitch - pad - width));
     }
 
   for (int iy = -pad; iy < height; iy++) {
     const int fill = iy + pad; /* the input row the output row iy needs last */
-    if (fill < height) {
-      const float *src = image + (size_t)fill * width * channels;
-      float *dst = buf + (size_t)(fill % K) * row_floats + (size_t)pad * 8;
+    if (fill < height)
       /* The block's channels of a pixel are a few cache lines a page or more apart from the
        * next pixel's, a pattern the hardware prefetchers miss: ask for the next row's now. */
-      const int ahead = fill + 1 < height ? width * channels : 0;
-      for (int x = 0; x < width; x++) {
-        const float *pixel = src + (size_t)x * channels + c0;
-        for (int v = 0; v < vectors; v++) {
-          __builtin_prefetch(pixel + ahead + 8 * v);
-          __builtin_prefetch(pixel + ahead + hidden + 8 * v);
-          const v8f value = load8f(pixel + 8 * v), gate = load8f(pixel + hidden + 8 * v);
-          store8f(dst + ((size_t)v * pitch + x) * 8, value * logistic8(value));
-          store8f(dst + ((size_t)(vectors + v) * pitch + x) * 8, gate * logistic8(gate));
-        }
-      }
-    }
+      fill_row(image + (size_t)fill * width * channels + c0, buf + (size_t)(fill % K) * row_floats + (size_t)pad * 16,
+               width, channels, hidden, pitch, vectors, last_lanes, fill + 1 < height ? width * channels : 0);
     if (iy < 0) continue;
     const float *rows[K];
     for (int dy = 0; dy < K; dy++) {
@@ -150,18 +202,20 @@ static inline __attribute__((always_inline)) void unit(const struct gated *g, fl
       rows[dy] = y < 0 || y >= height ? zero : buf + (size_t)(y % K) * row_floats;
     }
     float *out_row = out_image + (size_t)iy * width * hidden + c0;
+    const int whole = last_lanes == 16 ? vectors : vectors - 1;
     for (int v = 0; v < vectors; v++) {
-      const float *w_value = g->taps + c0 + 8 * v, *w_gate = w_value + hidden;
-      const size_t value_at = (size_t)v * pitch * 8, gate_at = (size_t)(vectors + v) * pitch * 8;
-      for (int x0 = 0; x0 < width; x0 += 4)
-        pixels(rows, value_at + (size_t)x0 * 8, gate_at + (size_t)x0 * 8, w_value, w_gate, channels,
-               g->bias ? g->bias + c0 + 8 * v : NULL, hidden, out_row + (size_t)x0 * hidden + 8 * v,
-               width - x0 < 4 ? width - x0 : 4, K);
+      const float *w_value = g->taps + c0 + 16 * v, *w_gate = w_value + hidden;
+      const float *bias = g->bias ? g->bias + c0 + 16 * v : NULL;
+      const size_t value_at = (size_t)v * pitch * 16, gate_at = (size_t)(vectors + v) * pitch * 16;
+      if (v < whole)
+        vector_row(rows, value_at, gate_at, w_value, w_gate, channels, bias, hidden, out_row + 16 * v, width, K, 16);
+      else
+        vector_row(rows, value_at, gate_at, w_value, w_gate, channels, bias, hidden, out_row + 16 * v, width, K, 8);
     }
   }
 }
 
-GATED_CLONES static void units(const struct gated *g, float *buf, long first, long last) {
+CLONES16 static void units(const struct gated *g, float *buf, long first, long last) {
   for (long u = first; u < last; u++) {
     const int b = (int)(u / g->blocks), block = (int)(u % g->blocks);
     if (g->k == 3)
@@ -180,6 +234,46 @@ static void gated_part(void *arg, int part, int parts) {
 /* Below this many input values one thread does it (waking the others costs more). */
 #define PARALLEL_MIN_VALUES (1L << 15)
 
+/* The row buffers of the last call, kept for the next (the C library may map a fresh allocation
+ * of this size anew, its pages faulted in again on each call). A call takes it or, where
+ * another call holds it or it is too small, allocates its own; it hands back the larger. */
+struct scratch {
+  float *floats;
+  size_t size;
+};
+static struct scratch *kept;
+
+static struct scratch *take_scratch(size_t size) {
+  struct scratch *s = __atomic_exchange_n(&kept, NULL, __ATOMIC_ACQ_REL);
+  if (s != NULL && s->size >= size) return s;
+  if (s != NULL) {
+    free(s->floats);
+    free(s);
+  }
+  s = malloc(sizeof *s);
+  if (s == NULL) return NULL;
+  s->floats = aligned_alloc(64, size * sizeof(float));
+  s->size = size;
+  if (s->floats == NULL) {
+    free(s);
+    return NULL;
+  }
+  return s;
+}
+
+static void keep_scratch(struct scratch *s) {
+  struct scratch *other = __atomic_exchange_n(&kept, s, __ATOMIC_ACQ_REL);
+  if (other != NULL && other->size > s->size) {
+    /* the larger one stays kept */
+    struct scratch *back = __atomic_exchange_n(&kept, other, __ATOMIC_ACQ_REL);
+    other = back;
+  }
+  if (other != NULL) {
+    free(other->floats);
+    free(other);
+  }
+}
+
 /* Returns 0; -1 for a shape it does not take (channels not a multiple of 8, an even kernel), -2
  * when its buffers cannot be allocated. */
 int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
@@ -189,18 +283,19 @@ int mobileo_gated_depthwise(const float *h, int batch, int height, int width, in
   g.pitch = width + 2 * (k / 2) + 3;
   g.blocks = (hidden + BLOCK - 1) / BLOCK;
   /* k row slots and a zero row, each 2 * BLOCK channels; a whole number of cache lines */
-  g.part_floats = ((size_t)(k + 1) * 2 * BLOCK * g.pitch + 15) / 16 * 16;
+  g.part_floats = (size_t)(k + 1) * 2 * BLOCK * g.pitch;
   const long units_total = (long)batch * g.blocks;
   int parts = mobileo_pool_threads(0);
   if (units_total < parts) parts = (int)units_total;
   if ((long)batch * height * width * 2 * hidden < PARALLEL_MIN_VALUES) parts = 1;
-  g.scratch = aligned_alloc(64, g.part_floats * parts * sizeof(float));
-  if (g.scratch == NULL) return -2;
+  struct scratch *scratch = take_scratch(g.part_floats * parts);
+  if (scratch == NULL) return -2;
+  g.scratch = scratch->floats;
   /* the zero rows (past each part's slots) */
   for (int part = 0; part < parts; part++)
     memset(g.scratch + part * g.part_floats + (size_t)k * 2 * BLOCK * g.pitch, 0,
            sizeof(float) * 2 * BLOCK * g.pitch);
   if (mobileo_pool_run(gated_part, &g, parts, 1) != 0) gated_part(&g, 0, 1);
-  free(g.scratch);
+  keep_scratch(scratch);
   return 0;
 }
