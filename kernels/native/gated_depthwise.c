@@ -23,14 +23,8 @@
 #include "cpu_kernels.h"
 #include "pool.h"
 #include "vec8.h"
+#include "logistic16.h"
 #include "vec16.h"
-
-#define LOG2E 1.4426950408889634
-#define LN2_HI 0.693359375f
-#define LN2_LO -2.12194440e-4f
-#define ABS_MASK 0x7FFFFFFF
-#define INF_BITS 0x7F800000
-#define BOUND_BITS 0x42B00000 /* 88.0f: exp(-88) is below FLT_MIN, 2^n flushes to 0 from there */
 
 /* Value channels per unit (and as many gate channels): a whole number of 16-lane vectors, its
  * row buffer in L2; a pixel's block is eight cache lines in a row of each half. */
@@ -38,30 +32,6 @@
 #define BLOCK 256
 #endif
 #define VECTORS (BLOCK / 16)
-
-/* sigmoid(x), as activations._logistic_parts + _logistic (silu.c's logistic16). */
-static inline __attribute__((always_inline)) v16f logistic16(v16f x) {
-  const v16i bits = (v16i)x;
-  const v16i magnitude = bits & ABS_MASK;
-  const v16i over = magnitude - BOUND_BITS;
-  const v16i clamped = magnitude - (over & ~(over >> 31));
-  const v16i nan = (INF_BITS - magnitude) >> 31;
-  const v16f a = (v16f)((clamped & ~nan) | (magnitude & nan));
-  /* exp(-a) = 2^n exp(r) */
-  const v16i scale_bits = __builtin_convertvector(a * (float)(-LOG2E) + 127.5f, v16i) << 23;
-  const v16f n = __builtin_convertvector(scale_bits >> 23, v16f) - 127.0f;
-  const v16f r = (-a - n * LN2_HI) - n * LN2_LO;
-  const v16f r2 = r * r;
-  const v16f even = 1.0f + r2 * 0.1f;
-  const v16f odd = r * (0.5f + r2 * (float)(1.0 / 120.0));
-  const v16f num = even + odd, den = even - odd;
-  const v16f tail = (v16f)scale_bits * num;
-  /* The twin's numerator m den + (1 - m) tail with m = 1 or 0 (x >= +0, x <= -0): den or tail
-   * exactly (both finite and non-negative), chosen here by the sign bit. */
-  const v16i negative = bits >> 31;
-  const v16f numerator = (v16f)(((v16i)den & ~negative) | ((v16i)tail & negative));
-  return numerator / (den + tail);
-}
 
 /* LANES (16, or 8 for a half vector) floats from p, the upper lanes 0. */
 static inline __attribute__((always_inline)) v16f load_lanes(const float *p, const int LANES) {

@@ -114,28 +114,31 @@ class Kernel : public mx::Primitive {
   }
 };
 
-// ---------------------------------------------------------------------------------------- GELU
-mx::array gelu(const mx::array &x, const mx::StreamOrDevice &where);
+// ------------------------------------------------------------ element-wise activations (GELU, SiLU)
+// A float32 activation: its C kernel over the input's buffer, and its plain MLX formula (gelu.c and
+// silu.c compute the CPU backend's MLX forms of them, bit for bit).
+struct ActivationKind {
+  const char *name;
+  int (*kernel)(const float *x, float *out, long count);
+  mx::array (*formula)(const mx::array &x, const mx::Stream &s);
+};
 
-class Gelu : public Kernel {
+mx::array activation(const ActivationKind &kind, const mx::array &x, const mx::Stream &stream);
+
+class Activation : public Kernel {
  public:
-  using Kernel::Kernel;
-  const char *name() const override { return "MobileoGelu"; }
-  bool is_equivalent(const mx::Primitive &) const override { return true; }
+  Activation(mx::Stream stream, const ActivationKind &kind) : Kernel(stream), kind_(kind) {}
+  const char *name() const override { return kind_.name; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return kind_.kernel == static_cast<const Activation &>(other).kind_.kernel;
+  }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
 
-  Arrays reference(const Arrays &in) override {
-    const auto s = stream();
-    const auto &x = in[0];
-    const float sqrt_half = 0.70710678118654752f;
-    auto phi = mx::multiply(mx::add(mx::erf(mx::multiply(x, mx::array(sqrt_half), s), s), mx::array(1.0f), s),
-                            mx::array(0.5f), s);
-    return {mx::multiply(x, phi, s)};
-  }
+  Arrays reference(const Arrays &in) override { return {kind_.formula(in[0], stream())}; }
 
   // Element-wise: the vmapped axis just passes through the kernel.
   std::pair<Arrays, std::vector<int>> vmap(const Arrays &inputs, const std::vector<int> &axes) override {
-    return {{gelu(inputs[0], stream())}, axes};
+    return {{activation(kind_, inputs[0], stream())}, axes};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
@@ -147,16 +150,41 @@ class Gelu : public Kernel {
     else
       out.set_data(mx::allocator::malloc(x.data_size() * sizeof(float)), x.data_size(), x.strides(), x.flags());
     auto &enc = encoder(inputs, outputs);
-    enc.dispatch([source = x.data<float>(), result = out.data<float>(), count = (long)x.data_size()]() {
-      mobileo_gelu(source, result, count);
-    });
+    enc.dispatch([kernel = kind_.kernel, source = x.data<float>(), result = out.data<float>(),
+                  count = (long)x.data_size()]() { kernel(source, result, count); });
   }
+
+ private:
+  ActivationKind kind_;
 };
+
+mx::array activation(const ActivationKind &kind, const mx::array &x, const mx::Stream &stream) {
+  return mx::array(x.shape(), mx::float32, std::make_shared<Activation>(stream, kind), {mx::contiguous(x, true, stream)});
+}
+
+// x * Phi(x), the exact GELU
+mx::array gelu_formula(const mx::array &x, const mx::Stream &s) {
+  const float sqrt_half = 0.70710678118654752f;
+  auto phi = mx::multiply(mx::add(mx::erf(mx::multiply(x, mx::array(sqrt_half), s), s), mx::array(1.0f), s),
+                          mx::array(0.5f), s);
+  return mx::multiply(x, phi, s);
+}
+
+mx::array silu_formula(const mx::array &x, const mx::Stream &s) { return mx::multiply(x, mx::sigmoid(x, s), s); }
+
+const ActivationKind GELU{"MobileoGelu", mobileo_gelu, gelu_formula};
+const ActivationKind SILU{"MobileoSilu", mobileo_silu, silu_formula};
 
 mx::array gelu(const mx::array &x, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "gelu");
   require(x.dtype() == mx::float32, "mobileo gelu: float32 only");
-  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(stream), {mx::contiguous(x, true, stream)});
+  return activation(GELU, x, stream);
+}
+
+mx::array silu(const mx::array &x, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "silu");
+  require(x.dtype() == mx::float32, "mobileo silu: float32 only");
+  return activation(SILU, x, stream);
 }
 
 // ------------------------------------------------------------------------------ depthwise conv
@@ -587,12 +615,11 @@ class GatedDepthwise : public Kernel {
     const auto s = stream();
     const auto &h = in[0], &taps = in[1];
     const int channels = h.shape(3), k = taps.shape(0);
-    auto silu = [&](const mx::array &x) { return mx::multiply(x, mx::sigmoid(x, s), s); };
     auto weight = mx::expand_dims(mx::transpose(taps, {2, 0, 1}, s), 3, s);  // [2C, k, k, 1]
-    auto d = mx::conv2d(silu(h), weight, {1, 1}, {k / 2, k / 2}, {1, 1}, channels, s);
+    auto d = mx::conv2d(silu_formula(h, s), weight, {1, 1}, {k / 2, k / 2}, {1, 1}, channels, s);
     if (in.size() > 2) d = mx::add(d, in[2], s);
     auto halves = mx::split(d, 2, -1, s);
-    return {mx::multiply(halves[0], silu(halves[1]), s)};
+    return {mx::multiply(halves[0], silu_formula(halves[1], s), s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
@@ -639,47 +666,7 @@ void register_gated_depthwise(nb::module_ &m) {
         nb::arg("stream") = nb::none());
 }
 
-// ------------------------------------------------------------------ SiLU and the SiLU gate
-// silu.c: the algorithm of backends/cpu/activations.py's silu / glu_silu, bit for bit.
-mx::array silu(const mx::array &x, const mx::StreamOrDevice &where);
-
-class Silu : public Kernel {
- public:
-  using Kernel::Kernel;
-  const char *name() const override { return "MobileoSilu"; }
-  bool is_equivalent(const mx::Primitive &) const override { return true; }
-  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
-
-  Arrays reference(const Arrays &in) override {
-    return {mx::multiply(in[0], mx::sigmoid(in[0], stream()), stream())};
-  }
-
-  // Element-wise: the vmapped axis just passes through the kernel.
-  std::pair<Arrays, std::vector<int>> vmap(const Arrays &inputs, const std::vector<int> &axes) override {
-    return {{silu(inputs[0], stream())}, axes};
-  }
-
-  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
-    const auto &x = inputs[0];
-    auto &out = outputs[0];
-    // The input is row- or column-contiguous (mx::contiguous in the op); the output takes its layout.
-    if (x.is_donatable())
-      out.copy_shared_buffer(x);
-    else
-      out.set_data(mx::allocator::malloc(x.data_size() * sizeof(float)), x.data_size(), x.strides(), x.flags());
-    auto &enc = encoder(inputs, outputs);
-    enc.dispatch([source = x.data<float>(), result = out.data<float>(), count = (long)x.data_size()]() {
-      mobileo_silu(source, result, count);
-    });
-  }
-};
-
-mx::array silu(const mx::array &x, const mx::StreamOrDevice &where) {
-  const auto stream = cpu_stream(where, "silu");
-  require(x.dtype() == mx::float32, "mobileo silu: float32 only");
-  return mx::array(x.shape(), mx::float32, std::make_shared<Silu>(stream), {mx::contiguous(x, true, stream)});
-}
-
+// ------------------------------------------------------------------ the SiLU gate
 // a * silu(g), a and g of one shape
 class GluSilu : public Kernel {
  public:
@@ -690,7 +677,7 @@ class GluSilu : public Kernel {
 
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
-    return {mx::multiply(in[0], mx::multiply(in[1], mx::sigmoid(in[1], s), s), s)};
+    return {mx::multiply(in[0], silu_formula(in[1], s), s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
