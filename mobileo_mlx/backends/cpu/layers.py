@@ -595,12 +595,12 @@ class Qwen2Attention(qwen2.Attention):
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        output = self._native_attention(queries, keys, values, mask)
+        output = self._node_attention(queries, keys, values, mask)
         if output is None:
             output = self._grouped_attention(queries, keys, values, mask)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
-    def _native_attention(self, queries, keys, values, mask) -> mx.array | None:
+    def _node_attention(self, queries, keys, values, mask) -> mx.array | None:
         """The node for mlx-lm's prefill masks (None, or "causal" aligned to the last key: a
         prompt cache's offset), or None where it does not serve. Its output's merged layout makes
         the merge of the heads a view."""
