@@ -413,32 +413,57 @@ def _heads(q: mx.array, k: mx.array, v: mx.array) -> bool:
             and k.shape[3] == q.shape[3] and v.shape[2] == k.shape[2] and q.size > 0 and k.size > 0 and v.size > 0)
 
 
+def causal_mask(queries: int, keys: int) -> mx.array:
+    """The additive [queries, keys] mask of causal attention whose last query is the last key
+    (mlx-lm's "causal" with a prompt cache's offset): 0 where key l <= i + keys - queries, -inf
+    elsewhere."""
+    rows = mx.arange(keys - queries, keys)[:, None]
+    return mx.where(rows >= mx.arange(keys)[None, :], 0.0, -mx.inf)
+
+
 def softmax_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                                key_bias: mx.array | None = None) -> mx.array:
-    """softmax(q k^T * scale + key_bias) v in MLX operations (float32, MLX's precise softmax)."""
+                                key_bias: mx.array | None = None, causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale + key_bias [+ causal_mask]) v in MLX operations (float32, MLX's
+    precise softmax); k and v with fewer heads than q are repeated (query head h reads KV head
+    h // (H / H_kv))."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if key_bias is not None:
         scores = scores + key_bias
+    if causal:
+        scores = scores + causal_mask(q.shape[2], k.shape[2])
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
 
-def softmax_attention_supported(q: mx.array, k: mx.array, v: mx.array, key_bias: mx.array | None = None) -> bool:
-    """Whether :func:`softmax_attention` takes these: float32 q [B, H, N, d], k [B, H, L, d],
-    v [B, H, L, d_v], key_bias None or [B or 1, 1, 1, L] (one additive bias per key)."""
-    if not (attention_supported() and _heads(q, k, v)):
+def _grouped_heads(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    return (q.ndim == k.ndim == v.ndim == 4 and _float32(q, k, v) and q.shape[0] == k.shape[0] == v.shape[0]
+            and k.shape[1] == v.shape[1] and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
+            and k.shape[3] == q.shape[3] and v.shape[2] == k.shape[2] and q.size > 0 and k.size > 0 and v.size > 0)
+
+
+def softmax_attention_supported(q: mx.array, k: mx.array, v: mx.array, key_bias: mx.array | None = None,
+                                causal: bool = False) -> bool:
+    """Whether :func:`softmax_attention` takes these: float32 q [B, H, N, d], k [B, H_kv, L, d],
+    v [B, H_kv, L, d_v] with H_kv dividing H, key_bias None or [B or 1, 1, 1, L] (one additive
+    bias per key); causal needs L >= N."""
+    if not (attention_supported() and _grouped_heads(q, k, v)) or (causal and k.shape[2] < q.shape[2]):
         return False
     return key_bias is None or (_float32(key_bias) and key_bias.ndim == 4 and key_bias.shape[1:3] == (1, 1)
                                 and key_bias.shape[0] in (1, q.shape[0]) and key_bias.shape[3] == k.shape[2])
 
 
 def softmax_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                      key_bias: mx.array | None = None) -> mx.array:
-    """softmax(q k^T * scale + key_bias) v for q [B, H, N, d], k [B, H, L, d], v [B, H, L, d_v]
-    (:func:`softmax_attention_supported`) by one native node (``native/attention.c``): per image,
-    head and block of query rows the scores stay in L1, the exponentials by the kernel's own
-    vectorised exp, the normalisation one division of the output. Float32; within a few ulps
-    of :func:`softmax_attention_reference` (kernels/README.md)."""
-    return extension().softmax_attention(q, k, v, float(scale), key_bias)
+                      key_bias: mx.array | None = None, causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale + key_bias [+ causal_mask]) v for q [B, H, N, d], k [B, H_kv, L, d],
+    v [B, H_kv, L, d_v] (:func:`softmax_attention_supported`; grouped-query heads read their KV
+    head in place, not repeated) by one native node (``native/attention.c``): per image, head
+    and block of query rows the scores stay in L1, the exponentials by the kernel's own
+    vectorised exp, the normalisation one division of the output; causal: the key blocks past a
+    group of rows' last key are not computed. Float32; within a few ulps of
+    :func:`softmax_attention_reference` (kernels/README.md)."""
+    return extension().softmax_attention(q, k, v, float(scale), key_bias, bool(causal))
 
 
 def relu_linear_attention_reference(q: mx.array, k: mx.array, v: mx.array, eps: float) -> mx.array:
@@ -463,7 +488,7 @@ def relu_linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float) -> 
     return extension().relu_linear_attention(q, k, v, float(eps))
 
 
-__all__ += ["attention_supported", "relu_linear_attention", "relu_linear_attention_reference",
+__all__ += ["attention_supported", "causal_mask", "relu_linear_attention", "relu_linear_attention_reference",
             "relu_linear_attention_supported", "softmax_attention", "softmax_attention_reference",
             "softmax_attention_supported"]
 

@@ -135,6 +135,82 @@ def test_softmax_attention_special_values():
     assert not np.isnan(out[0, 0]).any()
 
 
+# ------------------------------------------------------------- causal, grouped-query heads
+def grouped_causal_exact(q, k, v, scale, bias=None, causal=False) -> np.ndarray:
+    """float64 softmax attention with k, v repeated to q's heads and mlx-lm's causal mask (the
+    last query row is the last key)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = q @ k.swapaxes(-1, -2) * scale
+    if bias is not None:
+        scores = scores + np.asarray(bias, np.float64)
+    if causal:
+        queries, keys = q.shape[2], k.shape[2]
+        scores = np.where(np.arange(keys - queries, keys)[:, None] >= np.arange(keys)[None, :], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True) @ v
+
+
+@pytest.mark.parametrize("batch, head_count, kv_heads, rows, keys, depth, causal, bias", [
+    (1, 14, 2, 300, 300, 64, True, None),  # the LM's prefill: 7 query heads a KV head
+    (1, 14, 2, 5, 5, 64, True, None),
+    (1, 14, 2, 1, 1, 64, True, None),
+    (2, 4, 4, 37, 100, 24, True, None),  # a prompt cache's offset of 63 keys; group 1
+    (1, 6, 3, 1, 9, 16, True, None),  # one query row after 8 cached keys
+    (2, 6, 3, 70, 70, 17, True, "padded"),  # group 2, odd depth, a key bias too
+    (1, 7, 1, 20, 33, 32, False, None),  # grouped, not causal
+    (2, 4, 2, 9, 300, 100, True, "padded"),  # d_v past 96 columns
+])
+def test_softmax_attention_causal_and_grouped_against_float64_and_its_twin(batch, head_count, kv_heads, rows, keys,
+                                                                            depth, causal, bias):
+    q = mx.random.normal((batch, head_count, rows, depth), key=mx.random.key(rows))
+    k = mx.random.normal((batch, kv_heads, keys, depth), key=mx.random.key(keys + 1))
+    v = mx.random.normal((batch, kv_heads, keys, depth), key=mx.random.key(keys + 2))
+    mask = key_bias(batch, keys, bias, seed=keys)
+    scale = depth**-0.5
+    out = prim.softmax_attention(q, k, v, scale, mask, causal=causal)
+    assert has(SOFTMAX, out) and out.shape == (batch, head_count, rows, depth)
+    exact = grouped_causal_exact(q, k, v, scale, mask, causal)
+    assert relative_error(out, exact) < 1.5e-6
+    assert relative_error(out, prim.softmax_attention_reference(q, k, v, scale, mask, causal)) < 3e-6
+    # the same as the node on repeated KV heads and an explicit causal bias per key block: its
+    # rows see exactly their keys
+    if causal and bias is None:
+        group = head_count // kv_heads
+        repeated = [mx.repeat(a, group, axis=1) for a in (k, v)]
+        for i in (0, rows // 2, rows - 1):
+            row = prim.softmax_attention(q[:, :, i:i + 1], *(a[:, :, :keys - rows + i + 1] for a in repeated), scale)
+            assert relative_error(out[:, :, i:i + 1], row) < 3e-6
+
+
+def test_causal_and_grouped_results_are_the_plain_calls_bit_for_bit_where_nothing_is_masked():
+    """Non-causal calls on grouped heads equal the call on the repeated heads bit for bit (the
+    same sums in the same order), and a causal call with one query row equals the plain call."""
+    q = mx.random.normal((2, 6, 40, 32), key=mx.random.key(1))
+    k, v = (mx.random.normal((2, 2, 50, 32), key=mx.random.key(s)) for s in (2, 3))
+    repeated = [mx.repeat(a, 3, axis=1) for a in (k, v)]
+    assert same_bits(prim.softmax_attention(q, k, v, 0.2), prim.softmax_attention(q, *repeated, 0.2))
+    last = q[:, :, -1:]
+    assert same_bits(prim.softmax_attention(last, k, v, 0.2, causal=True), prim.softmax_attention(last, k, v, 0.2))
+
+
+def test_the_causal_node_is_a_graph_node():
+    q = mx.random.normal((1, 4, 20, 16), key=mx.random.key(1))
+    k, v = (mx.random.normal((1, 2, 30, 16), key=mx.random.key(s)) for s in (2, 3))
+    built_lazily(lambda: [q, k, v], lambda *x: prim.softmax_attention(*x, 0.25, causal=True))
+    causal = lambda *x: prim.softmax_attention(*x, 0.25, causal=True)  # noqa: E731
+    plain = lambda *x: prim.softmax_attention_reference(*x, 0.25, causal=True)  # noqa: E731
+    assert not same_bits(causal(q, k, v), prim.softmax_attention(q, k, v, 0.25))  # not one node for both
+    compiled = mx.compile(lambda *x: causal(*x) * 2.0)
+    assert same_bits(compiled(q, k, v), causal(q, k, v) * 2.0)
+    grads = mx.grad(lambda *x: (causal(*x) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    wants = mx.grad(lambda *x: (plain(*x) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    assert all(relative_error(g, w) < 1e-5 for g, w in zip(grads, wants))
+    batched = mx.vmap(lambda a: causal(a[None], k, v)[0])(q)
+    assert relative_error(batched, plain(q, k, v)) < 1e-5
+
+
 # ------------------------------------------------------------------------------ ReLU linear
 @pytest.mark.parametrize("batch, rows, keys, head_count, depth, depth_v", [
     (2, 256, 256, 36, 32, 32),  # the DiT's attn1, a CFG pair
@@ -246,12 +322,20 @@ def test_what_the_nodes_do_not_take_they_say():
     assert not prim.softmax_attention_supported(q, k, v, mx.zeros((2, 1, 8, 6)))  # a bias per query
     assert not prim.softmax_attention_supported(q, k, v, mx.zeros((2, 1, 1, 6), dtype=mx.float16))
     assert not prim.softmax_attention_supported(q.astype(mx.float16), k, v)
-    assert not prim.softmax_attention_supported(q, k[:, :2], v[:, :2])  # grouped heads
+    assert prim.softmax_attention_supported(q, k[:, :2], v[:, :2])  # grouped heads: 2 query heads a KV head
+    assert not prim.softmax_attention_supported(q, k[:, :3], v[:, :3])  # 3 KV heads do not divide 4
+    assert not prim.softmax_attention_supported(q, k[:, :2], v)  # k and v with different heads
+    assert prim.softmax_attention_supported(q[:, :, :6], k, v, causal=True)
+    assert not prim.softmax_attention_supported(q, k, v, causal=True)  # more queries than keys
     assert not prim.softmax_attention_supported(q, k[..., :8], v)
     assert not prim.softmax_attention_supported(q[0], k[0], v[0])
     assert prim.relu_linear_attention_supported(q, k, v) and not prim.relu_linear_attention_supported(q, k, v[:, :, :5])
     with pytest.raises(ValueError, match="key_bias"):
         prim.softmax_attention(q, k, v, 0.25, mx.zeros((2, 1, 8, 6)))
+    with pytest.raises(ValueError, match="causal"):
+        prim.softmax_attention(q, k, v, 0.25, causal=True)
+    with pytest.raises(ValueError, match="heads_kv"):
+        prim.softmax_attention(q, k[:, :3], v[:, :3], 0.25)
     with pytest.raises(ValueError, match="float32"):
         prim.relu_linear_attention(q, k, v.astype(mx.bfloat16), 1e-15)
 
@@ -348,3 +432,53 @@ def test_fastvit_attention_takes_the_softmax_node(monkeypatch):
     out = fast(x)
     assert has(SOFTMAX, out)
     assert relative_error(out, expected) < 2e-6
+
+
+@pytest.mark.parametrize("heads, kv_heads, hidden", [(4, 2, 32), (14, 2, 112)])  # 14 / 2: Qwen2-0.5B's groups
+def test_the_qwen2_prefill_takes_the_causal_node_and_matches_mlx_lm(heads, kv_heads, hidden, monkeypatch):
+    """The Qwen2 CPU form's prefill through the node (the cache's K/V views read in place) against
+    mlx-lm's own modules: a whole prefill, a chunked one through a prompt cache (queries fewer
+    than keys), decoding; array masks keep the MLX form."""
+    from mlx_lm.models import qwen2
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mobileo_mlx.models.language import LanguageConfig, LanguageModel
+
+    monkeypatch.setattr(tuning, "ATTENTION_NATIVE_MIN_MACS", 0)
+    config = LanguageConfig(hidden_size=hidden, num_hidden_layers=2, intermediate_size=48, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, vocab_size=100)
+    plain = _random(LanguageModel(config), seed=heads)
+    fast = backends.accelerate(LanguageModel(config), "language")
+    fast.update(plain.parameters())
+    assert type(fast.model.layers[0].self_attn) is layers.Qwen2Attention
+    ids = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 33, 2, 8, 19, 21, 70, 4, 3]])
+    logits = fast(ids)
+    assert has(SOFTMAX, logits)
+    assert relative_error(logits, plain(ids)) < 1e-5
+    caches = make_prompt_cache(fast), make_prompt_cache(plain)
+    for chunk in (ids[:, :6], ids[:, 6:13], ids[:, 13:14], ids[:, 14:]):  # a cache offset of 6, decoding, 14
+        got, want = fast(chunk, cache=caches[0]), plain(chunk, cache=caches[1])
+        assert has(SOFTMAX, got) == (chunk.shape[1] > 1)
+        assert relative_error(got, want) < 1e-5
+    attention = fast.model.layers[0].self_attn
+    x = mx.random.normal((2, 6, hidden), key=mx.random.key(8))
+    for mask in (None, "causal"):
+        out = attention(x, mask)
+        assert has(SOFTMAX, out)
+        assert relative_error(out, qwen2.Attention.__call__(attention, x, mask)) < 1e-5
+    keep = mx.array([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+    for mask in (keep, mx.where(keep, 0.0, -1e9)):
+        out = attention(x, mask)
+        assert not has(SOFTMAX, out)
+        assert relative_error(out, qwen2.Attention.__call__(attention, x, mask)) < 1e-5
+    monkeypatch.setenv("MOBILEO_MLX_KERNELS", "twin")
+    assert not has(SOFTMAX, attention(x, "causal"))
+
+
+def test_the_qwen2_prefill_keeps_the_mlx_form_below_the_threshold():
+    from mobileo_mlx.models.language import LanguageConfig, LanguageModel
+
+    config = LanguageConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=48, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=100)
+    fast = backends.accelerate(_random(LanguageModel(config), seed=1), "language")
+    assert not has(SOFTMAX, fast(mx.array([[5, 17, 3, 99, 42]])))  # under tuning.ATTENTION_NATIVE_MIN_MACS

@@ -5,11 +5,13 @@
  * _split_heads, LiteMLA's interleaved [B, N, G, 3, d] groups) are read in place, and both write
  * [B, rows, heads, d_v]: the merged layout the output projection reads.
  *
- * softmax: per (image, head, block of query rows) K^T of the head packed once into a
+ * softmax: per (image, head, block of query rows) K^T of the head (grouped-query heads: of its KV
+ * head, shared by the group's query heads) packed once into a
  * [d][L16] panel (L16: the keys rounded up to 16, zero columns), then four query rows at a time:
  * the scores s = scale * q.k + bias in registers (4 rows x 64 keys), stored to a [4][L16]
  * strip in L1; per row its max, p = exp(s - max) and their sum; P V in registers (4 rows x up
- * to 96 columns); one division by the sum as the row is stored. exp: Cody-Waite reduction
+ * to 96 columns); one division by the sum as the row is stored. Causal: a row's keys past its
+ * position score -inf, and key blocks none of the four rows sees are skipped. exp: Cody-Waite reduction
  * x = n ln2 + r (|r| <= ln2/2), a degree-7 Taylor polynomial of exp(r) in Horner form, and
  * 2^n applied by VSCALEFPS (exact, flushing to 0 below the denormals); x clamped at -104, where
  * exp(x) is below half the smallest denormal.
@@ -47,7 +49,9 @@ int mobileo_attention_supported(void) {
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
 /* Lanes [0, count) of a 16-lane vector (count may exceed 16). */
-INLINE __mmask16 lanes(int count) { return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1); }
+INLINE __mmask16 lanes(int count) {
+  return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
+}
 
 /* exp(x) for x <= 0 (also -inf: 0; NaN: NaN). */
 AVX512 INLINE __m512 exp16(__m512 x) {
@@ -84,7 +88,7 @@ INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
 #define QUERY_BLOCK 64 /* query rows per unit of work */
 
 struct softmax_job {
-  int batch, heads, queries, keys, depth, depth_v, keys16, row_blocks;
+  int batch, heads, group, queries, keys, depth, depth_v, keys16, row_blocks, causal;
   mobileo_heads q, k, v;
   const float *bias; /* [B][keys] or NULL */
   float scale;
@@ -93,9 +97,10 @@ struct softmax_job {
   size_t part_floats;
 };
 
-/* Scores of four query rows against keys [key0, key0 + 16 NV) of the packed K^T panel. */
+/* Scores of four query rows against keys [key0, key0 + 16 NV) of the packed K^T panel; row r
+ * sees keys [0, seen[r]) (-inf past them). */
 AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q, const float *panel, const float *bias,
-                           int key0, float *strip, const int NV) {
+                           const int *seen, int key0, float *strip, const int NV) {
   const int keys16 = job->keys16, keys = job->keys;
   __m512 acc[4][4];
   for (int r = 0; r < 4; r++)
@@ -116,20 +121,20 @@ AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q,
     const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
     for (int r = 0; r < 4; r++) {
       const __m512 s = _mm512_fmadd_ps(acc[r][v], scale, b);
-      _mm512_storeu_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid, minus_inf, s));
+      _mm512_storeu_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
     }
   }
 }
 
 /* out rows (four; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV). */
 AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const float *strip, const float *sum,
-                             float *const *out, int rows, int col0, const int NV) {
+                             float *const *out, int rows, int seen, int col0, const int NV) {
   const int keys16 = job->keys16, depth_v = job->depth_v;
   __m512 acc[4][6];
   for (int r = 0; r < 4; r++)
     for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
   const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
-  for (int l = 0; l < job->keys; l++) {
+  for (int l = 0; l < seen; l++) {
     const float *v_row = row_of(&job->v, b, h, l) + col0;
     __m512 vv[6];
     for (int c = 0; c < NV - 1; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
@@ -149,10 +154,11 @@ AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const 
 AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, float *strip, int b, int h, int block,
                                 int pack) {
   const int keys = job->keys, keys16 = job->keys16, depth = job->depth, depth_v = job->depth_v;
-  if (pack) { /* K^T of the head, zero past the keys */
+  const int h_kv = h / job->group;
+  if (pack) { /* K^T of the KV head, zero past the keys */
     for (int j = 0; j < depth; j++) memset(panel + (size_t)j * keys16 + keys, 0, sizeof(float) * (keys16 - keys));
     for (int l = 0; l < keys; l++) {
-      const float *k_row = row_of(&job->k, b, h, l);
+      const float *k_row = row_of(&job->k, b, h_kv, l);
       for (int j = 0; j < depth; j++) panel[(size_t)j * keys16 + l] = k_row[j];
     }
   }
@@ -163,27 +169,31 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
     const int rows = end - i < 4 ? end - i : 4;
     const float *q[4];
     float *out[4];
+    int seen[4]; /* keys each row sees (causal: up to its own position) */
     for (int r = 0; r < 4; r++) { /* missing rows of the last group repeat its last row (not stored) */
       const int row = i + (r < rows ? r : rows - 1);
       q[r] = row_of(&job->q, b, h, row);
       out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+      seen[r] = job->causal && row + 1 + keys - job->queries < keys ? row + 1 + keys - job->queries : keys;
     }
-    for (int key0 = 0; key0 < keys16; key0 += 64) {
-      switch ((keys16 - key0) / 16) {
-        case 1: scores4(job, q, panel, bias, key0, strip, 1); break;
-        case 2: scores4(job, q, panel, bias, key0, strip, 2); break;
-        case 3: scores4(job, q, panel, bias, key0, strip, 3); break;
-        default: scores4(job, q, panel, bias, key0, strip, 4); break;
+    /* keys no row of the group sees are skipped: their scores, exponentials and products */
+    const int group_seen = seen[3], seen16 = round_up(group_seen, 16);
+    for (int key0 = 0; key0 < seen16; key0 += 64) {
+      switch ((seen16 - key0) / 16) {
+        case 1: scores4(job, q, panel, bias, seen, key0, strip, 1); break;
+        case 2: scores4(job, q, panel, bias, seen, key0, strip, 2); break;
+        case 3: scores4(job, q, panel, bias, seen, key0, strip, 3); break;
+        default: scores4(job, q, panel, bias, seen, key0, strip, 4); break;
       }
     }
     float sum[4];
     for (int r = 0; r < 4; r++) {
       float *s = strip + (size_t)r * keys16;
       __m512 top = _mm512_set1_ps(-__builtin_inff());
-      for (int l = 0; l < keys16; l += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + l));
+      for (int l = 0; l < seen16; l += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + l));
       const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
       __m512 total = _mm512_setzero_ps();
-      for (int l = 0; l < keys16; l += 16) {
+      for (int l = 0; l < seen16; l += 16) {
         const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), max));
         _mm512_storeu_ps(s + l, p);
         total = _mm512_add_ps(total, p);
@@ -192,12 +202,12 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
     }
     for (int col0 = 0; col0 < depth_v; col0 += 96) {
       switch ((depth_v - col0 + 15) / 16) {
-        case 1: weighted4(job, b, h, strip, sum, out, rows, col0, 1); break;
-        case 2: weighted4(job, b, h, strip, sum, out, rows, col0, 2); break;
-        case 3: weighted4(job, b, h, strip, sum, out, rows, col0, 3); break;
-        case 4: weighted4(job, b, h, strip, sum, out, rows, col0, 4); break;
-        case 5: weighted4(job, b, h, strip, sum, out, rows, col0, 5); break;
-        default: weighted4(job, b, h, strip, sum, out, rows, col0, 6); break;
+        case 1: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 1); break;
+        case 2: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 2); break;
+        case 3: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 3); break;
+        case 4: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 4); break;
+        case 5: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 5); break;
+        default: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 6); break;
       }
     }
   }
@@ -208,22 +218,24 @@ static void softmax_part(void *arg, int part, int parts) {
   float *panel = job->scratch + (size_t)part * job->part_floats;
   float *strip = panel + (size_t)job->depth * job->keys16;
   const long units = (long)job->batch * job->heads * job->row_blocks;
-  long packed = -1;
+  long packed = -1; /* the (image, KV head) whose K^T the panel holds: a group's query heads share it */
   for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
-    const long head = u / job->row_blocks;
+    const long head = u / job->row_blocks, kv_head = head / job->group;
     softmax_unit(job, panel, strip, (int)(head / job->heads), (int)(head % job->heads), (int)(u % job->row_blocks),
-                 head != packed);
-    packed = head;
+                 kv_head != packed);
+    packed = kv_head;
   }
 }
 
-int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int depth, int depth_v, mobileo_heads q,
-                              mobileo_heads k, mobileo_heads v, const float *key_bias, float scale, float *out) {
-  if (!mobileo_attention_supported() || batch < 1 || heads < 1 || queries < 1 || keys < 1 || depth < 1 ||
-      depth_v < 1)
+int mobileo_softmax_attention(int batch, int heads, int heads_kv, int queries, int keys, int depth, int depth_v,
+                              mobileo_heads q, mobileo_heads k, mobileo_heads v, const float *key_bias, int causal,
+                              float scale, float *out) {
+  if (!mobileo_attention_supported() || batch < 1 || heads < 1 || heads_kv < 1 || heads % heads_kv != 0 ||
+      queries < 1 || keys < 1 || depth < 1 || depth_v < 1 || (causal && keys < queries))
     return -1;
-  struct softmax_job job = {batch, heads, queries, keys, depth, depth_v, round_up(keys, 16),
-                            (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, q, k, v, key_bias, scale, out, NULL, 0};
+  struct softmax_job job = {batch, heads, heads / heads_kv, queries, keys, depth, depth_v, round_up(keys, 16),
+                            (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, causal != 0, q, k, v, key_bias, scale, out,
+                            NULL, 0};
   /* the K^T panel and the four rows' scores, a whole number of cache lines */
   job.part_floats = (size_t)round_up((depth + 4) * job.keys16, 16);
   const long units = (long)batch * heads * job.row_blocks;
@@ -441,8 +453,9 @@ int mobileo_relu_linear_attention(int batch, int heads, int queries, int keys, i
 #else /* no AVX-512 build: the twins run */
 int mobileo_attention_supported(void) { return 0; }
 
-int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int depth, int depth_v, mobileo_heads q,
-                              mobileo_heads k, mobileo_heads v, const float *key_bias, float scale, float *out) {
+int mobileo_softmax_attention(int batch, int heads, int heads_kv, int queries, int keys, int depth, int depth_v,
+                              mobileo_heads q, mobileo_heads k, mobileo_heads v, const float *key_bias, int causal,
+                              float scale, float *out) {
   return -1;
 }
 

@@ -119,10 +119,13 @@ typedef struct {
 int mobileo_attention_supported(void);
 
 /* out [B, N, heads, d_v] = softmax(scale q k^T + key_bias) v per (b, head): q [B, heads, N, d],
- * k [B, heads, L, d], v [B, heads, L, d_v], key_bias [B][L] (added to every query's scores) or
- * NULL. -1: no AVX-512 or an empty size, -2: no memory. */
-int mobileo_softmax_attention(int batch, int heads, int queries, int keys, int depth, int depth_v, mobileo_heads q,
-                              mobileo_heads k, mobileo_heads v, const float *key_bias, float scale, float *out);
+ * k [B, heads_kv, L, d], v [B, heads_kv, L, d_v] (query head h reads KV head h / (heads / heads_kv);
+ * heads_kv divides heads), key_bias [B][L] (added to every query's scores) or NULL. causal: query
+ * row i sees keys l <= i + L - N only (L >= N; the others' scores are -inf and not computed).
+ * -1: no AVX-512, an empty size or sizes that do not fit, -2: no memory. */
+int mobileo_softmax_attention(int batch, int heads, int heads_kv, int queries, int keys, int depth, int depth_v,
+                              mobileo_heads q, mobileo_heads k, mobileo_heads v, const float *key_bias, int causal,
+                              float scale, float *out);
 
 /* out [B, N, heads, d_v] = relu(q) kv / (relu(q) . ksum + eps) per (b, head), kv = relu(k)^T v,
  * ksum = sum of relu(k) over the keys: q [B, heads, N, d], k [B, heads, M, d], v [B, heads, M, d_v].

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -971,13 +972,15 @@ void check_heads(const mx::array &q, const mx::array &k, const mx::array &v, con
   require(q.size() > 0 && k.size() > 0 && v.size() > 0, name + ": empty input");
 }
 
-// inputs: q, k, v (, key bias [B, L]) -> softmax(scale q k^T + bias) v
+// inputs: q, k, v (, key bias [B, L]) -> softmax(scale q k^T + bias [+ causal mask]) v; k and v
+// may have fewer heads than q (grouped-query attention: query head h reads KV head h / group)
 class SoftmaxAttention : public Kernel {
  public:
-  SoftmaxAttention(mx::Stream stream, float scale) : Kernel(stream), scale_(scale) {}
+  SoftmaxAttention(mx::Stream stream, float scale, bool causal) : Kernel(stream), scale_(scale), causal_(causal) {}
   const char *name() const override { return "MobileoSoftmaxAttention"; }
   bool is_equivalent(const mx::Primitive &other) const override {
-    return scale_ == static_cast<const SoftmaxAttention &>(other).scale_;
+    const auto &o = static_cast<const SoftmaxAttention &>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
   }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     auto shape = inputs[0].shape();
@@ -987,10 +990,18 @@ class SoftmaxAttention : public Kernel {
 
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
-    auto scores = mx::matmul(mx::multiply(in[0], mx::array(scale_), s), mx::swapaxes(in[1], -1, -2, s), s);
+    const int group = in[0].shape(1) / in[1].shape(1);
+    auto k = group > 1 ? mx::repeat(in[1], group, 1, s) : in[1], v = group > 1 ? mx::repeat(in[2], group, 1, s) : in[2];
+    auto scores = mx::matmul(mx::multiply(in[0], mx::array(scale_), s), mx::swapaxes(k, -1, -2, s), s);
     if (in.size() > 3)
       scores = mx::add(scores, mx::reshape(in[3], {in[3].shape(0), 1, 1, in[3].shape(1)}, s), s);
-    return {mx::matmul(mx::softmax(scores, std::vector<int>{-1}, true, s), in[2], s)};
+    if (causal_) {
+      const int queries = in[0].shape(2), keys = in[1].shape(2);
+      auto rows = mx::reshape(mx::arange(keys - queries, keys, s), {queries, 1}, s);
+      auto seen = mx::greater_equal(rows, mx::reshape(mx::arange(0, keys, s), {1, keys}, s), s);
+      scores = mx::where(seen, scores, mx::array(-std::numeric_limits<float>::infinity()), s);
+    }
+    return {mx::matmul(mx::softmax(scores, std::vector<int>{-1}, true, s), v, s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
@@ -1000,13 +1011,13 @@ class SoftmaxAttention : public Kernel {
     const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
     enc.dispatch([q_in = heads_input(enc, q), k_in = heads_input(enc, k), v_in = heads_input(enc, v),
                   bias = inputs.size() > 3 ? inputs[3].data<float>() : nullptr, result = out.data<float>(),
-                  batch = q.shape(0), heads = q.shape(1), queries = q.shape(2), keys = k.shape(2), depth = q.shape(3),
-                  depth_v = v.shape(3), scale = scale_]() {
+                  batch = q.shape(0), heads = q.shape(1), heads_kv = k.shape(1), queries = q.shape(2),
+                  keys = k.shape(2), depth = q.shape(3), depth_v = v.shape(3), causal = causal_, scale = scale_]() {
       q_in.prepare();
       k_in.prepare();
       v_in.prepare();
-      const int status = mobileo_softmax_attention(batch, heads, queries, keys, depth, depth_v, q_in.view(),
-                                                   k_in.view(), v_in.view(), bias, scale, result);
+      const int status = mobileo_softmax_attention(batch, heads, heads_kv, queries, keys, depth, depth_v, q_in.view(),
+                                                   k_in.view(), v_in.view(), bias, causal, scale, result);
       if (status == -2) throw std::runtime_error("MobileoSoftmaxAttention: out of memory");
       if (status != 0) throw std::runtime_error("MobileoSoftmaxAttention: no AVX-512 here, or an empty size");
     });
@@ -1014,13 +1025,23 @@ class SoftmaxAttention : public Kernel {
 
  private:
   float scale_;
+  bool causal_;
 };
 
 mx::array softmax_attention(const mx::array &q, const mx::array &k, const mx::array &v, float scale,
-                            const std::optional<mx::array> &key_bias, const mx::StreamOrDevice &where) {
+                            const std::optional<mx::array> &key_bias, bool causal, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "softmax_attention");
   require(mobileo_attention_supported(), "mobileo softmax_attention: this CPU has no AVX-512");
-  check_heads(q, k, v, "softmax_attention");
+  require(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "mobileo softmax_attention: q, k, v [B, heads, rows, d]");
+  require(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32,
+          "mobileo softmax_attention: float32 only");
+  require(k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0) && k.shape(1) > 0 && v.shape(1) == k.shape(1) &&
+              q.shape(1) % k.shape(1) == 0 && k.shape(3) == q.shape(3) && v.shape(2) == k.shape(2),
+          "mobileo softmax_attention: q [B, heads, N, d], k [B, heads_kv, L, d] and v [B, heads_kv, L, d_v], "
+          "heads_kv dividing heads");
+  require(q.size() > 0 && k.size() > 0 && v.size() > 0, "mobileo softmax_attention: empty input");
+  require(!causal || k.shape(2) >= q.shape(2),
+          "mobileo softmax_attention: causal needs at least as many keys as queries");
   const int batch = q.shape(0), keys = k.shape(2);
   Arrays inputs = {q, k, v};  // as they are: the kernel reads the head views in place
   if (key_bias) {
@@ -1032,7 +1053,7 @@ mx::array softmax_attention(const mx::array &q, const mx::array &k, const mx::ar
         mx::broadcast_to(mx::reshape(b, {b.shape(0), keys}, stream), {batch, keys}, stream), false, stream));
   }
   return mx::array({batch, q.shape(1), q.shape(2), v.shape(3)}, mx::float32,
-                   std::make_shared<SoftmaxAttention>(stream, scale), std::move(inputs));
+                   std::make_shared<SoftmaxAttention>(stream, scale, causal), std::move(inputs));
 }
 
 // inputs: q, k, v -> relu(q) (relu(k)^T v) / (relu(q) . sum relu(k) + eps)
@@ -1092,7 +1113,7 @@ mx::array relu_linear_attention(const mx::array &q, const mx::array &k, const mx
 void register_attention(nb::module_ &m) {
   m.def("attention_supported", []() { return mobileo_attention_supported() != 0; });
   m.def("softmax_attention", &softmax_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
-        nb::arg("key_bias").none(), nb::kw_only(), nb::arg("stream") = nb::none());
+        nb::arg("key_bias").none(), nb::arg("causal") = false, nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("relu_linear_attention", &relu_linear_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("eps"),
         nb::kw_only(), nb::arg("stream") = nb::none());
 }

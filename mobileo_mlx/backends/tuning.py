@@ -30,7 +30,8 @@ ATTENTION_ROWS_CHUNK = 1 << 19
 # from this many multiply-adds (softmax: B*H*N*L*(d + d_v); linear: B*H*(N + M)*d*d_v). They beat
 # the MLX forms at every size measured (down to 2 x 2 heads x 4 queries x 8 keys), so this only
 # keeps calls of microseconds (the demo model's) on the MLX forms, whose bytes
-# tests/test_golden.py records for the default mode; the full-size DiT and DC-AE are far above.
+# tests/test_golden.py records for the default mode (the demo LM's prefills: up to 90 tokens); the
+# full-size DiT, DC-AE and LM prefill (Qwen2-0.5B, 308 tokens: 1.7e8) are far above.
 ATTENTION_NATIVE_MIN_MACS = 1 << 20
 
 # Above this many scores per image (heads x queries x keys; 64 MB in float32) the language

@@ -575,7 +575,9 @@ def _additive_mask(mask, queries: int, keys: int) -> mx.array | None:
 
 class Qwen2Attention(qwen2.Attention):
     """mlx-lm's Qwen2 attention whose softmax over several query rows (a prefill) runs through the
-    fast form: MLX's CPU ``scaled_dot_product_attention`` evaluates its exponentials with a
+    native softmax node (causal, its grouped KV heads read in place from the cache's views) or,
+    below ``tuning.ATTENTION_NATIVE_MIN_MACS``, with array masks, or without the node, the fast
+    MLX form: MLX's CPU ``scaled_dot_product_attention`` evaluates its exponentials with a
     scalar loop. Written out as mlx-lm's ``Attention.__call__`` is, with that one call
     replaced; one query row (decoding), quantized KV caches, batched caches (a position per
     sequence: mlx-lm's batched prefill, as the server runs it) and very long prompts
@@ -593,8 +595,24 @@ class Qwen2Attention(qwen2.Attention):
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        output = self._grouped_attention(queries, keys, values, mask)
+        output = self._node_attention(queries, keys, values, mask)
+        if output is None:
+            output = self._grouped_attention(queries, keys, values, mask)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+    def _node_attention(self, queries, keys, values, mask) -> mx.array | None:
+        """The node for mlx-lm's prefill masks (None, or "causal" aligned to the last key: a
+        prompt cache's offset), or None where it does not serve. Its output's merged layout makes
+        the merge of the heads a view."""
+        if not (mask is None or (isinstance(mask, str) and mask == "causal")):
+            return None
+        batch, heads, length, depth = queries.shape
+        macs = batch * heads * length * keys.shape[2] * (depth + values.shape[-1])
+        causal = mask is not None
+        if not (_native_attention(macs) and primitives.softmax_attention_supported(queries, keys, values,
+                                                                                    causal=causal)):
+            return None
+        return primitives.softmax_attention(queries, keys, values, self.scale, causal=causal)
 
     def _grouped_attention(self, queries, keys, values, mask) -> mx.array:
         """Grouped-query attention as one attention per KV head: that head's query heads are
