@@ -124,27 +124,30 @@ def resolve_cpu_matmul(choice: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def stage(limit: int | None = None):
+def stage(limit: int | None = None, keep_heap: bool = True):
     """One pipeline stage on the CPU: MLX's buffer-cache limit raised to ``limit`` (default
-    ``tuning.STAGE_CACHE_BYTES``; never lowered, so 0 leaves it), then restored, with what the
+    ``tuning.STAGE_CACHE_BYTES``; never lowered, so 0 leaves it) and with ``keep_heap`` freed
+    memory kept in the process's heap (``backends.cpu.memory``); then restored, with what the
     stage cached and the bf16 GEMM's packing buffers freed. A no-op on GPUs (their cache is
     already large)."""
     if platform.backend() != "cpu":
         yield
         return
-    limit = tuning.STAGE_CACHE_BYTES if limit is None else limit
-    previous = mx.set_cache_limit(limit)  # returns the limit it replaces
-    if previous >= limit:
-        mx.set_cache_limit(previous)
-    try:
-        yield
-    finally:
-        mx.set_cache_limit(previous)
-        mx.clear_cache()
-        from mobileo_mlx.kernels import primitives
+    from mobileo_mlx.backends.cpu import memory
+    from mobileo_mlx.kernels import primitives
 
-        if primitives.available():
-            primitives.extension().bf16_release()
+    limit = tuning.STAGE_CACHE_BYTES if limit is None else limit
+    with memory.heap_kept() if keep_heap else contextlib.nullcontext():  # left last: it trims what is free
+        previous = mx.set_cache_limit(limit)  # returns the limit it replaces
+        if previous >= limit:
+            mx.set_cache_limit(previous)
+        try:
+            yield
+        finally:
+            mx.set_cache_limit(previous)
+            mx.clear_cache()
+            if primitives.available():
+                primitives.extension().bf16_release()
 
 
 __all__ = ["KERNELS_ENV", "KERNELS_MODES", "MATMUL_CHOICES", "MATMUL_ENV", "accelerate", "bf16_unavailable_reason",
