@@ -67,7 +67,8 @@ class Stage:
     components: tuple[str, ...]  # what it may run; with low_memory they are freed when it ends
     buffer_cache: bool  # MLX's CPU buffer cache raised while it runs (backends.stage)
     # Freed memory kept in the process's heap while it runs (backends.stage), but with low_memory. Not for
-    # the vision tower: one pass, whose large maps the heap would keep (+0.15 GB peak for 0.2 s).
+    # the vision tower: one pass, whose large maps the heap would keep, raising the peak more than it
+    # saves time (benchmarks/README.md).
     keep_heap: bool = True
 
 

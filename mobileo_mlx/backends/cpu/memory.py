@@ -3,11 +3,12 @@
 MLX's CPU allocator takes its buffers from ``malloc``, and glibc maps every allocation above its
 mmap threshold (128 KB, adjusted up to 32 MB as it goes) afresh and unmaps it when it is freed.
 A stage allocates and frees the same large temporaries over and over (each DiT step, each band of
-the DC-AE, each stage of the vision tower), so every one of them is page-faulted in anew: ~0.5 M
-page faults a VAE decode. Inside a stage (``backends.stage``) the thresholds are raised, so those
-buffers come from the heap and freed ones are reused; when the outermost stage ends, glibc's own
-steady-state thresholds return and ``malloc_trim`` gives what is free back to the system. A user's own ``MALLOC_*`` or
-``GLIBC_TUNABLES`` settings win: then nothing is changed. Measured in benchmarks/README.md.
+the DC-AE), so every one of them is page-faulted in anew (about half a million page faults a VAE
+decode). Inside a stage (``backends.stage``) the thresholds are raised, so those buffers come from
+the heap and freed ones are reused; when the outermost stage ends, glibc's own steady-state
+thresholds return and ``malloc_trim`` gives what is free back to the system. A user's own
+``MALLOC_*`` or ``GLIBC_TUNABLES`` settings win: then nothing is changed. Measured in
+benchmarks/README.md.
 """
 
 from __future__ import annotations
