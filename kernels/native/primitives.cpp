@@ -972,20 +972,26 @@ void check_heads(const mx::array &q, const mx::array &k, const mx::array &v, con
   require(q.size() > 0 && k.size() > 0 && v.size() > 0, name + ": empty input");
 }
 
-// inputs: q, k, v (, key bias [B, L]) -> softmax(scale q k^T + bias [+ causal mask]) v; k and v
-// may have fewer heads than q (grouped-query attention: query head h reads KV head h / group)
-class SoftmaxAttention : public Kernel {
+// An attention core: q [B, heads, N, d], k, v [B, heads_kv, L, d / d_v] -> [B, heads, N, d_v].
+class AttentionKernel : public Kernel {
  public:
-  SoftmaxAttention(mx::Stream stream, float scale, bool causal) : Kernel(stream), scale_(scale), causal_(causal) {}
-  const char *name() const override { return "MobileoSoftmaxAttention"; }
-  bool is_equivalent(const mx::Primitive &other) const override {
-    const auto &o = static_cast<const SoftmaxAttention &>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
+  using Kernel::Kernel;
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     auto shape = inputs[0].shape();
     shape[3] = inputs[2].shape(3);
     return {shape};
+  }
+};
+
+// inputs: q, k, v (, key bias [B, L]) -> softmax(scale q k^T + bias [+ causal mask]) v; k and v
+// may have fewer heads than q (grouped-query attention: query head h reads KV head h / group)
+class SoftmaxAttention : public AttentionKernel {
+ public:
+  SoftmaxAttention(mx::Stream stream, float scale, bool causal) : AttentionKernel(stream), scale_(scale), causal_(causal) {}
+  const char *name() const override { return "MobileoSoftmaxAttention"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    const auto &o = static_cast<const SoftmaxAttention &>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
   }
 
   Arrays reference(const Arrays &in) override {
@@ -1057,17 +1063,12 @@ mx::array softmax_attention(const mx::array &q, const mx::array &k, const mx::ar
 }
 
 // inputs: q, k, v -> relu(q) (relu(k)^T v) / (relu(q) . sum relu(k) + eps)
-class ReluLinearAttention : public Kernel {
+class ReluLinearAttention : public AttentionKernel {
  public:
-  ReluLinearAttention(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  ReluLinearAttention(mx::Stream stream, float eps) : AttentionKernel(stream), eps_(eps) {}
   const char *name() const override { return "MobileoReluLinearAttention"; }
   bool is_equivalent(const mx::Primitive &other) const override {
     return eps_ == static_cast<const ReluLinearAttention &>(other).eps_;
-  }
-  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
-    auto shape = inputs[0].shape();
-    shape[3] = inputs[2].shape(3);
-    return {shape};
   }
 
   Arrays reference(const Arrays &in) override {
