@@ -234,10 +234,10 @@ def test_relu_linear_attention_against_float64_and_its_twin(batch, rows, keys, h
 
 
 def test_relu_linear_attention_of_the_dcae_interleaved_layout():
-    """LiteMLA's q, k, v: the thirds of interleaved [B, N, G, 3, d] groups, read in place."""
+    """LiteMLA's q, k, v: the thirds of interleaved [B, N, G, 3d] groups, read in place."""
     batch, side, groups, depth = 1, 48, 8, 32
-    qkv = mx.random.normal((batch, side * side, groups, 3, depth), key=mx.random.key(4)).transpose(3, 0, 2, 1, 4)
-    q, k, v = (third.squeeze(0) for third in mx.split(qkv, 3))  # as the model takes them: views
+    qkv = mx.random.normal((batch, side * side, groups, 3 * depth), key=mx.random.key(4)).transpose(0, 2, 1, 3)
+    q, k, v = mx.split(qkv, 3, axis=-1)  # as the model takes them: views
     out = prim.relu_linear_attention(q, k, v, 1e-15)
     exact = linear_exact(q, k, v, 1e-15)
     assert relative_error(out, exact) < 1e-6

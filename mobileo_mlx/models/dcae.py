@@ -193,9 +193,9 @@ class SanaMultiscaleLinearAttention(nn.Module):
         branches = [qkv] + [branch(qkv) for branch in self.to_qkv_multiscale]
         qkv = mx.concatenate(branches, axis=-1) if len(branches) > 1 else qkv
         # Interleaved grouping: consecutive 3*d channels form one "head"; its
-        # thirds are that head's q, k and v.
-        qkv = qkv.reshape(b, h * w, -1, 3, d).transpose(3, 0, 2, 1, 4)  # [3, B, G, N, d]
-        q, k, v = (third.squeeze(0) for third in mx.split(qkv, 3))  # views (qkv[0] would gather a copy)
+        # thirds are that head's q, k and v (diffusers' chunk along them).
+        qkv = qkv.reshape(b, h * w, -1, 3 * d).transpose(0, 2, 1, 3)  # [B, G, N, 3d]
+        q, k, v = mx.split(qkv, 3, axis=-1)
         if h * w > d:  # diffusers' condition for the linear (fp32) form
             out = self.linear_attention(q, k, v)
         else:
