@@ -79,15 +79,11 @@ MULTIVERSION static void gelu_range(const float *x, float *out, long begin, long
 struct gelu_job {
   const float *x;
   float *out;
-  long count;
 };
 
-static void gelu_part(void *arg, int part, int parts) {
+static void gelu_part(void *arg, long begin, long end) {
   const struct gelu_job *job = arg;
-  /* split on multiples of 8 so every part but the last is whole vectors */
-  const long vectors = (job->count + 7) / 8;
-  const long begin = vectors * part / parts * 8, end = vectors * (part + 1) / parts * 8;
-  gelu_range(job->x, job->out, begin, end < job->count ? end : job->count);
+  gelu_range(job->x, job->out, begin, end);
 }
 
 /* Below this many values one thread does it (waking the others costs more). */
@@ -95,9 +91,7 @@ static void gelu_part(void *arg, int part, int parts) {
 
 /* out[i] = gelu(x[i]) for i < count (out may be x). Returns 0. */
 int mobileo_gelu(const float *x, float *out, long count) {
-  struct gelu_job job = {x, out, count};
-  int parts = mobileo_pool_threads(0);
-  if (count < PARALLEL_MIN_VALUES) parts = 1;
-  if (mobileo_pool_run(gelu_part, &job, parts, 1) != 0) gelu_part(&job, 0, 1);
+  struct gelu_job job = {x, out};
+  mobileo_pool_run_ranges(gelu_part, &job, count, 8, PARALLEL_MIN_VALUES);
   return 0;
 }

@@ -111,3 +111,22 @@ int mobileo_pool_run(mobileo_part_fn fn, void *arg, int parts, int wait) {
   pthread_mutex_unlock(&running);
   return 0;
 }
+
+struct ranges {
+  mobileo_range_fn fn;
+  void *arg;
+  long count, align;
+};
+
+static void range_part(void *arg, int part, int parts) {
+  const struct ranges *r = arg;
+  const long vectors = (r->count + r->align - 1) / r->align;
+  const long begin = vectors * part / parts * r->align, end = vectors * (part + 1) / parts * r->align;
+  r->fn(r->arg, begin, end < r->count ? end : r->count);
+}
+
+void mobileo_pool_run_ranges(mobileo_range_fn fn, void *arg, long count, long align, long serial_below) {
+  struct ranges r = {fn, arg, count, align};
+  const int parts = count < serial_below ? 1 : mobileo_pool_threads(0);
+  if (mobileo_pool_run(range_part, &r, parts, 1) != 0) range_part(&r, 0, 1);
+}

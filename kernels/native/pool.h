@@ -13,4 +13,10 @@ int mobileo_pool_threads(int threads);
  * returns -1 at once (and runs nothing), otherwise it waits its turn. */
 int mobileo_pool_run(mobileo_part_fn fn, void *arg, int parts, int wait);
 
+/* fn(arg, begin, end) over [0, count) in one piece per thread, the pieces cut at multiples of
+ * align (so every piece but the last is whole vectors of that many values); the calling thread
+ * alone below serial_below values (waking the others would cost more). Waits for the pool. */
+typedef void (*mobileo_range_fn)(void *arg, long begin, long end);
+void mobileo_pool_run_ranges(mobileo_range_fn fn, void *arg, long count, long align, long serial_below);
+
 #endif

@@ -91,6 +91,18 @@ class Kernel : public mx::Primitive {
   }
 
  protected:
+  // The output in the buffer of the first candidate no one else holds (each row-contiguous and of
+  // the output's size: the ops make them so; nullptr: not a candidate), else in fresh memory.
+  static void take_over_or_allocate(mx::array &out, std::initializer_list<const mx::array *> candidates) {
+    for (const auto *in : candidates) {
+      if (in != nullptr && in->is_donatable()) {
+        out.copy_shared_buffer(*in);
+        return;
+      }
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+
   mx::cpu::CommandEncoder &encoder(const Arrays &inputs, Arrays &outputs) {
     auto &enc = mx::cpu::get_command_encoder(stream());
     for (const auto &in : inputs) enc.set_input_array(in);
@@ -464,11 +476,7 @@ class Bf16Matmul : public Kernel {
     auto &out = outputs[0];
     const bool accumulate = inputs.size() > 2 && !bias_row_;
     const float *bias = inputs.size() > 2 && bias_row_ ? inputs[2].data<float>() : nullptr;
-    if (accumulate && inputs[2].is_donatable()) {
-      out.copy_shared_buffer(inputs[2]);  // c is row-contiguous [M, N] (mx::contiguous in the op)
-    } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
+    take_over_or_allocate(out, {accumulate ? &inputs[2] : nullptr});  // c: row-contiguous [M, N]
     const int k = b.shape(0), n = b.shape(1), m = (int)(a.size() / k);
     const Operand left = operand_layout(a, m, k), right = operand_layout(b, k, n);
     auto &enc = encoder(inputs, outputs);
@@ -685,12 +693,7 @@ class GluSilu : public Kernel {
     const auto &a = inputs[0], &g = inputs[1];
     auto &out = outputs[0];
     // both row-contiguous (mx::contiguous in the op): an element's index is its offset in either
-    if (a.is_donatable())
-      out.copy_shared_buffer(a);
-    else if (g.is_donatable())
-      out.copy_shared_buffer(g);
-    else
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+    take_over_or_allocate(out, {&a, &g});
     auto &enc = encoder(inputs, outputs);
     enc.dispatch([values = a.data<float>(), gates = g.data<float>(), result = out.data<float>(),
                   count = (long)a.size()]() { mobileo_glu_silu(values, gates, result, count); });
@@ -728,14 +731,23 @@ mobileo_rows contiguous_rows(const mx::array &x) {
   return rows;
 }
 
-class RmsNormResidual : public Kernel {
+// A node with one parameter, an epsilon, whose output has its first input's shape.
+class EpsilonKernel : public Kernel {
  public:
-  RmsNormResidual(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
-  const char *name() const override { return "MobileoRmsNormResidual"; }
+  EpsilonKernel(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
   bool is_equivalent(const mx::Primitive &other) const override {
-    return eps_ == static_cast<const RmsNormResidual &>(other).eps_;
+    return eps_ == static_cast<const EpsilonKernel &>(other).eps_;  // MLX compares nodes of one type only
   }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+ protected:
+  float eps_;
+};
+
+class RmsNormResidual : public EpsilonKernel {
+ public:
+  using EpsilonKernel::EpsilonKernel;
+  const char *name() const override { return "MobileoRmsNormResidual"; }
 
   // inputs: y [..., D], weight [D], bias [D] (, residual of y's shape)
   Arrays reference(const Arrays &in) override {
@@ -748,10 +760,7 @@ class RmsNormResidual : public Kernel {
     const auto &y = inputs[0];
     auto &out = outputs[0];
     const bool has_residual = inputs.size() > 3;
-    if (y.is_donatable() && y.flags().row_contiguous)
-      out.copy_shared_buffer(y);  // each row is summed before it is written
-    else
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+    take_over_or_allocate(out, {y.flags().row_contiguous ? &y : nullptr});  // each row summed before it is written
     auto &enc = encoder(inputs, outputs);
     const int dim = y.shape(-1);
     const long rows = (long)(y.size() / dim);
@@ -781,9 +790,6 @@ class RmsNormResidual : public Kernel {
         throw std::runtime_error("MobileoRmsNormResidual: layout not taken by the kernel");
     });
   }
-
- private:
-  float eps_;
 };
 
 mx::array rms_norm_residual(const mx::array &y, const mx::array &weight, const mx::array &bias, float eps,
@@ -809,14 +815,10 @@ mx::array per_image(const mx::array &v, int batch, int dim, const mx::Stream &st
   return mx::contiguous(mx::reshape(mx::broadcast_to(v, {batch, 1, dim}, stream), {batch, dim}, stream), false, stream);
 }
 
-class ModulatedLayerNorm : public Kernel {
+class ModulatedLayerNorm : public EpsilonKernel {
  public:
-  ModulatedLayerNorm(mx::Stream stream, float eps) : Kernel(stream), eps_(eps) {}
+  using EpsilonKernel::EpsilonKernel;
   const char *name() const override { return "MobileoModulatedLayerNorm"; }
-  bool is_equivalent(const mx::Primitive &other) const override {
-    return eps_ == static_cast<const ModulatedLayerNorm &>(other).eps_;
-  }
-  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
 
   // inputs: x [B, N, D], shift [B, D], scale [B, D]
   Arrays reference(const Arrays &in) override {
@@ -829,10 +831,7 @@ class ModulatedLayerNorm : public Kernel {
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &x = inputs[0];
     auto &out = outputs[0];
-    if (x.is_donatable())
-      out.copy_shared_buffer(x);  // each row is summed before it is written
-    else
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+    take_over_or_allocate(out, {&x});  // each row is summed before it is written
     auto &enc = encoder(inputs, outputs);
     enc.dispatch([source = x.data<float>(), shift = inputs[1].data<float>(), scale = inputs[2].data<float>(),
                   result = out.data<float>(), batch = x.shape(0), tokens = x.shape(1), dim = x.shape(2),
@@ -841,9 +840,6 @@ class ModulatedLayerNorm : public Kernel {
         throw std::runtime_error("MobileoModulatedLayerNorm: shape not taken by the kernel");
     });
   }
-
- private:
-  float eps_;
 };
 
 mx::array modulated_layer_norm(const mx::array &x, const mx::array &shift, const mx::array &scale, float eps,
@@ -874,12 +870,7 @@ class GatedResidual : public Kernel {
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &x = inputs[0], &update = inputs[2];
     auto &out = outputs[0];
-    if (x.is_donatable())  // both row-contiguous (mx::contiguous in the op)
-      out.copy_shared_buffer(x);
-    else if (update.is_donatable())
-      out.copy_shared_buffer(update);
-    else
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+    take_over_or_allocate(out, {&x, &update});  // both row-contiguous (mx::contiguous in the op)
     auto &enc = encoder(inputs, outputs);
     enc.dispatch([stream_x = x.data<float>(), gate = inputs[1].data<float>(), delta = update.data<float>(),
                   result = out.data<float>(), batch = x.shape(0), tokens = x.shape(1), dim = x.shape(2)]() {
@@ -1156,10 +1147,7 @@ class Bf16Conv : public Kernel {
     const auto &x = inputs[0], &weight = inputs[1];
     auto &out = outputs[0];
     const mx::array *init = has_init_ ? &inputs.back() : nullptr;
-    if (init != nullptr && init->is_donatable())
-      out.copy_shared_buffer(*init);  // row-contiguous [B, H, W, O] (mx::contiguous in the op)
-    else
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+    take_over_or_allocate(out, {init});  // row-contiguous [B, H, W, O] (mx::contiguous in the op)
     auto &enc = encoder(inputs, outputs);
     enc.dispatch([image = x.data<float>(), weights = weight.data<float>(),
                   bias = has_bias_ ? inputs[2].data<float>() : nullptr,
@@ -1235,10 +1223,7 @@ class Bf16SubpixelConv : public Kernel {
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &x = inputs[0], &weights = inputs[1], &init = inputs[2];
     auto &out = outputs[0];
-    if (init.is_donatable())
-      out.copy_shared_buffer(init);  // row-contiguous (mx::contiguous in the op)
-    else
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+    take_over_or_allocate(out, {&init});  // row-contiguous (mx::contiguous in the op)
     auto &enc = encoder(inputs, outputs);
     enc.dispatch([image = x.data<float>(), taps = weights.data<float>(), addend = init.data<float>(),
                   result = out.data<float>(), batch = x.shape(0), height = x.shape(1), width = x.shape(2),

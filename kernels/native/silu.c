@@ -40,15 +40,10 @@ CLONES16 static void glu_range(const float *a, const float *g, float *out, long 
 struct silu_job {
   const float *x, *gate; /* gate NULL: silu(x); else x * silu(gate) */
   float *out;
-  long count;
 };
 
-static void silu_part(void *arg, int part, int parts) {
+static void silu_part(void *arg, long begin, long end) {
   const struct silu_job *job = arg;
-  /* split on multiples of 16 so every part but the last is whole vectors */
-  const long vectors = (job->count + 15) / 16;
-  const long begin = vectors * part / parts * 16, end_ = vectors * (part + 1) / parts * 16;
-  const long end = end_ < job->count ? end_ : job->count;
   if (job->gate == NULL)
     silu_range(job->x, job->out, begin, end);
   else
@@ -58,20 +53,14 @@ static void silu_part(void *arg, int part, int parts) {
 /* Below this many values one thread does it (waking the others costs more). */
 #define PARALLEL_MIN_VALUES (1L << 15)
 
-static void run(struct silu_job *job) {
-  int parts = mobileo_pool_threads(0);
-  if (job->count < PARALLEL_MIN_VALUES) parts = 1;
-  if (mobileo_pool_run(silu_part, job, parts, 1) != 0) silu_part(job, 0, 1);
-}
-
 int mobileo_silu(const float *x, float *out, long count) {
-  struct silu_job job = {x, NULL, out, count};
-  run(&job);
+  struct silu_job job = {x, NULL, out};
+  mobileo_pool_run_ranges(silu_part, &job, count, 16, PARALLEL_MIN_VALUES);
   return 0;
 }
 
 int mobileo_glu_silu(const float *a, const float *g, float *out, long count) {
-  struct silu_job job = {a, g, out, count};
-  run(&job);
+  struct silu_job job = {a, g, out};
+  mobileo_pool_run_ranges(silu_part, &job, count, 16, PARALLEL_MIN_VALUES);
   return 0;
 }
