@@ -124,7 +124,8 @@ class ModelOptions:
         "--cpu-matmul",
         help="On the CPU backend, how the vision encoder, DiT and VAE multiply: bf16 (bfloat16 inputs, "
         "float32 sums, on AMX tiles or AVX512-BF16: several times faster products; needs AVX512-BF16), fp32, "
-        "or auto (bf16 where the CPU has it). The language model always multiplies in float32. Default: "
+        "or auto (bf16 where the CPU has it). The language model takes bf16 only to encode a prompt for a picture; "
+        "it answers in float32. Default: "
         "$MOBILEO_MLX_CPU_MATMUL or auto.",
         show_default=False,
     )] = None

@@ -70,6 +70,9 @@ class Stage:
     # the vision tower: one pass, whose large maps the heap would keep, raising the peak more than it
     # saves time (benchmarks/README.md).
     keep_heap: bool = True
+    # With bf16 CPU matmuls, the language model's products in bfloat16 too: it encodes a prompt whose
+    # hidden states condition the DiT, and chooses no token (backends.stage's ``encoding``).
+    encoding: bool = False
 
 
 class MobileO:
@@ -80,15 +83,17 @@ class MobileO:
     # over and over (layer after layer, step after step, token after token): they keep them cached.
     STAGES = {
         "vision": Stage(("vision", "projector"), buffer_cache=False, keep_heap=False),  # a picture -> features
-        "conditioning": Stage(("language", "vision", "projector", "mcp"), buffer_cache=True),  # -> the DiT's conditioning
+        "conditioning": Stage(("language", "vision", "projector", "mcp"), buffer_cache=True,
+                              encoding=True),  # -> the DiT's conditioning
         "dit": Stage(("dit",), buffer_cache=True),  # the denoising loop
         "vae": Stage(("vae",), buffer_cache=False),  # latents -> pixels
         "text": Stage(("language",), buffer_cache=True),  # an answer, token by token
     }
     # With bf16 CPU matmuls, the components whose products take bfloat16 inputs (float32 sums):
-    # the picture ones, heavy in FLOPs, whose outputs are pixels or features. The language
-    # model and the MCP stay float32: a token choice may flip on a rounding.
-    BF16_COMPONENTS = ("vision", "projector", "dit", "vae")
+    # the picture ones, heavy in FLOPs, whose outputs are pixels or features, and the language
+    # model only in the stages that encode a prompt (Stage.encoding): where it answers, a token
+    # choice may flip on a rounding. The MCP (2.4 M parameters) stays float32.
+    BF16_COMPONENTS = ("vision", "projector", "language", "dit", "vae")
     # The features of this many recent pictures are kept (keyed by content), so a conversation's
     # later turns do not run the vision tower again for its pictures (~1 MB each at full size).
     PICTURE_CACHE_SIZE = 8
@@ -132,7 +137,8 @@ class MobileO:
         (also on an error or when a generator inside is closed)."""
         policy = self.STAGES[name]
         try:
-            with backends.stage(None if policy.buffer_cache else 0, keep_heap=policy.keep_heap and not self.low_memory):
+            with backends.stage(None if policy.buffer_cache else 0, keep_heap=policy.keep_heap and not self.low_memory,
+                                encoding=policy.encoding):
                 yield
         finally:
             if self.low_memory:

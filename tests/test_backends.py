@@ -190,6 +190,41 @@ def test_stage_raises_the_buffer_cache_for_one_stage_and_restores_it():
 
 
 @on_cpu
+@needs_bf16
+def test_language_products_take_bf16_only_while_a_stage_encodes(monkeypatch):
+    """The language model accelerated with bf16 matmuls multiplies in bfloat16 inside an encoding
+    stage only: float32 outside any stage, in a stage that answers, and in another thread (a
+    server's chat beside an encoding generation)."""
+    import threading
+
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    reference = nn.QuantizedLinear.from_linear(randomized(nn.Linear(128, 64), seed=8), group_size=64, bits=4)
+    holder = nn.Sequential(reference)
+    language = backends.accelerate(rebuild(holder), "language", matmul="bf16").layers[0]
+    assert type(language) is quantized.EncodingQuantizedLinear
+    fp32 = backends.accelerate(rebuild(holder), "language", matmul="fp32").layers[0]
+    x = mx.random.normal((12, 128), key=mx.random.key(9))
+    float32 = fp32(x)
+    assert relative_error(float32, reference(x)) < 1e-5
+    seen_elsewhere = []
+    assert same_bits(language(x), float32)
+    with backends.stage(encoding=True):
+        encoded = language(x)
+        worker = threading.Thread(target=lambda: seen_elsewhere.append(same_bits(language(x), float32)))
+        worker.start()
+        worker.join()
+        with backends.stage():
+            assert same_bits(language(x), float32)
+    assert seen_elsewhere == [True]
+    assert 0 < relative_error(encoded, float32) < 1e-2
+    weight = quantized.dequantize(reference.weight, reference.scales, reference.biases, 4, 64)
+    assert relative_error(encoded, primitives.bf16_matmul_reference(x, weight.T) + reference.bias) < 1e-6
+    assert same_bits(language(x), float32)
+    with backends.stage(encoding=True):  # with fp32 matmuls: float32 in every stage
+        assert same_bits(fp32(x), float32)
+
+
+@on_cpu
 def test_cpu_pieces_compute_each_piece_once_and_do_not_nest():
     x = mx.arange(12, dtype=mx.float32).reshape(4, 3)
     seen = []

@@ -273,8 +273,8 @@ needs_bf16 = pytest.mark.skipif(mx.default_device() != mx.cpu or backends.bf16_u
 @needs_bf16
 def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference, monkeypatch):
     """cpu_matmul="bf16": the vision tower's, projector's, DiT's and VAE's products take bfloat16
-    inputs, the language model's do not (its greedy tokens stay the reference's), and the
-    picture stays close."""
+    inputs, the language model's only while it encodes a prompt for a picture, not when it answers
+    (its greedy tokens stay the reference's), and the picture stays close."""
     fast = mobileo_mlx.load(str(model.folder), cpu_matmul="bf16")
     assert fast.cpu_matmul == "bf16" and model.cpu_matmul == "fp32"  # the suite pins fp32
     monkeypatch.setattr(backends.tuning, "BF16_MIN_PRODUCT", 0)  # the demo model's products are all small
@@ -285,7 +285,9 @@ def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference, monkey
     done = products()
     assert fast.chat([Message("user", "Hello there")], max_tokens=8) == model.chat(
         [Message("user", "Hello there")], max_tokens=8)
-    assert products() == done  # the language model: float32 throughout
+    assert products() == done  # the language model answering: float32 throughout
+    fast.caption_conditioning(PROMPT)
+    assert products() > done  # the language model encoding a prompt (the MCP is float32)
     noise = noise_for(model, seed=20)
     ours = fast.generate(PROMPT, steps=20, guidance=1.5, noise=noise)
     assert products() > done
@@ -301,7 +303,7 @@ def test_bf16_cpu_matmuls_serve_the_picture_stages_only(model, reference, monkey
 @pytest.mark.parametrize("cpu_matmul", ["fp32", pytest.param("bf16", marks=needs_bf16)])
 def test_components_are_made_fast_once_loaded(model, cpu_matmul):
     """MobileO.component loads the plain model and swaps in the backend's forms once: bf16
-    products only in the picture components."""
+    products in the picture components, the language model's only inside an encoding stage."""
     fast = mobileo_mlx.load(str(model.folder), cpu_matmul=cpu_matmul)
     vision, language, dit = fast.component("vision"), fast.component("language"), fast.component("dit")
     assert fast.component("dit") is dit
@@ -310,5 +312,14 @@ def test_components_are_made_fast_once_loaded(model, cpu_matmul):
     assert isinstance(dit.transformer_blocks[0].ff, cpu_layers.GLUMBConv)
     head = dit.proj_out  # never quantized
     assert isinstance(head, cpu_layers.Bf16Linear) == (cpu_matmul == "bf16")
-    assert not isinstance(language.model.layers[0].self_attn.o_proj, (cpu_layers.Bf16Linear,
-                                                                      cpu_quantized.Bf16QuantizedLinear))
+    projection = language.model.layers[0].self_attn.o_proj
+    assert not isinstance(projection, cpu_quantized.Bf16QuantizedLinear)
+    assert isinstance(projection, (cpu_layers.EncodingLinear, cpu_quantized.EncodingQuantizedLinear)) == (
+        cpu_matmul == "bf16")
+    products = getattr(projection, "products", cpu_layers.FP32)  # fp32: the plain nn.Linear of a float32 model
+    assert not products.bf16
+    with fast.stage("conditioning"):
+        assert products.bf16 == (cpu_matmul == "bf16")
+        with fast.stage("text"):
+            assert not products.bf16
+    assert not products.bf16

@@ -124,20 +124,23 @@ def resolve_cpu_matmul(choice: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def stage(limit: int | None = None, keep_heap: bool = True):
+def stage(limit: int | None = None, keep_heap: bool = True, encoding: bool = False):
     """One pipeline stage on the CPU: MLX's buffer-cache limit raised to ``limit`` (default
-    ``tuning.STAGE_CACHE_BYTES``; never lowered, so 0 leaves it) and with ``keep_heap`` freed
-    memory kept in the process's heap (``backends.cpu.memory``); then restored, with what the
-    stage cached and the bf16 GEMM's packing buffers freed. A no-op on GPUs (their cache is
-    already large)."""
+    ``tuning.STAGE_CACHE_BYTES``; never lowered, so 0 leaves it), with ``keep_heap`` freed
+    memory kept in the process's heap (``backends.cpu.memory``) and with ``encoding`` the
+    language model's products in bfloat16 where its component was accelerated with
+    ``matmul="bf16"`` (a prompt encoded for a picture: no token is chosen); then restored, with
+    what the stage cached and the bf16 GEMM's packing buffers freed. A no-op on GPUs (their
+    cache is already large)."""
     if platform.backend() != "cpu":
         yield
         return
-    from mobileo_mlx.backends.cpu import memory
+    from mobileo_mlx.backends.cpu import layers, memory
     from mobileo_mlx.kernels import primitives
 
     limit = tuning.STAGE_CACHE_BYTES if limit is None else limit
-    with memory.heap_kept() if keep_heap else contextlib.nullcontext():  # left last: it trims what is free
+    with (memory.heap_kept() if keep_heap else contextlib.nullcontext(),  # left last: it trims what is free
+          layers.encoding(encoding)):
         previous = mx.set_cache_limit(limit)  # returns the limit it replaces
         if previous >= limit:
             mx.set_cache_limit(previous)

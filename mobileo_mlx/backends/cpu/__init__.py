@@ -41,7 +41,8 @@ K_MAJOR_COMPONENTS = ("dit", "vae")
 
 def table(component: str, matmul: str = "fp32") -> dict:
     """The swap table of ``component`` (``models.MODELS``); ``matmul="bf16"``: its matrix
-    products (Linear layers, quantized ones, the VAE's convs) with bfloat16 operands."""
+    products (Linear layers, quantized ones, the VAE's convs) with bfloat16 operands; the language
+    model's only inside ``backends.stage(encoding=True)`` (a prompt encoded, no token chosen)."""
     bf16 = matmul == "bf16"
     forms = dict(_COMMON)
     if component == "language":
@@ -52,8 +53,10 @@ def table(component: str, matmul: str = "fp32") -> dict:
         forms.update(_DECODER_BF16 if bf16 else _DECODER)
     if component in K_MAJOR_COMPONENTS:
         forms[nn.QuantizedLinear] = quantized.Bf16KMajorQuantizedLinear if bf16 else quantized.KMajorQuantizedLinear
+    elif bf16 and component == "language":  # bf16 only while a stage encodes a prompt
+        forms[nn.QuantizedLinear] = quantized.EncodingQuantizedLinear
     elif bf16:
         forms[nn.QuantizedLinear] = quantized.Bf16QuantizedLinear
     if bf16:
-        forms[nn.Linear] = layers.Bf16Linear
+        forms[nn.Linear] = layers.EncodingLinear if component == "language" else layers.Bf16Linear
     return forms

@@ -17,12 +17,15 @@ computes, in the form MLX's CPU backend runs fast:
   upsampling convs in sub-pixel form; with bfloat16 products each conv one native node;
 * mlx-lm's Qwen2 MLP with the fast SiLU gate, its attention with the fast softmax for a prefill;
 * Linear layers of the components that multiply in bfloat16 (``matmul="bf16"``) through the
-  bf16 GEMM node.
+  bf16 GEMM node; the language model's only while a stage encodes a prompt (:data:`ENCODING`).
 
 The quantized layers are in ``backends.cpu.quantized``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,12 +69,53 @@ class Products:
 
 FP32, BF16 = Products(False), Products(True)
 
+# Whether the current stage lets ENCODING products take bfloat16 (backends.stage(encoding=True)):
+# a context variable, so a server thread answering a chat keeps float32 while another encodes.
+_encoding = contextvars.ContextVar("mobileo_mlx_encoding", default=False)
+
+
+class EncodingProducts(Products):
+    """The language model's products with bf16 CPU matmuls: bfloat16 operands while a stage encodes a
+    prompt for a picture (its hidden states condition the DiT; no token is chosen), float32 when it
+    answers, where a token choice could flip on a rounding."""
+
+    def __init__(self):  # no fixed choice: the stage makes it
+        pass
+
+    @property
+    def bf16(self) -> bool:
+        return _encoding.get()
+
+    def __repr__(self) -> str:
+        return "ENCODING"
+
+
+ENCODING = EncodingProducts()
+
+
+@contextlib.contextmanager
+def encoding(active: bool = True):
+    """Inside: :data:`ENCODING` products take bfloat16 operands (``active``), else float32."""
+    token = _encoding.set(active)
+    try:
+        yield
+    finally:
+        _encoding.reset(token)
+
 
 class Bf16Linear(nn.Linear):
     """``nn.Linear`` with bfloat16 products (float32 sums)."""
 
+    products = BF16
+
     def __call__(self, x: mx.array) -> mx.array:
-        return BF16.matmul(x, self["weight"].T, self.get("bias"))
+        return self.products.matmul(x, self["weight"].T, self.get("bias"))
+
+
+class EncodingLinear(Bf16Linear):
+    """``nn.Linear`` with :data:`ENCODING` products."""
+
+    products = ENCODING
 
 
 # ------------------------------------------------------------------ activations

@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from mobileo_mlx.backends import tuning
 from mobileo_mlx.backends.cpu import streams
-from mobileo_mlx.backends.cpu.layers import BF16, FP32, Products, use_kernels
+from mobileo_mlx.backends.cpu.layers import BF16, ENCODING, FP32, Products, use_kernels
 from mobileo_mlx.kernels import primitives
 
 
@@ -175,6 +175,12 @@ class Bf16QuantizedLinear(QuantizedLinear):
 
 class Bf16KMajorQuantizedLinear(KMajorQuantizedLinear):
     products = BF16
+
+
+class EncodingQuantizedLinear(QuantizedLinear):
+    """The language model's quantized layers with bf16 CPU matmuls (``layers.ENCODING``)."""
+
+    products = ENCODING
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
