@@ -206,35 +206,68 @@ def dequantize_k_major_reference(values: mx.array, scales: mx.array, biases: mx.
 
 
 def bf16_matmul_q8_reference(x: mx.array, values: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-                             bias: mx.array | None = None) -> mx.array:
-    """What :func:`bf16_matmul_q8` computes, in MLX operations: the weight dequantized, the
-    products of the bfloat16-rounded operands summed in float32, then the bias."""
+                             bias: mx.array | None = None, *, norm: tuple | None = None,
+                             residual: mx.array | None = None, gate: mx.array | None = None) -> mx.array:
+    """What :func:`bf16_matmul_q8` computes, in MLX operations: x's rows through
+    :func:`modulated_layer_norm_reference` first when ``norm`` = (shift, scale, eps) is given, the
+    weight dequantized, the products of the bfloat16-rounded operands summed in float32, then the
+    bias, then ``residual + result`` (with ``gate``: :func:`gated_residual_reference`)."""
+    if norm is not None:
+        x = modulated_layer_norm_reference(x, *norm)
     product = bf16_matmul_reference(x, dequantize_k_major_reference(values, scales, biases, group_size))
-    return product if bias is None else product + bias
+    if bias is not None:
+        product = product + bias
+    if residual is None:
+        return product
+    return residual + product if gate is None else gated_residual_reference(residual, gate, product)
 
 
 def bf16_matmul_q8_supported(x: mx.array, values: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-                             bias: mx.array | None = None) -> bool:
+                             bias: mx.array | None = None, *, norm: tuple | None = None,
+                             residual: mx.array | None = None, gate: mx.array | None = None) -> bool:
     """Whether :func:`bf16_matmul_q8` takes these operands (its twin: :func:`bf16_matmul_q8_reference`)."""
     if not (bf16_supported() and x.ndim >= 1 and values.ndim == 2 and values.dtype == mx.uint8
-            and _float32(x, scales, biases, bias)):
+            and _float32(x, scales, biases, bias, residual, gate)):
         return False
     k, n = values.shape
-    return (x.shape[-1] == k and x.size > 0 and n > 0 and group_size > 0 and k % group_size == 0
-            and scales.shape == biases.shape == (k // group_size, n) and (bias is None or bias.shape == (n,)))
+    if not (x.shape[-1] == k and x.size > 0 and n > 0 and group_size > 0 and k % group_size == 0
+            and scales.shape == biases.shape == (k // group_size, n) and (bias is None or bias.shape == (n,))):
+        return False
+    images = x.shape[0] if x.ndim == 3 else 1
+    if (norm is not None or gate is not None) and x.ndim not in (2, 3):
+        return False
+    if norm is not None and not (_float32(*norm[:2]) and all(_per_image(v, images, k) for v in norm[:2])):
+        return False
+    if residual is not None and residual.shape != (*x.shape[:-1], n):
+        return False
+    return gate is None or (residual is not None and _per_image(gate, images, n))
 
 
 def bf16_matmul_q8(x: mx.array, values: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-                   bias: mx.array | None = None) -> mx.array:
+                   bias: mx.array | None = None, *, norm: tuple | None = None,
+                   residual: mx.array | None = None, gate: mx.array | None = None) -> mx.array:
     """``x @ W [+ bias]`` for float32 x [..., K] and W [K, N] stored K-major in 8 bits
     (``values * scales + biases``: values [K, N] uint8, scales and biases [K / group_size, N]),
     with bfloat16 products and float32 sums, by the AMX or AVX512-BF16 GEMM: each panel of W is
     dequantized and rounded to bfloat16 as the kernel packs it (no float32 W is ever made) and
     the bias row is added as the result is stored. The bits of :func:`bf16_matmul` on the
-    dequantized W followed by ``+ bias``."""
-    if bias is None:
-        return extension().bf16_matmul_q8(x, values, scales, biases, group_size)
-    return extension().bf16_matmul_q8(x, values, scales, biases, group_size, bias=bias)
+    dequantized W followed by ``+ bias``.
+
+    And, without a pass of their own, the operations SANA's blocks wrap around their products:
+    ``norm`` = (shift, scale, eps), shift and scale [B, 1, K] for x [B, N, K]: x's rows normalised
+    as :func:`modulated_layer_norm` does, as the kernel packs them (the normalised x is never
+    stored); ``residual`` [..., N] (+ ``gate`` [B, 1, N]): ``residual [+ gate *] result`` as
+    :func:`gated_residual` does, in the store (residual's buffer becomes the output when no one
+    else holds it). The same bits as those nodes around the plain product."""
+    kwargs = {} if bias is None else {"bias": bias}
+    if norm is not None:
+        shift, scale, eps = norm
+        kwargs.update(norm_shift=shift, norm_scale=scale, norm_eps=float(eps))
+    if residual is not None:
+        kwargs["residual"] = residual
+    if gate is not None:
+        kwargs["gate"] = gate
+    return extension().bf16_matmul_q8(x, values, scales, biases, group_size, **kwargs)
 
 
 def status() -> str:
@@ -494,17 +527,18 @@ __all__ += ["attention_supported", "causal_mask", "relu_linear_attention", "relu
 
 # ------------------------------------------------------------------ bfloat16 conv (implicit GEMM)
 def bf16_conv_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
-                        init: mx.array | None = None) -> mx.array:
+                        init: mx.array | None = None, silu: bool = False) -> mx.array:
     """What :func:`bf16_conv` computes, in MLX operations: [init +] the stride-1 conv of the
     bfloat16-rounded operands, summed in float32, whose output has the input's size (``padding``
-    rows above / columns left of the map, the rest below / right) [+ bias]."""
+    rows above / columns left of the map, the rest below / right) [+ bias], [then SiLU]."""
     rounded = lambda v: v.astype(mx.bfloat16).astype(mx.float32)  # noqa: E731
     kh, kw = weight.shape[1], weight.shape[2]
     (top, left) = _pair(padding)
     y = mx.conv_general(rounded(x), rounded(weight), padding=([top, left], [kh - 1 - top, kw - 1 - left]))
     if init is not None:
         y = init + y
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return silu_reference(y) if silu else y
 
 
 def bf16_conv_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
@@ -520,29 +554,31 @@ def bf16_conv_supported(x: mx.array, weight: mx.array, bias: mx.array | None = N
 
 
 def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
-              init: mx.array | None = None) -> mx.array:
+              init: mx.array | None = None, silu: bool = False) -> mx.array:
     """[init +] conv(x, weight) [+ bias] with bfloat16 products and float32 sums, one node: x [B, H, W, C],
     weight [O, kh, kw, C] (MLX's layout), stride 1, the output [B, H, W, O] the input's size
     (``padding``: (rows above, columns left of the map)). The bf16 GEMM (:func:`bf16_kernel`) packs
     its A straight from the windows of x, the zero padding made there (no padded copy, no
     im2col), sums K = kh kw C in its tiles and writes the output once, the bias and ``init`` (whose
-    buffer it takes over when no one else holds it) added as it stores it."""
-    return extension().bf16_conv(x, weight, bias, _pair(padding), init=init)
+    buffer it takes over when no one else holds it) added as it stores it, then with ``silu`` SiLU
+    (:func:`silu`'s bits), so an activated map is written once."""
+    return extension().bf16_conv(x, weight, bias, _pair(padding), init=init, silu=silu)
 
 
-def bf16_conv3x3_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def bf16_conv3x3_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                           silu: bool = False) -> mx.array:
     """:func:`bf16_conv3x3`'s twin: the 3x3 conv (padding 1) of the bfloat16-rounded operands, float32 sums."""
-    return bf16_conv_reference(x, weight, bias, (1, 1))
+    return bf16_conv_reference(x, weight, bias, (1, 1), silu=silu)
 
 
 def bf16_conv3x3_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> bool:
     return weight.ndim == 4 and weight.shape[1:3] == (3, 3) and bf16_conv_supported(x, weight, bias, (1, 1))
 
 
-def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None, silu: bool = False) -> mx.array:
     """A 3x3 conv, stride 1, padding 1 (the DC-AE's) by :func:`bf16_conv`: x [B, H, W, C], weight
-    [O, 3, 3, C], bias [O] or None -> [B, H, W, O]."""
-    return bf16_conv(x, weight, bias, (1, 1))
+    [O, 3, 3, C], bias [O] or None -> [B, H, W, O] (with ``silu``: through SiLU)."""
+    return bf16_conv(x, weight, bias, (1, 1), silu=silu)
 
 
 def bf16_subpixel_conv_reference(x: mx.array, weights: mx.array, init: mx.array) -> mx.array:

@@ -43,17 +43,18 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
 }
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
                       int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
-                      float *out, long out_line_stride, long out_pixel_stride) {
-  (void)out_line_stride, (void)out_pixel_stride;
+                      float *out, long out_line_stride, long out_pixel_stride,
+                      const struct mobileo_gemm_extras *extras) {
+  (void)out_line_stride, (void)out_pixel_stride, (void)extras;
   (void)x, (void)batch, (void)height, (void)width, (void)channels, (void)weight, (void)kh, (void)kw;
   (void)out_channels, (void)pad_top, (void)pad_left, (void)bias, (void)accumulate, (void)out;
   return -1;
 }
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
-                         int ldc) {
+                         int ldc, const struct mobileo_gemm_extras *extras) {
   (void)trans_a, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)values, (void)scales, (void)biases;
-  (void)group_size, (void)bias, (void)c, (void)ldc;
+  (void)group_size, (void)bias, (void)c, (void)ldc, (void)extras;
   return -1;
 }
 #else
@@ -64,6 +65,7 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
 #include <stdlib.h>
 #include <string.h>
 
+#include "logistic16.h"
 #include "pool.h"
 
 #define MR 12
@@ -113,13 +115,14 @@ struct gemm {
   const float *conv_x;
   int conv_h, conv_w, conv_c, conv_kh, conv_kw, conv_pad_top, conv_pad_left;
   int conv_row0;                /* a conv's pixel of row 0 of this product (and of C): 0, or a chunk's first */
-  float *row_buffers;           /* conv: K floats per part (row_stride apart) */
+  float *row_buffers;           /* conv: K floats per part, normalised A: a tile's rows (row_stride apart) */
   size_t row_stride;
   /* A conv's C scattered instead of [M, ldc]: the row of pixel (b H + y, x) at
    * c + (b H + y) c_line_stride + x c_pixel_stride (the upsampler's parities, each written
    * straight into the interleaved map); 0: C as ldc says. Its stores go through the buffer. */
   long c_line_stride, c_pixel_stride;
   const float *bias;            /* a row [N] added to every row of C as it is stored, or NULL */
+  struct mobileo_gemm_extras ex; /* A's rows normalised, C's values through SiLU / a gated residual (all 0: none) */
   float alpha, beta;
   float *c;
   int ldc;
@@ -172,6 +175,17 @@ static inline const float *a_row(const struct gemm *g, int row, float *buffer) {
   return g->conv_x != NULL ? conv_row(g, row, buffer) : g->a + (size_t)row * g->lda;
 }
 
+/* A normalised (struct gemm's ex.norm_*): rows [row0, row0 + count) (those before M) made in buffer,
+ * K floats each; NULL for any other A (its rows are read by a_row). */
+static const float *normalised_rows(const struct gemm *g, int row0, int count, float *buffer) {
+  if (g->ex.norm_shift == NULL) return NULL;
+  const int end = row0 + count < g->m ? row0 + count : g->m;
+  if (row0 < end)
+    mobileo_modulated_layer_norm_rows(g->a, g->ex.norm_rows, g->k, g->ex.norm_shift, g->ex.norm_scale, g->ex.norm_eps,
+                                      row0, end, buffer);
+  return buffer;
+}
+
 /* Where row `row` of C starts. */
 static inline float *c_row(const struct gemm *g, int row) {
   row += g->conv_row0;
@@ -195,6 +209,7 @@ BF16_TARGET static inline void convert_pairs(const float *src, uint32_t *out) {
 BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile, float *buffer) {
   uint32_t *dst = g->packed_a + (size_t)tile * g->k2 * MR;
   const int row0 = tile * MR;
+  const float *normalised = normalised_rows(g, row0, MR, buffer);
   for (int r = 0; r < MR; r++) {
     const int row = row0 + r;
     if (row >= g->m) {
@@ -202,7 +217,7 @@ BF16_TARGET static void pack_a_tile(const struct gemm *g, int tile, float *buffe
       continue;
     }
     if (!g->trans_a) {
-      const float *src = a_row(g, row, buffer);
+      const float *src = normalised ? normalised + (size_t)r * g->k : a_row(g, row, buffer);
       int kp = 0;
       for (; 2 * kp + 32 <= g->k; kp += 16) {  /* 16 pairs converted at once */
         uint32_t tmp[16];
@@ -352,6 +367,44 @@ BF16_TARGET static void pack_b_panel(const struct gemm *g, int panel, uint32_t *
   if (g->b_rows > g->k2) memset(dst + (size_t)g->k2 * NR, 0, (size_t)(g->b_rows - g->k2) * NR * sizeof(uint32_t));
 }
 
+/* Whether C's values go through more than alpha, beta and the bias as they are stored. */
+static inline int has_epilogue(const struct gemm *g) { return g->ex.silu || g->ex.residual != NULL; }
+
+/* Row `row` of C, columns col0 .. col0 + 32 (mask0 / mask1: those before N), stored from the sums
+ * v0, v1: alpha, beta, the bias, then the extras' SiLU and gated residual, each rounded as the
+ * separate operation it replaces. */
+BF16_TARGET static inline void store_row(const struct gemm *g, int row, int col0, __m512 v0, __m512 v1,
+                                         __mmask16 mask0, __mmask16 mask1) {
+  float *c = c_row(g, row) + col0;
+  v0 = _mm512_mul_ps(_mm512_set1_ps(g->alpha), v0);
+  v1 = _mm512_mul_ps(_mm512_set1_ps(g->alpha), v1);
+  if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
+    const __m512 beta = _mm512_set1_ps(g->beta);
+    v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
+    v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, c + 16), v1);
+  }
+  if (g->bias != NULL) {  /* after the sum, as a separate addition of the bias would round */
+    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + col0));
+    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + col0 + 16));
+  }
+  if (g->ex.silu) {
+    v0 = (__m512)((v16f)v0 * logistic16((v16f)v0));
+    v1 = (__m512)((v16f)v1 * logistic16((v16f)v1));
+  }
+  if (g->ex.residual != NULL) {  /* residual + gate * value: the gated residual's two roundings */
+    const size_t at = (size_t)(row + g->conv_row0) * g->ldc + col0;
+    if (g->ex.gate != NULL) {
+      const float *gate = g->ex.gate + (size_t)((row + g->conv_row0) / g->ex.gate_rows) * g->n + col0;
+      v0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask0, gate), v0);
+      v1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask1, gate + 16), v1);
+    }
+    v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, g->ex.residual + at), v0);
+    v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, g->ex.residual + at + 16), v1);
+  }
+  _mm512_mask_storeu_ps(c, mask0, v0);
+  _mm512_mask_storeu_ps(c + 16, mask1, v1);
+}
+
 /* One MR x NR tile of C from a packed A tile and a packed B panel. */
 BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, const uint32_t *b, int row0, int col0) {
   __m512 acc[MR][2];
@@ -371,21 +424,7 @@ BF16_TARGET static void tile_kernel(const struct gemm *g, const uint32_t *a, con
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
   const __mmask16 mask0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
   const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
-  const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
-  for (int r = 0; r < rows; r++) {
-    float *c = c_row(g, row0 + r) + col0;
-    __m512 v0 = _mm512_mul_ps(alpha, acc[r][0]), v1 = _mm512_mul_ps(alpha, acc[r][1]);
-    if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
-      v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
-      v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, c + 16), v1);
-    }
-    if (g->bias != NULL) {  /* after the sum, as a separate addition of the bias would round */
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + col0));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + col0 + 16));
-    }
-    _mm512_mask_storeu_ps(c, mask0, v0);
-    _mm512_mask_storeu_ps(c + 16, mask1, v1);
-  }
+  for (int r = 0; r < rows; r++) store_row(g, row0 + r, col0, acc[r][0], acc[r][1], mask0, mask1);
 }
 
 /* Part i packs its share of A's tiles, waits until every part has, then runs its share of
@@ -425,13 +464,14 @@ struct tile_config {
 /* A tile t (rows t*16 ...) into dst [b_rows / 16][16 rows][16 pairs]: each 32-k chunk of the
  * tile is one contiguous 1 KB tile load. Rows past M and pairs past K are zero. */
 BF16_TARGET static void pack_a_amx_tile(const struct gemm *g, int tile, uint32_t *dst, float *buffer) {
+  const float *normalised = normalised_rows(g, tile * AMX_ROWS, AMX_ROWS, buffer);
   for (int r = 0; r < AMX_ROWS; r++) {
     const int row = tile * AMX_ROWS + r;
     uint32_t *out = dst + r * AMX_PAIRS;
 #define AT(kp) out[(size_t)((kp) / AMX_PAIRS) * AMX_CHUNK_WORDS + (kp) % AMX_PAIRS]
     int kp = 0;
     if (row < g->m && !g->trans_a) {
-      const float *src = a_row(g, row, buffer);
+      const float *src = normalised ? normalised + (size_t)r * g->k : a_row(g, row, buffer);
       for (; 2 * kp + 32 <= g->k; kp += AMX_PAIRS) convert_pairs(src + 2 * kp, &AT(kp));
       for (; 2 * kp + 1 < g->k; kp++) AT(kp) = pair(src[2 * kp], src[2 * kp + 1]);
       if (kp < g->k2) {
@@ -463,7 +503,8 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   const int cols = g->n - col0 < NR ? g->n - col0 : NR;
   /* A bias row goes through the buffer too: added after the sums, in the store. */
   const int direct = rows == AMX_ROWS * a_tiles && cols == NR && g->alpha == 1.0f &&
-                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL && g->c_pixel_stride == 0;
+                     (g->beta == 0.0f || g->beta == 1.0f) && g->bias == NULL && !has_epilogue(g) &&
+                     g->c_pixel_stride == 0;
   float *c = c_row(g, row0) + col0;  /* (a scattered C's rows: each its own address, below) */
   float *c_low = c + (size_t)AMX_ROWS * g->ldc;
   const long c_stride = (long)g->ldc * (long)sizeof(float);
@@ -513,22 +554,9 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   }
   const __mmask16 mask0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
   const __mmask16 mask1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
-  const __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
   for (int r = 0; r < rows; r++) {
-    float *out = c_row(g, row0 + r) + col0;
     const float *sums = acc[2 * (r / AMX_ROWS)] + (r % AMX_ROWS) * 16;
-    __m512 v0 = _mm512_mul_ps(alpha, _mm512_load_ps(sums));
-    __m512 v1 = _mm512_mul_ps(alpha, _mm512_load_ps(sums + AMX_ROWS * 16));
-    if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
-      v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, out), v0);
-      v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask1, out + 16), v1);
-    }
-    if (g->bias != NULL) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + col0));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + col0 + 16));
-    }
-    _mm512_mask_storeu_ps(out, mask0, v0);
-    _mm512_mask_storeu_ps(out + 16, mask1, v1);
+    store_row(g, row0 + r, col0, _mm512_load_ps(sums), _mm512_load_ps(sums + AMX_ROWS * 16), mask0, mask1);
   }
 }
 
@@ -737,7 +765,9 @@ static int run_gemm(struct gemm g) {
     a_words = (size_t)tiles * g.b_rows * tile_rows;
     b_words = (size_t)parts * g.panel_block * panel_words;
   }
-  g.row_stride = g.conv_x != NULL ? ((size_t)k + 15) / 16 * 16 : 0;  /* a conv's row buffers, 64-byte aligned */
+  /* a conv's row buffer, a normalised A's tile of rows; 64-byte aligned */
+  g.row_stride = g.conv_x != NULL ? ((size_t)k + 15) / 16 * 16
+                 : g.ex.norm_shift != NULL ? (size_t)AMX_ROWS * (((size_t)k + 15) / 16 * 16) : 0;
   const size_t row_words = (size_t)parts * g.row_stride;
   if (pthread_mutex_lock(&scratch_lock) != 0) return -1;
   uint32_t *buffer = scratch((a_words + b_words + row_words) * sizeof(uint32_t));
@@ -745,7 +775,7 @@ static int run_gemm(struct gemm g) {
   if (buffer) {
     g.packed_a = buffer;
     g.panel_buffers = buffer + a_words;
-    g.row_buffers = g.conv_x != NULL ? (float *)(buffer + a_words + b_words) : NULL;
+    g.row_buffers = g.row_stride != 0 ? (float *)(buffer + a_words + b_words) : NULL;
 #ifdef HAVE_AMX
     code = mobileo_pool_run(by_rows ? run_part_amx_rows : amx ? run_part_amx : run_part, &g, parts, 1);
 #else
@@ -773,11 +803,17 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
  * size that does not divide K, or no memory. */
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
-                         int ldc) {
+                         int ldc, const struct mobileo_gemm_extras *extras) {
   if (m < 1 || n < 1 || k < 1 || group_size < 1 || k % group_size != 0 || !mobileo_bf16_gemm_supported()) return -1;
-  const struct gemm g = {.m = m, .n = n, .k = k, .a = a, .lda = lda, .trans_a = trans_a != 0, .q_values = values,
-                         .q_scales = scales, .q_biases = biases, .q_group = group_size, .bias = bias,
-                         .alpha = 1.0f, .beta = 0.0f, .c = c, .ldc = ldc};
+  struct gemm g = {.m = m, .n = n, .k = k, .a = a, .lda = lda, .trans_a = trans_a != 0, .q_values = values,
+                   .q_scales = scales, .q_biases = biases, .q_group = group_size, .bias = bias,
+                   .alpha = 1.0f, .beta = 0.0f, .c = c, .ldc = ldc};
+  if (extras != NULL) {
+    g.ex = *extras;
+    if ((g.ex.norm_shift != NULL && (trans_a || lda != k || g.ex.norm_rows < 1 || m % g.ex.norm_rows != 0)) ||
+        (g.ex.gate != NULL && (g.ex.residual == NULL || g.ex.gate_rows < 1 || m % g.ex.gate_rows != 0)))
+      return -1;
+  }
   return run_gemm(g);
 }
 
@@ -785,9 +821,12 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * weight [O, kh, kw, C] read as its transpose [kh kw C, O]; C contiguous, or scattered. */
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
                       int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
-                      float *out, long out_line_stride, long out_pixel_stride) {
+                      float *out, long out_line_stride, long out_pixel_stride,
+                      const struct mobileo_gemm_extras *extras) {
   if (batch < 1 || height < 1 || width < 1 || channels < 1 || kh < 1 || kw < 1 || out_channels < 1 ||
       !mobileo_bf16_gemm_supported())
+    return -1;
+  if (extras != NULL && (extras->norm_shift != NULL || extras->residual != NULL || (extras->silu && out_pixel_stride)))
     return -1;
   const long m = (long)batch * height * width, k = (long)kh * kw * channels;
   if (m > 0x7fffffffL || k > 0x7fffffffL) return -1;
@@ -796,6 +835,7 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
                          .conv_kw = kw, .conv_pad_top = pad_top, .conv_pad_left = pad_left, .bias = bias,
                          .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels,
                          .c_line_stride = out_line_stride, .c_pixel_stride = out_pixel_stride};
+  if (extras != NULL) g.ex.silu = extras->silu;
   if (kernel() == KERNEL_AMX) return run_gemm(g);
   /* The register tile packs A whole: chunks of rows whose packed A stays under CONV_CHUNK_BYTES
    * (whole, a band's A would be kh kw times the input, hundreds of MB). */

@@ -48,14 +48,30 @@ void mobileo_bf16_release(void);
 int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float *a, int lda, const float *b,
                       int ldb, float beta, float *c, int ldc, const float *bias);
 
+/* What a bf16 GEMM does to its rows besides the product (mobileo_bf16_gemm_q8, mobileo_bf16_conv), each
+ * part optional (NULL / 0: not done), with the roundings of the separate operations it replaces:
+ *   A's rows first normalised: LayerNorm(row) * (1 + scale) + shift (no affine), shift and scale
+ *     [M / norm_rows][K]: mobileo_modulated_layer_norm's bits (a plain, row-contiguous A only);
+ *   C's values after the bias: SiLU (silu; mobileo_silu's bits), then residual + gate * value
+ *     (residual rows as C's [M, ldc]; gate [M / gate_rows][N], or NULL for residual + value). */
+struct mobileo_gemm_extras {
+  const float *norm_shift, *norm_scale;
+  float norm_eps;
+  int norm_rows;
+  int silu;
+  const float *residual, *gate;
+  int gate_rows;
+};
+
 /* c [m, n] = op(a) W + bias for W [k, n] = values * scales + biases, K-major 8-bit affine:
  * values [k][n] uint8, scales and biases [k / group_size][n] (row-major, group_size dividing k),
  * bias a row [n] or NULL. Each B panel is dequantized in float32 and rounded to bfloat16 as it
  * is packed (no float32 W), the bias added as C is stored: the bits mobileo_bf16_gemm gives on
- * the dequantized W, plus the bias added after. -1: no AVX512-BF16, a bad group size, or no memory. */
+ * the dequantized W, plus the bias added after; extras (or NULL) as the struct says (not with trans_a).
+ * -1: no AVX512-BF16, a bad group size, extras it does not take, or no memory. */
 int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int lda, const uint8_t *values,
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
-                         int ldc);
+                         int ldc, const struct mobileo_gemm_extras *extras);
 
 /* out [B, H, W, O] = conv(x, weight) [+ out] (+ bias) with bfloat16 operands and float32 sums: a
  * stride-1 conv whose output has the input's size, x [B, H, W, C] row-major, weight [O, kh, kw, C]
@@ -65,11 +81,13 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * store, as mobileo_bf16_gemm's beta 1); bias [O] or NULL, added after the sums. out_pixel_stride 0:
  * out is [B, H, W, O] contiguous; else the O outputs of pixel (y, x) of image b are at
  * out + (b H + y) out_line_stride + x out_pixel_stride (floats): the sub-pixel upsampler writes each
- * parity straight into the interleaved map. Same kernels and threads as mobileo_bf16_gemm; -1: no
- * AVX512-BF16, a bad shape, or no memory. */
+ * parity straight into the interleaved map. extras (or NULL): its silu only (a contiguous out).
+ * Same kernels and threads as mobileo_bf16_gemm; -1: no AVX512-BF16, a bad shape, extras it does not
+ * take, or no memory. */
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
                       int kw, int out_channels, int pad_top, int pad_left, const float *bias, int accumulate,
-                      float *out, long out_line_stride, long out_pixel_stride);
+                      float *out, long out_line_stride, long out_pixel_stride,
+                      const struct mobileo_gemm_extras *extras);
 
 /* GLUMBConv's middle: out [B, H, W, C] = D[..., :C] * silu(D[..., C:]), D = depthwise conv of silu(h)
  * (h [B, H, W, 2C]; taps [k, k, 2C], k odd, padding k / 2) + bias [2C] (or NULL); -1: shape not
@@ -102,6 +120,11 @@ int mobileo_rms_norm_residual(const float *y, const struct mobileo_rows *y_rows,
  * shift and scale [batch, dim]. Returns 0 (-1: an empty dim or no tokens). */
 int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int dim, const float *shift,
                                  const float *scale, float eps, float *out);
+
+/* Rows [begin, end) of mobileo_modulated_layer_norm's output (x [rows, dim] row-contiguous, shift and
+ * scale [rows / tokens, dim]) into out [end - begin][dim], on the calling thread: the same bits. */
+void mobileo_modulated_layer_norm_rows(const float *x, long tokens, int dim, const float *shift, const float *scale,
+                                       float eps, long begin, long end, float *out);
 
 /* out = x + gate * update for x, update [batch, tokens, dim], gate [batch, dim]; out may be x or
  * update. Returns 0 (-1: an empty dim or no tokens). */

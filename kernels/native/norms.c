@@ -151,6 +151,7 @@ struct layer_job {
   long tokens, rows;
   int dim;
   float *out;
+  long out_first; /* the row out starts with */
 };
 
 CLONES16 static void layer_rows(const struct layer_job *job, long begin, long end) {
@@ -167,7 +168,7 @@ CLONES16 static void layer_rows(const struct layer_job *job, long begin, long en
       const float inv = 1.0f / sqrtf(var[j] * job->inverse_dim + job->eps);
       const long b = (r0 + j) / job->tokens;
       const float *shift = job->shift + b * dim, *scale = job->scale + b * dim, *row = x[j];
-      float *out = job->out + (r0 + j) * dim;
+      float *out = job->out + (r0 + j - job->out_first) * dim;
       const float m = mean[j];
       const v16f center = {m, m, m, m, m, m, m, m, m, m, m, m, m, m, m, m};
       const v16f factor = {inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv, inv};
@@ -195,10 +196,16 @@ static void layer_part(void *arg, int part, int parts) {
 int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int dim, const float *shift,
                                  const float *scale, float eps, float *out) {
   if (dim < 1 || batch < 0 || tokens < 1) return -1;
-  struct layer_job job = {x, shift, scale, eps, 1.0f / (float)dim, tokens, batch * tokens, dim, out};
+  struct layer_job job = {x, shift, scale, eps, 1.0f / (float)dim, tokens, batch * tokens, dim, out, 0};
   const int parts = parts_for(batch * tokens * dim);
   if (mobileo_pool_run(layer_part, &job, parts, 1) != 0) layer_part(&job, 0, 1);
   return 0;
+}
+
+void mobileo_modulated_layer_norm_rows(const float *x, long tokens, int dim, const float *shift, const float *scale,
+                                       float eps, long begin, long end, float *out) {
+  const struct layer_job job = {x, shift, scale, eps, 1.0f / (float)dim, tokens, end, dim, out, begin};
+  layer_rows(&job, begin, end);
 }
 
 /* ------------------------------------------------------------------------- gated residual */

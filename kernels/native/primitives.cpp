@@ -532,60 +532,128 @@ mx::array bf16_matmul(const mx::array &a, const mx::array &b, const std::optiona
 // x @ W (+ bias) for W [K, N] = values * scales + biases in K-major 8-bit affine storage
 // (backends/cpu/quantized.py's KMajorQuantizedLinear): the C dequantizes each B panel as it packs
 // it, so no float32 W is ever made, and adds the bias row as it stores C.
+// SANA's AdaLN modulation and gated residual as MLX operations: x [B, N, D], shift, scale and gate [B, D]
+// (the plain formulas of the ModulatedLayerNorm and GatedResidual nodes, and of the 8-bit product's
+// extras, which compute them in the GEMM).
+mx::array modulated_layer_norm_formula(const mx::array &x, const mx::array &shift, const mx::array &scale, float eps,
+                                       const mx::Stream &s) {
+  auto normed = mx::fast::layer_norm(x, std::nullopt, std::nullopt, eps, s);
+  return mx::add(mx::multiply(normed, mx::add(mx::array(1.0f), mx::expand_dims(scale, 1, s), s), s),
+                 mx::expand_dims(shift, 1, s), s);
+}
+
+mx::array gated_residual_formula(const mx::array &x, const mx::array &gate, const mx::array &update,
+                                 const mx::Stream &s) {
+  return mx::add(x, mx::multiply(mx::expand_dims(gate, 1, s), update, s), s);
+}
+
+// shift, scale, gate broadcast to [B, 1, D] and passed as [B, D]
+mx::array per_image(const mx::array &v, int batch, int dim, const mx::Stream &stream) {
+  return mx::contiguous(mx::reshape(mx::broadcast_to(v, {batch, 1, dim}, stream), {batch, dim}, stream), false, stream);
+}
+
+// What the 8-bit product does besides x @ W + bias, each optional (bf16_gemm.c's extras): x's rows
+// normalised first (SANA's modulated LayerNorm), the result added to a residual, gated or not.
+struct Q8Extras {
+  bool bias = false, norm = false, residual = false, gate = false;
+  float eps = 0.0f;
+  bool operator==(const Q8Extras &) const = default;
+};
+
 class Bf16MatmulQ8 : public Kernel {
  public:
-  Bf16MatmulQ8(mx::Stream stream, int group_size) : Kernel(stream), group_size_(group_size) {}
+  Bf16MatmulQ8(mx::Stream stream, int group_size, Q8Extras extras)
+      : Kernel(stream), group_size_(group_size), extras_(extras) {}
   const char *name() const override { return "MobileoBf16MatmulQ8"; }
   bool is_equivalent(const mx::Primitive &other) const override {
-    return group_size_ == static_cast<const Bf16MatmulQ8 &>(other).group_size_;
+    const auto &o = static_cast<const Bf16MatmulQ8 &>(other);
+    return group_size_ == o.group_size_ && extras_ == o.extras_;
   }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     return {{(int)(inputs[0].size() / inputs[1].shape(0)), inputs[1].shape(1)}};
   }
 
-  // inputs: x [..., K], values [K, N] uint8, scales and biases [K / group, N] (, bias [N]);
-  // the products of the bfloat16-rounded operands, summed in float32, as [M, N] (+ bias)
+  // inputs: x [M, K] (x [B, M / B, K] with a norm), values [K, N] uint8, scales and biases [K / group, N]
+  // (, bias [N]) (, shift [B, K], scale [B, K]) (, residual [M, N]) (, gate [B, N]): [residual + [gate *]]
+  // (the products of the bfloat16-rounded operands (x normalised), summed in float32, as [M, N] + bias)
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     const int k = in[1].shape(0), n = in[1].shape(1), groups = k / group_size_;
+    size_t next = 4;
+    const mx::array *bias = extras_.bias ? &in[next++] : nullptr;
+    auto x = in[0];
+    if (extras_.norm) {
+      x = modulated_layer_norm_formula(x, in[next], in[next + 1], extras_.eps, s);
+      next += 2;
+    }
     auto grouped = mx::reshape(mx::astype(in[1], mx::float32, s), {groups, group_size_, n}, s);
     auto weight = mx::reshape(mx::add(mx::multiply(grouped, mx::expand_dims(in[2], 1, s), s),
                                       mx::expand_dims(in[3], 1, s), s),
                               {k, n}, s);
-    auto product = mx::matmul(mx::reshape(bf16_rounded(in[0], s), {-1, k}, s), bf16_rounded(weight, s), s);
-    return {in.size() > 4 ? mx::add(product, in[4], s) : product};
+    auto product = mx::matmul(mx::reshape(bf16_rounded(x, s), {-1, k}, s), bf16_rounded(weight, s), s);
+    if (bias != nullptr) product = mx::add(product, *bias, s);
+    if (!extras_.residual) return {product};
+    const auto &residual = in[next++];
+    if (!extras_.gate) return {mx::add(residual, product, s)};
+    const auto &gate = in[next];
+    const int batch = gate.shape(0);
+    auto update = mx::reshape(product, {batch, -1, n}, s);
+    return {mx::reshape(gated_residual_formula(mx::reshape(residual, {batch, -1, n}, s), gate, update, s), {-1, n}, s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &a = inputs[0], &values = inputs[1];
     auto &out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    size_t next = 4;
+    const float *bias = extras_.bias ? inputs[next++].data<float>() : nullptr;
+    mobileo_gemm_extras extras{};
     const int k = values.shape(0), n = values.shape(1), m = (int)(a.size() / k);
+    if (extras_.norm) {
+      extras.norm_shift = inputs[next].data<float>();
+      extras.norm_scale = inputs[next + 1].data<float>();
+      extras.norm_eps = extras_.eps;
+      extras.norm_rows = m / inputs[next].shape(0);
+      next += 2;
+    }
+    const mx::array *residual = extras_.residual ? &inputs[next++] : nullptr;
+    if (residual != nullptr) {
+      extras.residual = residual->data<float>();
+      if (extras_.gate) {
+        extras.gate = inputs[next].data<float>();
+        extras.gate_rows = m / inputs[next].shape(0);
+      }
+    }
+    // The residual's buffer, when no one else holds it: each value is read just before it is written.
+    take_over_or_allocate(out, {residual});
     const Operand left = operand_layout(a, m, k);
     auto &enc = encoder(inputs, outputs);
     enc.dispatch([a_data = a.data<float>(), a_shape = a.shape(), a_strides = a.strides(), a_copy = staging(enc, a, left),
                   weights = values.data<uint8_t>(), scales = inputs[2].data<float>(), biases = inputs[3].data<float>(),
-                  bias = inputs.size() > 4 ? inputs[4].data<float>() : nullptr, result = out.data<float>(), m, n, k,
-                  group = group_size_, left]() {
+                  bias, result = out.data<float>(), m, n, k, group = group_size_, left, extras]() {
       if (a_copy != nullptr) gather(a_data, a_shape, a_strides, a_copy, (size_t)m * k);
       if (mobileo_bf16_gemm_q8(left.trans, m, n, k, a_copy ? a_copy : a_data, (int)left.ld, weights, scales, biases,
-                               group, bias, result, n) != 0)
+                               group, bias, result, n, &extras) != 0)
         throw std::runtime_error("MobileoBf16MatmulQ8: no AVX512-BF16 here, or out of memory");
     });
   }
 
  private:
   int group_size_;
+  Q8Extras extras_;
 };
 
 mx::array bf16_matmul_q8(const mx::array &x, const mx::array &values, const mx::array &scales,
                          const mx::array &biases, int group_size, const std::optional<mx::array> &bias,
-                         const mx::StreamOrDevice &where) {
+                         const std::optional<mx::array> &norm_shift, const std::optional<mx::array> &norm_scale,
+                         float norm_eps, const std::optional<mx::array> &residual,
+                         const std::optional<mx::array> &gate, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "bf16_matmul_q8");
   require(mobileo_bf16_gemm_supported(), "mobileo bf16_matmul_q8: this CPU has no AVX512-BF16");
+  const auto is_float32 = [](const std::optional<mx::array> &v) { return !v || v->dtype() == mx::float32; };
   require(x.dtype() == mx::float32 && values.dtype() == mx::uint8 && scales.dtype() == mx::float32 &&
-              biases.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32),
-          "mobileo bf16_matmul_q8: float32 x, scales, biases and bias, uint8 values");
+              biases.dtype() == mx::float32 && is_float32(bias) && is_float32(norm_shift) &&
+              is_float32(norm_scale) && is_float32(residual) && is_float32(gate),
+          "mobileo bf16_matmul_q8: float32 x, scales, biases and extras, uint8 values");
   require(x.ndim() >= 1 && values.ndim() == 2 && x.shape(-1) == values.shape(0),
           "mobileo bf16_matmul_q8: x [..., K] and values [K, N]");
   const int k = values.shape(0), n = values.shape(1);
@@ -596,13 +664,42 @@ mx::array bf16_matmul_q8(const mx::array &x, const mx::array &values, const mx::
   require(scales.shape() == groups && biases.shape() == groups,
           "mobileo bf16_matmul_q8: scales and biases [K / group_size, N]");
   require(!bias || (bias->ndim() == 1 && bias->shape(0) == n), "mobileo bf16_matmul_q8: bias [N]");
+  require(norm_shift.has_value() == norm_scale.has_value(), "mobileo bf16_matmul_q8: norm_shift and norm_scale together");
+  require(!gate || residual, "mobileo bf16_matmul_q8: a gate needs a residual");
   auto shape = x.shape();
   shape.back() = n;
-  // x as it is (read in place through its strides, or gathered); the weights row-contiguous
-  Arrays inputs = {x, mx::contiguous(values, false, stream), mx::contiguous(scales, false, stream),
-                   mx::contiguous(biases, false, stream)};
+  Q8Extras extras;
+  extras.bias = bias.has_value();
+  extras.norm = norm_shift.has_value();
+  extras.residual = residual.has_value();
+  extras.gate = gate.has_value();
+  extras.eps = norm_eps;
+  // images: the leading axis of a 3-d x (the norm's and the gate's [B, 1, D] rows), else 1
+  const int images = x.ndim() == 3 ? x.shape(0) : 1;
+  require(!extras.norm && !extras.gate || x.ndim() == 3 || x.ndim() == 2,
+          "mobileo bf16_matmul_q8: x [B, N, K] with a norm or a gate");
+  // x as it is (read in place through its strides, or gathered; row-contiguous for the norm, which
+  // normalises its rows in place of the packing); the weights row-contiguous
+  Arrays inputs = {extras.norm ? mx::contiguous(x, false, stream) : x, mx::contiguous(values, false, stream),
+                   mx::contiguous(scales, false, stream), mx::contiguous(biases, false, stream)};
   if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
-  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16MatmulQ8>(stream, group_size), std::move(inputs));
+  if (extras.norm) {
+    require(norm_shift->size() % k == 0 && norm_scale->size() % k == 0,
+            "mobileo bf16_matmul_q8: norm_shift and norm_scale [B, 1, K] or [1, K]");
+    inputs.push_back(per_image(*norm_shift, images, k, stream));
+    inputs.push_back(per_image(*norm_scale, images, k, stream));
+  }
+  if (residual) {
+    require(residual->size() == (size_t)m * n, "mobileo bf16_matmul_q8: residual of the output's shape");
+    inputs.push_back(mx::contiguous(mx::reshape(mx::broadcast_to(*residual, shape, stream), {m, n}, stream), false,
+                                    stream));
+  }
+  if (gate) {
+    require(gate->size() % n == 0, "mobileo bf16_matmul_q8: gate [B, 1, N] or [1, N]");
+    inputs.push_back(per_image(*gate, images, n, stream));
+  }
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16MatmulQ8>(stream, group_size, extras),
+                           std::move(inputs));
   return mx::reshape(product, shape, stream);
 }
 
@@ -810,10 +907,7 @@ mx::array rms_norm_residual(const mx::array &y, const mx::array &weight, const m
 }
 
 // --------------------------------------------------------- SANA's modulated LayerNorm, gated residual
-// x [B, N, D]; shift, scale, gate broadcast to [B, 1, D] and passed as [B, D]
-mx::array per_image(const mx::array &v, int batch, int dim, const mx::Stream &stream) {
-  return mx::contiguous(mx::reshape(mx::broadcast_to(v, {batch, 1, dim}, stream), {batch, dim}, stream), false, stream);
-}
+// x [B, N, D]; shift, scale, gate broadcast to [B, 1, D] and passed as [B, D] (per_image)
 
 class ModulatedLayerNorm : public EpsilonKernel {
  public:
@@ -822,10 +916,7 @@ class ModulatedLayerNorm : public EpsilonKernel {
 
   // inputs: x [B, N, D], shift [B, D], scale [B, D]
   Arrays reference(const Arrays &in) override {
-    const auto s = stream();
-    auto normed = mx::fast::layer_norm(in[0], std::nullopt, std::nullopt, eps_, s);
-    auto scale = mx::expand_dims(in[2], 1, s), shift = mx::expand_dims(in[1], 1, s);
-    return {mx::add(mx::multiply(normed, mx::add(mx::array(1.0f), scale, s), s), shift, s)};
+    return {modulated_layer_norm_formula(in[0], in[1], in[2], eps_, stream())};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
@@ -862,10 +953,7 @@ class GatedResidual : public Kernel {
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
 
   // inputs: x [B, N, D], gate [B, D], update [B, N, D]
-  Arrays reference(const Arrays &in) override {
-    const auto s = stream();
-    return {mx::add(in[0], mx::multiply(mx::expand_dims(in[1], 1, s), in[2], s), s)};
-  }
+  Arrays reference(const Arrays &in) override { return {gated_residual_formula(in[0], in[1], in[2], stream())}; }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &x = inputs[0], &update = inputs[2];
@@ -1115,15 +1203,16 @@ void register_attention(nb::module_ &m) {
 // sub-pixel upsampler's 2x2 parity convs) as one bf16 GEMM (bf16_gemm.c's mobileo_bf16_conv):
 // A is packed straight from the windows of x with the zero padding made there, K = kh kw C is
 // summed in the tiles and the output written once, the bias (and an optional addend) added as
-// it is stored. inputs: x [B, H, W, C], weight [O, kh, kw, C] (, bias [O]) (, init [B, H, W, O])
+// it is stored, then SiLU if asked (the DC-AE ResBlock's first conv and its activation: the map
+// written once). inputs: x [B, H, W, C], weight [O, kh, kw, C] (, bias [O]) (, init [B, H, W, O])
 class Bf16Conv : public Kernel {
  public:
-  Bf16Conv(mx::Stream stream, std::pair<int, int> padding, bool has_bias, bool has_init)
-      : Kernel(stream), padding_(padding), has_bias_(has_bias), has_init_(has_init) {}
+  Bf16Conv(mx::Stream stream, std::pair<int, int> padding, bool has_bias, bool has_init, bool silu)
+      : Kernel(stream), padding_(padding), has_bias_(has_bias), has_init_(has_init), silu_(silu) {}
   const char *name() const override { return "MobileoBf16Conv"; }
   bool is_equivalent(const mx::Primitive &other) const override {
     const auto &o = static_cast<const Bf16Conv &>(other);
-    return padding_ == o.padding_ && has_bias_ == o.has_bias_ && has_init_ == o.has_init_;
+    return padding_ == o.padding_ && has_bias_ == o.has_bias_ && has_init_ == o.has_init_ && silu_ == o.silu_;
   }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     auto shape = inputs[0].shape();
@@ -1131,7 +1220,7 @@ class Bf16Conv : public Kernel {
     return {shape};
   }
 
-  // [init +] the conv of the bfloat16-rounded operands, summed in float32 [+ bias]
+  // [silu of] [init +] the conv of the bfloat16-rounded operands, summed in float32 [+ bias]
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     const int kh = in[1].shape(1), kw = in[1].shape(2);
@@ -1140,7 +1229,7 @@ class Bf16Conv : public Kernel {
                               {kh - 1 - padding_.first, kw - 1 - padding_.second}, {1, 1}, {1, 1}, 1, false, s);
     if (has_init_) y = mx::add(in.back(), y, s);
     if (has_bias_) y = mx::add(y, in[2], s);
-    return {y};
+    return {silu_ ? silu_formula(y, s) : y};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
@@ -1154,21 +1243,23 @@ class Bf16Conv : public Kernel {
                   addend = init != nullptr ? init->data<float>() : nullptr, result = out.data<float>(),
                   batch = x.shape(0), height = x.shape(1), width = x.shape(2), channels = x.shape(3),
                   out_channels = weight.shape(0), kh = weight.shape(1), kw = weight.shape(2), padding = padding_,
-                  size = out.size()]() {
+                  size = out.size(), silu = silu_]() {
       if (addend != nullptr && addend != result) std::memcpy(result, addend, size * sizeof(float));
+      mobileo_gemm_extras extras{};
+      extras.silu = silu;
       if (mobileo_bf16_conv(image, batch, height, width, channels, weights, kh, kw, out_channels, padding.first,
-                            padding.second, bias, addend != nullptr, result, 0, 0) != 0)
+                            padding.second, bias, addend != nullptr, result, 0, 0, &extras) != 0)
         throw std::runtime_error("MobileoBf16Conv: no AVX512-BF16 here, or out of memory");
     });
   }
 
  private:
   std::pair<int, int> padding_;
-  bool has_bias_, has_init_;
+  bool has_bias_, has_init_, silu_;
 };
 
 mx::array bf16_conv(const mx::array &x, const mx::array &weight, const std::optional<mx::array> &bias,
-                    std::pair<int, int> padding, const std::optional<mx::array> &init,
+                    std::pair<int, int> padding, const std::optional<mx::array> &init, bool silu,
                     const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "bf16_conv");
   require(mobileo_bf16_gemm_supported(), "mobileo bf16_conv: this CPU has no AVX512-BF16");
@@ -1188,7 +1279,8 @@ mx::array bf16_conv(const mx::array &x, const mx::array &weight, const std::opti
   Arrays inputs = {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)};
   if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
   if (init) inputs.push_back(mx::contiguous(*init, false, stream));
-  return mx::array(shape, mx::float32, std::make_shared<Bf16Conv>(stream, padding, bias.has_value(), init.has_value()),
+  return mx::array(shape, mx::float32,
+                   std::make_shared<Bf16Conv>(stream, padding, bias.has_value(), init.has_value(), silu),
                    std::move(inputs));
 }
 
@@ -1235,7 +1327,7 @@ class Bf16SubpixelConv : public Kernel {
         for (int b = 0; b < 2; b++)
           if (mobileo_bf16_conv(image, batch, height, width, channels, taps + (2 * a + b) * parity_weights, 2, 2,
                                 out_channels, 1 - a, 1 - b, nullptr, 1,
-                                result + ((size_t)a * 2 * width + b) * out_channels, line, pixel) != 0)
+                                result + ((size_t)a * 2 * width + b) * out_channels, line, pixel, nullptr) != 0)
             throw std::runtime_error("MobileoBf16SubpixelConv: no AVX512-BF16 here, or out of memory");
     });
   }
@@ -1261,7 +1353,7 @@ mx::array bf16_subpixel_conv(const mx::array &x, const mx::array &weights, const
 
 void register_bf16_conv(nb::module_ &m) {
   m.def("bf16_conv", &bf16_conv, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("padding"),
-        nb::kw_only(), nb::arg("init").none() = nb::none(), nb::arg("stream") = nb::none());
+        nb::kw_only(), nb::arg("init").none() = nb::none(), nb::arg("silu") = false, nb::arg("stream") = nb::none());
   m.def("bf16_subpixel_conv", &bf16_subpixel_conv, nb::arg("x"), nb::arg("weights"), nb::arg("init"), nb::kw_only(),
         nb::arg("stream") = nb::none());
 }
@@ -1289,7 +1381,10 @@ NB_MODULE(primitives_ext, m) {
   m.def("bf16_matmul", &bf16_matmul, nb::arg("a"), nb::arg("b"), nb::kw_only(), nb::arg("c").none() = nb::none(),
         nb::arg("stream") = nb::none());
   m.def("bf16_matmul_q8", &bf16_matmul_q8, nb::arg("x"), nb::arg("values"), nb::arg("scales"), nb::arg("biases"),
-        nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
+        nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(),
+        nb::arg("norm_shift").none() = nb::none(), nb::arg("norm_scale").none() = nb::none(),
+        nb::arg("norm_eps") = 0.0f, nb::arg("residual").none() = nb::none(), nb::arg("gate").none() = nb::none(),
+        nb::arg("stream") = nb::none());
   register_gated_depthwise(m);
   register_elementwise(m);
   register_attention(m);

@@ -330,15 +330,90 @@ def gated_residual(x: mx.array, gate: mx.array, update: mx.array) -> mx.array:
     return sana._gated_residual(x, gate, update)
 
 
+def _q8(layer: nn.Module) -> tuple | None:
+    """(values, scales, biases, group_size, bias) of an 8-bit layer stored K-major whose products take
+    bfloat16 operands (``quantized.Bf16KMajorQuantizedLinear``, prepared), else None."""
+    if not (getattr(layer, "k_major", False) and layer.products.bf16):
+        return None
+    return layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.get("bias")
+
+
 class SanaTransformerBlock(sana.SanaTransformerBlock):
     """The plain block with its AdaLN norms and gated residuals as single native nodes; the
-    attentions and the Mix-FFN are its children's own (CPU) forms."""
+    attentions and the Mix-FFN are its children's own (CPU) forms.
+
+    Where every product of the block is the 8-bit GEMM node (bf16 products, 8-bit K-major weights,
+    large enough), the block is six of them with the element-wise work inside
+    (``primitives.bf16_matmul_q8``'s extras): each AdaLN norm made as the product that reads it packs
+    its rows, attn1's q, k and v one product (their weights side by side, :meth:`prepare`), the
+    gated residuals and attn2's residual added as the products store their results. The same
+    operations and roundings as the separate nodes, so the same bits, with fewer passes over memory."""
+
+    def prepare(self) -> None:
+        """attn1's q, k, v weights side by side ([K, 3 inner]) for one product; to_q, to_k and to_v
+        keep views of them (no second copy)."""
+        attn1 = self.attn1
+        parts = [_q8(layer) for layer in (attn1.to_q, attn1.to_k, attn1.to_v)]
+        if any(part is None for part in parts) or len({part[3] for part in parts}) != 1 or (
+                len({part[4] is None for part in parts}) != 1):
+            self._qkv = None
+            return
+        if self._fused_qkv_current():
+            return  # already side by side
+        fused = [mx.concatenate([part[i] for part in parts], axis=-1) for i in range(3)]
+        bias = None if parts[0][4] is None else mx.concatenate([part[4] for part in parts])
+        mx.eval(fused, bias)
+        inner = parts[0][0].shape[1]
+        views = []
+        for index, layer in enumerate((attn1.to_q, attn1.to_k, attn1.to_v)):
+            columns = slice(index * inner, (index + 1) * inner)
+            layer.update({"weight": fused[0][:, columns], "scales": fused[1][:, columns],
+                          "biases": fused[2][:, columns]})
+            if bias is not None:
+                layer.update({"bias": bias[columns]})
+            views.append(_q8(layer)[:3] + (layer.get("bias"),))
+        mx.eval(views)  # views of the fused arrays (the separate ones are freed)
+        self._qkv = (*fused, parts[0][3], bias)
+        self._qkv_views = views
+
+    def _fused_qkv_current(self) -> bool:
+        """Whether to_q, to_k and to_v still hold the views prepare() gave them."""
+        if getattr(self, "_qkv", None) is None:
+            return False
+        layers = (self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
+        held = [(layer["weight"], layer["scales"], layer["biases"], layer.get("bias")) for layer in layers]
+        return all(a is b for now, then in zip(held, self._qkv_views) for a, b in zip(now, then))
+
+    def _fused_products(self, x: mx.array) -> dict | None:
+        """The block's products as 8-bit GEMM nodes with their extras, when all of them serve x."""
+        if getattr(self, "_qkv", None) is not None and not self._fused_qkv_current():
+            self.prepare()  # weights replaced since (model.update): side by side again
+        if getattr(self, "_qkv", None) is None or not _elementwise_node():
+            return None
+        if any(name in norm for norm in (self.norm1, self.norm2) for name in ("weight", "bias")):
+            return None  # an affine LayerNorm: not the kernel's
+        layers = {"attn1_out": self.attn1.to_out[0], "attn2_q": self.attn2.to_q, "attn2_out": self.attn2.to_out[0],
+                  "ff_in": self.ff.conv_inverted, "ff_out": self.ff.conv_point}
+        products = {name: _q8(layer) for name, layer in layers.items()}
+        if any(product is None for product in products.values()):
+            return None
+        rows = x.size // x.shape[-1]
+        if min(rows * product[0].size for product in (*products.values(), self._qkv)) < tuning.BF16_MIN_PRODUCT:
+            return None
+        products["qkv"] = self._qkv
+        return products
 
     def __call__(self, x: mx.array, height: int, width: int, modulation: mx.array, keys: mx.array,
                  values: mx.array, key_bias: mx.array | None) -> mx.array:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mx.split(
             self.scale_shift_table + modulation, 6, axis=1
         )  # each [B, 1, D]
+        products = self._fused_products(x)
+        if products is not None and x.ndim == 3:
+            fused = self._fused(x, height, width, products, (shift_msa, scale_msa, gate_msa),
+                                (shift_mlp, scale_mlp, gate_mlp), keys, values, key_bias)
+            if fused is not None:
+                return fused
         h = modulated_norm(self.norm1, x, shift_msa, scale_msa)
         x = gated_residual(x, gate_msa, self.attn1(h))
         # The cross-attention query is the raw stream: no norm, no modulation, no gate.
@@ -347,6 +422,37 @@ class SanaTransformerBlock(sana.SanaTransformerBlock):
         batch, tokens, dim = h.shape
         ff = self.ff(h.reshape(batch, height, width, dim)).reshape(batch, tokens, dim)
         return gated_residual(x, gate_mlp, ff)
+
+    def _fused(self, x, height, width, products, msa, mlp, keys, values, key_bias) -> mx.array | None:
+        """The block as six 8-bit GEMM nodes (see the class); None where the node does not take an operand."""
+
+        def product(name, a, **extras):
+            values_, scales, biases, group_size, bias = products[name]
+            if not primitives.bf16_matmul_q8_supported(a, values_, scales, biases, group_size, bias, **extras):
+                raise _NotFused
+            return primitives.bf16_matmul_q8(a, values_, scales, biases, group_size, bias, **extras)
+
+        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = msa, mlp
+        attn1, attn2, ff = self.attn1, self.attn2, self.ff
+        batch, tokens, _ = x.shape
+        try:
+            qkv = product("qkv", x, norm=(shift_msa, scale_msa, self.norm1.eps))
+            q, k, v = (sana._split_heads(part, attn1.heads) for part in mx.split(qkv, 3, axis=-1))
+            x = product("attn1_out", sana._merge_heads(attn1.attention(q, k, v)), residual=x, gate=gate_msa)
+            # The cross-attention query is the raw stream: no norm, no modulation, no gate.
+            q = sana._split_heads(product("attn2_q", x), attn2.heads)
+            x = product("attn2_out", sana._merge_heads(attn2.attention(q, keys, values, attn2.scale, key_bias)),
+                        residual=x)
+            hidden = product("ff_in", x, norm=(shift_mlp, scale_mlp, self.norm2.eps))
+            middle = gated_depthwise(hidden.reshape(batch, height, width, -1), ff.conv_depth.weight,
+                                     ff.conv_depth.bias)
+            return product("ff_out", middle.reshape(batch, tokens, -1), residual=x, gate=gate_mlp)
+        except _NotFused:
+            return None
+
+
+class _NotFused(Exception):
+    """An operand the 8-bit GEMM node's extras do not take (the block then runs its separate nodes)."""
 
 
 class SanaModulatedNorm(sana.SanaModulatedNorm):
@@ -475,13 +581,16 @@ class Conv2d(nn.Conv2d):
 
 class ResBlock(dcae.ResBlock):
     """Both convs as window GEMMs, the first one's garbage columns cropped after the activation
-    (or both as bf16 conv nodes: nothing to crop)."""
+    (or both as bf16 conv nodes: nothing to crop, the SiLU made as the first one stores its map)."""
 
     products = FP32
 
     def __call__(self, x: mx.array) -> mx.array:
         if _bf16_conv_node(x, self.conv1.weight, self.products):
-            h = self.nonlinearity(primitives.bf16_conv3x3(x, self.conv1.weight, self.conv1.bias))
+            if isinstance(self.nonlinearity, nn.SiLU):  # in the conv's store: the bits of the SiLU node
+                h = primitives.bf16_conv3x3(x, self.conv1.weight, self.conv1.bias, silu=True)
+            else:
+                h = self.nonlinearity(primitives.bf16_conv3x3(x, self.conv1.weight, self.conv1.bias))
         else:
             width = x.shape[2]
             h = self.nonlinearity(conv3x3_wide(x, self.conv1.weight, self.conv1.bias, self.products))[:, :, :width]
