@@ -527,10 +527,12 @@ __all__ += ["attention_supported", "causal_mask", "relu_linear_attention", "relu
 
 # ------------------------------------------------------------------ bfloat16 conv (implicit GEMM)
 def bf16_conv_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
-                        init: mx.array | None = None, silu: bool = False) -> mx.array:
+                        init: mx.array | None = None, silu: bool = False, norm: tuple | None = None,
+                        residual: mx.array | None = None) -> mx.array:
     """What :func:`bf16_conv` computes, in MLX operations: [init +] the stride-1 conv of the
     bfloat16-rounded operands, summed in float32, whose output has the input's size (``padding``
-    rows above / columns left of the map, the rest below / right) [+ bias], [then SiLU]."""
+    rows above / columns left of the map, the rest below / right) [+ bias], then [SiLU] or
+    [:func:`rms_norm_residual_reference` with ``norm`` = (weight, bias, eps) and ``residual``]."""
     rounded = lambda v: v.astype(mx.bfloat16).astype(mx.float32)  # noqa: E731
     kh, kw = weight.shape[1], weight.shape[2]
     (top, left) = _pair(padding)
@@ -538,47 +540,63 @@ def bf16_conv_reference(x: mx.array, weight: mx.array, bias: mx.array | None = N
     if init is not None:
         y = init + y
     y = y if bias is None else y + bias
+    if norm is not None:
+        return rms_norm_residual_reference(y, *norm, residual)
     return silu_reference(y) if silu else y
 
 
 def bf16_conv_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
-                        init: mx.array | None = None) -> bool:
+                        init: mx.array | None = None, silu: bool = False, norm: tuple | None = None,
+                        residual: mx.array | None = None) -> bool:
     """Whether :func:`bf16_conv` takes these (its twin: :func:`bf16_conv_reference`)."""
-    if not (bf16_supported() and x.ndim == 4 and weight.ndim == 4 and _float32(x, weight, bias, init)):
+    norm_arrays = () if norm is None else norm[:2]
+    if not (bf16_supported() and x.ndim == 4 and weight.ndim == 4
+            and _float32(x, weight, bias, init, residual, *norm_arrays)):
         return False
     (top, left) = _pair(padding)
     out = weight.shape[0]
+    shape = (*x.shape[:3], out)
     return (x.shape[3] == weight.shape[3] and x.size > 0 and weight.size > 0 and 0 <= top < weight.shape[1]
-            and 0 <= left < weight.shape[2] and (bias is None or bias.shape == (out,))
-            and (init is None or init.shape == (*x.shape[:3], out)))
+            and 0 <= left < weight.shape[2] and all(v is None or v.shape == (out,) for v in (bias, *norm_arrays))
+            and (init is None or init.shape == shape) and not (silu and norm is not None)
+            and (residual is None or (norm is not None and residual.shape == shape)))
 
 
 def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None = None, padding=(1, 1),
-              init: mx.array | None = None, silu: bool = False) -> mx.array:
+              init: mx.array | None = None, silu: bool = False, norm: tuple | None = None,
+              residual: mx.array | None = None) -> mx.array:
     """[init +] conv(x, weight) [+ bias] with bfloat16 products and float32 sums, one node: x [B, H, W, C],
     weight [O, kh, kw, C] (MLX's layout), stride 1, the output [B, H, W, O] the input's size
     (``padding``: (rows above, columns left of the map)). The bf16 GEMM (:func:`bf16_kernel`) packs
     its A straight from the windows of x, the zero padding made there (no padded copy, no
     im2col), sums K = kh kw C in its tiles and writes the output once, the bias and ``init`` (whose
     buffer it takes over when no one else holds it) added as it stores it, then with ``silu`` SiLU
-    (:func:`silu`'s bits), so an activated map is written once."""
-    return extension().bf16_conv(x, weight, bias, _pair(padding), init=init, silu=silu)
+    (:func:`silu`'s bits), or with ``norm`` = (weight, bias, eps) each pixel's RMSNorm + bias [+ ``residual``]
+    once its row of the GEMM is whole, while it is in cache (:func:`rms_norm_residual`'s bits): the map is
+    written once."""
+    kwargs = {"init": init, "silu": silu, "residual": residual}
+    if norm is not None:
+        kwargs.update(norm_weight=norm[0], norm_bias=norm[1], norm_eps=float(norm[2]))
+    return extension().bf16_conv(x, weight, bias, _pair(padding), **kwargs)
 
 
-def bf16_conv3x3_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None,
-                           silu: bool = False) -> mx.array:
+def bf16_conv3x3_reference(x: mx.array, weight: mx.array, bias: mx.array | None = None, silu: bool = False,
+                           norm: tuple | None = None, residual: mx.array | None = None) -> mx.array:
     """:func:`bf16_conv3x3`'s twin: the 3x3 conv (padding 1) of the bfloat16-rounded operands, float32 sums."""
-    return bf16_conv_reference(x, weight, bias, (1, 1), silu=silu)
+    return bf16_conv_reference(x, weight, bias, (1, 1), silu=silu, norm=norm, residual=residual)
 
 
-def bf16_conv3x3_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> bool:
-    return weight.ndim == 4 and weight.shape[1:3] == (3, 3) and bf16_conv_supported(x, weight, bias, (1, 1))
+def bf16_conv3x3_supported(x: mx.array, weight: mx.array, bias: mx.array | None = None, silu: bool = False,
+                           norm: tuple | None = None, residual: mx.array | None = None) -> bool:
+    return weight.ndim == 4 and weight.shape[1:3] == (3, 3) and bf16_conv_supported(
+        x, weight, bias, (1, 1), silu=silu, norm=norm, residual=residual)
 
 
-def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None, silu: bool = False) -> mx.array:
+def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None, silu: bool = False,
+                 norm: tuple | None = None, residual: mx.array | None = None) -> mx.array:
     """A 3x3 conv, stride 1, padding 1 (the DC-AE's) by :func:`bf16_conv`: x [B, H, W, C], weight
-    [O, 3, 3, C], bias [O] or None -> [B, H, W, O] (with ``silu``: through SiLU)."""
-    return bf16_conv(x, weight, bias, (1, 1), silu=silu)
+    [O, 3, 3, C], bias [O] or None -> [B, H, W, O] (``silu``, ``norm``, ``residual``: as there)."""
+    return bf16_conv(x, weight, bias, (1, 1), silu=silu, norm=norm, residual=residual)
 
 
 def bf16_subpixel_conv_reference(x: mx.array, weights: mx.array, init: mx.array) -> mx.array:

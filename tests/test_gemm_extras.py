@@ -75,6 +75,27 @@ def fused_and_separate(o: dict) -> list[tuple[str, mx.array, mx.array]]:
     ]
 
 
+# convs (batch, height, width, C, O): one part of rows (M < 128), the AMX parts over rows, and over rows
+# in groups of tile pairs (B larger than a core's L2)
+CONV_SHAPES = [(1, 7, 9, 16, 24), (2, 20, 33, 40, 48), (1, 40, 40, 512, 512)]
+
+
+def conv_operands(batch, height, width, channels, out, seed):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape, scale=1.0: mx.array((rng.standard_normal(shape) * scale).astype(np.float32))  # noqa: E731
+    return (normal(batch, height, width, channels), normal(out, 3, 3, channels, scale=0.2), normal(out),
+            (normal(out), normal(out), 1e-5), normal(batch, height, width, out))
+
+
+def conv_fused_and_separate(shape, seed):
+    x, weight, bias, norm, residual = conv_operands(*shape, seed)
+    conv = prim.bf16_conv3x3(x, weight, bias)
+    return [("silu", prim.bf16_conv3x3(x, weight, bias, silu=True), prim.silu(conv)),
+            ("norm", prim.bf16_conv3x3(x, weight, bias, norm=norm), prim.rms_norm_residual(conv, *norm)),
+            ("norm + residual", prim.bf16_conv3x3(x, weight, None, norm=norm, residual=residual),
+             prim.rms_norm_residual(prim.bf16_conv3x3(x, weight), *norm, residual))]
+
+
 def mismatches() -> list[str]:
     """Every case whose fused output is not the separate nodes' bit for bit (run in each kernel's process)."""
     wrong = []
@@ -82,6 +103,10 @@ def mismatches() -> list[str]:
         for what, fused, separate in fused_and_separate(operands(*shape, seed=70 + index)):
             if not same_bits(fused, separate):
                 wrong.append(f"{shape} {what}")
+    for index, shape in enumerate(CONV_SHAPES):
+        for what, fused, separate in conv_fused_and_separate(shape, seed=80 + index):
+            if not same_bits(fused, separate):
+                wrong.append(f"conv {shape} {what}")
     return wrong
 
 
@@ -149,6 +174,25 @@ def test_what_the_extras_do_not_take_they_say():
     assert not prim.bf16_matmul_q8_supported(a["x"][None], *weights, norm=norm)  # rows of [B, N, K] only
     with pytest.raises(ValueError, match="gate needs a residual"):
         prim.bf16_matmul_q8(a["x"], *weights, gate=a["gate"])
+
+
+@pytest.mark.parametrize("index", range(len(CONV_SHAPES)), ids=["tails", "batch 2", "tile pair groups"])
+def test_conv_extras_give_the_separate_nodes_bits(index):
+    """SiLU in the store, and the RMSNorm (+ bias, + residual) of each row once the GEMM has finished it."""
+    for what, fused, separate in conv_fused_and_separate(CONV_SHAPES[index], seed=80 + index):
+        assert node_names(fused) == {"MobileoBf16Conv"}, what
+        assert same_bits(fused, separate), what
+
+
+def test_conv_norm_against_its_twin():
+    x, weight, bias, norm, residual = conv_operands(2, 12, 10, 32, 32, seed=5)
+    got = prim.bf16_conv3x3(x, weight, None, norm=norm, residual=residual)
+    assert relative_error(got, prim.bf16_conv3x3_reference(x, weight, None, norm=norm, residual=residual)) < 1e-5
+    assert not prim.bf16_conv3x3_supported(x, weight, None, silu=True, norm=norm)  # one or the other
+    assert not prim.bf16_conv3x3_supported(x, weight, None, residual=residual)  # a residual comes with the norm
+    assert not prim.bf16_conv3x3_supported(x, weight, None, norm=(norm[0][:5], norm[1], 1e-5))
+    with pytest.raises(ValueError, match="residual comes with the norm"):
+        prim.bf16_conv3x3(x, weight, None, residual=residual)
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 9, 16, 24), (2, 20, 33, 40, 48)], ids=["tails", "batch 2"])
@@ -231,13 +275,13 @@ def test_the_fused_q_k_v_weights_are_held_once_and_follow_an_update(monkeypatch)
     assert same_bits(fused, fast(*inputs))
 
 
-def test_dcae_resblock_makes_its_silu_in_the_conv(monkeypatch):
+def test_dcae_resblock_is_two_conv_nodes_with_the_separate_nodes_bits(monkeypatch):
     monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
     block = randomized(dcae.ResBlock(32, 32, "rms_norm", "silu"), seed=6, scale=0.2)
     fast = backends.accelerate(rebuild(block), "vae", matmul="bf16")
     x = mx.array(np.random.default_rng(9).standard_normal((2, 7, 9, 32)).astype(np.float32))
     out = fast(x)
-    assert "MobileoBf16Conv" in node_names(out) and "MobileoSilu" not in node_names(out)
+    assert node_names(out) == {"MobileoBf16Conv"}  # no separate SiLU, no separate norm
     h = prim.silu(prim.bf16_conv3x3(x, block.conv1.weight, block.conv1.bias))
     separate = prim.rms_norm_residual(prim.bf16_conv3x3(h, block.conv2.weight), block.norm.weight, block.norm.bias,
                                       block.norm.eps, x)

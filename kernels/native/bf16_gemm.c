@@ -560,6 +560,15 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_block(const str
   }
 }
 
+/* The extras' row epilogue (RMSNorm [+ residual]) over C's rows [begin, end), whole and in cache:
+ * in place, on the calling thread. */
+static void finish_rows(const struct gemm *g, long begin, long end) {
+  if (g->ex.row_weight == NULL || begin >= end) return;
+  float *c = g->c + (size_t)g->conv_row0 * g->ldc;
+  const float *residual = g->ex.row_residual ? g->ex.row_residual + (size_t)g->conv_row0 * g->ldc : NULL;
+  mobileo_rms_norm_residual_rows(c, residual, g->ex.row_weight, g->ex.row_bias, g->ex.row_eps, g->n, begin, end, c);
+}
+
 AMX_TARGET static void load_tile_config(void) {
   struct tile_config config;
   memset(&config, 0, sizeof config);
@@ -627,6 +636,8 @@ AMX_TARGET static void run_part_amx_rows(void *arg, int part, int parts) {
         else
           amx_block(g, tile, 1, b, t * AMX_ROWS, p * NR);
       }
+    const long rows_end = (long)2 * (first + group) * AMX_ROWS;
+    finish_rows(g, (long)2 * first * AMX_ROWS, rows_end < g->m ? rows_end : g->m);  /* these rows are whole */
   }
   _tile_release();
 }
@@ -781,6 +792,14 @@ static int run_gemm(struct gemm g) {
 #else
     code = mobileo_pool_run(run_part, &g, parts, 1);
 #endif
+    /* the row epilogue where the parts did not make it row group by row group: one pass, every core */
+    if (code == 0 && g.ex.row_weight != NULL && !by_rows) {
+      float *c = g.c + (size_t)g.conv_row0 * g.ldc;
+      const float *residual = g.ex.row_residual ? g.ex.row_residual + (size_t)g.conv_row0 * g.ldc : NULL;
+      const struct mobileo_rows rows = {1, {g.m}, {g.ldc}};
+      code = mobileo_rms_norm_residual(c, &rows, residual, &rows, g.ex.row_weight, g.ex.row_bias, g.ex.row_eps, g.m,
+                                       g.n, c);
+    }
     if (code == 0) __atomic_add_fetch(&products_done, 1, __ATOMIC_RELAXED);
     if (code == 0 && amx) __atomic_add_fetch(&amx_products_done, 1, __ATOMIC_RELAXED);
   }
@@ -811,7 +830,8 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
   if (extras != NULL) {
     g.ex = *extras;
     if ((g.ex.norm_shift != NULL && (trans_a || lda != k || g.ex.norm_rows < 1 || m % g.ex.norm_rows != 0)) ||
-        (g.ex.gate != NULL && (g.ex.residual == NULL || g.ex.gate_rows < 1 || m % g.ex.gate_rows != 0)))
+        (g.ex.gate != NULL && (g.ex.residual == NULL || g.ex.gate_rows < 1 || m % g.ex.gate_rows != 0)) ||
+        (g.ex.row_weight != NULL && ldc != n))
       return -1;
   }
   return run_gemm(g);
@@ -826,7 +846,8 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
   if (batch < 1 || height < 1 || width < 1 || channels < 1 || kh < 1 || kw < 1 || out_channels < 1 ||
       !mobileo_bf16_gemm_supported())
     return -1;
-  if (extras != NULL && (extras->norm_shift != NULL || extras->residual != NULL || (extras->silu && out_pixel_stride)))
+  if (extras != NULL && (extras->norm_shift != NULL || extras->residual != NULL ||
+                         ((extras->silu || extras->row_weight != NULL) && out_pixel_stride)))
     return -1;
   const long m = (long)batch * height * width, k = (long)kh * kw * channels;
   if (m > 0x7fffffffL || k > 0x7fffffffL) return -1;
@@ -835,7 +856,7 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
                          .conv_kw = kw, .conv_pad_top = pad_top, .conv_pad_left = pad_left, .bias = bias,
                          .alpha = 1.0f, .beta = accumulate ? 1.0f : 0.0f, .c = out, .ldc = out_channels,
                          .c_line_stride = out_line_stride, .c_pixel_stride = out_pixel_stride};
-  if (extras != NULL) g.ex.silu = extras->silu;
+  if (extras != NULL) g.ex = *extras;
   if (kernel() == KERNEL_AMX) return run_gemm(g);
   /* The register tile packs A whole: chunks of rows whose packed A stays under CONV_CHUNK_BYTES
    * (whole, a band's A would be kh kw times the input, hundreds of MB). */

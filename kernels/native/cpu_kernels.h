@@ -53,7 +53,9 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
  *   A's rows first normalised: LayerNorm(row) * (1 + scale) + shift (no affine), shift and scale
  *     [M / norm_rows][K]: mobileo_modulated_layer_norm's bits (a plain, row-contiguous A only);
  *   C's values after the bias: SiLU (silu; mobileo_silu's bits), then residual + gate * value
- *     (residual rows as C's [M, ldc]; gate [M / gate_rows][N], or NULL for residual + value). */
+ *     (residual rows as C's [M, ldc]; gate [M / gate_rows][N], or NULL for residual + value);
+ *   C's rows, once whole: [row_residual +] RMSNorm(row) * row_weight + row_bias
+ *     (mobileo_rms_norm_residual's bits; row_residual as C's rows, or NULL), each while it is in cache. */
 struct mobileo_gemm_extras {
   const float *norm_shift, *norm_scale;
   float norm_eps;
@@ -61,6 +63,8 @@ struct mobileo_gemm_extras {
   int silu;
   const float *residual, *gate;
   int gate_rows;
+  const float *row_weight, *row_bias, *row_residual;
+  float row_eps;
 };
 
 /* c [m, n] = op(a) W + bias for W [k, n] = values * scales + biases, K-major 8-bit affine:
@@ -81,7 +85,7 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * store, as mobileo_bf16_gemm's beta 1); bias [O] or NULL, added after the sums. out_pixel_stride 0:
  * out is [B, H, W, O] contiguous; else the O outputs of pixel (y, x) of image b are at
  * out + (b H + y) out_line_stride + x out_pixel_stride (floats): the sub-pixel upsampler writes each
- * parity straight into the interleaved map. extras (or NULL): its silu only (a contiguous out).
+ * parity straight into the interleaved map. extras (or NULL): silu and the rows' RMSNorm (a contiguous out).
  * Same kernels and threads as mobileo_bf16_gemm; -1: no AVX512-BF16, a bad shape, extras it does not
  * take, or no memory. */
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,
@@ -120,6 +124,11 @@ int mobileo_rms_norm_residual(const float *y, const struct mobileo_rows *y_rows,
  * shift and scale [batch, dim]. Returns 0 (-1: an empty dim or no tokens). */
 int mobileo_modulated_layer_norm(const float *x, long batch, long tokens, int dim, const float *shift,
                                  const float *scale, float eps, float *out);
+
+/* Rows [begin, end) of mobileo_rms_norm_residual for a row-contiguous y [rows, dim] (residual and out
+ * likewise, out may be y), on the calling thread: the same bits. */
+void mobileo_rms_norm_residual_rows(const float *y, const float *residual, const float *weight, const float *bias,
+                                    float eps, int dim, long begin, long end, float *out);
 
 /* Rows [begin, end) of mobileo_modulated_layer_norm's output (x [rows, dim] row-contiguous, shift and
  * scale [rows / tokens, dim]) into out [end - begin][dim], on the calling thread: the same bits. */

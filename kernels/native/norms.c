@@ -144,6 +144,13 @@ int mobileo_rms_norm_residual(const float *y, const struct mobileo_rows *y_rows,
   return 0;
 }
 
+void mobileo_rms_norm_residual_rows(const float *y, const float *residual, const float *weight, const float *bias,
+                                    float eps, int dim, long begin, long end, float *out) {
+  const struct mobileo_rows rows = {1, {end}, {dim}};
+  const struct rms_job job = {y, residual, weight, bias, &rows, &rows, eps, 1.0f / (float)dim, end, dim, out};
+  rms_rows(&job, begin, end);
+}
+
 /* ------------------------------------------------------------------ modulated LayerNorm */
 struct layer_job {
   const float *x, *shift, *scale;

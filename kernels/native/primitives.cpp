@@ -1203,16 +1203,25 @@ void register_attention(nb::module_ &m) {
 // sub-pixel upsampler's 2x2 parity convs) as one bf16 GEMM (bf16_gemm.c's mobileo_bf16_conv):
 // A is packed straight from the windows of x with the zero padding made there, K = kh kw C is
 // summed in the tiles and the output written once, the bias (and an optional addend) added as
-// it is stored, then SiLU if asked (the DC-AE ResBlock's first conv and its activation: the map
-// written once). inputs: x [B, H, W, C], weight [O, kh, kw, C] (, bias [O]) (, init [B, H, W, O])
+// it is stored, then SiLU if asked (the DC-AE ResBlock's first conv and its activation), or each
+// pixel's RMSNorm (+ bias, + a residual) once its row is whole (the ResBlock's second conv, its norm
+// and residual): the map written once.
+// inputs: x [B, H, W, C], weight [O, kh, kw, C] (, bias [O]) (, init [B, H, W, O])
+//         (, norm weight [O], norm bias [O]) (, residual [B, H, W, O])
+struct ConvExtras {
+  bool bias = false, init = false, silu = false, norm = false, residual = false;
+  float eps = 0.0f;
+  bool operator==(const ConvExtras &) const = default;
+};
+
 class Bf16Conv : public Kernel {
  public:
-  Bf16Conv(mx::Stream stream, std::pair<int, int> padding, bool has_bias, bool has_init, bool silu)
-      : Kernel(stream), padding_(padding), has_bias_(has_bias), has_init_(has_init), silu_(silu) {}
+  Bf16Conv(mx::Stream stream, std::pair<int, int> padding, ConvExtras extras)
+      : Kernel(stream), padding_(padding), extras_(extras) {}
   const char *name() const override { return "MobileoBf16Conv"; }
   bool is_equivalent(const mx::Primitive &other) const override {
     const auto &o = static_cast<const Bf16Conv &>(other);
-    return padding_ == o.padding_ && has_bias_ == o.has_bias_ && has_init_ == o.has_init_ && silu_ == o.silu_;
+    return padding_ == o.padding_ && extras_ == o.extras_;
   }
   std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
     auto shape = inputs[0].shape();
@@ -1220,33 +1229,50 @@ class Bf16Conv : public Kernel {
     return {shape};
   }
 
-  // [silu of] [init +] the conv of the bfloat16-rounded operands, summed in float32 [+ bias]
+  // [init +] the conv of the bfloat16-rounded operands, summed in float32 [+ bias], then [SiLU] or
+  // [[residual +] RMSNorm * weight + bias]
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
     const int kh = in[1].shape(1), kw = in[1].shape(2);
     auto y = mx::conv_general(bf16_rounded(in[0], s), bf16_rounded(in[1], s), {1, 1},
                               {padding_.first, padding_.second},
                               {kh - 1 - padding_.first, kw - 1 - padding_.second}, {1, 1}, {1, 1}, 1, false, s);
-    if (has_init_) y = mx::add(in.back(), y, s);
-    if (has_bias_) y = mx::add(y, in[2], s);
-    return {silu_ ? silu_formula(y, s) : y};
+    size_t next = 2;
+    const mx::array *bias = extras_.bias ? &in[next++] : nullptr;
+    if (extras_.init) y = mx::add(in[next++], y, s);
+    if (bias != nullptr) y = mx::add(y, *bias, s);
+    if (extras_.silu) y = silu_formula(y, s);
+    if (extras_.norm) {
+      y = mx::add(mx::fast::rms_norm(y, in[next], extras_.eps, s), in[next + 1], s);
+      next += 2;
+      if (extras_.residual) y = mx::add(in[next], y, s);
+    }
+    return {y};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
     const auto &x = inputs[0], &weight = inputs[1];
     auto &out = outputs[0];
-    const mx::array *init = has_init_ ? &inputs.back() : nullptr;
+    size_t next = 2;
+    const float *bias = extras_.bias ? inputs[next++].data<float>() : nullptr;
+    const mx::array *init = extras_.init ? &inputs[next++] : nullptr;
+    mobileo_gemm_extras extras{};
+    extras.silu = extras_.silu;
+    if (extras_.norm) {
+      extras.row_weight = inputs[next].data<float>();
+      extras.row_bias = inputs[next + 1].data<float>();
+      extras.row_eps = extras_.eps;
+      next += 2;
+      if (extras_.residual) extras.row_residual = inputs[next].data<float>();
+    }
     take_over_or_allocate(out, {init});  // row-contiguous [B, H, W, O] (mx::contiguous in the op)
     auto &enc = encoder(inputs, outputs);
-    enc.dispatch([image = x.data<float>(), weights = weight.data<float>(),
-                  bias = has_bias_ ? inputs[2].data<float>() : nullptr,
+    enc.dispatch([image = x.data<float>(), weights = weight.data<float>(), bias,
                   addend = init != nullptr ? init->data<float>() : nullptr, result = out.data<float>(),
                   batch = x.shape(0), height = x.shape(1), width = x.shape(2), channels = x.shape(3),
                   out_channels = weight.shape(0), kh = weight.shape(1), kw = weight.shape(2), padding = padding_,
-                  size = out.size(), silu = silu_]() {
+                  size = out.size(), extras]() {
       if (addend != nullptr && addend != result) std::memcpy(result, addend, size * sizeof(float));
-      mobileo_gemm_extras extras{};
-      extras.silu = silu;
       if (mobileo_bf16_conv(image, batch, height, width, channels, weights, kh, kw, out_channels, padding.first,
                             padding.second, bias, addend != nullptr, result, 0, 0, &extras) != 0)
         throw std::runtime_error("MobileoBf16Conv: no AVX512-BF16 here, or out of memory");
@@ -1255,33 +1281,48 @@ class Bf16Conv : public Kernel {
 
  private:
   std::pair<int, int> padding_;
-  bool has_bias_, has_init_, silu_;
+  ConvExtras extras_;
 };
 
 mx::array bf16_conv(const mx::array &x, const mx::array &weight, const std::optional<mx::array> &bias,
                     std::pair<int, int> padding, const std::optional<mx::array> &init, bool silu,
-                    const mx::StreamOrDevice &where) {
+                    const std::optional<mx::array> &norm_weight, const std::optional<mx::array> &norm_bias,
+                    float norm_eps, const std::optional<mx::array> &residual, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "bf16_conv");
   require(mobileo_bf16_gemm_supported(), "mobileo bf16_conv: this CPU has no AVX512-BF16");
   require(x.ndim() == 4 && weight.ndim() == 4 && x.shape(3) == weight.shape(3),
           "mobileo bf16_conv: x [B, H, W, C] and weight [O, kh, kw, C]");
-  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32) &&
-              (!init || init->dtype() == mx::float32),
+  const auto is_float32 = [](const std::optional<mx::array> &v) { return !v || v->dtype() == mx::float32; };
+  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32 && is_float32(bias) && is_float32(init) &&
+              is_float32(norm_weight) && is_float32(norm_bias) && is_float32(residual),
           "mobileo bf16_conv: float32 only");
   const int out_channels = weight.shape(0), kh = weight.shape(1), kw = weight.shape(2);
   require(x.size() > 0 && weight.size() > 0, "mobileo bf16_conv: empty input");
   require(padding.first >= 0 && padding.first < kh && padding.second >= 0 && padding.second < kw,
           "mobileo bf16_conv: padding 0 .. k - 1 (the output has the input's size)");
-  require(!bias || (bias->ndim() == 1 && bias->shape(0) == out_channels), "mobileo bf16_conv: bias [O]");
+  const auto is_row = [out_channels](const std::optional<mx::array> &v) {
+    return !v || (v->ndim() == 1 && v->shape(0) == out_channels);
+  };
+  require(is_row(bias), "mobileo bf16_conv: bias [O]");
+  require(norm_weight.has_value() == norm_bias.has_value() && is_row(norm_weight) && is_row(norm_bias),
+          "mobileo bf16_conv: norm_weight and norm_bias [O], together");
+  require(!residual || norm_weight, "mobileo bf16_conv: a residual comes with the norm");
+  require(!(silu && norm_weight), "mobileo bf16_conv: SiLU or the norm, not both");
   auto shape = x.shape();
   shape.back() = out_channels;
   require(!init || init->shape() == shape, "mobileo bf16_conv: init [B, H, W, O]");
+  require(!residual || residual->shape() == shape, "mobileo bf16_conv: residual [B, H, W, O]");
+  ConvExtras extras;
+  extras.bias = bias.has_value();
+  extras.init = init.has_value();
+  extras.silu = silu;
+  extras.norm = norm_weight.has_value();
+  extras.residual = residual.has_value();
+  extras.eps = norm_eps;
   Arrays inputs = {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)};
-  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
-  if (init) inputs.push_back(mx::contiguous(*init, false, stream));
-  return mx::array(shape, mx::float32,
-                   std::make_shared<Bf16Conv>(stream, padding, bias.has_value(), init.has_value(), silu),
-                   std::move(inputs));
+  for (const auto *extra : {&bias, &init, &norm_weight, &norm_bias, &residual})
+    if (*extra) inputs.push_back(mx::contiguous(**extra, false, stream));
+  return mx::array(shape, mx::float32, std::make_shared<Bf16Conv>(stream, padding, extras), std::move(inputs));
 }
 
 // Nearest x2 upsampling then a 3x3 conv, in sub-pixel form (the DC-AE's upsamplers): output
@@ -1353,7 +1394,9 @@ mx::array bf16_subpixel_conv(const mx::array &x, const mx::array &weights, const
 
 void register_bf16_conv(nb::module_ &m) {
   m.def("bf16_conv", &bf16_conv, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("padding"),
-        nb::kw_only(), nb::arg("init").none() = nb::none(), nb::arg("silu") = false, nb::arg("stream") = nb::none());
+        nb::kw_only(), nb::arg("init").none() = nb::none(), nb::arg("silu") = false,
+        nb::arg("norm_weight").none() = nb::none(), nb::arg("norm_bias").none() = nb::none(),
+        nb::arg("norm_eps") = 0.0f, nb::arg("residual").none() = nb::none(), nb::arg("stream") = nb::none());
   m.def("bf16_subpixel_conv", &bf16_subpixel_conv, nb::arg("x"), nb::arg("weights"), nb::arg("init"), nb::kw_only(),
         nb::arg("stream") = nb::none());
 }

@@ -581,7 +581,8 @@ class Conv2d(nn.Conv2d):
 
 class ResBlock(dcae.ResBlock):
     """Both convs as window GEMMs, the first one's garbage columns cropped after the activation
-    (or both as bf16 conv nodes: nothing to crop, the SiLU made as the first one stores its map)."""
+    (or both as bf16 conv nodes: nothing to crop, the SiLU made as the first one stores its map,
+    the norm and the residual as the second one finishes its rows)."""
 
     products = FP32
 
@@ -591,6 +592,12 @@ class ResBlock(dcae.ResBlock):
                 h = primitives.bf16_conv3x3(x, self.conv1.weight, self.conv1.bias, silu=True)
             else:
                 h = self.nonlinearity(primitives.bf16_conv3x3(x, self.conv1.weight, self.conv1.bias))
+            norm = (self.norm.weight, self.norm.bias, self.norm.eps)
+            if _bf16_conv_node(h, self.conv2.weight, self.products) and primitives.bf16_conv3x3_supported(
+                    h, self.conv2.weight, None, norm=norm, residual=x):
+                # the norm, its bias and the residual made on each row of the conv as it is finished:
+                # the bits of the norm_residual node
+                return primitives.bf16_conv3x3(h, self.conv2.weight, None, norm=norm, residual=x)
         else:
             width = x.shape[2]
             h = self.nonlinearity(conv3x3_wide(x, self.conv1.weight, self.conv1.bias, self.products))[:, :, :width]
