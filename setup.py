@@ -41,7 +41,8 @@ ext_modules.append(
     Extension(
         KERNELS,
         sources=[f"{NATIVE}/{name}.c" for name in ("quantized_gemv", "dequantize", "bf16_gemm", "gelu", "depthwise",
-                                                   "gated_depthwise", "silu", "norms", "attention", "pool")],
+                                                   "gated_depthwise", "silu", "norms", "attention", "grouped_pointwise",
+                                                   "pool")],
         depends=[f"{NATIVE}/pool.h", f"{NATIVE}/vec8.h", f"{NATIVE}/vec16.h", f"{NATIVE}/logistic16.h",
                  f"{NATIVE}/cpu_kernels.h"],
         # no fused multiply-adds: gelu.c, gated_depthwise.c, silu.c and norms.c round as the MLX forms they mirror

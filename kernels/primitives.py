@@ -321,6 +321,34 @@ def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array | None = None)
     return extension().gated_depthwise(h, weight, bias)
 
 
+# ------------------------------------------------------------------ grouped 1x1 conv
+def grouped_pointwise_reference(x: mx.array, weight: mx.array, groups: int) -> mx.array:
+    """A grouped 1x1 conv without bias in MLX operations (``dcae.GroupedPointwise``'s form): x [..., C],
+    weight [C, C / groups] (row g size + o: the group's output o), a batched matmul per (row, group)."""
+    *lead, channels = x.shape
+    size = channels // groups
+    y = x.reshape(*lead, groups, 1, size) @ weight.reshape(groups, size, size).swapaxes(1, 2)
+    return y.reshape(*lead, channels)
+
+
+def grouped_pointwise_supported(x: mx.array, weight: mx.array, groups: int) -> bool:
+    if not (available() and _float32(x, weight) and x.ndim >= 1 and x.size > 0 and groups >= 1
+            and x.shape[-1] % groups == 0):
+        return False
+    size = x.shape[-1] // groups
+    return weight.shape == (x.shape[-1], size) and size % 16 == 0 and size <= 64
+
+
+def grouped_pointwise(x: mx.array, weight: mx.array, groups: int) -> mx.array:
+    """:func:`grouped_pointwise_reference` by the native kernel (``native/grouped_pointwise.c``): the rows
+    split over every core, eight rows at a time against each group's weight in registers, float32 sums in
+    order (not the twin's BLAS order: equal to float32 summation error)."""
+    return extension().grouped_pointwise(x, weight, groups)
+
+
+__all__ += ["grouped_pointwise", "grouped_pointwise_reference", "grouped_pointwise_supported"]
+
+
 # ------------------------------------------------------------------------ SiLU and its gate
 def silu_reference(x: mx.array) -> mx.array:
     """SiLU, x * sigmoid(x), in MLX operations (``nn.silu``)."""

@@ -99,6 +99,11 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
 int mobileo_gated_depthwise(const float *h, int batch, int height, int width, int hidden, const float *taps, int k,
                             const float *bias, float *out);
 
+/* A grouped 1x1 conv without bias: out [pixels, groups size] = per group g, x[:, g size ...] @ W_g^T with
+ * w [groups size, size] (row g size + o: output o's weights), sums over i in order; size a multiple of
+ * 16, up to 64. -1: a shape it does not take, -2: no memory. */
+int mobileo_grouped_pointwise(const float *x, long pixels, int groups, int size, const float *w, float *out);
+
 /* out[i] = silu(x[i]) (out may be x); out[i] = a[i] * silu(g[i]) (out may be a or g): the
  * algorithm and the bits of backends/cpu/activations.py's silu / glu_silu. Return 0. */
 int mobileo_silu(const float *x, float *out, long count);

@@ -767,8 +767,61 @@ mx::array gated_depthwise(const mx::array &h, const mx::array &weight, const std
   return mx::array(shape, mx::float32, std::make_shared<GatedDepthwise>(stream), std::move(inputs));
 }
 
+// ------------------------------------------------------------------ grouped 1x1 conv
+// inputs: x [..., groups * size], weight [groups * size, size] -> per group, x's channels of the group
+// times the group's weight transposed (the DC-AE LiteMLA's multiscale projection)
+class GroupedPointwise : public Kernel {
+ public:
+  GroupedPointwise(mx::Stream stream, int groups) : Kernel(stream), groups_(groups) {}
+  const char *name() const override { return "MobileoGroupedPointwise"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return groups_ == static_cast<const GroupedPointwise &>(other).groups_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[0].shape()}; }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const int channels = in[0].shape(-1), size = channels / groups_;
+    auto rows = mx::reshape(in[0], {-1, groups_, 1, size}, s);
+    auto weight = mx::swapaxes(mx::reshape(in[1], {groups_, size, size}, s), 1, 2, s);  // [g, in, out]
+    return {mx::reshape(mx::matmul(rows, weight, s), in[0].shape(), s)};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &x = inputs[0];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto &enc = encoder(inputs, outputs);
+    const int channels = x.shape(-1);
+    enc.dispatch([source = x.data<float>(), weight = inputs[1].data<float>(), result = out.data<float>(),
+                  pixels = (long)(x.size() / channels), groups = groups_, size = channels / groups_]() {
+      const int status = mobileo_grouped_pointwise(source, pixels, groups, size, weight, result);
+      if (status == -2) throw std::runtime_error("MobileoGroupedPointwise: out of memory");
+      if (status != 0) throw std::runtime_error("MobileoGroupedPointwise: shape not taken by the kernel");
+    });
+  }
+
+ private:
+  int groups_;
+};
+
+mx::array grouped_pointwise(const mx::array &x, const mx::array &weight, int groups, const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "grouped_pointwise");
+  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32, "mobileo grouped_pointwise: float32 only");
+  require(x.ndim() >= 1 && x.size() > 0 && groups >= 1 && x.shape(-1) % groups == 0,
+          "mobileo grouped_pointwise: x [..., C] with C a multiple of groups");
+  const int channels = x.shape(-1), size = channels / groups;
+  require(weight.ndim() == 2 && weight.shape(0) == channels && weight.shape(1) == size,
+          "mobileo grouped_pointwise: weight [C, C / groups]");
+  require(size % 16 == 0 && size <= 64, "mobileo grouped_pointwise: C / groups a multiple of 16, up to 64");
+  return mx::array(x.shape(), mx::float32, std::make_shared<GroupedPointwise>(stream, groups),
+                   {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)});
+}
+
 void register_gated_depthwise(nb::module_ &m) {
   m.def("gated_depthwise", &gated_depthwise, nb::arg("h"), nb::arg("weight"), nb::arg("bias").none(), nb::kw_only(),
+        nb::arg("stream") = nb::none());
+  m.def("grouped_pointwise", &grouped_pointwise, nb::arg("x"), nb::arg("weight"), nb::arg("groups"), nb::kw_only(),
         nb::arg("stream") = nb::none());
 }
 

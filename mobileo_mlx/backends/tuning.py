@@ -39,6 +39,11 @@ ATTENTION_NATIVE_MIN_MACS = 1 << 20
 # matrices would cost memory.
 LANGUAGE_ATTENTION_MAX_SCORES = 1 << 24
 
+# The DC-AE LiteMLA's grouped 1x1 conv (kernels/primitives.grouped_pointwise) takes a call from this many
+# multiply-adds: smaller ones (the demo model's) stay the MLX form, whose bytes tests/test_golden.py records
+# for the default mode; the full-size decoder's (6e7 and more) are far above.
+GROUPED_POINTWISE_NATIVE_MIN_MACS = 1 << 20
+
 # Depthwise convs: below this many multiply-adds the native kernel's start-up costs more
 # than it saves over the shift-and-add twin ...
 DEPTHWISE_NATIVE_MIN_MACS = 1 << 21

@@ -31,9 +31,10 @@ _COMMON = {
 }
 _LANGUAGE = {qwen2.MLP: layers.Qwen2MLP, qwen2.Attention: layers.Qwen2Attention}
 _VISION = {fastvit.RepMixerBlock: layers.RepMixerBlock, fastvit.AttentionBlock: layers.AttentionBlock}
-# The DC-AE's 3x3 convs (and only its: FastViT's stem conv is strided).
-_DECODER = {nn.Conv2d: layers.Conv2d, dcae.ResBlock: layers.ResBlock, dcae.DCUpBlock2d: layers.DCUpBlock2d}
-_DECODER_BF16 = {nn.Conv2d: layers.Bf16Conv2d, dcae.ResBlock: layers.Bf16ResBlock,
+# The DC-AE's 3x3 convs (and only its: FastViT's stem conv is strided), its blocks, LiteMLA's grouped 1x1 conv.
+_DECODER = {nn.Conv2d: layers.Conv2d, dcae.ResBlock: layers.ResBlock, dcae.DCUpBlock2d: layers.DCUpBlock2d,
+            dcae.GroupedPointwise: layers.GroupedPointwise}
+_DECODER_BF16 = {**_DECODER, nn.Conv2d: layers.Bf16Conv2d, dcae.ResBlock: layers.Bf16ResBlock,
                  dcae.DCUpBlock2d: layers.Bf16DCUpBlock2d}
 # The DiT's and the VAE's layers never multiply a handful of rows: 8-bit weights K-major.
 K_MAJOR_COMPONENTS = ("dit", "vae")

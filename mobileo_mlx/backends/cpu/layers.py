@@ -233,6 +233,17 @@ class ReLULinearAttention(common.ReLULinearAttention):
                                     batch, axis=0)
 
 
+class GroupedPointwise(dcae.GroupedPointwise):
+    """The native node (every core, eight rows at a time per group) where it takes the call; the plain
+    module's batched matmul runs one tiny product per (pixel, group)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if (use_kernels() and x.size * (x.shape[-1] // self.groups) >= tuning.GROUPED_POINTWISE_NATIVE_MIN_MACS
+                and primitives.grouped_pointwise_supported(x, self.weight, self.groups)):
+            return primitives.grouped_pointwise(x, self.weight, self.groups)
+        return super().__call__(x)
+
+
 # ------------------------------------------------------------------ GLUMBConv
 def gated_depthwise(h: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """GLUMBConv's middle: SiLU -> depthwise conv (+ bias) over 2C channels -> values * SiLU(gate),
