@@ -17,6 +17,7 @@ from mobileo_mlx.models import common, dcae, fastvit, sana
 # Every component: activations, depthwise convs, attention cores, quantized layers.
 _COMMON = {
     nn.SiLU: layers.SiLU,
+    nn.ReLU: layers.ReLU,
     nn.Sigmoid: layers.Sigmoid,
     nn.GELU: layers.GELU,
     common.DepthwiseConv: layers.DepthwiseConv,
