@@ -315,7 +315,10 @@ def cost_table(stages, weights_bytes: dict, recipe: str, steps: int, measured: d
     rows = [row(chip, fmt(tflops, 1), fmt(gbps, 0), t)
             for chip, tflops, gbps, t in cost_model.apple_predictions(stages, compute_eff, bandwidth_eff)]
     if mlx_result is not None:
-        tflops, gbps, t = cost_model.machine_prediction(stages, mlx_result["matmul_gflops"], mlx_result["copy_gbps"])
+        # the rate of the products the stages run: bf16 where the CPU matmuls are (the picture stages and the
+        # prompt's encoding), else float32
+        rate = mlx_result.get("picture_matmul_gflops") or mlx_result["matmul_gflops"]
+        tflops, gbps, t = cost_model.machine_prediction(stages, rate, mlx_result["copy_gbps"])
         rows.append(row(f"this machine ({mlx_result['backend']}, measured rates, eff. 1)", fmt(tflops, 3),
                         fmt(gbps, 0), t))
         if measured:
