@@ -282,7 +282,7 @@ def status() -> str:
 __all__ = [
     "MAX_ROWS", "available", "bf16_conv", "bf16_conv3x3", "bf16_conv3x3_reference", "bf16_conv3x3_supported",
     "bf16_conv_reference", "bf16_conv_supported", "bf16_kernel", "bf16_subpixel_conv", "bf16_subpixel_conv_reference",
-    "bf16_subpixel_conv_supported", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
+    "bf16_subpixel_conv_supported", "subpixel_shortcut_reference", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
     "bf16_matmul_q8_supported", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
     "dequantize", "dequantize_k_major_reference", "dequantize_supported",
     "depthwise_conv2d", "depthwise_supported", "extension", "gated_depthwise", "gated_depthwise_reference",
@@ -646,33 +646,56 @@ def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None, si
     return bf16_conv(x, weight, bias, (1, 1), silu=silu, norm=norm, residual=residual)
 
 
-def bf16_subpixel_conv_reference(x: mx.array, weights: mx.array, init: mx.array) -> mx.array:
-    """What :func:`bf16_subpixel_conv` computes, in MLX operations: init + the four parity convs of
-    the bfloat16-rounded operands (float32 sums), interleaved."""
+def subpixel_shortcut_reference(x: mx.array, out_channels: int, repeats: int) -> mx.array:
+    """The DC-AE upsampler's shortcut ``pixel_shuffle(repeat_interleave(x, repeats))`` as [B, 2H, 2W, O]: output
+    channel o at parity (a, b) is x's channel (4 o + 2 a + b) // repeats."""
+    batch, height, width, _ = x.shape
+    channel = lambda a, b: (4 * mx.arange(out_channels) + 2 * a + b) // repeats  # noqa: E731
+    rows = [mx.stack([mx.take(x, channel(a, b), axis=-1) for b in (0, 1)], axis=3) for a in (0, 1)]
+    return mx.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, out_channels)
+
+
+def bf16_subpixel_conv_reference(x: mx.array, weights: mx.array, init: mx.array | None = None, *,
+                                 bias: mx.array | None = None, repeats: int = 0) -> mx.array:
+    """What :func:`bf16_subpixel_conv` computes, in MLX operations: the start (``init``, or the shortcut of
+    ``repeats`` [+ ``bias``]) + the four parity convs of the bfloat16-rounded operands (float32 sums),
+    interleaved."""
     batch, height, width, _ = x.shape
     out = weights.shape[2]
     parities = [[bf16_conv_reference(x, weights[a, b], None, (1 - a, 1 - b)) for b in (0, 1)] for a in (0, 1)]
     rows = mx.stack([mx.stack(columns, axis=3) for columns in parities], axis=2)  # [B, H, 2, W, 2, O]
+    if init is None:
+        init = subpixel_shortcut_reference(x, out, repeats)
+        init = init if bias is None else init + bias
     return init + rows.reshape(batch, 2 * height, 2 * width, out)
 
 
-def bf16_subpixel_conv_supported(x: mx.array, weights: mx.array, init: mx.array) -> bool:
+def bf16_subpixel_conv_supported(x: mx.array, weights: mx.array, init: mx.array | None = None, *,
+                                 bias: mx.array | None = None, repeats: int = 0) -> bool:
     """Whether :func:`bf16_subpixel_conv` takes these (its twin: :func:`bf16_subpixel_conv_reference`)."""
-    if not (bf16_supported() and x.ndim == 4 and weights.ndim == 6 and _float32(x, weights, init) and x.size > 0):
+    if not (bf16_supported() and x.ndim == 4 and weights.ndim == 6 and _float32(x, weights, init, bias)
+            and x.size > 0):
         return False
     batch, height, width, channels = x.shape
     out = weights.shape[2]
-    return (weights.shape == (2, 2, out, 2, 2, channels) and out > 0
-            and init.shape == (batch, 2 * height, 2 * width, out))
+    if not (weights.shape == (2, 2, out, 2, 2, channels) and out > 0 and (init is None) == (repeats > 0)):
+        return False
+    if init is not None:
+        return init.shape == (batch, 2 * height, 2 * width, out) and bias is None
+    return 4 % repeats == 0 and channels * repeats == 4 * out and (bias is None or bias.shape == (out,))
 
 
-def bf16_subpixel_conv(x: mx.array, weights: mx.array, init: mx.array) -> mx.array:
-    """init + the sub-pixel convs of x, one node: output pixel (2y + a, 2x + b) is the 2x2 conv of
+def bf16_subpixel_conv(x: mx.array, weights: mx.array, init: mx.array | None = None, *,
+                       bias: mx.array | None = None, repeats: int = 0) -> mx.array:
+    """The sub-pixel convs of x, one node: output pixel (2y + a, 2x + b) is the 2x2 conv of
     x [B, H, W, C] by ``weights[a, b]`` ([2, 2, O, 2, 2, C]: parity a, parity b, then MLX's layout)
     reading rows y - 1 + a .. y + a and columns x - 1 + b .. x + b (zeros outside the map) -> [B, 2H,
     2W, O]: a nearest x2 upsampling then a 3x3 conv, with the taps each parity reads summed
     (``backends.cpu.layers.DCUpBlock2d``). Each parity is one :func:`bf16_conv` product stored straight
-    into its pixels of the output, which starts as ``init`` (taken over when no one else holds it):
-    no map per parity, no interleaving copy."""
-    return extension().bf16_subpixel_conv(x, weights, init)
+    into its pixels of the output, added to ``init`` (taken over when no one else holds it), or, with
+    ``repeats`` (dividing 4, C · repeats = 4 O), to the DC-AE upsampler's shortcut
+    ``pixel_shuffle(repeat_interleave(x, repeats))`` [+ ``bias``], which the stores read from x itself (as
+    (shortcut + bias) + sums: the bits of the init it replaces): no map per parity, no interleaving copy,
+    no shortcut map."""
+    return extension().bf16_subpixel_conv(x, weights, init, bias=bias, repeats=int(repeats))
 

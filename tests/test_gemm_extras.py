@@ -96,6 +96,23 @@ def conv_fused_and_separate(shape, seed):
              prim.rms_norm_residual(prim.bf16_conv3x3(x, weight), *norm, residual))]
 
 
+# sub-pixel upsamplers (batch, height, width, C, O): repeats 2 (the DC-AE's 256 -> 128), 4 (C = O) and 1 (C = 4 O)
+SUBPIXEL_SHAPES = [(1, 5, 7, 32, 16), (2, 9, 4, 64, 64), (1, 6, 5, 128, 32), (1, 40, 44, 256, 128)]
+
+
+def subpixel_fused_and_separate(shape, seed):
+    """The node with the shortcut read from x, and with the same start made beforehand as its init."""
+    batch, height, width, channels, out = shape
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((batch, height, width, channels)).astype(np.float32))
+    weights = mx.array((rng.standard_normal((2, 2, out, 2, 2, channels)) * 0.1).astype(np.float32))
+    bias = mx.array(rng.standard_normal(out).astype(np.float32))
+    repeats = 4 * out // channels
+    init = prim.subpixel_shortcut_reference(x, out, repeats) + bias
+    return (prim.bf16_subpixel_conv(x, weights, bias=bias, repeats=repeats), prim.bf16_subpixel_conv(x, weights, init),
+            prim.bf16_subpixel_conv_reference(x, weights, bias=bias, repeats=repeats))
+
+
 def mismatches() -> list[str]:
     """Every case whose fused output is not the separate nodes' bit for bit (run in each kernel's process)."""
     wrong = []
@@ -107,6 +124,10 @@ def mismatches() -> list[str]:
         for what, fused, separate in conv_fused_and_separate(shape, seed=80 + index):
             if not same_bits(fused, separate):
                 wrong.append(f"conv {shape} {what}")
+    for index, shape in enumerate(SUBPIXEL_SHAPES):
+        fused, separate, _ = subpixel_fused_and_separate(shape, seed=60 + index)
+        if not same_bits(fused, separate):
+            wrong.append(f"subpixel {shape}")
     return wrong
 
 
@@ -182,6 +203,27 @@ def test_conv_extras_give_the_separate_nodes_bits(index):
     for what, fused, separate in conv_fused_and_separate(CONV_SHAPES[index], seed=80 + index):
         assert node_names(fused) == {"MobileoBf16Conv"}, what
         assert same_bits(fused, separate), what
+
+
+@pytest.mark.parametrize("index", range(len(SUBPIXEL_SHAPES)), ids=["repeats 2", "repeats 4", "repeats 1",
+                                                                    "a band's size"])
+def test_subpixel_shortcut_read_in_the_store_gives_the_init_paths_bits(index):
+    """The upsampler's shortcut and bias read from x as the node stores give the bits of the same start
+    made beforehand as the node's init, and the twin's values."""
+    fused, separate, twin = subpixel_fused_and_separate(SUBPIXEL_SHAPES[index], seed=60 + index)
+    assert same_bits(fused, separate)
+    assert relative_error(fused, twin) < 1e-5
+
+
+def test_what_the_subpixel_node_does_not_take_it_says():
+    x, weights = mx.zeros((1, 4, 4, 32)), mx.zeros((2, 2, 16, 2, 2, 32))
+    init, bias = mx.zeros((1, 8, 8, 16)), mx.zeros((16,))
+    assert prim.bf16_subpixel_conv_supported(x, weights, bias=bias, repeats=2)
+    assert not prim.bf16_subpixel_conv_supported(x, weights, bias=bias, repeats=4)  # C * repeats != 4 O
+    assert not prim.bf16_subpixel_conv_supported(x, weights, init, repeats=2)  # the init or the shortcut
+    assert not prim.bf16_subpixel_conv_supported(x, weights, init, bias=bias)  # a bias comes with the shortcut
+    with pytest.raises(ValueError, match="init, or the shortcut"):
+        prim.bf16_subpixel_conv(x, weights)
 
 
 def test_conv_norm_against_its_twin():

@@ -368,7 +368,25 @@ BF16_TARGET static void pack_b_panel(const struct gemm *g, int panel, uint32_t *
 }
 
 /* Whether C's values go through more than alpha, beta and the bias as they are stored. */
-static inline int has_epilogue(const struct gemm *g) { return g->ex.silu || g->ex.residual != NULL; }
+static inline int has_epilogue(const struct gemm *g) {
+  return g->ex.silu || g->ex.residual != NULL || g->ex.shortcut != NULL;
+}
+
+/* The extras' shortcut of row `row`, columns col0 .. col0 + 16 (mask: those before N), its bias added. */
+BF16_TARGET static inline __m512 shortcut_of(const struct gemm *g, int row, int col0, __mmask16 mask) {
+  const float *src = g->ex.shortcut + (size_t)(row + g->conv_row0) * g->ex.shortcut_channels + g->ex.shortcut_first +
+                     (size_t)g->ex.shortcut_step * col0;
+  __m512 t;
+  if (g->ex.shortcut_step == 1) {
+    t = _mm512_maskz_loadu_ps(mask, src);
+  } else {
+    const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(g->ex.shortcut_step));
+    t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, lanes, src, 4);
+  }
+  if (g->ex.shortcut_bias != NULL) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mask, g->ex.shortcut_bias + col0));
+  return t;
+}
 
 /* Row `row` of C, columns col0 .. col0 + 32 (mask0 / mask1: those before N), stored from the sums
  * v0, v1: alpha, beta, the bias, then the extras' SiLU and gated residual, each rounded as the
@@ -378,6 +396,10 @@ BF16_TARGET static inline void store_row(const struct gemm *g, int row, int col0
   float *c = c_row(g, row) + col0;
   v0 = _mm512_mul_ps(_mm512_set1_ps(g->alpha), v0);
   v1 = _mm512_mul_ps(_mm512_set1_ps(g->alpha), v1);
+  if (g->ex.shortcut != NULL) {  /* (shortcut + its bias) + sums: an addend made beforehand would round so */
+    v0 = _mm512_add_ps(shortcut_of(g, row, col0, mask0), v0);
+    v1 = _mm512_add_ps(shortcut_of(g, row, col0 + 16, mask1), v1);
+  }
   if (g->beta != 0.0f) {  /* beta == 0: C is not read (it may hold anything) */
     const __m512 beta = _mm512_set1_ps(g->beta);
     v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask0, c), v0);
@@ -831,7 +853,7 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
     g.ex = *extras;
     if ((g.ex.norm_shift != NULL && (trans_a || lda != k || g.ex.norm_rows < 1 || m % g.ex.norm_rows != 0)) ||
         (g.ex.gate != NULL && (g.ex.residual == NULL || g.ex.gate_rows < 1 || m % g.ex.gate_rows != 0)) ||
-        (g.ex.row_weight != NULL && ldc != n))
+        (g.ex.row_weight != NULL && ldc != n) || g.ex.shortcut != NULL)
       return -1;
   }
   return run_gemm(g);
@@ -847,7 +869,8 @@ int mobileo_bf16_conv(const float *x, int batch, int height, int width, int chan
       !mobileo_bf16_gemm_supported())
     return -1;
   if (extras != NULL && (extras->norm_shift != NULL || extras->residual != NULL ||
-                         ((extras->silu || extras->row_weight != NULL) && out_pixel_stride)))
+                         ((extras->silu || extras->row_weight != NULL) && out_pixel_stride) ||
+                         (extras->shortcut != NULL && (extras->shortcut_step < 1 || extras->shortcut_first < 0))))
     return -1;
   const long m = (long)batch * height * width, k = (long)kh * kw * channels;
   if (m > 0x7fffffffL || k > 0x7fffffffL) return -1;

@@ -55,7 +55,10 @@ int mobileo_bf16_gemm(int trans_a, int trans_b, int m, int n, int k, const float
  *   C's values after the bias: SiLU (silu; mobileo_silu's bits), then residual + gate * value
  *     (residual rows as C's [M, ldc]; gate [M / gate_rows][N], or NULL for residual + value);
  *   C's rows, once whole: [row_residual +] RMSNorm(row) * row_weight + row_bias
- *     (mobileo_rms_norm_residual's bits; row_residual as C's rows, or NULL), each while it is in cache. */
+ *     (mobileo_rms_norm_residual's bits; row_residual as C's rows, or NULL), each while it is in cache;
+ *   a conv's shortcut, added to the sums first: (shortcut[row][first + step * col] [+ shortcut_bias[col]])
+ *     + value, shortcut's rows `shortcut_channels` floats apart, one per row of the product (a pixel of
+ *     the conv's input): the DC-AE upsampler's pixel_shuffle(repeat_interleave(x)) read from x itself. */
 struct mobileo_gemm_extras {
   const float *norm_shift, *norm_scale;
   float norm_eps;
@@ -65,6 +68,8 @@ struct mobileo_gemm_extras {
   int gate_rows;
   const float *row_weight, *row_bias, *row_residual;
   float row_eps;
+  const float *shortcut, *shortcut_bias;
+  int shortcut_channels, shortcut_step, shortcut_first;
 };
 
 /* c [m, n] = op(a) W + bias for W [k, n] = values * scales + biases, K-major 8-bit affine:
@@ -85,7 +90,8 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
  * store, as mobileo_bf16_gemm's beta 1); bias [O] or NULL, added after the sums. out_pixel_stride 0:
  * out is [B, H, W, O] contiguous; else the O outputs of pixel (y, x) of image b are at
  * out + (b H + y) out_line_stride + x out_pixel_stride (floats): the sub-pixel upsampler writes each
- * parity straight into the interleaved map. extras (or NULL): silu and the rows' RMSNorm (a contiguous out).
+ * parity straight into the interleaved map. extras (or NULL): silu and the rows' RMSNorm (a contiguous out),
+ * the shortcut (any out).
  * Same kernels and threads as mobileo_bf16_gemm; -1: no AVX512-BF16, a bad shape, extras it does not
  * take, or no memory. */
 int mobileo_bf16_conv(const float *x, int batch, int height, int width, int channels, const float *weight, int kh,

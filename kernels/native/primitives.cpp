@@ -1390,58 +1390,100 @@ mx::array bf16_conv(const mx::array &x, const mx::array &weight, const std::opti
 
 // Nearest x2 upsampling then a 3x3 conv, in sub-pixel form (the DC-AE's upsamplers): output
 // parity (a, b) is a 2x2 conv of the low-resolution x (padding 1 - a rows above, 1 - b columns
-// left), each written by mobileo_bf16_conv straight into its pixels of the interleaved output,
-// which starts as init (the bias + shortcut, already interleaved): no per-parity map, no
-// interleave copy. inputs: x [B, H, W, C], weights [2 (a), 2 (b), O, 2, 2, C], init [B, 2H, 2W, O]
+// left), each written by mobileo_bf16_conv straight into its pixels of the interleaved output, its
+// stores adding the upsampler's shortcut read from x and the bias (or an init the output starts as):
+// no per-parity map, no interleave copy, no shortcut map.
+// inputs: x [B, H, W, C], weights [2 (a), 2 (b), O, 2, 2, C], then init [B, 2H, 2W, O] or (bias [O])
 class Bf16SubpixelConv : public Kernel {
  public:
-  using Kernel::Kernel;
+  // repeats 0: the output starts as the init input; else as the DC-AE upsampler's shortcut
+  // pixel_shuffle(repeat_interleave(x, repeats)) (+ the bias input), read from x in the store
+  Bf16SubpixelConv(mx::Stream stream, int repeats, bool has_bias)
+      : Kernel(stream), repeats_(repeats), has_bias_(has_bias) {}
   const char *name() const override { return "MobileoBf16SubpixelConv"; }
-  bool is_equivalent(const mx::Primitive &) const override { return true; }
-  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override { return {inputs[2].shape()}; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    const auto &o = static_cast<const Bf16SubpixelConv &>(other);
+    return repeats_ == o.repeats_ && has_bias_ == o.has_bias_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    const auto &x = inputs[0];
+    return {{x.shape(0), 2 * x.shape(1), 2 * x.shape(2), inputs[1].shape(2)}};
+  }
+
+  // The output channel o at parity (a, b) of the shortcut: x's channel (4 o + 2 a + b) / repeats.
+  static int shortcut_step(int repeats) { return 4 / repeats; }
+  static int shortcut_first(int repeats, int a, int b) { return (2 * a + b) / repeats; }
 
   Arrays reference(const Arrays &in) override {
     const auto s = stream();
-    Arrays rows;  // [B, H, W, 2 (b), O] per a
+    const auto &x = in[0];
+    const int out_channels = in[1].shape(2);
+    Arrays rows, starts;  // [B, H, W, 2 (b), O] per a
     for (int a = 0; a < 2; a++) {
-      Arrays columns;
+      Arrays columns, shortcuts;
       for (int b = 0; b < 2; b++) {  // x rounded per parity, as bf16_conv's formula (the same gradients)
-        auto w = mx::squeeze(mx::slice(in[1], {a, b, 0, 0, 0, 0}, {a + 1, b + 1, in[1].shape(2), 2, 2, in[1].shape(5)},
+        auto w = mx::squeeze(mx::slice(in[1], {a, b, 0, 0, 0, 0}, {a + 1, b + 1, out_channels, 2, 2, in[1].shape(5)},
                                        s), {0, 1}, s);
-        columns.push_back(mx::conv_general(bf16_rounded(in[0], s), bf16_rounded(w, s), {1, 1}, {1 - a, 1 - b}, {a, b},
+        columns.push_back(mx::conv_general(bf16_rounded(x, s), bf16_rounded(w, s), {1, 1}, {1 - a, 1 - b}, {a, b},
                                            {1, 1}, {1, 1}, 1, false, s));
+        if (repeats_ > 0) {
+          const int first = shortcut_first(repeats_, a, b), step = shortcut_step(repeats_);
+          auto picked = mx::slice(x, {0, 0, 0, first}, {x.shape(0), x.shape(1), x.shape(2),
+                                                       first + step * (out_channels - 1) + 1}, {1, 1, 1, step}, s);
+          shortcuts.push_back(has_bias_ ? mx::add(picked, in[2], s) : picked);
+        }
       }
       rows.push_back(mx::stack(columns, 3, s));
+      if (repeats_ > 0) starts.push_back(mx::stack(shortcuts, 3, s));
     }
-    return {mx::add(in[2], mx::reshape(mx::stack(rows, 2, s), in[2].shape(), s), s)};
+    const mx::Shape shape = {x.shape(0), 2 * x.shape(1), 2 * x.shape(2), out_channels};
+    auto start = repeats_ > 0 ? mx::reshape(mx::stack(starts, 2, s), shape, s) : in[2];
+    return {mx::add(start, mx::reshape(mx::stack(rows, 2, s), shape, s), s)};
   }
 
   void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
-    const auto &x = inputs[0], &weights = inputs[1], &init = inputs[2];
+    const auto &x = inputs[0], &weights = inputs[1];
     auto &out = outputs[0];
-    take_over_or_allocate(out, {&init});  // row-contiguous (mx::contiguous in the op)
+    const mx::array *init = repeats_ == 0 ? &inputs[2] : nullptr;
+    take_over_or_allocate(out, {init});  // row-contiguous (mx::contiguous in the op)
     auto &enc = encoder(inputs, outputs);
-    enc.dispatch([image = x.data<float>(), taps = weights.data<float>(), addend = init.data<float>(),
+    enc.dispatch([image = x.data<float>(), taps = weights.data<float>(),
+                  addend = init != nullptr ? init->data<float>() : nullptr,
+                  bias = has_bias_ ? inputs[2].data<float>() : nullptr, repeats = repeats_,
                   result = out.data<float>(), batch = x.shape(0), height = x.shape(1), width = x.shape(2),
                   channels = x.shape(3), out_channels = weights.shape(2), size = out.size()]() {
-      if (addend != result) std::memcpy(result, addend, size * sizeof(float));
+      if (addend != nullptr && addend != result) std::memcpy(result, addend, size * sizeof(float));
       const size_t parity_weights = (size_t)out_channels * 4 * channels;
       const long line = 4L * width * out_channels, pixel = 2L * out_channels;
       for (int a = 0; a < 2; a++)
-        for (int b = 0; b < 2; b++)
+        for (int b = 0; b < 2; b++) {
+          mobileo_gemm_extras extras{};
+          if (repeats > 0) {
+            extras.shortcut = image;
+            extras.shortcut_bias = bias;
+            extras.shortcut_channels = channels;
+            extras.shortcut_step = shortcut_step(repeats);
+            extras.shortcut_first = shortcut_first(repeats, a, b);
+          }
           if (mobileo_bf16_conv(image, batch, height, width, channels, taps + (2 * a + b) * parity_weights, 2, 2,
-                                out_channels, 1 - a, 1 - b, nullptr, 1,
-                                result + ((size_t)a * 2 * width + b) * out_channels, line, pixel, nullptr) != 0)
+                                out_channels, 1 - a, 1 - b, nullptr, addend != nullptr,
+                                result + ((size_t)a * 2 * width + b) * out_channels, line, pixel, &extras) != 0)
             throw std::runtime_error("MobileoBf16SubpixelConv: no AVX512-BF16 here, or out of memory");
+        }
     });
   }
+
+ private:
+  int repeats_;
+  bool has_bias_;
 };
 
-mx::array bf16_subpixel_conv(const mx::array &x, const mx::array &weights, const mx::array &init,
-                             const mx::StreamOrDevice &where) {
+mx::array bf16_subpixel_conv(const mx::array &x, const mx::array &weights, const std::optional<mx::array> &init,
+                             const std::optional<mx::array> &bias, int repeats, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "bf16_subpixel_conv");
   require(mobileo_bf16_gemm_supported(), "mobileo bf16_subpixel_conv: this CPU has no AVX512-BF16");
-  require(x.dtype() == mx::float32 && weights.dtype() == mx::float32 && init.dtype() == mx::float32,
+  require(x.dtype() == mx::float32 && weights.dtype() == mx::float32 && (!init || init->dtype() == mx::float32) &&
+              (!bias || bias->dtype() == mx::float32),
           "mobileo bf16_subpixel_conv: float32 only");
   require(x.ndim() == 4 && x.size() > 0, "mobileo bf16_subpixel_conv: x [B, H, W, C]");
   const int out_channels = weights.ndim() == 6 ? weights.shape(2) : 0;
@@ -1449,10 +1491,17 @@ mx::array bf16_subpixel_conv(const mx::array &x, const mx::array &weights, const
               weights.shape(4) == 2 && weights.shape(5) == x.shape(3) && out_channels > 0,
           "mobileo bf16_subpixel_conv: weights [2, 2, O, 2, 2, C]");
   const mx::Shape shape = {x.shape(0), 2 * x.shape(1), 2 * x.shape(2), out_channels};
-  require(init.shape() == shape, "mobileo bf16_subpixel_conv: init [B, 2H, 2W, O]");
-  return mx::array(shape, mx::float32, std::make_shared<Bf16SubpixelConv>(stream),
-                   {mx::contiguous(x, false, stream), mx::contiguous(weights, false, stream),
-                    mx::contiguous(init, false, stream)});
+  require(init.has_value() != (repeats > 0), "mobileo bf16_subpixel_conv: init, or the shortcut's repeats");
+  require(!init || init->shape() == shape, "mobileo bf16_subpixel_conv: init [B, 2H, 2W, O]");
+  require(!bias || repeats > 0, "mobileo bf16_subpixel_conv: a bias comes with the shortcut");
+  require(repeats == 0 || (4 % repeats == 0 && x.shape(3) * repeats == 4 * out_channels),
+          "mobileo bf16_subpixel_conv: repeats dividing 4, and C * repeats == 4 O");
+  require(!bias || (bias->ndim() == 1 && bias->shape(0) == out_channels), "mobileo bf16_subpixel_conv: bias [O]");
+  Arrays inputs = {mx::contiguous(x, false, stream), mx::contiguous(weights, false, stream)};
+  if (init) inputs.push_back(mx::contiguous(*init, false, stream));
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
+  return mx::array(shape, mx::float32, std::make_shared<Bf16SubpixelConv>(stream, repeats, bias.has_value()),
+                   std::move(inputs));
 }
 
 void register_bf16_conv(nb::module_ &m) {
@@ -1460,8 +1509,9 @@ void register_bf16_conv(nb::module_ &m) {
         nb::kw_only(), nb::arg("init").none() = nb::none(), nb::arg("silu") = false,
         nb::arg("norm_weight").none() = nb::none(), nb::arg("norm_bias").none() = nb::none(),
         nb::arg("norm_eps") = 0.0f, nb::arg("residual").none() = nb::none(), nb::arg("stream") = nb::none());
-  m.def("bf16_subpixel_conv", &bf16_subpixel_conv, nb::arg("x"), nb::arg("weights"), nb::arg("init"), nb::kw_only(),
-        nb::arg("stream") = nb::none());
+  m.def("bf16_subpixel_conv", &bf16_subpixel_conv, nb::arg("x"), nb::arg("weights"),
+        nb::arg("init").none() = nb::none(), nb::kw_only(), nb::arg("bias").none() = nb::none(),
+        nb::arg("repeats") = 0, nb::arg("stream") = nb::none());
 }
 
 }  // namespace

@@ -698,10 +698,14 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
         batch, height, width, _ = x.shape
         out = self.conv.weight.shape[0]
         if _bf16_conv_node(x, self.conv.weight, self.products):
-            init = self._interleaved_shortcut(x, out) + self.conv.bias  # one pass, interleaved
+            weights, bias = self._subpixel[2], self.conv.bias
+            if primitives.bf16_subpixel_conv_supported(x, weights, bias=bias, repeats=self.repeats):
+                # the shortcut and the bias read from x as the node stores: no shortcut map
+                return primitives.bf16_subpixel_conv(x, weights, bias=bias, repeats=self.repeats)
+            init = self._interleaved_shortcut(x, out) + bias  # one pass, interleaved
             init = init.reshape(batch, 2 * height, 2 * width, out)
-            if primitives.bf16_subpixel_conv_supported(x, self._subpixel[2], init):
-                return primitives.bf16_subpixel_conv(x, self._subpixel[2], init)
+            if primitives.bf16_subpixel_conv_supported(x, weights, init):
+                return primitives.bf16_subpixel_conv(x, weights, init)
         taps = self._window_taps()
         rows = _padded_rows(x)
         pitch = width + 2
