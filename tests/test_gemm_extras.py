@@ -301,13 +301,13 @@ def test_the_fused_q_k_v_weights_are_held_once_and_follow_an_update(monkeypatch)
     config, plain = quantized_dit_block(seed=4)
     originals = [np.array(layer.weight) for layer in (plain.attn1.to_q, plain.attn1.to_k, plain.attn1.to_v)]
     fast = backends.accelerate(rebuild(plain), "dit", matmul="bf16")
-    values = np.array(fast._qkv[0])
+    values = np.array(fast._qkv.operands[0])
     for index, (layer, original) in enumerate(zip((fast.attn1.to_q, fast.attn1.to_k, fast.attn1.to_v), originals)):
         inner = original.shape[0]
         assert same_bits(layer.weight, values[:, index * inner:(index + 1) * inner])  # K-major views of the one copy
         assert np.array_equal(np.array(layer.weight), original.view(np.uint8).T)
     backends.accelerate(fast, "dit", matmul="bf16")  # idempotent: not fused twice
-    assert np.array_equal(np.array(fast._qkv[0]), values)
+    assert np.array_equal(np.array(fast._qkv.operands[0]), values)
     _, other = quantized_dit_block(seed=5)  # new weights for to_k: the block lays them side by side again
     replacement = backends.accelerate(rebuild(other), "dit", matmul="bf16").attn1.to_k
     fast.attn1.to_k.update({name: mx.array(np.array(replacement[name])) for name in ("weight", "scales", "biases")})
@@ -328,3 +328,22 @@ def test_dcae_resblock_is_two_conv_nodes_with_the_separate_nodes_bits(monkeypatc
     separate = prim.rms_norm_residual(prim.bf16_conv3x3(h, block.conv2.weight), block.norm.weight, block.norm.bias,
                                       block.norm.eps, x)
     assert same_bits(out, separate)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (2, 3)], ids=["linear attention", "quadratic (N <= d)"])
+def test_litemla_with_its_q_k_v_as_one_product_gives_the_plain_forms_bits(size, monkeypatch):
+    """The DC-AE's LiteMLA (8-bit q, k, v, bf16 products): q, k, v one product, the attention of the direct and
+    the multiscale heads taken apart, norm_out with the residual: the bits of the plain form's path."""
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    monkeypatch.setattr(tuning, "GROUPED_POINTWISE_NATIVE_MIN_MACS", 0)
+    plain = randomized(dcae.SanaMultiscaleLinearAttention(64, 16, (5,), "rms_norm"), seed=12, scale=0.2)
+    nn.quantize(plain, group_size=32, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    fast = backends.accelerate(rebuild(plain), "vae", matmul="bf16")
+    assert type(fast) is layers.SanaMultiscaleLinearAttention and fast._qkv is not None
+    x = mx.array(np.random.default_rng(13).standard_normal((2, *size, 64)).astype(np.float32))
+    out = fast(x)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out)
+    assert dot.getvalue().count('"MobileoBf16MatmulQ8"') == 2  # q, k, v as one product, and to_out
+    assert same_bits(out, dcae.SanaMultiscaleLinearAttention.__call__(fast, x))  # the plain form's path
+    assert relative_error(out, plain(x)) < 2e-2  # bf16 products against the float32 module

@@ -36,7 +36,8 @@ _VISION = {fastvit.RepMixerBlock: layers.RepMixerBlock, fastvit.AttentionBlock: 
 _DECODER = {nn.Conv2d: layers.Conv2d, dcae.ResBlock: layers.ResBlock, dcae.DCUpBlock2d: layers.DCUpBlock2d,
             dcae.GroupedPointwise: layers.GroupedPointwise}
 _DECODER_BF16 = {**_DECODER, nn.Conv2d: layers.Bf16Conv2d, dcae.ResBlock: layers.Bf16ResBlock,
-                 dcae.DCUpBlock2d: layers.Bf16DCUpBlock2d}
+                 dcae.DCUpBlock2d: layers.Bf16DCUpBlock2d,
+                 dcae.SanaMultiscaleLinearAttention: layers.SanaMultiscaleLinearAttention}
 # The DiT's and the VAE's layers never multiply a handful of rows: 8-bit weights K-major.
 K_MAJOR_COMPONENTS = ("dit", "vae")
 

@@ -358,6 +358,56 @@ def _q8(layer: nn.Module) -> tuple | None:
     return layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.get("bias")
 
 
+class SideBySide:
+    """The weights of 8-bit layers that read one input (attention's q, k, v) side by side, [K, sum of
+    their outputs], so one product makes them all: the same sums per column, so the bits of the separate
+    products. The layers keep views of the fused arrays (the weights are held once)."""
+
+    def __init__(self, layers: tuple, operands: tuple, views: list):
+        self.layers, self.operands, self._views = layers, operands, views
+
+    @classmethod
+    def of(cls, *layers: nn.Module) -> "SideBySide | None":
+        """Lays out the layers' weights side by side (None where they are not all prepared 8-bit bf16
+        layers of one group size, all biased or none)."""
+        parts = [_q8(layer) for layer in layers]
+        if any(part is None for part in parts) or len({part[3] for part in parts}) != 1 or (
+                len({part[4] is None for part in parts}) != 1):
+            return None
+        fused = [mx.concatenate([part[i] for part in parts], axis=-1) for i in range(3)]
+        bias = None if parts[0][4] is None else mx.concatenate([part[4] for part in parts])
+        mx.eval(fused, bias)
+        views, start = [], 0
+        for layer, part in zip(layers, parts):
+            columns = slice(start, start + part[0].shape[1])
+            start = columns.stop
+            layer.update({"weight": fused[0][:, columns], "scales": fused[1][:, columns],
+                          "biases": fused[2][:, columns]})
+            if bias is not None:
+                layer.update({"bias": bias[columns]})
+            views.append(cls._held(layer))
+        mx.eval(views)  # views of the fused arrays (the separate ones are freed)
+        return cls(layers, (*fused, parts[0][3], bias), views)
+
+    @staticmethod
+    def _held(layer: nn.Module) -> tuple:
+        return layer["weight"], layer["scales"], layer["biases"], layer.get("bias")
+
+    def still_held(self) -> bool:
+        """Whether the layers still hold the views :meth:`of` gave them (no ``model.update`` since)."""
+        return all(a is b for layer, then in zip(self.layers, self._views) for a, b in zip(self._held(layer), then))
+
+    @staticmethod
+    def current(module: nn.Module, name: str) -> "SideBySide | None":
+        """``module``'s SideBySide attribute ``name``, laid out again (``module.prepare()``) if the layers'
+        weights were replaced since; None where there is none."""
+        fused = getattr(module, name, None)
+        if fused is not None and not fused.still_held():
+            module.prepare()
+            fused = getattr(module, name, None)
+        return fused
+
+
 class SanaTransformerBlock(sana.SanaTransformerBlock):
     """The plain block with its AdaLN norms and gated residuals as single native nodes; the
     attentions and the Mix-FFN are its children's own (CPU) forms.
@@ -370,45 +420,14 @@ class SanaTransformerBlock(sana.SanaTransformerBlock):
     operations and roundings as the separate nodes, so the same bits, with fewer passes over memory."""
 
     def prepare(self) -> None:
-        """attn1's q, k, v weights side by side ([K, 3 inner]) for one product; to_q, to_k and to_v
-        keep views of them (no second copy)."""
-        attn1 = self.attn1
-        parts = [_q8(layer) for layer in (attn1.to_q, attn1.to_k, attn1.to_v)]
-        if any(part is None for part in parts) or len({part[3] for part in parts}) != 1 or (
-                len({part[4] is None for part in parts}) != 1):
-            self._qkv = None
-            return
-        if self._fused_qkv_current():
-            return  # already side by side
-        fused = [mx.concatenate([part[i] for part in parts], axis=-1) for i in range(3)]
-        bias = None if parts[0][4] is None else mx.concatenate([part[4] for part in parts])
-        mx.eval(fused, bias)
-        inner = parts[0][0].shape[1]
-        views = []
-        for index, layer in enumerate((attn1.to_q, attn1.to_k, attn1.to_v)):
-            columns = slice(index * inner, (index + 1) * inner)
-            layer.update({"weight": fused[0][:, columns], "scales": fused[1][:, columns],
-                          "biases": fused[2][:, columns]})
-            if bias is not None:
-                layer.update({"bias": bias[columns]})
-            views.append(_q8(layer)[:3] + (layer.get("bias"),))
-        mx.eval(views)  # views of the fused arrays (the separate ones are freed)
-        self._qkv = (*fused, parts[0][3], bias)
-        self._qkv_views = views
-
-    def _fused_qkv_current(self) -> bool:
-        """Whether to_q, to_k and to_v still hold the views prepare() gave them."""
-        if getattr(self, "_qkv", None) is None:
-            return False
-        layers = (self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
-        held = [(layer["weight"], layer["scales"], layer["biases"], layer.get("bias")) for layer in layers]
-        return all(a is b for now, then in zip(held, self._qkv_views) for a, b in zip(now, then))
+        """attn1's q, k, v weights side by side for one product (:class:`SideBySide`), once."""
+        if getattr(self, "_qkv", None) is None or not self._qkv.still_held():
+            self._qkv = SideBySide.of(self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
 
     def _fused_products(self, x: mx.array) -> dict | None:
         """The block's products as 8-bit GEMM nodes with their extras, when all of them serve x."""
-        if getattr(self, "_qkv", None) is not None and not self._fused_qkv_current():
-            self.prepare()  # weights replaced since (model.update): side by side again
-        if getattr(self, "_qkv", None) is None or not _elementwise_node():
+        qkv = SideBySide.current(self, "_qkv")
+        if qkv is None or not _elementwise_node():
             return None
         if any(name in norm for norm in (self.norm1, self.norm2) for name in ("weight", "bias")):
             return None  # an affine LayerNorm: not the kernel's
@@ -418,9 +437,9 @@ class SanaTransformerBlock(sana.SanaTransformerBlock):
         if any(product is None for product in products.values()):
             return None
         rows = x.size // x.shape[-1]
-        if min(rows * product[0].size for product in (*products.values(), self._qkv)) < tuning.BF16_MIN_PRODUCT:
+        products["qkv"] = qkv.operands
+        if min(rows * product[0].size for product in products.values()) < tuning.BF16_MIN_PRODUCT:
             return None
-        products["qkv"] = self._qkv
         return products
 
     def __call__(self, x: mx.array, height: int, width: int, modulation: mx.array, keys: mx.array,
@@ -642,6 +661,37 @@ def _subpixel_weights(weight: mx.array) -> dict:
             wab = mx.concatenate([c0, c1], axis=2)  # [O, 2, 2, C]
             out[a, b] = mx.contiguous(wab.transpose(1, 2, 0, 3).astype(weight.dtype))  # [dy, dx, O, C]
     return out
+
+
+class SanaMultiscaleLinearAttention(dcae.SanaMultiscaleLinearAttention):
+    """LiteMLA with fewer copies where its q, k, v layers are 8-bit bf16 products: q, k, v one product
+    (their weights side by side, :class:`SideBySide`), so no concatenation of the three; the attention
+    of the direct heads and of the multiscale branch's heads taken on each as it comes (their outputs,
+    a quarter of the size, are joined instead); ``norm_out`` with the residual as one node. The same
+    operations on the same values: the bits of the plain form."""
+
+    def prepare(self) -> None:
+        if getattr(self, "_qkv", None) is None or not self._qkv.still_held():
+            self._qkv = SideBySide.of(self.to_q, self.to_k, self.to_v)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        qkv_weights = SideBySide.current(self, "_qkv")
+        rows = x.size // x.shape[-1]
+        if (qkv_weights is None or not use_kernels() or rows * qkv_weights.operands[0].size < tuning.BF16_MIN_PRODUCT
+                or not primitives.bf16_matmul_q8_supported(x, *qkv_weights.operands)):
+            return super().__call__(x)
+        b, h, w, _ = x.shape
+        d = self.attention_head_dim
+        qkv = primitives.bf16_matmul_q8(x, *qkv_weights.operands)
+        outputs = []
+        for part in [qkv] + [branch(qkv) for branch in self.to_qkv_multiscale]:
+            # consecutive 3d channels form one head, its thirds q, k and v (as the plain form groups them)
+            q, k, v = mx.split(part.reshape(b, h * w, -1, 3 * d).transpose(0, 2, 1, 3), 3, axis=-1)
+            out = self.linear_attention(q, k, v) if h * w > d else dcae.relu_quadratic_attention(q, k, v)
+            outputs.append(out.transpose(0, 2, 1, 3))  # [B, N, heads, d]
+        out = mx.concatenate(outputs, axis=2).reshape(b, h, w, -1) if len(outputs) > 1 else outputs[0].reshape(
+            b, h, w, -1)
+        return norm_residual(self.norm_out, self.to_out(out), x)
 
 
 class DCUpBlock2d(dcae.DCUpBlock2d):
