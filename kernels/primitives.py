@@ -270,6 +270,38 @@ def bf16_matmul_q8(x: mx.array, values: mx.array, scales: mx.array, biases: mx.a
     return extension().bf16_matmul_q8(x, values, scales, biases, group_size, **kwargs)
 
 
+def bf16_matmul_q4_reference(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                             bias: mx.array | None = None) -> mx.array:
+    """What :func:`bf16_matmul_q4` computes, in MLX operations: ``mx.dequantize``'s W, the products of the
+    bfloat16-rounded operands summed in float32, then the bias."""
+    weight = mx.dequantize(packed, scales, biases, group_size=group_size, bits=4)
+    product = bf16_matmul_reference(x, weight.T)
+    return product if bias is None else product + bias
+
+
+def bf16_matmul_q4_supported(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                             bias: mx.array | None = None) -> bool:
+    """Whether :func:`bf16_matmul_q4` takes these (its twin: :func:`bf16_matmul_q4_reference`)."""
+    if not (bf16_supported() and x.ndim >= 1 and packed.ndim == 2 and packed.dtype == mx.uint32
+            and _float32(x, scales, biases, bias)):
+        return False
+    n, words = packed.shape
+    k = words * 8
+    return (x.shape[-1] == k and x.size > 0 and n > 0 and group_size >= 32 and group_size % 32 == 0
+            and k % group_size == 0 and scales.shape == biases.shape == (n, k // group_size)
+            and (bias is None or bias.shape == (n,)))
+
+
+def bf16_matmul_q4(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                   bias: mx.array | None = None) -> mx.array:
+    """``x @ W.T [+ bias]`` for float32 x [..., K] and W [N, K] in MLX's 4-bit affine layout (a quantized
+    Linear's packed [N, K / 8] words, scales and biases [N, K / group_size]), with bfloat16 products and
+    float32 sums: each panel of W dequantized (``mx.dequantize``'s two roundings) and rounded to bfloat16 as
+    the GEMM packs it (no float32 W is made), the bias added in the store. The bits of :func:`bf16_matmul`
+    on :func:`dequantize`'s W.T followed by ``+ bias``."""
+    return extension().bf16_matmul_q4(x, packed, scales, biases, group_size, bias=bias)
+
+
 def status() -> str:
     """One line for ``mobileo-mlx doctor``."""
     reason = unavailable_reason()
@@ -282,7 +314,8 @@ def status() -> str:
 __all__ = [
     "MAX_ROWS", "available", "bf16_conv", "bf16_conv3x3", "bf16_conv3x3_reference", "bf16_conv3x3_supported",
     "bf16_conv_reference", "bf16_conv_supported", "bf16_kernel", "bf16_subpixel_conv", "bf16_subpixel_conv_reference",
-    "bf16_subpixel_conv_supported", "subpixel_shortcut_reference", "bf16_matmul", "bf16_matmul_q8", "bf16_matmul_q8_reference",
+    "bf16_subpixel_conv_supported", "subpixel_shortcut_reference", "bf16_matmul", "bf16_matmul_q4",
+    "bf16_matmul_q4_reference", "bf16_matmul_q4_supported", "bf16_matmul_q8", "bf16_matmul_q8_reference",
     "bf16_matmul_q8_supported", "bf16_matmul_reference", "bf16_matmul_supported", "bf16_supported",
     "dequantize", "dequantize_k_major_reference", "dequantize_supported",
     "depthwise_conv2d", "depthwise_supported", "extension", "gated_depthwise", "gated_depthwise_reference",

@@ -1,9 +1,11 @@
 """What the bf16 GEMM does besides the product (native/bf16_gemm.c's extras, kernels.primitives'
-``bf16_matmul_q8(..., norm=, residual=, gate=)`` and ``bf16_conv(..., silu=)``), and the CPU forms
-that take them (SANA's block, the DC-AE's ResBlock): each fused node gives the bits of the separate
-nodes it replaces (the same operations and roundings, made as the kernel packs its rows or stores
-its results), on both kernels (AMX and the AVX512-BF16 register tile); against its plain-MLX twin
-and float64; built lazily, its inputs never written; what it does not take, it says."""
+``bf16_matmul_q8(..., norm=, residual=, gate=)``, ``bf16_conv(..., silu=, norm=, residual=)``, the
+sub-pixel conv's shortcut) and its B packed from 4-bit words (``bf16_matmul_q4``), and the CPU forms
+that take them (SANA's block, the DC-AE's ResBlock, upsampler and LiteMLA, the language model's 4-bit
+layers while encoding): each fused node gives the bits of the separate nodes it replaces (the same
+operations and roundings, made as the kernel packs its rows or stores its results), on both kernels
+(AMX and the AVX512-BF16 register tile); against its plain-MLX twin and float64; built lazily, its
+inputs never written; what it does not take, it says."""
 
 import mobileo_mlx  # noqa: F401  (BLAS routing before mlx.core)
 
@@ -113,6 +115,23 @@ def subpixel_fused_and_separate(shape, seed):
             prim.bf16_subpixel_conv_reference(x, weights, bias=bias, repeats=repeats))
 
 
+# 4-bit layers (M, K, N, group size): N and M tails, every group size
+Q4_SHAPES = [(1, 64, 40, 32), (9, 128, 33, 64), (79, 896, 100, 64), (40, 512, 64, 128)]
+
+
+def q4_fused_and_separate(shape, seed):
+    """The 4-bit node, mx.dequantize + the float bf16 node + the bias, and the weight's operands."""
+    m, k, n, group_size = shape
+    rng = np.random.default_rng(seed)
+    w = mx.array((rng.standard_normal((n, k)) * 0.1).astype(np.float32))
+    packed, scales, biases = mx.quantize(w, group_size=group_size, bits=4)
+    x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+    bias = mx.array(rng.standard_normal(n).astype(np.float32))
+    dense = mx.dequantize(packed, scales, biases, group_size=group_size, bits=4)
+    return (prim.bf16_matmul_q4(x, packed, scales, biases, group_size, bias), prim.bf16_matmul(x, dense.T) + bias,
+            (x, packed, scales, biases, group_size, bias))
+
+
 def mismatches() -> list[str]:
     """Every case whose fused output is not the separate nodes' bit for bit (run in each kernel's process)."""
     wrong = []
@@ -128,6 +147,10 @@ def mismatches() -> list[str]:
         fused, separate, _ = subpixel_fused_and_separate(shape, seed=60 + index)
         if not same_bits(fused, separate):
             wrong.append(f"subpixel {shape}")
+    for index, shape in enumerate(Q4_SHAPES):
+        fused, separate, _ = q4_fused_and_separate(shape, seed=50 + index)
+        if not same_bits(fused, separate):
+            wrong.append(f"q4 {shape}")
     return wrong
 
 
@@ -347,3 +370,48 @@ def test_litemla_with_its_q_k_v_as_one_product_gives_the_plain_forms_bits(size, 
     assert dot.getvalue().count('"MobileoBf16MatmulQ8"') == 2  # q, k, v as one product, and to_out
     assert same_bits(out, dcae.SanaMultiscaleLinearAttention.__call__(fast, x))  # the plain form's path
     assert relative_error(out, plain(x)) < 2e-2  # bf16 products against the float32 module
+
+
+@pytest.mark.parametrize("index", range(len(Q4_SHAPES)), ids=lambda i: "x".join(map(str, Q4_SHAPES[i])))
+def test_the_4bit_node_gives_the_dequantized_products_bits(index):
+    fused, separate, operands = q4_fused_and_separate(Q4_SHAPES[index], seed=50 + index)
+    assert "MobileoBf16MatmulQ4" in _dot(fused)
+    assert same_bits(fused, separate)
+    assert relative_error(fused, prim.bf16_matmul_q4_reference(*operands)) < 1e-6
+    x, packed, scales, biases, group_size, bias = operands
+    dense = np.array(mx.dequantize(packed, scales, biases, group_size=group_size, bits=4), dtype=np.float32)
+    exact = bf16_rounded(np.array(x)) @ bf16_rounded(dense.T) + np.array(bias, dtype=np.float64)
+    assert relative_error(fused, exact) < 1e-6
+
+
+def test_the_4bit_node_builds_lazily_and_says_what_it_does_not_take():
+    _, _, (x, packed, scales, biases, group_size, bias) = q4_fused_and_separate((9, 128, 33, 64), seed=3)
+    built_lazily(lambda: [x, packed, scales, biases, bias],
+                 lambda a, p, s, b, row: prim.bf16_matmul_q4(a, p, s, b, 64, row))
+    assert prim.bf16_matmul_q4_supported(x, packed, scales, biases, 64, bias)
+    assert not prim.bf16_matmul_q4_supported(x, packed, scales, biases, 32, bias)  # not its group size
+    assert not prim.bf16_matmul_q4_supported(x[:, :64], packed, scales, biases, 64, bias)
+    assert not prim.bf16_matmul_q4_supported(x, packed.astype(mx.int32), scales, biases, 64, bias)
+    with pytest.raises(ValueError, match="scales and biases"):
+        prim.bf16_matmul_q4(x, packed, scales, biases, 32)
+
+
+def test_the_language_models_4bit_layers_take_the_node_only_while_encoding(monkeypatch):
+    monkeypatch.setattr(tuning, "BF16_MIN_PRODUCT", 0)
+    linear = randomized(nn.Linear(128, 96), seed=14)
+    layer = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+    fast = backends.accelerate(nn.Sequential(layer), "language", matmul="bf16").layers[0]
+    x = mx.array(np.random.default_rng(15).standard_normal((20, 128)).astype(np.float32))
+    answering = fast(x)
+    assert "MobileoBf16MatmulQ4" not in _dot(answering)
+    with backends.stage(encoding=True):
+        encoding = fast(x)
+    assert "MobileoBf16MatmulQ4" in _dot(encoding)
+    dense = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4)
+    assert same_bits(encoding, prim.bf16_matmul(x, dense.T) + layer.bias)
+
+
+def _dot(*outputs) -> str:
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return dot.getvalue()

@@ -57,6 +57,12 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
   (void)group_size, (void)bias, (void)c, (void)ldc, (void)extras;
   return -1;
 }
+int mobileo_bf16_gemm_q4(int m, int n, int k, const float *a, int lda, const uint32_t *packed, const float *scales,
+                         const float *biases, int group_size, const float *bias, float *c, int ldc) {
+  (void)m, (void)n, (void)k, (void)a, (void)lda, (void)packed, (void)scales, (void)biases, (void)group_size;
+  (void)bias, (void)c, (void)ldc;
+  return -1;
+}
 #else
 #include <cpuid.h>
 #include <immintrin.h>
@@ -108,6 +114,9 @@ struct gemm {
   const uint8_t *q_values;
   const float *q_scales, *q_biases;
   int q_group;
+  /* Or B as W^T for MLX's 4-bit affine layout of W [N, K] (b unused): q4_packed [N][K / 8] words (value k of
+   * row n in bits 4 (k % 8) of word k / 8), scales and biases [N][K / q_group] (q_scales, q_biases). */
+  const uint32_t *q4_packed;
   /* A as the windows of a stride-1 conv whose output has the input's size (a unused, trans_a 0):
    * row m = (b H + y) W + x, column k = (i kw + j) C + c holds conv_x[b, y + i - pad_top,
    * x + j - pad_left, c], 0 outside the map (the zero padding, made as A is packed); NULL for a
@@ -307,10 +316,45 @@ BF16_TARGET static void pack_b_q8(const struct gemm *g, int panel, uint32_t *dst
     }
 }
 
+/* B panel p from MLX's 4-bit layout of W (B = W^T, struct gemm's q4_packed): per column (a row of W), 32 k at
+ * a time, the 16 bytes' low nibbles are the even k and the high ones the odd k, so each pair (k, k + 1) is
+ * (low, high) of one byte: dequantized (value * scale, then + bias, as mx.dequantize) and rounded to bf16
+ * pairs by interleave_rows, then 16 columns transposed in registers, as pack_b_rows does a float W^T.
+ * Columns past N are zero; K is a multiple of the group size, itself of 32. */
+BF16_TARGET static void pack_b_q4(const struct gemm *g, int panel, uint32_t *dst) {
+  const int col0 = panel * NR, groups = g->k / g->q_group;
+  const __m512i low_nibbles = _mm512_set1_epi32(0xF);
+  for (int kp = 0; kp < g->k2; kp += 16)
+    for (int half = 0; half < 2; half++) {
+      __m512i rows[16];
+      for (int i = 0; i < 16; i++) {
+        const int n = col0 + 16 * half + i;
+        if (n >= g->n) {
+          rows[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const uint8_t *bytes = (const uint8_t *)(g->q4_packed + (size_t)n * (g->k / 8)) + kp;
+        const __m512i words = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
+        const size_t group = (size_t)n * groups + (size_t)(2 * kp) / g->q_group;
+        const __m512 scale = _mm512_set1_ps(g->q_scales[group]), bias = _mm512_set1_ps(g->q_biases[group]);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(words, low_nibbles));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(words, 4));
+        rows[i] = interleave_rows(_mm512_add_ps(_mm512_mul_ps(lo, scale), bias),
+                                  _mm512_add_ps(_mm512_mul_ps(hi, scale), bias));
+      }
+      transpose16(rows);
+      for (int e = 0; e < 16; e++) _mm512_storeu_si512((void *)(dst + (size_t)(kp + e) * NR + 16 * half), rows[e]);
+    }
+}
+
 /* B panel p (columns p*NR ...) into dst [k2][NR] pairs; columns past N are zero. */
 BF16_TARGET static void pack_b_rows(const struct gemm *g, int panel, uint32_t *dst) {
   if (g->q_values != NULL) {
     pack_b_q8(g, panel, dst);
+    return;
+  }
+  if (g->q4_packed != NULL) {
+    pack_b_q4(g, panel, dst);
     return;
   }
   const int col0 = panel * NR;
@@ -856,6 +900,20 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
         (g.ex.row_weight != NULL && ldc != n) || g.ex.shortcut != NULL)
       return -1;
   }
+  return run_gemm(g);
+}
+
+/* The 4-bit node's product (primitives.cpp): B = W^T packed straight from MLX's 4-bit affine layout of W, the
+ * bias row (or NULL) added in the store. -1: no AVX512-BF16, a group size that is not a multiple of 32 or does
+ * not divide K, or no memory. */
+int mobileo_bf16_gemm_q4(int m, int n, int k, const float *a, int lda, const uint32_t *packed, const float *scales,
+                         const float *biases, int group_size, const float *bias, float *c, int ldc) {
+  if (m < 1 || n < 1 || k < 1 || group_size < 32 || group_size % 32 != 0 || k % group_size != 0 ||
+      !mobileo_bf16_gemm_supported())
+    return -1;
+  const struct gemm g = {.m = m, .n = n, .k = k, .a = a, .lda = lda, .q4_packed = packed, .q_scales = scales,
+                         .q_biases = biases, .q_group = group_size, .bias = bias, .alpha = 1.0f, .beta = 0.0f,
+                         .c = c, .ldc = ldc};
   return run_gemm(g);
 }
 

@@ -82,6 +82,14 @@ int mobileo_bf16_gemm_q8(int trans_a, int m, int n, int k, const float *a, int l
                          const float *scales, const float *biases, int group_size, const float *bias, float *c,
                          int ldc, const struct mobileo_gemm_extras *extras);
 
+/* c [m, n] = a W^T + bias for W [n, k] in MLX's 4-bit affine layout (packed [n][k / 8] words, scales and
+ * biases [n][k / group_size]; group_size a multiple of 32 dividing k), a row-major with row stride lda: each
+ * B panel dequantized (value * scale, then + bias) and rounded to bfloat16 as it is packed, so the bits of
+ * mobileo_bf16_gemm on mx.dequantize's W^T; the bias added in the store. -1: no AVX512-BF16, a group size it
+ * does not take, or no memory. */
+int mobileo_bf16_gemm_q4(int m, int n, int k, const float *a, int lda, const uint32_t *packed, const float *scales,
+                         const float *biases, int group_size, const float *bias, float *c, int ldc);
+
 /* out [B, H, W, O] = conv(x, weight) [+ out] (+ bias) with bfloat16 operands and float32 sums: a
  * stride-1 conv whose output has the input's size, x [B, H, W, C] row-major, weight [O, kh, kw, C]
  * (MLX's layout), output pixel (y, x) reading input rows y - pad_top .. and columns x - pad_left ..,

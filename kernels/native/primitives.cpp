@@ -712,6 +712,77 @@ mx::array bf16_matmul_q8(const mx::array &x, const mx::array &values, const mx::
   return mx::reshape(product, shape, stream);
 }
 
+// ------------------------------------------------------------------ bfloat16 GEMM, 4-bit weights
+// x [..., K] @ W^T (+ bias) for W [N, K] in MLX's 4-bit affine layout (a quantized Linear's storage): each B
+// panel dequantized and rounded to bf16 as it is packed (bf16_gemm.c's mobileo_bf16_gemm_q4), no float32 W.
+// inputs: x, packed [N, K / 8] uint32, scales and biases [N, K / group] (, bias [N])
+class Bf16MatmulQ4 : public Kernel {
+ public:
+  Bf16MatmulQ4(mx::Stream stream, int group_size) : Kernel(stream), group_size_(group_size) {}
+  const char *name() const override { return "MobileoBf16MatmulQ4"; }
+  bool is_equivalent(const mx::Primitive &other) const override {
+    return group_size_ == static_cast<const Bf16MatmulQ4 &>(other).group_size_;
+  }
+  std::vector<mx::Shape> output_shapes(const Arrays &inputs) override {
+    const int k = inputs[1].shape(1) * 8;
+    return {{(int)(inputs[0].size() / k), inputs[1].shape(0)}};
+  }
+
+  Arrays reference(const Arrays &in) override {
+    const auto s = stream();
+    const int k = in[1].shape(1) * 8;
+    auto weight = mx::dequantize(in[1], in[2], in[3], group_size_, 4, "affine", std::nullopt, std::nullopt, s);
+    auto product = mx::matmul(mx::reshape(bf16_rounded(in[0], s), {-1, k}, s),
+                              bf16_rounded(mx::transpose(weight, s), s), s);
+    return {in.size() > 4 ? mx::add(product, in[4], s) : product};
+  }
+
+  void eval_cpu(const Arrays &inputs, Arrays &outputs) override {
+    const auto &a = inputs[0], &packed = inputs[1];
+    auto &out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int k = packed.shape(1) * 8, n = packed.shape(0), m = (int)(a.size() / k);
+    auto &enc = encoder(inputs, outputs);
+    enc.dispatch([a_data = a.data<float>(), words = packed.data<uint32_t>(), scales = inputs[2].data<float>(),
+                  biases = inputs[3].data<float>(), bias = inputs.size() > 4 ? inputs[4].data<float>() : nullptr,
+                  result = out.data<float>(), m, n, k, group = group_size_]() {
+      if (mobileo_bf16_gemm_q4(m, n, k, a_data, k, words, scales, biases, group, bias, result, n) != 0)
+        throw std::runtime_error("MobileoBf16MatmulQ4: no AVX512-BF16 here, or out of memory");
+    });
+  }
+
+ private:
+  int group_size_;
+};
+
+mx::array bf16_matmul_q4(const mx::array &x, const mx::array &packed, const mx::array &scales,
+                         const mx::array &biases, int group_size, const std::optional<mx::array> &bias,
+                         const mx::StreamOrDevice &where) {
+  const auto stream = cpu_stream(where, "bf16_matmul_q4");
+  require(mobileo_bf16_gemm_supported(), "mobileo bf16_matmul_q4: this CPU has no AVX512-BF16");
+  require(x.dtype() == mx::float32 && packed.dtype() == mx::uint32 && scales.dtype() == mx::float32 &&
+              biases.dtype() == mx::float32 && (!bias || bias->dtype() == mx::float32),
+          "mobileo bf16_matmul_q4: float32 x, scales, biases and bias, uint32 packed values");
+  require(packed.ndim() == 2 && x.ndim() >= 1 && x.shape(-1) == packed.shape(1) * 8,
+          "mobileo bf16_matmul_q4: x [..., K] and packed [N, K / 8]");
+  const int k = x.shape(-1), n = packed.shape(0);
+  require(x.size() > 0 && n > 0, "mobileo bf16_matmul_q4: empty product");
+  require(group_size >= 32 && group_size % 32 == 0 && k % group_size == 0,
+          "mobileo bf16_matmul_q4: group_size a multiple of 32 dividing K");
+  const mx::Shape groups = {n, k / group_size};
+  require(scales.shape() == groups && biases.shape() == groups,
+          "mobileo bf16_matmul_q4: scales and biases [N, K / group_size]");
+  require(!bias || (bias->ndim() == 1 && bias->shape(0) == n), "mobileo bf16_matmul_q4: bias [N]");
+  auto shape = x.shape();
+  shape.back() = n;
+  const int m = (int)(x.size() / k);
+  Arrays inputs = {mx::contiguous(x, false, stream), mx::contiguous(packed, false, stream),
+                   mx::contiguous(scales, false, stream), mx::contiguous(biases, false, stream)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, stream));
+  auto product = mx::array({m, n}, mx::float32, std::make_shared<Bf16MatmulQ4>(stream, group_size), std::move(inputs));
+  return mx::reshape(product, shape, stream);
+}
+
 // ------------------------------------------------------------------ GLUMBConv's gated depthwise
 // inputs: h [B, H, W, 2C], taps [k, k, 2C] (, bias [2C]) -> D[..., :C] * silu(D[..., C:]) with
 // D = depthwise_conv(silu(h)) (+ bias), k odd, stride 1, padding k / 2
@@ -1541,6 +1612,8 @@ NB_MODULE(primitives_ext, m) {
         nb::arg("norm_shift").none() = nb::none(), nb::arg("norm_scale").none() = nb::none(),
         nb::arg("norm_eps") = 0.0f, nb::arg("residual").none() = nb::none(), nb::arg("gate").none() = nb::none(),
         nb::arg("stream") = nb::none());
+  m.def("bf16_matmul_q4", &bf16_matmul_q4, nb::arg("x"), nb::arg("packed"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("group_size"), nb::kw_only(), nb::arg("bias").none() = nb::none(), nb::arg("stream") = nb::none());
   register_gated_depthwise(m);
   register_elementwise(m);
   register_attention(m);

@@ -95,6 +95,12 @@ def quantized_product(x: mx.array, layer: nn.Module, products: Products = FP32) 
     packed, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     bits, group_size = layer.bits, layer.group_size
     rows = x.size // max(1, x.shape[-1])
+    if (bits == 4 and rows > tuning.QUANTIZED_MATMUL_MAX_ROWS and use_kernels()
+            and products.takes_bf16(rows, x.shape[-1], packed.shape[0])
+            and primitives.bf16_matmul_q4_supported(x, packed, scales, biases, group_size)):
+        # bf16 products of a 4-bit layer (the language model encoding a prompt): its panels packed from the
+        # 4-bit words, no float32 weight made (the bits of dequantize + the bf16 GEMM)
+        return primitives.bf16_matmul_q4(x, packed, scales, biases, group_size)
     if (rows <= tuning.QUANTIZED_MATMUL_MAX_ROWS and use_kernels()
             and primitives.quantized_gemv_supported(x, packed, scales, biases, bits, group_size)):
         return primitives.quantized_gemv(x, packed, scales, biases, bits, group_size)
