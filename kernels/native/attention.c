@@ -46,6 +46,9 @@ int mobileo_attention_supported(void) {
   return __builtin_cpu_supports("avx512f");
 }
 
+/* Just above ln(FLT_MIN) = -87.3365: exp of it is a normal float. */
+#define EXP_MIN -87.33f
+
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
 /* Lanes [0, count) of a 16-lane vector (count may exceed 16). */
@@ -53,9 +56,12 @@ INLINE __mmask16 lanes(int count) {
   return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
 }
 
-/* exp(x) for x <= 0 (also -inf: 0; NaN: NaN). */
+/* exp(x) for x <= 0 (also -inf: 0; NaN: NaN); 0 where exp(x) is below the smallest normal float:
+ * a result that underflows costs a microcode assist, and masked keys (-inf, a bias of -10000) give
+ * one per vector. */
 AVX512 INLINE __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* the second operand when NaN: NaN stays */
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_NLT_UQ); /* NaN too */
+  x = _mm512_max_ps(_mm512_set1_ps(EXP_MIN), x); /* the second operand when NaN: NaN stays */
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   /* r = x - n ln2, ln2 split so that n * LN2_HI is exact */
@@ -69,7 +75,7 @@ AVX512 INLINE __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 /* Rows ahead of the one being read that the loops over strided rows ask for. */
