@@ -94,7 +94,7 @@ INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
 #define QUERY_BLOCK 64 /* query rows per unit of work */
 
 struct softmax_job {
-  int batch, heads, group, queries, keys, depth, depth_v, keys16, row_blocks, causal;
+  int batch, heads, group, queries, keys, depth, depth_v, keys16, depth_v16, row_blocks, causal;
   mobileo_heads q, k, v;
   const float *bias; /* [B][keys] or NULL */
   float scale;
@@ -132,19 +132,19 @@ AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q,
   }
 }
 
-/* out rows (four; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV). */
-AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const float *strip, const float *sum,
+/* out rows (four; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV) of the
+ * packed V. */
+AVX512 INLINE void weighted4(const struct softmax_job *job, const float *values, const float *strip, const float *sum,
                              float *const *out, int rows, int seen, int col0, const int NV) {
-  const int keys16 = job->keys16, depth_v = job->depth_v;
+  const int keys16 = job->keys16, depth_v = job->depth_v, width = job->depth_v16;
   __m512 acc[4][6];
   for (int r = 0; r < 4; r++)
     for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
   const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
   for (int l = 0; l < seen; l++) {
-    const float *v_row = row_of(&job->v, b, h, l) + col0;
+    const float *v_row = values + (size_t)l * width + col0;
     __m512 vv[6];
-    for (int c = 0; c < NV - 1; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
-    vv[NV - 1] = _mm512_maskz_loadu_ps(last, v_row + 16 * (NV - 1));
+    for (int c = 0; c < NV; c++) vv[c] = _mm512_load_ps(v_row + 16 * c);
     for (int r = 0; r < 4; r++) {
       const __m512 p = _mm512_set1_ps(strip[(size_t)r * keys16 + l]);
       for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
@@ -157,8 +157,8 @@ AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const 
   }
 }
 
-AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, float *strip, int b, int h, int block,
-                                int pack) {
+AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, float *values, float *strip, int b, int h,
+                                int block, int pack) {
   const int keys = job->keys, keys16 = job->keys16, depth = job->depth, depth_v = job->depth_v;
   const int h_kv = h / job->group;
   if (pack) { /* K^T of the KV head, zero past the keys */
@@ -166,6 +166,13 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
     for (int l = 0; l < keys; l++) {
       const float *k_row = row_of(&job->k, b, h_kv, l);
       for (int j = 0; j < depth; j++) panel[(size_t)j * keys16 + l] = k_row[j];
+    }
+    /* V of the KV head row-contiguous, zero columns past depth_v: row_of's rows are a large stride
+     * apart (a head's span of the merged rows), unaligned, and share L1 sets */
+    for (int l = 0; l < keys; l++) {
+      const float *v_row = row_of(&job->v, b, h_kv, l);
+      for (int c = 0; c < job->depth_v16; c += 16)
+        _mm512_store_ps(values + (size_t)l * job->depth_v16 + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
     }
   }
   const float *bias = job->bias ? job->bias + (size_t)b * keys : NULL;
@@ -208,12 +215,12 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
     }
     for (int col0 = 0; col0 < depth_v; col0 += 96) {
       switch ((depth_v - col0 + 15) / 16) {
-        case 1: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 1); break;
-        case 2: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 2); break;
-        case 3: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 3); break;
-        case 4: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 4); break;
-        case 5: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 5); break;
-        default: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 6); break;
+        case 1: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 1); break;
+        case 2: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 2); break;
+        case 3: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 3); break;
+        case 4: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 4); break;
+        case 5: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 5); break;
+        default: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 6); break;
       }
     }
   }
@@ -222,12 +229,12 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
 static void softmax_part(void *arg, int part, int parts) {
   const struct softmax_job *job = arg;
   float *panel = job->scratch + (size_t)part * job->part_floats;
-  float *strip = panel + (size_t)job->depth * job->keys16;
+  float *strip = panel + (size_t)job->depth * job->keys16, *values = strip + (size_t)4 * job->keys16;
   const long units = (long)job->batch * job->heads * job->row_blocks;
   long packed = -1; /* the (image, KV head) whose K^T the panel holds: a group's query heads share it */
   for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
     const long head = u / job->row_blocks, kv_head = head / job->group;
-    softmax_unit(job, panel, strip, (int)(head / job->heads), (int)(head % job->heads), (int)(u % job->row_blocks),
+    softmax_unit(job, panel, values, strip, (int)(head / job->heads), (int)(head % job->heads), (int)(u % job->row_blocks),
                  kv_head != packed);
     packed = kv_head;
   }
@@ -240,10 +247,11 @@ int mobileo_softmax_attention(int batch, int heads, int heads_kv, int queries, i
       queries < 1 || keys < 1 || depth < 1 || depth_v < 1 || (causal && keys < queries))
     return -1;
   struct softmax_job job = {batch, heads, heads / heads_kv, queries, keys, depth, depth_v, round_up(keys, 16),
+                            round_up(depth_v, 16),
                             (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, causal != 0, q, k, v, key_bias, scale, out,
                             NULL, 0};
-  /* the K^T panel and the four rows' scores, a whole number of cache lines */
-  job.part_floats = (size_t)round_up((depth + 4) * job.keys16, 16);
+  /* the K^T panel, the four rows' scores and V, a whole number of cache lines */
+  job.part_floats = (size_t)(depth + 4) * job.keys16 + (size_t)keys * job.depth_v16;
   const long units = (long)batch * heads * job.row_blocks;
   int parts = mobileo_pool_threads(0);
   if (units < parts) parts = (int)units;
