@@ -92,6 +92,9 @@ INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
 
 /* ------------------------------------------------------------------------------ softmax */
 #define QUERY_BLOCK 64 /* query rows per unit of work */
+#ifndef SCORE_VECTORS
+#define SCORE_VECTORS 5 /* most 16-key vectors of four rows' scores kept in registers */
+#endif
 
 struct softmax_job {
   int batch, heads, group, queries, keys, depth, depth_v, keys16, depth_v16, row_blocks, causal;
@@ -108,12 +111,12 @@ struct softmax_job {
 AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q, const float *panel, const float *bias,
                            const int *seen, int key0, float *strip, const int NV) {
   const int keys16 = job->keys16, keys = job->keys;
-  __m512 acc[4][4];
+  __m512 acc[4][6];
   for (int r = 0; r < 4; r++)
     for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
   for (int j = 0; j < job->depth; j++) {
     const float *k_row = panel + (size_t)j * keys16 + key0;
-    __m512 kv[4];
+    __m512 kv[6];
     for (int v = 0; v < NV; v++) kv[v] = _mm512_loadu_ps(k_row + 16 * v);
     for (int r = 0; r < 4; r++) {
       const __m512 qj = _mm512_set1_ps(q[r][j]);
@@ -191,13 +194,20 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
     }
     /* keys no row of the group sees are skipped: their scores, exponentials and products */
     const int group_seen = seen[3], seen16 = round_up(group_seen, 16);
-    for (int key0 = 0; key0 < seen16; key0 += 64) {
-      switch ((seen16 - key0) / 16) {
+    /* blocks of as even a number of key vectors as SCORE_VECTORS allows (a short last one would
+     * leave too few independent sums to hide the multiply-adds' latency) */
+    const int vectors = seen16 / 16, blocks = (vectors + SCORE_VECTORS - 1) / SCORE_VECTORS;
+    for (int block = 0, key0 = 0; block < blocks; block++) {
+      const int nv = vectors / blocks + (block < vectors % blocks);
+      switch (nv) {
         case 1: scores4(job, q, panel, bias, seen, key0, strip, 1); break;
         case 2: scores4(job, q, panel, bias, seen, key0, strip, 2); break;
         case 3: scores4(job, q, panel, bias, seen, key0, strip, 3); break;
-        default: scores4(job, q, panel, bias, seen, key0, strip, 4); break;
+        case 4: scores4(job, q, panel, bias, seen, key0, strip, 4); break;
+        case 5: scores4(job, q, panel, bias, seen, key0, strip, 5); break;
+        default: scores4(job, q, panel, bias, seen, key0, strip, 6); break;
       }
+      key0 += 16 * nv;
     }
     float sum[4];
     for (int r = 0; r < 4; r++) {
