@@ -92,9 +92,7 @@ INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
 
 /* ------------------------------------------------------------------------------ softmax */
 #define QUERY_BLOCK 64 /* query rows per unit of work */
-#ifndef SCORE_VECTORS
-#define SCORE_VECTORS 5 /* most 16-key vectors of four rows' scores kept in registers */
-#endif
+#define GROUP_ROWS 8    /* query rows scored, exponentiated and multiplied by V together */
 
 struct softmax_job {
   int batch, heads, group, queries, keys, depth, depth_v, keys16, depth_v16, row_blocks, causal;
@@ -106,19 +104,19 @@ struct softmax_job {
   size_t part_floats;
 };
 
-/* Scores of four query rows against keys [key0, key0 + 16 NV) of the packed K^T panel; row r
- * sees keys [0, seen[r]) (-inf past them). */
-AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q, const float *panel, const float *bias,
-                           const int *seen, int key0, float *strip, const int NV) {
+/* Scores of R query rows against keys [key0, key0 + 16 NV) of the packed K^T panel; row r sees
+ * keys [0, seen[r]) (-inf past them). */
+AVX512 INLINE void scores_block(const struct softmax_job *job, const float *const *q, const float *panel,
+                                const float *bias, const int *seen, int key0, float *strip, const int R, const int NV) {
   const int keys16 = job->keys16, keys = job->keys;
-  __m512 acc[4][6];
-  for (int r = 0; r < 4; r++)
+  __m512 acc[GROUP_ROWS][5];
+  for (int r = 0; r < R; r++)
     for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
   for (int j = 0; j < job->depth; j++) {
     const float *k_row = panel + (size_t)j * keys16 + key0;
-    __m512 kv[6];
-    for (int v = 0; v < NV; v++) kv[v] = _mm512_loadu_ps(k_row + 16 * v);
-    for (int r = 0; r < 4; r++) {
+    __m512 kv[5];
+    for (int v = 0; v < NV; v++) kv[v] = _mm512_load_ps(k_row + 16 * v);
+    for (int r = 0; r < R; r++) {
       const __m512 qj = _mm512_set1_ps(q[r][j]);
       for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(qj, kv[v], acc[r][v]);
     }
@@ -128,35 +126,101 @@ AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q,
     const int first = key0 + 16 * v;
     const __mmask16 valid = lanes(keys - first);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
       const __m512 s = _mm512_fmadd_ps(acc[r][v], scale, b);
-      _mm512_storeu_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
+      _mm512_store_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
     }
   }
 }
 
-/* out rows (four; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV) of the
- * packed V. */
-AVX512 INLINE void weighted4(const struct softmax_job *job, const float *values, const float *strip, const float *sum,
-                             float *const *out, int rows, int seen, int col0, const int NV) {
+/* out rows (R; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV) of the packed V. */
+AVX512 INLINE void weighted_block(const struct softmax_job *job, const float *values, const float *strip,
+                                  const float *sum, float *const *out, int rows, int seen, int col0, const int R,
+                                  const int NV) {
   const int keys16 = job->keys16, depth_v = job->depth_v, width = job->depth_v16;
-  __m512 acc[4][6];
-  for (int r = 0; r < 4; r++)
+  __m512 acc[GROUP_ROWS][6];
+  for (int r = 0; r < R; r++)
     for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
-  const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
   for (int l = 0; l < seen; l++) {
     const float *v_row = values + (size_t)l * width + col0;
     __m512 vv[6];
     for (int c = 0; c < NV; c++) vv[c] = _mm512_load_ps(v_row + 16 * c);
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
       const __m512 p = _mm512_set1_ps(strip[(size_t)r * keys16 + l]);
       for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
     }
   }
+  const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
   for (int r = 0; r < rows; r++) {
     const __m512 total = _mm512_set1_ps(sum[r]);
     for (int c = 0; c < NV - 1; c++) _mm512_storeu_ps(out[r] + col0 + 16 * c, _mm512_div_ps(acc[r][c], total));
     _mm512_mask_storeu_ps(out[r] + col0 + 16 * (NV - 1), last, _mm512_div_ps(acc[r][NV - 1], total));
+  }
+}
+
+/* Splits `vectors` 16-wide vectors into blocks of at most `most`, as even as they go (a short last
+ * block would leave too few independent sums to hide the multiply-adds' latency); the size of
+ * block `block` of `blocks`. */
+static inline int even_block(int vectors, int blocks, int block) { return vectors / blocks + (block < vectors % blocks); }
+
+/* R query rows of head (b, h) from row i (`rows` of them real; the others repeat the last, not
+ * stored): eight rows use each K^T and V vector they load for eight multiply-adds, so the
+ * panels (L2 at the DiT's sizes) are streamed half as often; four for a short last group. */
+AVX512 INLINE void softmax_rows(const struct softmax_job *job, const float *panel, const float *values, float *strip,
+                                int b, int h, int i, int rows, const int R) {
+  const int keys = job->keys, keys16 = job->keys16, depth_v = job->depth_v;
+  const float *bias = job->bias ? job->bias + (size_t)b * keys : NULL;
+  const float *q[GROUP_ROWS];
+  float *out[GROUP_ROWS];
+  int seen[GROUP_ROWS]; /* keys each row sees (causal: up to its own position) */
+  for (int r = 0; r < R; r++) {
+    const int row = i + (r < rows ? r : rows - 1);
+    q[r] = row_of(&job->q, b, h, row);
+    out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+    seen[r] = job->causal && row + 1 + keys - job->queries < keys ? row + 1 + keys - job->queries : keys;
+  }
+  /* keys no row of the group sees are skipped: their scores, exponentials and products */
+  const int group_seen = seen[R - 1], seen16 = round_up(group_seen, 16);
+  const int key_vectors = seen16 / 16, most_keys = R == 8 ? 3 : 5;
+  const int key_blocks = (key_vectors + most_keys - 1) / most_keys;
+  for (int block = 0, key0 = 0; block < key_blocks; block++) {
+    const int nv = even_block(key_vectors, key_blocks, block);
+    switch (nv) {
+      case 1: scores_block(job, q, panel, bias, seen, key0, strip, R, 1); break;
+      case 2: scores_block(job, q, panel, bias, seen, key0, strip, R, 2); break;
+      case 3: scores_block(job, q, panel, bias, seen, key0, strip, R, 3); break;
+      case 4: if (R == 4) scores_block(job, q, panel, bias, seen, key0, strip, 4, 4); break;
+      default: if (R == 4) scores_block(job, q, panel, bias, seen, key0, strip, 4, 5); break;
+    }
+    key0 += 16 * nv;
+  }
+  float sum[GROUP_ROWS];
+  for (int r = 0; r < R; r++) {
+    float *s = strip + (size_t)r * keys16;
+    __m512 top = _mm512_set1_ps(-__builtin_inff());
+    for (int l = 0; l < seen16; l += 16) top = _mm512_max_ps(top, _mm512_load_ps(s + l));
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int l = 0; l < seen16; l += 16) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(s + l), max));
+      _mm512_store_ps(s + l, p);
+      total = _mm512_add_ps(total, p);
+    }
+    sum[r] = _mm512_reduce_add_ps(total);
+  }
+  const int column_vectors = job->depth_v16 / 16, most_columns = R == 8 ? 3 : 6;
+  const int column_blocks = (column_vectors + most_columns - 1) / most_columns;
+  for (int block = 0, col0 = 0; block < column_blocks; block++) {
+    const int nv = even_block(column_vectors, column_blocks, block);
+    switch (nv) {
+      case 1: weighted_block(job, values, strip, sum, out, rows, group_seen, col0, R, 1); break;
+      case 2: weighted_block(job, values, strip, sum, out, rows, group_seen, col0, R, 2); break;
+      case 3: weighted_block(job, values, strip, sum, out, rows, group_seen, col0, R, 3); break;
+      case 4: if (R == 4) weighted_block(job, values, strip, sum, out, rows, group_seen, col0, 4, 4); break;
+      case 5: if (R == 4) weighted_block(job, values, strip, sum, out, rows, group_seen, col0, 4, 5); break;
+      default: if (R == 4) weighted_block(job, values, strip, sum, out, rows, group_seen, col0, 4, 6); break;
+    }
+    col0 += 16 * nv;
   }
 }
 
@@ -178,68 +242,21 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
         _mm512_store_ps(values + (size_t)l * job->depth_v16 + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
     }
   }
-  const float *bias = job->bias ? job->bias + (size_t)b * keys : NULL;
   const int first = block * QUERY_BLOCK;
   const int end = first + QUERY_BLOCK < job->queries ? first + QUERY_BLOCK : job->queries;
-  for (int i = first; i < end; i += 4) {
-    const int rows = end - i < 4 ? end - i : 4;
-    const float *q[4];
-    float *out[4];
-    int seen[4]; /* keys each row sees (causal: up to its own position) */
-    for (int r = 0; r < 4; r++) { /* missing rows of the last group repeat its last row (not stored) */
-      const int row = i + (r < rows ? r : rows - 1);
-      q[r] = row_of(&job->q, b, h, row);
-      out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
-      seen[r] = job->causal && row + 1 + keys - job->queries < keys ? row + 1 + keys - job->queries : keys;
-    }
-    /* keys no row of the group sees are skipped: their scores, exponentials and products */
-    const int group_seen = seen[3], seen16 = round_up(group_seen, 16);
-    /* blocks of as even a number of key vectors as SCORE_VECTORS allows (a short last one would
-     * leave too few independent sums to hide the multiply-adds' latency) */
-    const int vectors = seen16 / 16, blocks = (vectors + SCORE_VECTORS - 1) / SCORE_VECTORS;
-    for (int block = 0, key0 = 0; block < blocks; block++) {
-      const int nv = vectors / blocks + (block < vectors % blocks);
-      switch (nv) {
-        case 1: scores4(job, q, panel, bias, seen, key0, strip, 1); break;
-        case 2: scores4(job, q, panel, bias, seen, key0, strip, 2); break;
-        case 3: scores4(job, q, panel, bias, seen, key0, strip, 3); break;
-        case 4: scores4(job, q, panel, bias, seen, key0, strip, 4); break;
-        case 5: scores4(job, q, panel, bias, seen, key0, strip, 5); break;
-        default: scores4(job, q, panel, bias, seen, key0, strip, 6); break;
-      }
-      key0 += 16 * nv;
-    }
-    float sum[4];
-    for (int r = 0; r < 4; r++) {
-      float *s = strip + (size_t)r * keys16;
-      __m512 top = _mm512_set1_ps(-__builtin_inff());
-      for (int l = 0; l < seen16; l += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + l));
-      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-      __m512 total = _mm512_setzero_ps();
-      for (int l = 0; l < seen16; l += 16) {
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), max));
-        _mm512_storeu_ps(s + l, p);
-        total = _mm512_add_ps(total, p);
-      }
-      sum[r] = _mm512_reduce_add_ps(total);
-    }
-    for (int col0 = 0; col0 < depth_v; col0 += 96) {
-      switch ((depth_v - col0 + 15) / 16) {
-        case 1: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 1); break;
-        case 2: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 2); break;
-        case 3: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 3); break;
-        case 4: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 4); break;
-        case 5: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 5); break;
-        default: weighted4(job, values, strip, sum, out, rows, group_seen, col0, 6); break;
-      }
-    }
+  for (int i = first; i < end; i += GROUP_ROWS) {
+    const int rows = end - i < GROUP_ROWS ? end - i : GROUP_ROWS;
+    if (rows > 4)
+      softmax_rows(job, panel, values, strip, b, h, i, rows, 8);
+    else
+      softmax_rows(job, panel, values, strip, b, h, i, rows, 4);
   }
 }
 
 static void softmax_part(void *arg, int part, int parts) {
   const struct softmax_job *job = arg;
   float *panel = job->scratch + (size_t)part * job->part_floats;
-  float *strip = panel + (size_t)job->depth * job->keys16, *values = strip + (size_t)4 * job->keys16;
+  float *strip = panel + (size_t)job->depth * job->keys16, *values = strip + (size_t)GROUP_ROWS * job->keys16;
   const long units = (long)job->batch * job->heads * job->row_blocks;
   long packed = -1; /* the (image, KV head) whose K^T the panel holds: a group's query heads share it */
   for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
@@ -260,8 +277,8 @@ int mobileo_softmax_attention(int batch, int heads, int heads_kv, int queries, i
                             round_up(depth_v, 16),
                             (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, causal != 0, q, k, v, key_bias, scale, out,
                             NULL, 0};
-  /* the K^T panel, the four rows' scores and V, a whole number of cache lines */
-  job.part_floats = (size_t)(depth + 4) * job.keys16 + (size_t)keys * job.depth_v16;
+  /* the K^T panel, a group's scores and V, a whole number of cache lines */
+  job.part_floats = (size_t)(depth + GROUP_ROWS) * job.keys16 + (size_t)keys * job.depth_v16;
   const long units = (long)batch * heads * job.row_blocks;
   int parts = mobileo_pool_threads(0);
   if (units < parts) parts = (int)units;
