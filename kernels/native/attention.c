@@ -91,6 +91,30 @@ INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
 }
 
 /* ------------------------------------------------------------------------------ softmax */
+/* x[i][t] -> x[t][i] for a 16 x 16 tile. */
+AVX512 INLINE void transpose16(__m512 *x) {
+  __m512 y[16];
+  for (int i = 0; i < 16; i += 2) { /* pairs of rows: 2 x 2 blocks */
+    y[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+    y[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) /* 4 x 4 blocks within each 128-bit lane */
+    for (int k = 0; k < 2; k++) {
+      const __m512d lo = _mm512_castps_pd(y[i + k]), hi = _mm512_castps_pd(y[i + 2 + k]);
+      x[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      x[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  for (int i = 0; i < 16; i += 8) /* 128-bit lanes of 4-row groups: 8 x 8 blocks */
+    for (int k = 0; k < 4; k++) {
+      y[i + k] = _mm512_shuffle_f32x4(x[i + k], x[i + 4 + k], 0x88);
+      y[i + 4 + k] = _mm512_shuffle_f32x4(x[i + k], x[i + 4 + k], 0xDD);
+    }
+  for (int k = 0; k < 8; k++) { /* 16 x 16 */
+    x[k] = _mm512_shuffle_f32x4(y[k], y[8 + k], 0x88);
+    x[8 + k] = _mm512_shuffle_f32x4(y[k], y[8 + k], 0xDD);
+  }
+}
+
 #define QUERY_BLOCK 64 /* query rows per unit of work */
 #define GROUP_ROWS 8    /* query rows scored, exponentiated and multiplied by V together */
 
@@ -228,12 +252,17 @@ AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, flo
                                 int block, int pack) {
   const int keys = job->keys, keys16 = job->keys16, depth = job->depth, depth_v = job->depth_v;
   const int h_kv = h / job->group;
-  if (pack) { /* K^T of the KV head, zero past the keys */
-    for (int j = 0; j < depth; j++) memset(panel + (size_t)j * keys16 + keys, 0, sizeof(float) * (keys16 - keys));
-    for (int l = 0; l < keys; l++) {
-      const float *k_row = row_of(&job->k, b, h_kv, l);
-      for (int j = 0; j < depth; j++) panel[(size_t)j * keys16 + l] = k_row[j];
-    }
+  if (pack) { /* K^T of the KV head by 16 x 16 tiles, zero past the keys */
+    for (int l0 = 0; l0 < keys16; l0 += 16)
+      for (int j0 = 0; j0 < depth; j0 += 16) {
+        const __mmask16 columns = lanes(depth - j0);
+        __m512 tile[16];
+        for (int i = 0; i < 16; i++)
+          tile[i] = l0 + i < keys ? _mm512_maskz_loadu_ps(columns, row_of(&job->k, b, h_kv, l0 + i) + j0)
+                                  : _mm512_setzero_ps();
+        transpose16(tile);
+        for (int t = 0; t < 16 && j0 + t < depth; t++) _mm512_store_ps(panel + (size_t)(j0 + t) * keys16 + l0, tile[t]);
+      }
     /* V of the KV head row-contiguous, zero columns past depth_v: row_of's rows are a large stride
      * apart (a head's span of the merged rows), unaligned, and share L1 sets */
     for (int l = 0; l < keys; l++) {
