@@ -27,7 +27,6 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "cpu_kernels.h"
 #include "pool.h"
