@@ -6,15 +6,18 @@
  * [B, rows, heads, d_v]: the merged layout the output projection reads.
  *
  * softmax: per (image, head, block of query rows) K^T of the head (grouped-query heads: of its KV
- * head, shared by the group's query heads) packed once into a
- * [d][L16] panel (L16: the keys rounded up to 16, zero columns), then four query rows at a time:
- * the scores s = scale * q.k + bias in registers (4 rows x 64 keys), stored to a [4][L16]
- * strip in L1; per row its max, p = exp(s - max) and their sum; P V in registers (4 rows x up
- * to 96 columns); one division by the sum as the row is stored. Causal: a row's keys past its
- * position score -inf, and key blocks none of the four rows sees are skipped. exp: Cody-Waite reduction
- * x = n ln2 + r (|r| <= ln2/2), a degree-7 Taylor polynomial of exp(r) in Horner form, and
- * 2^n applied by VSCALEFPS (exact, flushing to 0 below the denormals); x clamped at -104, where
- * exp(x) is below half the smallest denormal.
+ * head, shared by the group's query heads) packed once into a [d][L16] panel (L16: the keys
+ * rounded up to 16, zero columns) by 16 x 16 register transposes, and V row-contiguous into a
+ * [L][d_v16] panel (zero columns); then eight query rows at a time (four for a short last group):
+ * the scores s = scale * q.k + bias in registers (8 rows x up to 48 keys, or 4 x 80; the key
+ * vectors split into blocks as even as they go), stored to a [8][L16] strip in L1; per row its
+ * max, p = exp(s - max) and their sum; P V in registers (8 rows x up to 48 columns, or 4 x 96);
+ * one division by the sum as the row is stored. Each score and each output is one sum over d /
+ * over the keys in their order, whatever the blocks. Causal: a row's keys past its position score
+ * -inf, and key blocks none of the group's rows sees are skipped. exp: Cody-Waite reduction
+ * x = n ln2 + r (|r| <= ln2/2), a degree-7 Taylor polynomial of exp(r) in Horner form, and 2^n
+ * applied by VSCALEFPS; 0 below ln(FLT_MIN) (no denormal or underflowing result: each costs a
+ * microcode assist).
  *
  * ReLU linear attention: units of (image, up to 8 adjacent heads: what a unit reads of a row is
  * one span); per head, chunk by chunk of 64 key rows, relu(K) and V copied
@@ -187,8 +190,8 @@ AVX512 INLINE void weighted_block(const struct softmax_job *job, const float *va
 static inline int even_block(int vectors, int blocks, int block) { return vectors / blocks + (block < vectors % blocks); }
 
 /* R query rows of head (b, h) from row i (`rows` of them real; the others repeat the last, not
- * stored): eight rows use each K^T and V vector they load for eight multiply-adds, so the
- * panels (L2 at the DiT's sizes) are streamed half as often; four for a short last group. */
+ * stored): eight rows use each K^T and V vector they load for eight multiply-adds (narrow heads,
+ * d = 32, gain most); four for a short last group. */
 AVX512 INLINE void softmax_rows(const struct softmax_job *job, const float *panel, const float *values, float *strip,
                                 int b, int h, int i, int rows, const int R) {
   const int keys = job->keys, keys16 = job->keys16, depth_v = job->depth_v;
