@@ -220,20 +220,21 @@ AVX512 INLINE void softmax_rows(const struct softmax_job *job, const float *pane
     }
     key0 += 16 * nv;
   }
+  /* per row its max, p = exp(s - max) and their sum; the rows side by side (independent chains) */
+  __m512 top[GROUP_ROWS], total[GROUP_ROWS];
   float sum[GROUP_ROWS];
-  for (int r = 0; r < R; r++) {
-    float *s = strip + (size_t)r * keys16;
-    __m512 top = _mm512_set1_ps(-__builtin_inff());
-    for (int l = 0; l < seen16; l += 16) top = _mm512_max_ps(top, _mm512_load_ps(s + l));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int l = 0; l < seen16; l += 16) {
-      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(s + l), max));
-      _mm512_store_ps(s + l, p);
-      total = _mm512_add_ps(total, p);
+  for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-__builtin_inff()), total[r] = _mm512_setzero_ps();
+  for (int l = 0; l < seen16; l += 16)
+    for (int r = 0; r < R; r++) top[r] = _mm512_max_ps(top[r], _mm512_load_ps(strip + (size_t)r * keys16 + l));
+  for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]));
+  for (int l = 0; l < seen16; l += 16)
+    for (int r = 0; r < R; r++) {
+      float *s = strip + (size_t)r * keys16 + l;
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(s), top[r]));
+      _mm512_store_ps(s, p);
+      total[r] = _mm512_add_ps(total[r], p);
     }
-    sum[r] = _mm512_reduce_add_ps(total);
-  }
+  for (int r = 0; r < R; r++) sum[r] = _mm512_reduce_add_ps(total[r]);
   const int column_vectors = job->depth_v16 / 16, most_columns = R == 8 ? 3 : 6;
   const int column_blocks = (column_vectors + most_columns - 1) / most_columns;
   for (int block = 0, col0 = 0; block < column_blocks; block++) {
