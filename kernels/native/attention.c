@@ -154,7 +154,8 @@ AVX512 INLINE void scores_block(const struct softmax_job *job, const float *cons
     const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
     for (int r = 0; r < R; r++) {
       const __m512 s = _mm512_fmadd_ps(acc[r][v], scale, b);
-      _mm512_store_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
+      _mm512_store_ps(strip + (size_t)r * keys16 + first,
+                      _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
     }
   }
 }
@@ -184,10 +185,11 @@ AVX512 INLINE void weighted_block(const struct softmax_job *job, const float *va
   }
 }
 
-/* Splits `vectors` 16-wide vectors into blocks of at most `most`, as even as they go (a short last
- * block would leave too few independent sums to hide the multiply-adds' latency); the size of
- * block `block` of `blocks`. */
-static inline int even_block(int vectors, int blocks, int block) { return vectors / blocks + (block < vectors % blocks); }
+/* The size of block `block` of `blocks` that split `vectors` 16-wide vectors as evenly as they go
+ * (a short last block would leave too few independent sums to hide the multiply-adds' latency). */
+static inline int even_block(int vectors, int blocks, int block) {
+  return vectors / blocks + (block < vectors % blocks);
+}
 
 /* R query rows of head (b, h) from row i (`rows` of them real; the others repeat the last, not
  * stored): eight rows use each K^T and V vector they load for eight multiply-adds (narrow heads,
@@ -290,11 +292,11 @@ static void softmax_part(void *arg, int part, int parts) {
   float *panel = job->scratch + (size_t)part * job->part_floats;
   float *strip = panel + (size_t)job->depth * job->keys16, *values = strip + (size_t)GROUP_ROWS * job->keys16;
   const long units = (long)job->batch * job->heads * job->row_blocks;
-  long packed = -1; /* the (image, KV head) whose K^T the panel holds: a group's query heads share it */
+  long packed = -1; /* the (image, KV head) whose K^T and V the panels hold: a group's query heads share them */
   for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
     const long head = u / job->row_blocks, kv_head = head / job->group;
-    softmax_unit(job, panel, values, strip, (int)(head / job->heads), (int)(head % job->heads), (int)(u % job->row_blocks),
-                 kv_head != packed);
+    softmax_unit(job, panel, values, strip, (int)(head / job->heads), (int)(head % job->heads),
+                 (int)(u % job->row_blocks), kv_head != packed);
     packed = kv_head;
   }
 }
