@@ -85,6 +85,11 @@ def linear_exact(q, k, v, eps) -> np.ndarray:
     (2, 9, 2, 32, 7, "padded"),  # the demo model's heads
     (1, 70, 1, 17, 300, None),  # odd depth: masked tails everywhere
     (2, 3, 5, 100, 33, "padded"),  # d_v past 96 columns: two column blocks
+    # row groups of eight and of four, key and column blocks of every size they split into
+    (2, 13, 3, 72, 79, "padded"),  # 8 + 5 rows (the last group repeats its last row): blocks of 3 + 2 vectors
+    (1, 4, 2, 72, 300, "padded"),  # one group of four: key blocks of 5, 5, 5, 4 vectors
+    (1, 12, 2, 100, 150, None),  # 8 + 4 rows; d_v of 7 vectors: 3 + 2 + 2 (eight rows), 4 + 3 (four)
+    (1, 24, 4, 32, 256, None),  # FastViT's d = 32: K^T tiles of 16 x 16, two column vectors
 ])
 def test_softmax_attention_against_float64_and_its_twins(batch, rows, head_count, depth, keys, bias):
     q = heads(merged_inputs(batch, rows, head_count * depth, seed=rows), head_count)

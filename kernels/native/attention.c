@@ -6,15 +6,18 @@
  * [B, rows, heads, d_v]: the merged layout the output projection reads.
  *
  * softmax: per (image, head, block of query rows) K^T of the head (grouped-query heads: of its KV
- * head, shared by the group's query heads) packed once into a
- * [d][L16] panel (L16: the keys rounded up to 16, zero columns), then four query rows at a time:
- * the scores s = scale * q.k + bias in registers (4 rows x 64 keys), stored to a [4][L16]
- * strip in L1; per row its max, p = exp(s - max) and their sum; P V in registers (4 rows x up
- * to 96 columns); one division by the sum as the row is stored. Causal: a row's keys past its
- * position score -inf, and key blocks none of the four rows sees are skipped. exp: Cody-Waite reduction
- * x = n ln2 + r (|r| <= ln2/2), a degree-7 Taylor polynomial of exp(r) in Horner form, and
- * 2^n applied by VSCALEFPS (exact, flushing to 0 below the denormals); x clamped at -104, where
- * exp(x) is below half the smallest denormal.
+ * head, shared by the group's query heads) packed once into a [d][L16] panel (L16: the keys
+ * rounded up to 16, zero columns) by 16 x 16 register transposes, and V row-contiguous into a
+ * [L][d_v16] panel (zero columns); then eight query rows at a time (four for a short last group):
+ * the scores s = scale * q.k + bias in registers (8 rows x up to 48 keys, or 4 x 80; the key
+ * vectors split into blocks as even as they go), stored to a [8][L16] strip in L1; per row its
+ * max, p = exp(s - max) and their sum; P V in registers (8 rows x up to 48 columns, or 4 x 96);
+ * one division by the sum as the row is stored. Each score and each output is one sum over d /
+ * over the keys in their order, whatever the blocks. Causal: a row's keys past its position score
+ * -inf, and key blocks none of the group's rows sees are skipped. exp: Cody-Waite reduction
+ * x = n ln2 + r (|r| <= ln2/2), a degree-7 Taylor polynomial of exp(r) in Horner form, and 2^n
+ * applied by VSCALEFPS; 0 below ln(FLT_MIN) (no denormal or underflowing result: each costs a
+ * microcode assist).
  *
  * ReLU linear attention: units of (image, up to 8 adjacent heads: what a unit reads of a row is
  * one span); per head, chunk by chunk of 64 key rows, relu(K) and V copied
@@ -27,7 +30,6 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "cpu_kernels.h"
 #include "pool.h"
@@ -46,6 +48,9 @@ int mobileo_attention_supported(void) {
   return __builtin_cpu_supports("avx512f");
 }
 
+/* Just above ln(FLT_MIN) = -87.3365: exp of it is a normal float. */
+#define EXP_MIN -87.33f
+
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
 /* Lanes [0, count) of a 16-lane vector (count may exceed 16). */
@@ -53,9 +58,12 @@ INLINE __mmask16 lanes(int count) {
   return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
 }
 
-/* exp(x) for x <= 0 (also -inf: 0; NaN: NaN). */
+/* exp(x) for x <= 0 (also -inf: 0; NaN: NaN); 0 where exp(x) is below the smallest normal float:
+ * a result that underflows costs a microcode assist, and masked keys (-inf, a bias of -10000) give
+ * one per vector. */
 AVX512 INLINE __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* the second operand when NaN: NaN stays */
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_NLT_UQ); /* NaN too */
+  x = _mm512_max_ps(_mm512_set1_ps(EXP_MIN), x); /* the second operand when NaN: NaN stays */
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   /* r = x - n ln2, ln2 split so that n * LN2_HI is exact */
@@ -69,7 +77,7 @@ AVX512 INLINE __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 /* Rows ahead of the one being read that the loops over strided rows ask for. */
@@ -85,10 +93,35 @@ INLINE const float *row_of(const mobileo_heads *x, int b, int h, int r) {
 }
 
 /* ------------------------------------------------------------------------------ softmax */
+/* x[i][t] -> x[t][i] for a 16 x 16 tile. */
+AVX512 INLINE void transpose16(__m512 *x) {
+  __m512 y[16];
+  for (int i = 0; i < 16; i += 2) { /* pairs of rows: 2 x 2 blocks */
+    y[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+    y[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) /* 4 x 4 blocks within each 128-bit lane */
+    for (int k = 0; k < 2; k++) {
+      const __m512d lo = _mm512_castps_pd(y[i + k]), hi = _mm512_castps_pd(y[i + 2 + k]);
+      x[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      x[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  for (int i = 0; i < 16; i += 8) /* 128-bit lanes of 4-row groups: 8 x 8 blocks */
+    for (int k = 0; k < 4; k++) {
+      y[i + k] = _mm512_shuffle_f32x4(x[i + k], x[i + 4 + k], 0x88);
+      y[i + 4 + k] = _mm512_shuffle_f32x4(x[i + k], x[i + 4 + k], 0xDD);
+    }
+  for (int k = 0; k < 8; k++) { /* 16 x 16 */
+    x[k] = _mm512_shuffle_f32x4(y[k], y[8 + k], 0x88);
+    x[8 + k] = _mm512_shuffle_f32x4(y[k], y[8 + k], 0xDD);
+  }
+}
+
 #define QUERY_BLOCK 64 /* query rows per unit of work */
+#define GROUP_ROWS 8    /* query rows scored, exponentiated and multiplied by V together */
 
 struct softmax_job {
-  int batch, heads, group, queries, keys, depth, depth_v, keys16, row_blocks, causal;
+  int batch, heads, group, queries, keys, depth, depth_v, keys16, depth_v16, row_blocks, causal;
   mobileo_heads q, k, v;
   const float *bias; /* [B][keys] or NULL */
   float scale;
@@ -97,19 +130,19 @@ struct softmax_job {
   size_t part_floats;
 };
 
-/* Scores of four query rows against keys [key0, key0 + 16 NV) of the packed K^T panel; row r
- * sees keys [0, seen[r]) (-inf past them). */
-AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q, const float *panel, const float *bias,
-                           const int *seen, int key0, float *strip, const int NV) {
+/* Scores of R query rows against keys [key0, key0 + 16 NV) of the packed K^T panel; row r sees
+ * keys [0, seen[r]) (-inf past them). */
+AVX512 INLINE void scores_block(const struct softmax_job *job, const float *const *q, const float *panel,
+                                const float *bias, const int *seen, int key0, float *strip, const int R, const int NV) {
   const int keys16 = job->keys16, keys = job->keys;
-  __m512 acc[4][4];
-  for (int r = 0; r < 4; r++)
+  __m512 acc[GROUP_ROWS][5];
+  for (int r = 0; r < R; r++)
     for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
   for (int j = 0; j < job->depth; j++) {
     const float *k_row = panel + (size_t)j * keys16 + key0;
-    __m512 kv[4];
-    for (int v = 0; v < NV; v++) kv[v] = _mm512_loadu_ps(k_row + 16 * v);
-    for (int r = 0; r < 4; r++) {
+    __m512 kv[5];
+    for (int v = 0; v < NV; v++) kv[v] = _mm512_load_ps(k_row + 16 * v);
+    for (int r = 0; r < R; r++) {
       const __m512 qj = _mm512_set1_ps(q[r][j]);
       for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(qj, kv[v], acc[r][v]);
     }
@@ -119,31 +152,32 @@ AVX512 INLINE void scores4(const struct softmax_job *job, const float *const *q,
     const int first = key0 + 16 * v;
     const __mmask16 valid = lanes(keys - first);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
       const __m512 s = _mm512_fmadd_ps(acc[r][v], scale, b);
-      _mm512_storeu_ps(strip + (size_t)r * keys16 + first, _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
+      _mm512_store_ps(strip + (size_t)r * keys16 + first,
+                      _mm512_mask_blend_ps(valid & lanes(seen[r] - first), minus_inf, s));
     }
   }
 }
 
-/* out rows (four; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV). */
-AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const float *strip, const float *sum,
-                             float *const *out, int rows, int seen, int col0, const int NV) {
-  const int keys16 = job->keys16, depth_v = job->depth_v;
-  __m512 acc[4][6];
-  for (int r = 0; r < 4; r++)
+/* out rows (R; `rows` of them stored) = P V / sum for columns [col0, col0 + 16 NV) of the packed V. */
+AVX512 INLINE void weighted_block(const struct softmax_job *job, const float *values, const float *strip,
+                                  const float *sum, float *const *out, int rows, int seen, int col0, const int R,
+                                  const int NV) {
+  const int keys16 = job->keys16, depth_v = job->depth_v, width = job->depth_v16;
+  __m512 acc[GROUP_ROWS][6];
+  for (int r = 0; r < R; r++)
     for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
-  const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
   for (int l = 0; l < seen; l++) {
-    const float *v_row = row_of(&job->v, b, h, l) + col0;
+    const float *v_row = values + (size_t)l * width + col0;
     __m512 vv[6];
-    for (int c = 0; c < NV - 1; c++) vv[c] = _mm512_loadu_ps(v_row + 16 * c);
-    vv[NV - 1] = _mm512_maskz_loadu_ps(last, v_row + 16 * (NV - 1));
-    for (int r = 0; r < 4; r++) {
+    for (int c = 0; c < NV; c++) vv[c] = _mm512_load_ps(v_row + 16 * c);
+    for (int r = 0; r < R; r++) {
       const __m512 p = _mm512_set1_ps(strip[(size_t)r * keys16 + l]);
       for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
     }
   }
+  const __mmask16 last = lanes(depth_v - col0 - 16 * (NV - 1));
   for (int r = 0; r < rows; r++) {
     const __m512 total = _mm512_set1_ps(sum[r]);
     for (int c = 0; c < NV - 1; c++) _mm512_storeu_ps(out[r] + col0 + 16 * c, _mm512_div_ps(acc[r][c], total));
@@ -151,78 +185,118 @@ AVX512 INLINE void weighted4(const struct softmax_job *job, int b, int h, const 
   }
 }
 
-AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, float *strip, int b, int h, int block,
-                                int pack) {
+/* The size of block `block` of `blocks` that split `vectors` 16-wide vectors as evenly as they go
+ * (a short last block would leave too few independent sums to hide the multiply-adds' latency). */
+static inline int even_block(int vectors, int blocks, int block) {
+  return vectors / blocks + (block < vectors % blocks);
+}
+
+/* R query rows of head (b, h) from row i (`rows` of them real; the others repeat the last, not
+ * stored): eight rows use each K^T and V vector they load for eight multiply-adds (narrow heads,
+ * d = 32, gain most); four for a short last group. */
+AVX512 INLINE void softmax_rows(const struct softmax_job *job, const float *panel, const float *values, float *strip,
+                                int b, int h, int i, int rows, const int R) {
+  const int keys = job->keys, keys16 = job->keys16, depth_v = job->depth_v;
+  const float *bias = job->bias ? job->bias + (size_t)b * keys : NULL;
+  const float *q[GROUP_ROWS];
+  float *out[GROUP_ROWS];
+  int seen[GROUP_ROWS]; /* keys each row sees (causal: up to its own position) */
+  for (int r = 0; r < R; r++) {
+    const int row = i + (r < rows ? r : rows - 1);
+    q[r] = row_of(&job->q, b, h, row);
+    out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
+    seen[r] = job->causal && row + 1 + keys - job->queries < keys ? row + 1 + keys - job->queries : keys;
+  }
+  /* keys no row of the group sees are skipped: their scores, exponentials and products */
+  const int group_seen = seen[R - 1], seen16 = round_up(group_seen, 16);
+  const int key_vectors = seen16 / 16, most_keys = R == 8 ? 3 : 5;
+  const int key_blocks = (key_vectors + most_keys - 1) / most_keys;
+  for (int block = 0, key0 = 0; block < key_blocks; block++) {
+    const int nv = even_block(key_vectors, key_blocks, block);
+    switch (nv) {
+      case 1: scores_block(job, q, panel, bias, seen, key0, strip, R, 1); break;
+      case 2: scores_block(job, q, panel, bias, seen, key0, strip, R, 2); break;
+      case 3: scores_block(job, q, panel, bias, seen, key0, strip, R, 3); break;
+      case 4: if (R == 4) scores_block(job, q, panel, bias, seen, key0, strip, 4, 4); break;
+      default: if (R == 4) scores_block(job, q, panel, bias, seen, key0, strip, 4, 5); break;
+    }
+    key0 += 16 * nv;
+  }
+  /* per row its max, p = exp(s - max) and their sum; the rows side by side (independent chains) */
+  __m512 top[GROUP_ROWS], total[GROUP_ROWS];
+  float sum[GROUP_ROWS];
+  for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-__builtin_inff()), total[r] = _mm512_setzero_ps();
+  for (int l = 0; l < seen16; l += 16)
+    for (int r = 0; r < R; r++) top[r] = _mm512_max_ps(top[r], _mm512_load_ps(strip + (size_t)r * keys16 + l));
+  for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]));
+  for (int l = 0; l < seen16; l += 16)
+    for (int r = 0; r < R; r++) {
+      float *s = strip + (size_t)r * keys16 + l;
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(s), top[r]));
+      _mm512_store_ps(s, p);
+      total[r] = _mm512_add_ps(total[r], p);
+    }
+  for (int r = 0; r < R; r++) sum[r] = _mm512_reduce_add_ps(total[r]);
+  const int column_vectors = job->depth_v16 / 16, most_columns = R == 8 ? 3 : 6;
+  const int column_blocks = (column_vectors + most_columns - 1) / most_columns;
+  for (int block = 0, col0 = 0; block < column_blocks; block++) {
+    const int nv = even_block(column_vectors, column_blocks, block);
+    switch (nv) {
+      case 1: weighted_block(job, values, strip, sum, out, rows, group_seen, col0, R, 1); break;
+      case 2: weighted_block(job, values, strip, sum, out, rows, group_seen, col0, R, 2); break;
+      case 3: weighted_block(job, values, strip, sum, out, rows, group_seen, col0, R, 3); break;
+      case 4: if (R == 4) weighted_block(job, values, strip, sum, out, rows, group_seen, col0, 4, 4); break;
+      case 5: if (R == 4) weighted_block(job, values, strip, sum, out, rows, group_seen, col0, 4, 5); break;
+      default: if (R == 4) weighted_block(job, values, strip, sum, out, rows, group_seen, col0, 4, 6); break;
+    }
+    col0 += 16 * nv;
+  }
+}
+
+AVX512 static void softmax_unit(const struct softmax_job *job, float *panel, float *values, float *strip, int b, int h,
+                                int block, int pack) {
   const int keys = job->keys, keys16 = job->keys16, depth = job->depth, depth_v = job->depth_v;
   const int h_kv = h / job->group;
-  if (pack) { /* K^T of the KV head, zero past the keys */
-    for (int j = 0; j < depth; j++) memset(panel + (size_t)j * keys16 + keys, 0, sizeof(float) * (keys16 - keys));
+  if (pack) { /* K^T of the KV head by 16 x 16 tiles, zero past the keys */
+    for (int l0 = 0; l0 < keys16; l0 += 16)
+      for (int j0 = 0; j0 < depth; j0 += 16) {
+        const __mmask16 columns = lanes(depth - j0);
+        __m512 tile[16];
+        for (int i = 0; i < 16; i++)
+          tile[i] = l0 + i < keys ? _mm512_maskz_loadu_ps(columns, row_of(&job->k, b, h_kv, l0 + i) + j0)
+                                  : _mm512_setzero_ps();
+        transpose16(tile);
+        for (int t = 0; t < 16 && j0 + t < depth; t++) _mm512_store_ps(panel + (size_t)(j0 + t) * keys16 + l0, tile[t]);
+      }
+    /* V of the KV head row-contiguous, zero columns past depth_v: row_of's rows are a large stride
+     * apart (a head's span of the merged rows), unaligned, and share L1 sets */
     for (int l = 0; l < keys; l++) {
-      const float *k_row = row_of(&job->k, b, h_kv, l);
-      for (int j = 0; j < depth; j++) panel[(size_t)j * keys16 + l] = k_row[j];
+      const float *v_row = row_of(&job->v, b, h_kv, l);
+      for (int c = 0; c < job->depth_v16; c += 16)
+        _mm512_store_ps(values + (size_t)l * job->depth_v16 + c, _mm512_maskz_loadu_ps(lanes(depth_v - c), v_row + c));
     }
   }
-  const float *bias = job->bias ? job->bias + (size_t)b * keys : NULL;
   const int first = block * QUERY_BLOCK;
   const int end = first + QUERY_BLOCK < job->queries ? first + QUERY_BLOCK : job->queries;
-  for (int i = first; i < end; i += 4) {
-    const int rows = end - i < 4 ? end - i : 4;
-    const float *q[4];
-    float *out[4];
-    int seen[4]; /* keys each row sees (causal: up to its own position) */
-    for (int r = 0; r < 4; r++) { /* missing rows of the last group repeat its last row (not stored) */
-      const int row = i + (r < rows ? r : rows - 1);
-      q[r] = row_of(&job->q, b, h, row);
-      out[r] = job->out + (((size_t)b * job->queries + row) * job->heads + h) * depth_v;
-      seen[r] = job->causal && row + 1 + keys - job->queries < keys ? row + 1 + keys - job->queries : keys;
-    }
-    /* keys no row of the group sees are skipped: their scores, exponentials and products */
-    const int group_seen = seen[3], seen16 = round_up(group_seen, 16);
-    for (int key0 = 0; key0 < seen16; key0 += 64) {
-      switch ((seen16 - key0) / 16) {
-        case 1: scores4(job, q, panel, bias, seen, key0, strip, 1); break;
-        case 2: scores4(job, q, panel, bias, seen, key0, strip, 2); break;
-        case 3: scores4(job, q, panel, bias, seen, key0, strip, 3); break;
-        default: scores4(job, q, panel, bias, seen, key0, strip, 4); break;
-      }
-    }
-    float sum[4];
-    for (int r = 0; r < 4; r++) {
-      float *s = strip + (size_t)r * keys16;
-      __m512 top = _mm512_set1_ps(-__builtin_inff());
-      for (int l = 0; l < seen16; l += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + l));
-      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-      __m512 total = _mm512_setzero_ps();
-      for (int l = 0; l < seen16; l += 16) {
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), max));
-        _mm512_storeu_ps(s + l, p);
-        total = _mm512_add_ps(total, p);
-      }
-      sum[r] = _mm512_reduce_add_ps(total);
-    }
-    for (int col0 = 0; col0 < depth_v; col0 += 96) {
-      switch ((depth_v - col0 + 15) / 16) {
-        case 1: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 1); break;
-        case 2: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 2); break;
-        case 3: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 3); break;
-        case 4: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 4); break;
-        case 5: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 5); break;
-        default: weighted4(job, b, h_kv, strip, sum, out, rows, group_seen, col0, 6); break;
-      }
-    }
+  for (int i = first; i < end; i += GROUP_ROWS) {
+    const int rows = end - i < GROUP_ROWS ? end - i : GROUP_ROWS;
+    if (rows > 4)
+      softmax_rows(job, panel, values, strip, b, h, i, rows, 8);
+    else
+      softmax_rows(job, panel, values, strip, b, h, i, rows, 4);
   }
 }
 
 static void softmax_part(void *arg, int part, int parts) {
   const struct softmax_job *job = arg;
   float *panel = job->scratch + (size_t)part * job->part_floats;
-  float *strip = panel + (size_t)job->depth * job->keys16;
+  float *strip = panel + (size_t)job->depth * job->keys16, *values = strip + (size_t)GROUP_ROWS * job->keys16;
   const long units = (long)job->batch * job->heads * job->row_blocks;
-  long packed = -1; /* the (image, KV head) whose K^T the panel holds: a group's query heads share it */
+  long packed = -1; /* the (image, KV head) whose K^T and V the panels hold: a group's query heads share them */
   for (long u = units * part / parts; u < units * (part + 1) / parts; u++) {
     const long head = u / job->row_blocks, kv_head = head / job->group;
-    softmax_unit(job, panel, strip, (int)(head / job->heads), (int)(head % job->heads), (int)(u % job->row_blocks),
-                 kv_head != packed);
+    softmax_unit(job, panel, values, strip, (int)(head / job->heads), (int)(head % job->heads),
+                 (int)(u % job->row_blocks), kv_head != packed);
     packed = kv_head;
   }
 }
@@ -234,10 +308,11 @@ int mobileo_softmax_attention(int batch, int heads, int heads_kv, int queries, i
       queries < 1 || keys < 1 || depth < 1 || depth_v < 1 || (causal && keys < queries))
     return -1;
   struct softmax_job job = {batch, heads, heads / heads_kv, queries, keys, depth, depth_v, round_up(keys, 16),
+                            round_up(depth_v, 16),
                             (queries + QUERY_BLOCK - 1) / QUERY_BLOCK, causal != 0, q, k, v, key_bias, scale, out,
                             NULL, 0};
-  /* the K^T panel and the four rows' scores, a whole number of cache lines */
-  job.part_floats = (size_t)round_up((depth + 4) * job.keys16, 16);
+  /* the K^T panel, a group's scores and V, a whole number of cache lines */
+  job.part_floats = (size_t)(depth + GROUP_ROWS) * job.keys16 + (size_t)keys * job.depth_v16;
   const long units = (long)batch * heads * job.row_blocks;
   int parts = mobileo_pool_threads(0);
   if (units < parts) parts = (int)units;
