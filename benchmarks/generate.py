@@ -77,34 +77,34 @@ def mlx_worker(args) -> dict:
             pass
         model.decode(step.latents)
     peaks = {}
+    with model.picture_session():  # as `mobileo-mlx generate` runs a picture's stages
+        measure.mlx_reset_peak()
+        t0 = time.perf_counter()
+        conditioning = model.conditioning(prompt)
+        llm_s = time.perf_counter() - t0
+        peaks["llm_mcp"] = measure.mlx_peak_gb()
+        if not args.keep_loaded:
+            model.release(*model.STAGES["conditioning"].components)
+        load("dit")
 
-    measure.mlx_reset_peak()
-    t0 = time.perf_counter()
-    conditioning = model.conditioning(prompt)
-    llm_s = time.perf_counter() - t0
-    peaks["llm_mcp"] = measure.mlx_peak_gb()
-    if not args.keep_loaded:
-        model.release(*model.STAGES["conditioning"].components)
-    load("dit")
+        measure.mlx_reset_peak()
+        step_s = []
+        last = time.perf_counter()
+        for step in model.generate_latents(conditioning, steps=args.steps, guidance=args.guidance, noise=noise,
+                                           size=args.size):
+            now = time.perf_counter()
+            step_s.append(now - last)
+            last = now
+        peaks["dit"] = measure.mlx_peak_gb()
+        if not args.keep_loaded:
+            model.release(*model.STAGES["dit"].components)
+        load("vae")
 
-    measure.mlx_reset_peak()
-    step_s = []
-    last = time.perf_counter()
-    for step in model.generate_latents(conditioning, steps=args.steps, guidance=args.guidance, noise=noise,
-                                       size=args.size):
-        now = time.perf_counter()
-        step_s.append(now - last)
-        last = now
-    peaks["dit"] = measure.mlx_peak_gb()
-    if not args.keep_loaded:
-        model.release(*model.STAGES["dit"].components)
-    load("vae")
-
-    measure.mlx_reset_peak()
-    t0 = time.perf_counter()
-    image = model.decode(step.latents)[0]
-    decode_s = time.perf_counter() - t0
-    peaks["vae"] = measure.mlx_peak_gb()
+        measure.mlx_reset_peak()
+        t0 = time.perf_counter()
+        image = model.decode(step.latents)[0]
+        decode_s = time.perf_counter() - t0
+        peaks["vae"] = measure.mlx_peak_gb()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

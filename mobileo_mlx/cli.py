@@ -342,39 +342,41 @@ def _run_images(model, text: str, source, job: _ImageJob, files) -> None:
     from tqdm import tqdm
 
     size = model.check_size(job.size)  # the model's own multiple; its native size by default
-    start = time.perf_counter()
-    conditioning = model.caption_conditioning(text, source)
-    condition_time = time.perf_counter() - start
-    typer.echo(f"prompt: {conditioning.prompt_tokens} tokens, LLM + MCP {condition_time:.2f} s", err=True)
-    # This process never needs the understanding side again: free it before the DiT runs
-    # (with the DiT released before the last decode, this keeps a generation under 2 GB).
-    model.release(*model.STAGES["conditioning"].components)
-    plan = job.outputs
-    count, steps = len(plan.targets), job.steps
-    for number, target in enumerate(plan.targets):
-        image_seed = job.seed + number if job.seed is not None else int.from_bytes(os.urandom(4), "little")
+    # what one stage frees is kept for the next (model.picture_session), given back at the end
+    with model.picture_session():
         start = time.perf_counter()
-        steps_iter = model.generate_latents(conditioning, steps=steps, guidance=job.guidance, size=size,
-                                            seed=image_seed, scheduler=job.scheduler)
-        last = None
-        with tqdm(total=steps, desc=f"image {number + 1}/{count}", unit="step", leave=False) as bar:
-            for last in steps_iter:
-                bar.update(1)
-                if job.preview_every and (last.index + 1) % job.preview_every == 0 and last.index + 1 < steps:
-                    files.save_preview(model.decode(last.latents)[0], target, plan.format, plan.force)
-        denoise_time = time.perf_counter() - start
-        if number == count - 1:
-            model.release(*model.STAGES["dit"].components)
-        start = time.perf_counter()
-        image = model.decode(last.latents)[0]
-        decode_time = time.perf_counter() - start
-        path = files.save(image, target, plan.format, plan.force)
-        files.drop_preview(target)
-        typer.echo(
-            f"{path}  (seed {image_seed}; {steps} steps {denoise_time:.2f} s = "
-            f"{denoise_time / steps:.2f} s/step, decode {decode_time:.2f} s)"
-        )
-    typer.echo(_peak_memory_line(), err=True)
+        conditioning = model.caption_conditioning(text, source)
+        condition_time = time.perf_counter() - start
+        typer.echo(f"prompt: {conditioning.prompt_tokens} tokens, LLM + MCP {condition_time:.2f} s", err=True)
+        # This process never needs the understanding side again: free it before the DiT runs
+        # (with the DiT released before the last decode, this keeps a generation under 2 GB).
+        model.release(*model.STAGES["conditioning"].components)
+        plan = job.outputs
+        count, steps = len(plan.targets), job.steps
+        for number, target in enumerate(plan.targets):
+            image_seed = job.seed + number if job.seed is not None else int.from_bytes(os.urandom(4), "little")
+            start = time.perf_counter()
+            steps_iter = model.generate_latents(conditioning, steps=steps, guidance=job.guidance, size=size,
+                                                seed=image_seed, scheduler=job.scheduler)
+            last = None
+            with tqdm(total=steps, desc=f"image {number + 1}/{count}", unit="step", leave=False) as bar:
+                for last in steps_iter:
+                    bar.update(1)
+                    if job.preview_every and (last.index + 1) % job.preview_every == 0 and last.index + 1 < steps:
+                        files.save_preview(model.decode(last.latents)[0], target, plan.format, plan.force)
+            denoise_time = time.perf_counter() - start
+            if number == count - 1:
+                model.release(*model.STAGES["dit"].components)
+            start = time.perf_counter()
+            image = model.decode(last.latents)[0]
+            decode_time = time.perf_counter() - start
+            path = files.save(image, target, plan.format, plan.force)
+            files.drop_preview(target)
+            typer.echo(
+                f"{path}  (seed {image_seed}; {steps} steps {denoise_time:.2f} s = "
+                f"{denoise_time / steps:.2f} s/step, decode {decode_time:.2f} s)"
+            )
+        typer.echo(_peak_memory_line(), err=True)
 
 
 def _picture_job(output: str, default_name: str, picture: PictureOptions, loading: ModelOptions,

@@ -144,6 +144,13 @@ class MobileO:
             if self.low_memory:
                 self.release(*policy.components)
 
+    @contextlib.contextmanager
+    def picture_session(self):
+        """A picture's stages in a row (conditioning, denoising, decode) inside: what one stage frees is
+        kept for the next (``backends.session``), given back when it ends; not with ``low_memory``."""
+        with backends.session(keep_heap=not self.low_memory):
+            yield
+
     # --- components -----------------------------------------------------------------
 
     def component(self, name: str):
@@ -408,12 +415,13 @@ class MobileO:
         _caption_template(kind, text)  # the first error a caller sees
         self._denoising_options(steps, guidance, size, seed, scheduler)
         source = processing.load_image(image) if kind == "edit" else None
-        conditioning = self.caption_conditioning(text, source)
-        last = None
-        for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
-                                          seed=seed, noise=noise, scheduler=scheduler):
-            pass
-        return self.decode(last.latents)[0]
+        with self.picture_session():
+            conditioning = self.caption_conditioning(text, source)
+            last = None
+            for last in self.generate_latents(conditioning, steps=steps, guidance=guidance, size=size,
+                                              seed=seed, noise=noise, scheduler=scheduler):
+                pass
+            return self.decode(last.latents)[0]
 
     def ask(self, image: ImageInput, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float | None = None,

@@ -3,6 +3,7 @@ in-process with a stand-in model, that each option of the shared option groups r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -183,6 +184,11 @@ class StandInModel:
     def release(self, *names):
         pass
 
+    @contextlib.contextmanager
+    def picture_session(self):
+        self.calls.append(("session",))
+        yield
+
     def generate_latents(self, conditioning, **options):
         self.calls.append(("denoise", options))
         for index in range(options["steps"]):
@@ -226,7 +232,7 @@ def test_generate_and_edit_pass_every_option_on(stand_in, tmp_path):
         stand_in.loads.clear(), stand_in.calls.clear()
         result = invoke(*head, *shared)
         assert stand_in.loads == [("some/model", True, "fp32")]
-        assert stand_in.calls == [conditioning, *denoise]
+        assert stand_in.calls == [("session",), conditioning, *denoise]  # the stages in one session
         assert "seed 5" in result.stdout and "seed 6" in result.stdout
         assert sorted(p.name for p in out.iterdir()) == ["x-0.png", "x-1.png"]  # --force: edit replaced them
 

@@ -46,6 +46,18 @@ result["after"] = faults_of_a_fresh_buffer()
 with backends.stage(0, keep_heap=False):  # as with --low-memory: nothing kept
     faults_of_a_fresh_buffer()
     result["low_memory"] = faults_of_a_fresh_buffer()
+with backends.session():  # a picture's stages: what one frees, the next one reuses
+    with backends.stage():
+        faults_of_a_fresh_buffer()
+    with backends.stage():
+        result["next_stage"] = faults_of_a_fresh_buffer()
+faults_of_a_fresh_buffer()
+result["after_session"] = faults_of_a_fresh_buffer()
+with backends.session(keep_heap=False):  # --low-memory: each stage gives its memory back
+    with backends.stage():
+        faults_of_a_fresh_buffer()
+    faults_of_a_fresh_buffer()
+    result["between_low_memory_stages"] = faults_of_a_fresh_buffer()
 print(json.dumps(result))
 """
 
@@ -67,6 +79,15 @@ def test_a_stage_reuses_freed_memory_without_fresh_page_faults():
     assert result["inside"] < PAGES // 10  # the freed buffer came back from the heap
     assert result["after"] > PAGES // 2  # afterwards: mapped afresh, as glibc does by default
     assert result["low_memory"] > PAGES // 2
+
+
+def test_a_pictures_stages_in_one_session_reuse_each_others_freed_memory():
+    result = run_child()
+    if not result["available"]:
+        pytest.skip("not glibc: malloc's thresholds cannot be set here")
+    assert result["next_stage"] < PAGES // 10  # not given back at the first stage's end
+    assert result["after_session"] > PAGES // 2  # given back when the session ends
+    assert result["between_low_memory_stages"] > PAGES // 2
 
 
 def test_the_users_own_malloc_settings_win():

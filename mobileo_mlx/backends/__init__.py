@@ -97,6 +97,21 @@ def accelerate(model: nn.Module, component: str, *, matmul: str = "fp32") -> nn.
     return model
 
 
+@contextlib.contextmanager
+def session(keep_heap: bool = True):
+    """One call of the pipeline that runs several stages in a row (a picture: conditioning, denoising,
+    decode). On the CPU, with ``keep_heap``, the memory a stage frees stays in the process's heap for
+    the next one and is given back when the call ends, not at each stage's end, after which the next
+    stage would page-fault its working set in again. A no-op elsewhere."""
+    if platform.backend() != "cpu" or not keep_heap:
+        yield
+        return
+    from mobileo_mlx.backends.cpu import memory
+
+    with memory.heap_kept():
+        yield
+
+
 def bf16_unavailable_reason() -> str | None:
     """None when bfloat16 CPU products can run here, else why not (one line)."""
     from mobileo_mlx.kernels import primitives
@@ -154,4 +169,4 @@ def stage(limit: int | None = None, keep_heap: bool = True, encoding: bool = Fal
 
 
 __all__ = ["KERNELS_ENV", "KERNELS_MODES", "MATMUL_CHOICES", "MATMUL_ENV", "accelerate", "bf16_unavailable_reason",
-           "kernels_mode", "resolve_cpu_matmul", "stage", "swap"]
+           "kernels_mode", "resolve_cpu_matmul", "session", "stage", "swap"]
