@@ -382,25 +382,6 @@ def grouped_pointwise(x: mx.array, weight: mx.array, groups: int) -> mx.array:
 __all__ += ["grouped_pointwise", "grouped_pointwise_reference", "grouped_pointwise_supported"]
 
 
-# ------------------------------------------------------------------------ ReLU
-def relu_reference(x: mx.array) -> mx.array:
-    """ReLU in MLX operations (``nn.relu``: ``mx.maximum(x, 0)``)."""
-    return mx.maximum(x, 0)
-
-
-def relu_supported(x: mx.array) -> bool:
-    return available() and _float32(x)
-
-
-def relu(x: mx.array) -> mx.array:
-    """:func:`relu_reference` in one pass on every core (``native/silu.c``), bit for bit (NaN kept,
-    -0 made +0, as MLX's maximum); MLX's CPU maximum runs on one thread."""
-    return extension().relu(x)
-
-
-__all__ += ["relu", "relu_reference", "relu_supported"]
-
-
 # ------------------------------------------------------------------------ SiLU and its gate
 def silu_reference(x: mx.array) -> mx.array:
     """SiLU, x * sigmoid(x), in MLX operations (``nn.silu``)."""

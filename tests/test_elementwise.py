@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not prim.available(), reason=f"graph nodes {prim.unavailable_reason()}"),
 ]
 NODES = ("MobileoSilu", "MobileoGluSilu", "MobileoRmsNormResidual", "MobileoModulatedLayerNorm",
-         "MobileoGatedResidual", "MobileoRelu")
+         "MobileoGatedResidual")
 # MLX's CPU reduction sums a contiguous axis in index order on x86-64 (a running sum), as the
 # norm kernels do: bit for bit there; elsewhere within the bound below.
 IN_ORDER_SUMS = platform.machine() in ("x86_64", "AMD64")
@@ -97,26 +97,6 @@ def test_silu_of_views_and_of_a_temporary():
     for view in (x.T, x[::3, 5:], x[:, 3]):
         assert same_bits(prim.silu(view), activations._silu_whole(view))
     assert same_bits(prim.silu(x * 1.0), activations._silu_whole(x))  # its buffer may become the output's
-
-
-# ----------------------------------------------------------------------------------- ReLU
-@pytest.mark.parametrize("shape", [(), (7,), (17,), (2, 300, 517), (1, 9, 11, 128)])
-def test_relu_is_bit_identical_to_mlx(shape):
-    """NaN kept with its sign, -0 made +0, as MLX's maximum; views read in place."""
-    x = activation_values(shape, seed=len(shape) + 30)
-    x = mx.where(mx.arange(x.size).reshape(x.shape) % 7 == 3, -0.0, x) if x.size > 1 else x
-    y = prim.relu(x)
-    assert nodes(y) == {"MobileoRelu"} and y.shape == x.shape
-    assert same_bits(y, nn.relu(x)) and same_bits(y, prim.relu_reference(x))
-    if x.ndim >= 2:
-        assert same_bits(prim.relu(x.T), nn.relu(x.T))
-
-
-def test_the_relu_cpu_form_takes_the_node(monkeypatch):
-    x = normal((2, 40, 50, 32), seed=31, scale=3.0)
-    auto, twin = run_modes(monkeypatch, lambda: layers.ReLU()(x))
-    assert nodes(auto) == {"MobileoRelu"} and not nodes(twin) and same_bits(auto, twin)
-    assert type(backends.accelerate(nn.Sequential(nn.ReLU()), "vae").layers[0]) is layers.ReLU
 
 
 @pytest.mark.parametrize("shape", [(5,), (16,), (33,), (2, 7, 4864), (1, 300, 517)])
@@ -226,7 +206,6 @@ def node_ops():
     weight, bias, gate = normal((40,), seed=22), normal((40,), seed=23), normal((4, 1, 40), seed=24)
     return [
         (prim.silu, [x]),
-        (prim.relu, [x]),
         (prim.glu_silu, [x, g]),
         (lambda y, w, b, r: prim.rms_norm_residual(y, w, b, 1e-5, r), [x, weight, bias, g]),
         (lambda v, shift, scale: prim.modulated_layer_norm(v, shift, scale, 1e-6), [x, gate, gate * 0.5]),
@@ -258,7 +237,7 @@ def test_compile_streams_and_inputs_never_written():
 
 
 def test_gradients_and_vmap_go_through_the_plain_formula():
-    references = [prim.silu_reference, prim.relu_reference, prim.glu_silu_reference,
+    references = [prim.silu_reference, prim.glu_silu_reference,
                   lambda y, w, b, r: prim.rms_norm_residual_reference(y, w, b, 1e-5, r),
                   lambda v, shift, scale: prim.modulated_layer_norm_reference(v, shift, scale, 1e-6),
                   prim.gated_residual_reference]

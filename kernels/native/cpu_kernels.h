@@ -121,8 +121,6 @@ int mobileo_grouped_pointwise(const float *x, long pixels, int groups, int size,
 /* out[i] = silu(x[i]) (out may be x); out[i] = a[i] * silu(g[i]) (out may be a or g): the
  * algorithm and the bits of backends/cpu/activations.py's silu / glu_silu. Return 0. */
 int mobileo_silu(const float *x, float *out, long count);
-/* out[i] = max(x[i], 0) as MLX's maximum (NaN kept, -0 made +0); out may be x. Returns 0. */
-int mobileo_relu(const float *x, float *out, long count);
 int mobileo_glu_silu(const float *a, const float *g, float *out, long count);
 
 /* The rows of an array whose last axis is contiguous: row r (in row-major order over the

@@ -185,11 +185,8 @@ mx::array gelu_formula(const mx::array &x, const mx::Stream &s) {
 
 mx::array silu_formula(const mx::array &x, const mx::Stream &s) { return mx::multiply(x, mx::sigmoid(x, s), s); }
 
-mx::array relu_formula(const mx::array &x, const mx::Stream &s) { return mx::maximum(x, mx::array(0.0f), s); }
-
 const ActivationKind GELU{"MobileoGelu", mobileo_gelu, gelu_formula};
 const ActivationKind SILU{"MobileoSilu", mobileo_silu, silu_formula};
-const ActivationKind RELU{"MobileoRelu", mobileo_relu, relu_formula};
 
 mx::array gelu(const mx::array &x, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "gelu");
@@ -201,12 +198,6 @@ mx::array silu(const mx::array &x, const mx::StreamOrDevice &where) {
   const auto stream = cpu_stream(where, "silu");
   require(x.dtype() == mx::float32, "mobileo silu: float32 only");
   return activation(SILU, x, stream);
-}
-
-mx::array relu(const mx::array &x, const mx::StreamOrDevice &where) {
-  const auto stream = cpu_stream(where, "relu");
-  require(x.dtype() == mx::float32, "mobileo relu: float32 only");
-  return activation(RELU, x, stream);
 }
 
 // ------------------------------------------------------------------------------ depthwise conv
@@ -1116,7 +1107,6 @@ mx::array gated_residual(const mx::array &x, const mx::array &gate, const mx::ar
 
 void register_elementwise(nb::module_ &m) {
   m.def("silu", &silu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
-  m.def("relu", &relu, nb::arg("x"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("glu_silu", &glu_silu, nb::arg("a"), nb::arg("g"), nb::kw_only(), nb::arg("stream") = nb::none());
   m.def("rms_norm_residual", &rms_norm_residual, nb::arg("y"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         nb::arg("residual").none(), nb::kw_only(), nb::arg("stream") = nb::none());

@@ -1,6 +1,5 @@
 /* SiLU, x * sigmoid(x), and GLUMBConv's / Qwen2's gate a * silu(g) over float32 arrays, in
- * 16-lane vectors on every core; and ReLU (the DC-AE's head), max(x, 0) as MLX's maximum gives it
- * (NaN kept, -0 made +0).
+ * 16-lane vectors on every core.
  *
  * The same algorithm as backends/cpu/activations.py's silu and glu_silu (MLX element-wise
  * kernels there, compiled for baseline SSE2 and run on one thread per stream, several passes
@@ -38,24 +37,6 @@ CLONES16 static void glu_range(const float *a, const float *g, float *out, long 
   }
 }
 
-CLONES16 static void relu_range(const float *x, float *out, long begin, long end) {
-  for (long i = begin; i < end; i += 16) {
-    const int n = end - i < 16 ? (int)(end - i) : 16;
-    const v16f v = n == 16 ? load16f(x + i) : load16f_part(x + i, n);
-    const v16i keep = (v > 0.0f) | (v != v); /* positive, or NaN */
-    const v16f y = (v16f)((v16i)v & keep);
-    if (n == 16)
-      store16f(out + i, y);
-    else
-      store16f_part(out + i, y, n);
-  }
-}
-
-static void relu_part(void *arg, long begin, long end) {
-  const float *const *io = arg;
-  relu_range(io[0], (float *)io[1], begin, end);
-}
-
 struct silu_job {
   const float *x, *gate; /* gate NULL: silu(x); else x * silu(gate) */
   float *out;
@@ -81,11 +62,5 @@ int mobileo_silu(const float *x, float *out, long count) {
 int mobileo_glu_silu(const float *a, const float *g, float *out, long count) {
   struct silu_job job = {a, g, out};
   mobileo_pool_run_ranges(silu_part, &job, count, 16, PARALLEL_MIN_VALUES);
-  return 0;
-}
-
-int mobileo_relu(const float *x, float *out, long count) {
-  const float *io[2] = {x, out};
-  mobileo_pool_run_ranges(relu_part, (void *)io, count, 16, PARALLEL_MIN_VALUES);
   return 0;
 }

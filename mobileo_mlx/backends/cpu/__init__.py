@@ -17,7 +17,6 @@ from mobileo_mlx.models import common, dcae, fastvit, sana
 # Every component: activations, depthwise convs, attention cores, quantized layers.
 _COMMON = {
     nn.SiLU: layers.SiLU,
-    nn.ReLU: layers.ReLU,
     nn.Sigmoid: layers.Sigmoid,
     nn.GELU: layers.GELU,
     common.DepthwiseConv: layers.DepthwiseConv,

@@ -124,15 +124,6 @@ class SiLU(nn.SiLU):
         return activations.silu(x)
 
 
-class ReLU(nn.ReLU):
-    """The native node where it serves (one pass on every core, the same bits), else MLX's."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if _elementwise_node() and primitives.relu_supported(x):
-            return primitives.relu(x)
-        return super().__call__(x)
-
-
 class Sigmoid(nn.Sigmoid):
     def __call__(self, x: mx.array) -> mx.array:
         return activations.sigmoid(x)
