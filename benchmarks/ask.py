@@ -48,14 +48,7 @@ def mlx_worker(args) -> dict:
     from mobileo_mlx.pipeline import MobileO
 
     model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
-    load_s = 0.0
-
-    def load(*names: str) -> None:  # loading is timed apart from the stages
-        nonlocal load_s
-        started = time.perf_counter()
-        for name in names:
-            model.component(name)
-        load_s += time.perf_counter() - started
+    load = measure.Loading(model)  # timed apart from the stages
 
     # As `mobileo-mlx ask`: the language model loaded once the vision tower is freed (--keep-loaded: all up front).
     warm = cli.warmup(args, platform.backend() != "cpu")
@@ -77,11 +70,9 @@ def mlx_worker(args) -> dict:
     mx.eval(features)
     t_vision = time.perf_counter()
     peaks["vision"] = measure.mlx_peak_gb()
-    loading = load_s
     if not args.keep_loaded:  # what `mobileo-mlx ask` does (outside the timed stages)
         model.release(*model.STAGES["vision"].components)
-    load("language")
-    pause = load_s - loading  # the LM's loading: not part of the answer's times
+    pause = load("language")  # the LM's loading: not part of the answer's times
     model.image_features = lambda image: features  # embed_prompt reuses the features just timed
     embeddings = model.embed_prompt(prompt, picture)
     mx.eval(embeddings)
@@ -100,7 +91,7 @@ def mlx_worker(args) -> dict:
             last = response
     peaks["language"] = measure.mlx_peak_gb()
     return {
-        **measure.mlx_side(model), **answer_times(t0 + pause, t_vision + pause, t_embed, stamps), "load_s": load_s,
+        **measure.mlx_side(model), **answer_times(t0 + pause, t_vision + pause, t_embed, stamps), "load_s": load.seconds,
         "tokens": tokens, "prompt_tokens": int(embeddings.shape[1]), "mlx_lm_generation_tps": last.generation_tps,
         "mlx_peak_gb": peaks, "rss_loaded_gb": rss_loaded, "peak_rss_gb": measure.peak_rss_gb(),
         "matmul_gflops": matmul, "load": measure.load_average(),

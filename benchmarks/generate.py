@@ -53,14 +53,7 @@ def mlx_worker(args) -> dict:
     from mobileo_mlx.pipeline import MobileO
 
     model = MobileO(args.folder, cpu_matmul=args.cpu_matmul)
-    load_s = 0.0
-
-    def load(*names: str) -> None:  # loading is timed apart from the stages
-        nonlocal load_s
-        started = time.perf_counter()
-        for name in names:
-            model.component(name)
-        load_s += time.perf_counter() - started
+    load = measure.Loading(model)  # timed apart from the stages
 
     # As `mobileo-mlx generate`: each component loaded when its stage comes (the LLM and MCP
     # freed after conditioning, the DiT before decoding); --keep-loaded loads all up front.
@@ -112,7 +105,7 @@ def mlx_worker(args) -> dict:
     latents = np.array(step.latents.astype(mx.float32)).transpose(0, 3, 1, 2)  # NCHW like torch
     np.save(out / "mlx-latents.npy", latents)
     return {
-        **measure.mlx_side(model), "load_s": load_s, "llm_mcp_s": llm_s, "step_s": step_s,
+        **measure.mlx_side(model), "load_s": load.seconds, "llm_mcp_s": llm_s, "step_s": step_s,
         "decode_s": decode_s, "prompt_tokens": conditioning.prompt_tokens, "mlx_peak_gb": peaks,
         "rss_loaded_gb": rss_loaded, "peak_rss_gb": measure.peak_rss_gb(), "matmul_gflops": matmul,
         "picture_matmul_gflops": picture_matmul, "copy_gbps": copy, "image": str(out / "mlx.png"), "latents": str(out / "mlx-latents.npy"),

@@ -132,6 +132,23 @@ def mlx_copy_gbps(mib: int = 256) -> float:
     return 2 * x.nbytes / best_seconds(lambda: mx.eval(x + 1), 3) / 1e9
 
 
+class Loading:
+    """Loads a MobileO's components when a worker's flow needs them (as the CLI does), timing the loading
+    apart from the stages: ``loading(*names)``, then ``loading.seconds`` in all."""
+
+    def __init__(self, model):
+        self.model, self.seconds = model, 0.0
+
+    def __call__(self, *names: str) -> float:
+        """Loads ``names``; returns the seconds it took."""
+        started = time.perf_counter()
+        for name in names:
+            self.model.component(name)
+        took = time.perf_counter() - started
+        self.seconds += took
+        return took
+
+
 def mlx_side(model) -> dict:
     """How a ``MobileO`` computes: the facts every MLX worker reports."""
     bf16 = model.cpu_matmul == "bf16" and platform.backend() == "cpu"
