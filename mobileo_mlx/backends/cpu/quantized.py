@@ -11,7 +11,9 @@ thread:
   node, a prefill's large layers dequantize their two halves on the two streams first;
 * the DiT's and the VAE's 8-bit layers (never a handful of rows) store their weights K-major
   (:class:`KMajorQuantizedLinear`), which dequantizes faster; with bfloat16 products they take
-  the 8-bit GEMM node, which dequantizes each panel of the weight as it packs it.
+  the 8-bit GEMM node, which dequantizes each panel of the weight as it packs it;
+* 4-bit layers with bfloat16 products (the language model encoding a prompt,
+  :class:`EncodingQuantizedLinear`) take the 4-bit GEMM node, which does the same from MLX's layout.
 """
 
 from __future__ import annotations
