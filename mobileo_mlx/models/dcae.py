@@ -111,7 +111,7 @@ def upsample_nearest(x: mx.array, factor: int = 2) -> mx.array:
 class GroupedPointwise(nn.Module):
     """Grouped 1x1 conv without bias, weight [C_out, C_in / groups] (equal group sizes).
 
-    A batched matmul over the groups: MLX's grouped conv2d is several times slower."""
+    A batched matmul over the groups: each group's channels times its [size, size] weight."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()

@@ -199,6 +199,14 @@ def _native_attention(macs: int) -> bool:
     return use_kernels() and streams.may_split() and macs >= tuning.ATTENTION_NATIVE_MIN_MACS
 
 
+def _softmax_node(q: mx.array, k: mx.array, v: mx.array, key_bias: mx.array | None = None,
+                  causal: bool = False) -> bool:
+    """Whether the native softmax node takes this attention core (head views [B, heads, rows, d])."""
+    batch, heads, tokens, depth = q.shape
+    macs = batch * heads * tokens * k.shape[2] * (depth + v.shape[-1])
+    return _native_attention(macs) and primitives.softmax_attention_supported(q, k, v, key_bias, causal=causal)
+
+
 class ScaledDotProductAttention(common.ScaledDotProductAttention):
     """The native softmax node (``primitives.softmax_attention``, float32) on the head views as the
     models pass them (SANA's cross-attention with its key bias, FastViT's attention), writing the
@@ -206,11 +214,8 @@ class ScaledDotProductAttention(common.ScaledDotProductAttention):
     fallback evaluates the softmax with its scalar ``exp``)."""
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
-        if q.ndim == 4 and k.ndim == 4 and v.ndim == 4:
-            batch, heads, tokens, depth = q.shape
-            macs = batch * heads * tokens * k.shape[2] * (depth + v.shape[-1])
-            if _native_attention(macs) and primitives.softmax_attention_supported(q, k, v, mask):
-                return primitives.softmax_attention(q, k, v, scale, mask)
+        if q.ndim == 4 and k.ndim == 4 and v.ndim == 4 and _softmax_node(q, k, v, mask):
+            return primitives.softmax_attention(q, k, v, scale, mask)
         return activations.attention(q, k, v, scale, mask)
 
 
@@ -388,14 +393,13 @@ class SideBySide:
         """Whether the layers still hold the views :meth:`of` gave them (no ``model.update`` since)."""
         return all(a is b for layer, then in zip(self.layers, self._views) for a, b in zip(self._held(layer), then))
 
-    @staticmethod
-    def current(module: nn.Module, name: str) -> "SideBySide | None":
-        """``module``'s SideBySide attribute ``name``, laid out again (``module.prepare()``) if the layers'
-        weights were replaced since; None where there is none."""
-        fused = getattr(module, name, None)
-        if fused is not None and not fused.still_held():
-            module.prepare()
-            fused = getattr(module, name, None)
+    @classmethod
+    def kept(cls, module: nn.Module, *layers: nn.Module) -> "SideBySide | None":
+        """The layers' weights side by side, kept by ``module`` (as ``module._qkv``): laid out once, and
+        again when the layers' weights were replaced since (``model.update``); None where :meth:`of` is."""
+        fused = getattr(module, "_qkv", None)
+        if fused is None or not fused.still_held():
+            fused = module._qkv = cls.of(*layers)
         return fused
 
 
@@ -411,13 +415,15 @@ class SanaTransformerBlock(sana.SanaTransformerBlock):
     operations and roundings as the separate nodes, so the same bits, with fewer passes over memory."""
 
     def prepare(self) -> None:
-        """attn1's q, k, v weights side by side for one product (:class:`SideBySide`), once."""
-        if getattr(self, "_qkv", None) is None or not self._qkv.still_held():
-            self._qkv = SideBySide.of(self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
+        """attn1's q, k, v weights side by side for one product (:class:`SideBySide`)."""
+        self._side_by_side()
+
+    def _side_by_side(self) -> SideBySide | None:
+        return SideBySide.kept(self, self.attn1.to_q, self.attn1.to_k, self.attn1.to_v)
 
     def _fused_products(self, x: mx.array) -> dict | None:
         """The block's products as 8-bit GEMM nodes with their extras, when all of them serve x."""
-        qkv = SideBySide.current(self, "_qkv")
+        qkv = self._side_by_side()
         if qkv is None or not _elementwise_node():
             return None
         if any(name in norm for norm in (self.norm1, self.norm2) for name in ("weight", "bias")):
@@ -662,11 +668,13 @@ class SanaMultiscaleLinearAttention(dcae.SanaMultiscaleLinearAttention):
     operations on the same values: the bits of the plain form."""
 
     def prepare(self) -> None:
-        if getattr(self, "_qkv", None) is None or not self._qkv.still_held():
-            self._qkv = SideBySide.of(self.to_q, self.to_k, self.to_v)
+        self._side_by_side()
+
+    def _side_by_side(self) -> SideBySide | None:
+        return SideBySide.kept(self, self.to_q, self.to_k, self.to_v)
 
     def __call__(self, x: mx.array) -> mx.array:
-        qkv_weights = SideBySide.current(self, "_qkv")
+        qkv_weights = self._side_by_side()
         rows = x.size // x.shape[-1]
         if (qkv_weights is None or not use_kernels() or rows * qkv_weights.operands[0].size < tuning.BF16_MIN_PRODUCT
                 or not primitives.bf16_matmul_q8_supported(x, *qkv_weights.operands)):
@@ -721,16 +729,6 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
         step, first = 4 // r, (2 * a + b) // r
         return x[..., first : first + step * (out - 1) + 1 : step]
 
-    def _interleaved_shortcut(self, x: mx.array, out: int) -> mx.array:
-        """pixel_shuffle(repeat_interleave(x, r)) as [B, H, 2 (a), W, 2 (b), O]: a view of x when r
-        divides 4 (the channel at parity (a, b) is (4 / r) c + (2a + b) // r), else copied."""
-        batch, height, width, _ = x.shape
-        r = self.repeats
-        if 4 % r:
-            return dcae.pixel_shuffle(dcae.repeat_channels(x, r)).reshape(batch, height, 2, width, 2, out)
-        split = x.reshape(batch, height, width, out, 2 if r <= 2 else 1, 2 if r == 1 else 1)
-        return mx.broadcast_to(split, (batch, height, width, out, 2, 2)).transpose(0, 1, 4, 2, 5, 3)
-
     def __call__(self, x: mx.array) -> mx.array:
         if not self.interpolate:
             return super().__call__(x)
@@ -743,8 +741,8 @@ class DCUpBlock2d(dcae.DCUpBlock2d):
             if primitives.bf16_subpixel_conv_supported(x, weights, bias=bias, repeats=self.repeats):
                 # the shortcut and the bias read from x as the node stores: no shortcut map
                 return primitives.bf16_subpixel_conv(x, weights, bias=bias, repeats=self.repeats)
-            init = self._interleaved_shortcut(x, out) + bias  # one pass, interleaved
-            init = init.reshape(batch, 2 * height, 2 * width, out)
+            # a shortcut the node does not read itself: the plain module's, as the output's start
+            init = dcae.pixel_shuffle(dcae.repeat_channels(x, self.repeats)) + bias
             if primitives.bf16_subpixel_conv_supported(x, weights, init):
                 return primitives.bf16_subpixel_conv(x, weights, init)
         taps = self._window_taps()
@@ -831,11 +829,8 @@ class Qwen2Attention(qwen2.Attention):
         the merge of the heads a view."""
         if not (mask is None or (isinstance(mask, str) and mask == "causal")):
             return None
-        batch, heads, length, depth = queries.shape
-        macs = batch * heads * length * keys.shape[2] * (depth + values.shape[-1])
         causal = mask is not None
-        if not (_native_attention(macs) and primitives.softmax_attention_supported(queries, keys, values,
-                                                                                    causal=causal)):
+        if not _softmax_node(queries, keys, values, causal=causal):
             return None
         return primitives.softmax_attention(queries, keys, values, self.scale, causal=causal)
 
